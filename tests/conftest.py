@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random HF models built in-process, and the real SmolLM2-135M (slow, cached on disk).
+
+Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A small random config of `model_type` (head_dim 16, native context 256 tokens)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(TINY)
+    if model_type in ("gemma3_text", "gemma3"):
+        kwargs.update(head_dim=16, sliding_window=32, layer_types=["sliding_attention", "full_attention"])
+    if model_type in ("qwen3",):
+        kwargs.update(head_dim=16)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """`(model, tokenizer)` of the bundled SmolLM2-135M-Instruct in float32 on CPU."""
+    from yarnkit.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,35 @@
+"""The `yarnkit` command: one subcommand per pipeline stage, each living in its own module.
+
+Every module named in `COMMANDS` exposes `add_arguments(parser)` and `run(args) -> int`; its docstring is the
+subcommand's `--help` description. Only the chosen module is imported, so `yarnkit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
+    "demo": ("yarnkit.demo", "zero-shot YaRN on the bundled SmolLM2-135M: perplexity past the native context"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = argparse.ArgumentParser(prog="yarnkit", description="Extend, train, export and serve long-context LLMs.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    known, rest = top.parse_known_args(argv)
+    module = importlib.import_module(COMMANDS[known.command][0])
+    parser = argparse.ArgumentParser(prog=f"yarnkit {known.command}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(rest)) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

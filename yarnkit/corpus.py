@@ -1,0 +1,48 @@
+"""Read long documents from disk: text files (plain or .gz), folders of them, or a field of a .jsonl file.
+
+Shared by training data and evaluation; it yields `(name, text)` and knows nothing about tokens.
+Missing paths fail with the path in the message; empty documents are skipped by the callers, which name them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".tex", ".tex.gz", ".md", ".md.gz", ".py", ".gz")
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"document not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def iter_documents(source: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
+    """Yield `(name, text)` from a text file, a folder (sorted, recursive), or a .jsonl file's `field`."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {path}")
+        for file in files:
+            yield str(file.relative_to(path)), read_text(file)
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if field not in record:
+                    raise KeyError(f"{path}:{line_no} has no field {field!r} (fields: {sorted(record)})")
+                yield f"{path.name}:{line_no}", record[field]
+    else:
+        yield path.name, read_text(path)
