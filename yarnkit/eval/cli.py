@@ -1,0 +1,214 @@
+"""yarnkit eval: long-context evaluation. Each task writes OUT/<task>-<label>.json and a PNG next to it.
+
+  yarnkit eval ppl MODEL --data BOOKS [--lengths 2048,4096,...] [--docs N] [--stride S]
+  yarnkit eval passkey MODEL [--lengths ...] [--depths 0,0.25,...] [--trials N]
+  yarnkit eval needle MODEL [--haystack BOOK]        (passkey with real book text as filler)
+  yarnkit eval stream MODEL --data BOOKS --policy dense|window|recompute|sink [--window W] [--max-tokens N]
+  yarnkit eval plot RESULTS... --out PNG             (several results of one task on one chart)
+  yarnkit eval report RESULTS... --markdown          (tables for docs/results.md)
+
+MODEL is anything `yarnkit.models.load_model` accepts, or a training run directory (its latest checkpoint).
+Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --factor S. See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ("ppl", "passkey", "needle", "stream", "plot", "report")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item]
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task in ("ppl", "passkey", "needle", "stream"):
+        p = sub.add_parser(task, help=f"run the {task} evaluation")
+        p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
+        p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+        p.add_argument("--label", help="name in plots and tables (default: model + rope setting)")
+        p.add_argument("--rope-type", choices=["yarn", "dynamic", "linear", "ntk", "dynamic_yarn"],
+                       help="apply this RoPE scaling to the loaded model (needs --factor)")
+        p.add_argument("--factor", type=float, help="RoPE scaling factor s")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
+        p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
+        if task in ("ppl", "stream"):
+            p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
+            p.add_argument("--field", default="text", help="text field of .jsonl / datasets records")
+            p.add_argument("--split", default="test", help="split of a datasets dataset")
+        if task == "ppl":
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
+            p.add_argument("--docs", type=int, default=10, help="documents per length (default 10)")
+            p.add_argument("--stride", type=int, help="slide windows over whole documents with this stride")
+            p.add_argument("--chunk-size", type=int, default=1024, help="positions per LM-head/loss chunk")
+            p.add_argument("--compare", nargs="*", default=[], help="other ppl result JSONs to draw on the plot")
+        if task in ("passkey", "needle"):
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
+            p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+            p.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell (default 5)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=10)
+        if task == "needle":
+            p.add_argument("--haystack", help="filler book (default: the bundled eval sample)")
+        if task == "stream":
+            p.add_argument("--policy", default="sink", help="dense, window, recompute or sink (default sink)")
+            p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
+            p.add_argument("--sinks", type=int, default=4, help="attention sinks for the sink policy (default 4)")
+            p.add_argument("--max-cache", type=int, help="dense policy: stop once the cache would exceed this")
+            p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
+            p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")
+            p.add_argument("--segment", type=int, default=1024, help="tokens per reported segment")
+    plot = sub.add_parser("plot", help="draw several result JSONs of one task on one chart")
+    plot.add_argument("results", nargs="+")
+    plot.add_argument("--out", required=True, help="PNG path")
+    report = sub.add_parser("report", help="markdown tables from result JSONs")
+    report.add_argument("results", nargs="+")
+    report.add_argument("--markdown", action="store_true", help="print markdown (the only format; kept explicit)")
+    report.add_argument("--output", help="also write the markdown to this file")
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A training run directory (RUN/checkpoints/step_*/model) resolves to its latest complete checkpoint."""
+    run = Path(name_or_path).expanduser()
+    steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
+    if steps:
+        if not (steps[-1] / "config.json").is_file():
+            raise FileNotFoundError(f"{steps[-1]} has no config.json (a LoRA checkpoint? export it to full weights "
+                                    "first with `yarnkit export`)")
+        return str(steps[-1])
+    return name_or_path
+
+
+def load_for_eval(args):
+    """`(model, tokenizer, meta)` with the requested device, dtype and RoPE scaling applied."""
+    from yarnkit.models import load_model
+
+    if (args.rope_type is None) != (args.factor is None):
+        raise SystemExit("--rope-type and --factor go together (e.g. --rope-type yarn --factor 8)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
+    location = resolve_model(args.model)
+    model, tokenizer = load_model(location, dtype=dtype, device=device)
+    rope = dict(getattr(model.config, "rope_parameters", None) or {})
+    if args.rope_type:
+        try:
+            from yarnkit.patch import apply_rope_scaling
+        except ImportError as error:
+            raise SystemExit(f"--rope-type needs yarnkit.patch, which this checkout lacks ({error})") from error
+        rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor).describe()
+    native = (rope.get("original_max_position_embeddings") or getattr(model.config, "max_position_embeddings", None))
+    label = args.label or (Path(args.model).name + (f" {args.rope_type} x{args.factor:g}" if args.rope_type else ""))
+    meta = {"label": label, "model": str(location), "device": device, "dtype": dtype, "rope": rope,
+            "native_context": native, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
+    return model, tokenizer, meta
+
+
+def save_result(result: dict, out: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", result["label"]).strip("_") or "model"
+    path = Path(out) / f"{result['task']}-{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    return path
+
+
+def _plot(results: list[dict], path) -> Path:
+    from yarnkit.eval import plots
+
+    task = results[0]["task"]
+    if any(result["task"] != task for result in results):
+        raise SystemExit(f"cannot draw different tasks on one chart: {sorted({r['task'] for r in results})}")
+    if task == "ppl":
+        return plots.plot_ppl(results, path)
+    if task == "stream":
+        return plots.plot_stream(results, path)
+    if len(results) != 1:
+        raise SystemExit("a passkey/needle heatmap shows one result; plot them one at a time")
+    return plots.plot_passkey(results[0], path)
+
+
+def run_task(args) -> dict:
+    from yarnkit.eval.data import iter_eval_documents, tokenize_documents
+    from yarnkit.eval.ppl import bos_token_id
+
+    model, tokenizer, meta = load_for_eval(args)
+    settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out", "compare")}
+    result = {"task": args.task, **meta, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+    bos = bos_token_id(tokenizer)
+    if args.task == "ppl":
+        from yarnkit.eval.ppl import evaluate_perplexity
+
+        limit = None if args.stride else max(args.lengths)
+        documents, empty = tokenize_documents(iter_eval_documents(args.data, args.field, args.split), tokenizer,
+                                              max_tokens=limit)
+        result.update(bos_token_id=bos, skipped_documents=empty, rows=evaluate_perplexity(
+            model, documents, args.lengths, bos, args.docs, args.stride, args.max_length, args.chunk_size))
+    elif args.task in ("passkey", "needle"):
+        from yarnkit.eval.passkey import evaluate_passkey
+
+        filler = None
+        if args.task == "needle":
+            from yarnkit.assets import sample_path
+            from yarnkit.corpus import read_text
+
+            filler = read_text(args.haystack or sample_path("eval"))
+        result.update(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed, filler,
+                                       args.max_length, args.max_new_tokens))
+    else:
+        from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
+
+        policy = make_policy(args.policy, window=args.window, sinks=args.sinks, max_cache=args.max_cache)
+        documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer, result)
+        max_tokens = min(args.max_tokens, args.max_length or args.max_tokens)
+        result.update(bos_token_id=bos, skipped_documents=[], **evaluate_stream(
+            model, policy, token_stream(documents, bos), bos, max_tokens, args.chunk, args.segment))
+    return result
+
+
+def _lazy_tokenized(documents, tokenizer, result):
+    """Tokenise one document at a time (a 1M-token stream never holds all books' ids at once)."""
+    from yarnkit.eval.data import tokenize_documents
+
+    for name, text in documents:
+        kept, empty = tokenize_documents([(name, text)], tokenizer)
+        result.setdefault("skipped_documents", []).extend(empty)
+        yield from kept
+
+
+def run(args) -> int:
+    if args.task == "report":
+        from yarnkit.eval.report import load_results, markdown_report
+
+        text = markdown_report(load_results(args.results))
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text)
+        return 0
+    if args.task == "plot":
+        from yarnkit.eval.report import load_results
+
+        print(_plot(load_results(args.results), args.out))
+        return 0
+    result = run_task(args)
+    path = save_result(result, args.out)
+    extra = []
+    if args.task == "ppl" and args.compare:
+        from yarnkit.eval.report import load_results
+
+        extra = load_results(args.compare)
+    result["plot"] = str(_plot([result, *extra], path.with_suffix(".png")))
+    save_result(result, args.out)
+    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
+    return 0

@@ -1,0 +1,83 @@
+"""Turn `yarnkit eval` result JSONs into markdown tables (for docs/results.md); pure functions, no model.
+
+One table per task: `ppl` (rows: labels, columns: lengths, cells: mean ppl with last-quarter ppl in
+parentheses), `passkey`/`needle` (accuracy per length, averaged over depths), `stream` (ppl, latency, memory,
+stop reason). Skipped lengths show as "skipped". CLI: `yarnkit eval report RESULTS... --markdown`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_results(paths) -> list[dict]:
+    results = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"result file not found: {path}")
+        result = json.loads(path.read_text())
+        if "task" not in result:
+            raise ValueError(f"{path} is not a yarnkit eval result (no 'task' field)")
+        results.append(result)
+    return results
+
+
+def _fmt(value: float) -> str:
+    return "inf" if value == float("inf") else (f"{value:.3g}" if value >= 100 else f"{value:.2f}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def ppl_table(results: list[dict]) -> str:
+    lengths = sorted({row["length"] for result in results for row in result["rows"]})
+    rows = []
+    for result in results:
+        by_length = {row["length"]: row for row in result["rows"]}
+        cells = []
+        for length in lengths:
+            row = by_length.get(length)
+            cells.append("" if row is None else "skipped" if "ppl" not in row
+                         else f"{_fmt(row['ppl'])} ({_fmt(row['tail_ppl'])})")
+        rows.append([result["label"], *cells])
+    return _table(["model", *[f"{length // 1024}k" if length % 1024 == 0 else str(length) for length in lengths]],
+                  rows)
+
+
+def passkey_table(results: list[dict]) -> str:
+    lengths = sorted({cell["length"] for result in results for cell in result["cells"] + result["skipped"]})
+    rows = []
+    for result in results:
+        cells = []
+        for length in lengths:
+            scored = [cell["accuracy"] for cell in result["cells"] if cell["length"] == length]
+            cells.append(f"{100 * sum(scored) / len(scored):.0f}%" if scored else "skipped")
+        rows.append([result["label"], *cells])
+    return _table(["model", *[str(length) for length in lengths]], rows)
+
+
+def stream_table(results: list[dict]) -> str:
+    rows = [[r["label"], r["policy"], str(r["tokens_processed"]), _fmt(r["ppl"]) if r["ppl"] else "-",
+             f"{r['ms_per_token']:.2f}" if r["ms_per_token"] else "-",
+             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", r["stop_reason"]] for r in results]
+    return _table(["model", "policy", "tokens", "ppl", "ms/token", "peak memory", "stopped because"], rows)
+
+
+TABLES = {"ppl": ppl_table, "passkey": passkey_table, "needle": passkey_table, "stream": stream_table}
+CAPTIONS = {"ppl": "Perplexity vs context length: mean (last quarter), token-weighted",
+            "passkey": "Passkey retrieval accuracy (mean over depths)",
+            "needle": "Needle-in-a-book retrieval accuracy (mean over depths)",
+            "stream": "Streaming perplexity"}
+
+
+def markdown_report(results: list[dict]) -> str:
+    sections = []
+    for task, make_table in TABLES.items():
+        chosen = [result for result in results if result["task"] == task]
+        if chosen:
+            sections.append(f"**{CAPTIONS[task]}**\n\n{make_table(chosen)}\n")
+    return "\n".join(sections)
