@@ -41,13 +41,17 @@ def garbage_filler(approx_tokens: int) -> str:
     return " ".join([GARBAGE] * (approx_tokens // 10 + 2))
 
 
-def build_prompt(tokenizer, filler: str, length: int, depth: float, key: int) -> Prompt:
+def filler_offsets(tokenizer, filler: str) -> list[tuple[int, int]]:
+    """Character spans of the filler's tokens (needs a fast tokenizer); computed once per grid."""
+    return tokenizer(filler, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def build_prompt(tokenizer, filler: str, length: int, depth: float, key: int, offsets=None) -> Prompt:
     """The longest prompt of at most `length` tokens (as tokenised with the tokenizer's special tokens)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    encoded = tokenizer(filler, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
-    fixed = len(tokenizer("\n".join([INTRO, "", KEY_SENTENCE.format(key=key), "", QUESTION])["input_ids"]))
+    offsets = filler_offsets(tokenizer, filler) if offsets is None else offsets
+    fixed = len(tokenizer("\n".join([INTRO, "", KEY_SENTENCE.format(key=key), "", QUESTION]))["input_ids"])
     budget = length - fixed
     if budget <= 0:
         raise ValueError(f"length {length} is too short: the fixed parts of the prompt take {fixed} tokens")
@@ -98,6 +102,7 @@ def evaluate_passkey(model, tokenizer, lengths: list[int], depths: list[float], 
     needed = max(lengths)
     if filler is None:
         filler = garbage_filler(needed)
+    offsets = filler_offsets(tokenizer, filler)
     grid = [(length, depth) for length in lengths for depth in depths]
     for length, depth in tqdm(grid, desc="passkey grid"):
         keys = [rng.randint(1, 50000) for _ in range(trials)]  # drawn even for skipped cells: seeds stay aligned
@@ -107,7 +112,7 @@ def evaluate_passkey(model, tokenizer, lengths: list[int], depths: list[float], 
         start, results = time.perf_counter(), []
         try:
             for key in keys:
-                prompt = build_prompt(tokenizer, filler, length, depth, key)
+                prompt = build_prompt(tokenizer, filler, length, depth, key, offsets)
                 answer = greedy_answer(model, tokenizer, prompt.text, max_new_tokens)
                 found = first_integer(answer)
                 results.append({"key": key, "answer": answer, "parsed": found, "correct": found == key,
