@@ -1,0 +1,99 @@
+"""`yarnkit eval` end to end on a tiny saved model: result JSON fields, plots, report, run-directory models.
+Run: python -m pytest tests/test_eval_cli.py -q
+"""
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+from yarnkit.assets import sample_path
+from yarnkit.cli import main
+
+PPL_ROW_FIELDS = {"length", "ppl", "tail_ppl", "nll", "tokens", "tail_tokens", "windows", "documents",
+                  "per_document", "too_short", "seconds"}
+COMMON_FIELDS = {"task", "label", "model", "device", "dtype", "rope", "native_context", "max_position_embeddings",
+                 "settings", "created", "plot"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from yarnkit.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", seed=11, vocab_size=49152).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_eval(*argv):
+    assert main(["eval", *map(str, argv)]) == 0
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_ppl_passkey_needle_stream_write_documented_results_and_plots(model_dir, tmp_path):
+    out = tmp_path / "out"
+    run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "64,128,100000", "--docs", "1",
+             "--max-length", "512", "--out", out, "--label", "tiny base")
+    ppl = load(out / "ppl-tiny_base.json")
+    assert COMMON_FIELDS <= set(ppl) and ppl["task"] == "ppl" and ppl["native_context"] == 256
+    assert set(ppl["rows"][0]) == PPL_ROW_FIELDS and ppl["rows"][1]["tokens"] == 127
+    assert ppl["rows"][2]["skipped"] == "length 100000 > --max-length 512"
+    run_eval("passkey", model_dir, "--lengths", "128", "--depths", "0,1", "--trials", "1", "--out", out)
+    passkey = load(out / f"passkey-{model_dir.name}.json")
+    assert COMMON_FIELDS | {"cells", "skipped", "accuracy"} <= set(passkey) and len(passkey["cells"]) == 2
+    run_eval("needle", model_dir, "--lengths", "128", "--depths", "0.5", "--trials", "1", "--out", out)
+    needle = load(out / f"needle-{model_dir.name}.json")
+    assert needle["task"] == "needle" and len(needle["cells"]) == 1 and needle["cells"][0]["trials"][0]["key"] > 0
+    run_eval("stream", model_dir, "--data", sample_path("eval"), "--policy", "recompute", "--window", "32",
+             "--max-tokens", "96", "--chunk", "8", "--segment", "32", "--out", out)
+    stream = load(out / f"stream-{model_dir.name}.json")
+    assert COMMON_FIELDS | {"policy", "tokens_processed", "tokens_scored", "ppl", "stop_reason", "ms_per_token",
+                            "peak_memory_bytes", "memory_kind", "segments", "skipped_documents"} <= set(stream)
+    assert stream["tokens_processed"] == 96 and len(stream["segments"]) == 3
+    for result in (ppl, passkey, needle, stream):
+        png = out / (result["plot"].rsplit("/", 1)[-1])
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_plot_and_markdown_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    for label in ("first", "second"):
+        run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "32,64", "--docs", "1",
+                 "--out", out, "--label", label)
+    run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "32", "--docs", "1", "--out", out,
+             "--label", "third", "--compare", out / "ppl-first.json", out / "ppl-second.json")
+    assert (out / "ppl-third.png").is_file()
+    run_eval("plot", out / "ppl-first.json", out / "ppl-second.json", "--out", out / "merged.png")
+    assert (out / "merged.png").is_file()
+    capsys.readouterr()
+    run_eval("report", out / "ppl-first.json", out / "ppl-second.json", "--markdown", "--output", out / "t.md")
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| model | 32 | 64 |" and lines[2].startswith("| first | ") and len(lines) == 4
+    first = load(out / "ppl-first.json")["rows"][0]
+    assert f"{first['ppl']:.3g}" in lines[2] or f"{first['ppl']:.2f}" in lines[2]
+    assert (out / "t.md").read_text().strip() == table.strip()
+
+
+def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
+    import shutil
+
+    from yarnkit.eval.cli import resolve_model
+
+    for step in ("step_000100", "step_000200"):
+        shutil.copytree(model_dir, tmp_path / "run" / "checkpoints" / step / "model")
+    assert resolve_model(str(tmp_path / "run")).endswith("step_000200/model")
+    assert resolve_model("smollm2-135m") == "smollm2-135m"
+
+
+def test_bad_arguments_fail_clearly(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--rope-type and --factor"):
+        run_eval("ppl", model_dir, "--data", sample_path("eval"), "--factor", "4", "--out", tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        run_eval("ppl", model_dir, "--data", tmp_path / "missing.txt", "--out", tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        run_eval("report", tmp_path / "nope.json")
