@@ -14,7 +14,6 @@ import sys
 COMMANDS = {
     "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
     "eval": ("yarnkit.eval.cli", "evaluate long context: ppl vs length, passkey/needle grids, streaming ppl, plots"),
-    "demo": ("yarnkit.demo", "zero-shot YaRN on the bundled SmolLM2-135M: perplexity past the native context"),
 }
 
 
