@@ -3,6 +3,7 @@ Run: python -m pytest tests/test_eval_cli.py -q
 """
 
 import json
+import shutil
 
 import pytest
 from conftest import tiny_model
@@ -36,24 +37,29 @@ def load(path):
 
 def test_ppl_passkey_needle_stream_write_documented_results_and_plots(model_dir, tmp_path):
     out = tmp_path / "out"
-    run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "64,128,100000", "--docs", "1",
+    run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "64,128,1024", "--docs", "1",
              "--max-length", "512", "--out", out, "--label", "tiny base")
     ppl = load(out / "ppl-tiny_base.json")
     assert COMMON_FIELDS <= set(ppl) and ppl["task"] == "ppl" and ppl["native_context"] == 256
     assert set(ppl["rows"][0]) == PPL_ROW_FIELDS and ppl["rows"][1]["tokens"] == 127
-    assert ppl["rows"][2]["skipped"] == "length 100000 > --max-length 512"
+    assert ppl["rows"][2]["skipped"] == "length 1024 > --max-length 512"
     run_eval("passkey", model_dir, "--lengths", "128", "--depths", "0,1", "--trials", "1", "--out", out)
     passkey = load(out / f"passkey-{model_dir.name}.json")
     assert COMMON_FIELDS | {"cells", "skipped", "accuracy"} <= set(passkey) and len(passkey["cells"]) == 2
     run_eval("needle", model_dir, "--lengths", "128", "--depths", "0.5", "--trials", "1", "--out", out)
     needle = load(out / f"needle-{model_dir.name}.json")
     assert needle["task"] == "needle" and len(needle["cells"]) == 1 and needle["cells"][0]["trials"][0]["key"] > 0
-    run_eval("stream", model_dir, "--data", sample_path("eval"), "--policy", "recompute", "--window", "32",
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a_empty.txt").write_text("\n")
+    shutil.copy(sample_path("eval"), books / "b_book.txt.gz")
+    run_eval("stream", model_dir, "--data", books, "--policy", "recompute", "--window", "32",
              "--max-tokens", "96", "--chunk", "8", "--segment", "32", "--out", out)
     stream = load(out / f"stream-{model_dir.name}.json")
     assert COMMON_FIELDS | {"policy", "tokens_processed", "tokens_scored", "ppl", "stop_reason", "ms_per_token",
                             "peak_memory_bytes", "memory_kind", "segments", "skipped_documents"} <= set(stream)
     assert stream["tokens_processed"] == 96 and len(stream["segments"]) == 3
+    assert stream["skipped_documents"] == [{"document": "a_empty.txt", "reason": "empty document"}]
     for result in (ppl, passkey, needle, stream):
         png = out / (result["plot"].rsplit("/", 1)[-1])
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,9 +85,24 @@ def test_compare_plot_and_markdown_report(model_dir, tmp_path, capsys):
     assert (out / "t.md").read_text().strip() == table.strip()
 
 
-def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
-    import shutil
+def test_rope_scaling_options_patch_the_loaded_model(model_dir, tmp_path):
+    out = tmp_path / "out"
+    nll = {}
+    for name, extra in {"base": [], "dynamic": ["--rope-type", "dynamic", "--factor", "4"],
+                        "yarn": ["--rope-type", "yarn", "--factor", "4"]}.items():
+        run_eval("ppl", model_dir, "--data", sample_path("eval"), "--lengths", "128,512", "--docs", "1", "--out", out,
+                 "--label", name, *extra)
+        result = load(out / f"ppl-{name}.json")
+        nll[name] = [row["nll"] for row in result["rows"]]
+        if extra:
+            assert result["rope"]["rope_type"] == name and result["rope"]["factor"] == 4.0
+            assert result["native_context"] == 256
+    assert nll["dynamic"][0] == pytest.approx(nll["base"][0], abs=1e-9)  # dynamic NTK is inactive inside 256
+    assert nll["dynamic"][1] != pytest.approx(nll["base"][1], abs=1e-7)  # ... and active at 512
+    assert nll["yarn"][0] != pytest.approx(nll["base"][0], abs=1e-7)  # static YaRN changes every length
 
+
+def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
     from yarnkit.eval.cli import resolve_model
 
     for step in ("step_000100", "step_000200"):

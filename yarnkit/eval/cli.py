@@ -43,7 +43,8 @@ def add_arguments(parser) -> None:
         p.add_argument("--factor", type=float, help="RoPE scaling factor s")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
-        p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
+        if task != "stream":
+            p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
         if task in ("ppl", "stream"):
             p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
             p.add_argument("--field", default="text", help="text field of .jsonl / datasets records")
@@ -115,9 +116,13 @@ def load_for_eval(args):
     return model, tokenizer, meta
 
 
-def save_result(result: dict, out: str) -> Path:
+def result_path(result: dict, out: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", result["label"]).strip("_") or "model"
-    path = Path(out) / f"{result['task']}-{slug}.json"
+    return Path(out) / f"{result['task']}-{slug}.json"
+
+
+def save_result(result: dict, out: str) -> Path:
+    path = result_path(result, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
     return path
@@ -170,20 +175,21 @@ def run_task(args) -> dict:
         from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
 
         policy = make_policy(args.policy, window=args.window, sinks=args.sinks, max_cache=args.max_cache)
-        documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer, result)
-        max_tokens = min(args.max_tokens, args.max_length or args.max_tokens)
-        result.update(bos_token_id=bos, skipped_documents=[], **evaluate_stream(
-            model, policy, token_stream(documents, bos), bos, max_tokens, args.chunk, args.segment))
+        result.update(bos_token_id=bos, skipped_documents=[])
+        documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer,
+                                    result["skipped_documents"])
+        result.update(evaluate_stream(model, policy, token_stream(documents, bos), bos, args.max_tokens, args.chunk,
+                                      args.segment))
     return result
 
 
-def _lazy_tokenized(documents, tokenizer, result):
+def _lazy_tokenized(documents, tokenizer, skipped: list):
     """Tokenise one document at a time (a 1M-token stream never holds all books' ids at once)."""
     from yarnkit.eval.data import tokenize_documents
 
     for name, text in documents:
         kept, empty = tokenize_documents([(name, text)], tokenizer)
-        result.setdefault("skipped_documents", []).extend(empty)
+        skipped.extend(empty)
         yield from kept
 
 
@@ -201,14 +207,12 @@ def run(args) -> int:
 
         print(_plot(load_results(args.results), args.out))
         return 0
-    result = run_task(args)
-    path = save_result(result, args.out)
-    extra = []
-    if args.task == "ppl" and args.compare:
-        from yarnkit.eval.report import load_results
+    from yarnkit.eval.report import load_results
 
-        extra = load_results(args.compare)
-    result["plot"] = str(_plot([result, *extra], path.with_suffix(".png")))
-    save_result(result, args.out)
+    result = run_task(args)
+    extra = load_results(args.compare) if args.task == "ppl" else []
+    result["plot"] = str(result_path(result, args.out).with_suffix(".png"))
+    _plot([result, *extra], result["plot"])
+    path = save_result(result, args.out)
     print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
     return 0
