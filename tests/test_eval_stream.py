@@ -70,12 +70,16 @@ def test_window_after_fill_equals_banded_attention_at_original_positions(model, 
     assert not torch.allclose(got[:, -1], dense[:, -1], atol=1e-3)  # eviction really changed the result
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16])
-def test_recompute_scores_each_token_with_a_fresh_window(model, ids, chunk):
-    window = 12
+@pytest.fixture(scope="module")
+def fresh_window_logits(model, ids):
     with torch.no_grad():
-        reference = torch.stack([model(input_ids=ids[:, max(0, t + 1 - window):t + 1]).logits[0, -1]
-                                 for t in range(ids.shape[1])])[None]
+        return torch.stack([model(input_ids=ids[:, max(0, t + 1 - 12):t + 1]).logits[0, -1]
+                            for t in range(ids.shape[1])])[None]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_recompute_scores_each_token_with_a_fresh_window(model, ids, chunk, fresh_window_logits):
+    window, reference = 12, fresh_window_logits
     policy = RecomputePolicy(window)
     torch.testing.assert_close(stream_logits(model, policy, ids, chunk), reference, **TOL)
     assert policy.cache_tokens() == window - 1
