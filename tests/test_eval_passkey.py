@@ -41,6 +41,7 @@ def test_key_sits_at_the_requested_depth_and_prompt_fits(tokenizer, filler_kind,
     filler = garbage_filler(length) if filler_kind == "garbage" else read_text(sample_path("eval"))
     prompt = build_prompt(tokenizer, filler, length, depth, key=31337)
     size = len(tokenizer(prompt.text)["input_ids"])
+    assert prompt.token_ids == tokenizer(prompt.text)["input_ids"]
     assert length - 10 <= size <= length
     before, after = filler_tokens_before_key(tokenizer, prompt)
     # re-tokenising a cut piece can merge or split a token at the cut: allow 2 tokens
@@ -84,5 +85,5 @@ def test_greedy_answer_is_parsed_for_the_key(tokenizer):
         model.lm_head.weight.zero_()
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(49152))  # nn.Linear uses .bias when set
         model.lm_head.bias[four] = 1.0
-    answer = greedy_answer(model, tokenizer, "What is the pass key? The pass key is", max_new_tokens=4)
+    answer = greedy_answer(model, tokenizer, tokenizer(QUESTION)["input_ids"], max_new_tokens=4)
     assert answer == "4444" and first_integer(answer) == 4444

@@ -34,6 +34,7 @@ class Prompt:
     depth: float          # requested depth in [0, 1]
     filler_tokens: int    # filler tokens around the key
     key_after: int        # filler tokens before the key (= round(depth * filler_tokens))
+    token_ids: list[int]  # the tokenised prompt (with the tokenizer's special tokens), at most `length` long
 
 
 def garbage_filler(approx_tokens: int) -> str:
@@ -64,9 +65,10 @@ def build_prompt(tokenizer, filler: str, length: int, depth: float, key: int, of
         cut = offsets[key_after][0] if key_after < filler_tokens else offsets[filler_tokens - 1][1]
         end = offsets[filler_tokens - 1][1]
         text = "\n".join([INTRO, filler[:cut].strip(), KEY_SENTENCE.format(key=key), filler[cut:end].strip(), QUESTION])
-        excess = len(tokenizer(text)["input_ids"]) - length
+        token_ids = tokenizer(text)["input_ids"]
+        excess = len(token_ids) - length
         if excess <= 0:
-            return Prompt(text, key, depth, filler_tokens, key_after)
+            return Prompt(text, key, depth, filler_tokens, key_after, token_ids)
         filler_tokens -= excess  # joins can merge or split a token or two; shrink by the excess and retry
     raise ValueError(f"cannot fit a prompt in {length} tokens")
 
@@ -77,10 +79,10 @@ def first_integer(answer: str) -> int | None:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 10) -> str:
+def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 10) -> str:
     """Greedy continuation with a KV cache; only the last position's logits are computed at prefill."""
     device = next(model.parameters()).device
-    input_ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+    input_ids = torch.tensor([prompt_ids], device=device)
     cache, generated = None, []
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -113,10 +115,10 @@ def evaluate_passkey(model, tokenizer, lengths: list[int], depths: list[float], 
         try:
             for key in keys:
                 prompt = build_prompt(tokenizer, filler, length, depth, key, offsets)
-                answer = greedy_answer(model, tokenizer, prompt.text, max_new_tokens)
+                answer = greedy_answer(model, tokenizer, prompt.token_ids, max_new_tokens)
                 found = first_integer(answer)
                 results.append({"key": key, "answer": answer, "parsed": found, "correct": found == key,
-                                "prompt_tokens": len(tokenizer(prompt.text)["input_ids"])})
+                                "prompt_tokens": len(prompt.token_ids)})
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"length": length, "depth": depth, "reason": f"out of GPU memory at length {length}"})
