@@ -55,7 +55,7 @@ def test_ppl_passkey_needle_stream_write_documented_results_and_plots(model_dir,
     shutil.copy(sample_path("eval"), books / "b_book.txt.gz")
     run_eval("stream", model_dir, "--data", books, "--policy", "recompute", "--window", "32",
              "--max-tokens", "96", "--chunk", "8", "--segment", "32", "--out", out)
-    stream = load(out / f"stream-{model_dir.name}.json")
+    stream = load(out / f"stream-{model_dir.name}_recompute_W32.json")
     assert COMMON_FIELDS | {"policy", "tokens_processed", "tokens_scored", "ppl", "stop_reason", "ms_per_token",
                             "peak_memory_bytes", "memory_kind", "segments", "skipped_documents"} <= set(stream)
     assert stream["tokens_processed"] == 96 and len(stream["segments"]) == 3

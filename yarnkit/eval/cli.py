@@ -175,6 +175,8 @@ def run_task(args) -> dict:
         from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
 
         policy = make_policy(args.policy, window=args.window, sinks=args.sinks, max_cache=args.max_cache)
+        if not args.label:  # several policies of one model must not overwrite each other's files
+            result["label"] += f" {args.policy}" + ("" if args.policy == "dense" else f" W{args.window}")
         result.update(bos_token_id=bos, skipped_documents=[])
         documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer,
                                     result["skipped_documents"])
