@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("ppl", "passkey", "needle", "stream", "plot", "report")
 
 
 def _ints(text: str) -> list[int]:
