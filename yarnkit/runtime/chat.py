@@ -81,14 +81,16 @@ def reply(conversation: Conversation, history: list[dict], text: str, args, out=
 
 
 def run(args) -> int:
-    _, _, new_conversation = build_conversation_factory(args)
-    conversation = new_conversation()
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    text = None
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not text.strip():
-            print("error: empty prompt; pass some text with --prompt", file=sys.stderr)
+            print("error: empty prompt; pass some text with --prompt (or on stdin with --prompt -)", file=sys.stderr)
             return 2
+    _, _, new_conversation = build_conversation_factory(args)
+    conversation = new_conversation()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if text is not None:
         reply(conversation, history, text, args)
         return 0
     interactive = sys.stdin.isatty()

@@ -131,6 +131,7 @@ class Conversation:
         """
         check_messages(messages)
         messages = self._maybe_compress([dict(role=m["role"], content=m["content"]) for m in messages])
+        seen_before = self.engine.tokens_seen
         try:
             self._prepare(messages)
         except Exception:
@@ -141,10 +142,12 @@ class Conversation:
         fed = 0
         shown = ""
         logits = self.engine.last_logits
+        self.last_info.update(prompt_tokens=self.engine.tokens_seen - seen_before, finish_reason="length")
         try:
             for _ in range(max_new_tokens):
                 token = sample(logits, temperature, top_p, generator)
                 if token in self.stop_ids:
+                    self.last_info["finish_reason"] = "stop"
                     break
                 produced.append(token)
                 text = self.tokenizer.decode(produced, skip_special_tokens=True)
@@ -160,6 +163,7 @@ class Conversation:
                                          "content": self.tokenizer.decode(produced, skip_special_tokens=True)}]
             self.fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
             self.engine.end_round()
+            self.last_info["completion_tokens"] = len(produced)
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "messages": len(self.messages), **self.last_info}
