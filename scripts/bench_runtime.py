@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench-runtime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--random-init", action="store_true",
+                   help="timing only: build the model from MODEL's config.json with random weights")
     p.add_argument("--tokens", type=int, default=1_000_000, help="perplexity stream length")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=1020)
@@ -212,7 +214,16 @@ def main(argv=None):
     from yarnkit.assets import sample_path
     from yarnkit.models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from yarnkit.models import to_dtype
+
+        config = AutoConfig.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_config(config, dtype=to_dtype(args.dtype), attn_implementation="sdpa")
+        model, tokenizer = model.to(args.device).eval(), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     books = args.books or [str(sample_path("eval")), str(sample_path("train"))]
     need = max(args.tokens, max(args.latency_caches) + args.latency_steps, args.sinks + args.window
                + args.stream_steps, args.recall_filler + 1)
@@ -220,7 +231,7 @@ def main(argv=None):
     stream = ids[:args.tokens]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "device": args.device, "dtype": args.dtype, "stream_tokens": len(stream),
+    report = {"model": args.model, "random_init": args.random_init, "device": args.device, "dtype": args.dtype, "stream_tokens": len(stream),
               "sinks": args.sinks, "window": args.window, "chunk": args.chunk, "books": books}
     start = time.time()
     report["perplexity"] = {
