@@ -122,16 +122,18 @@ class StreamingEngine:
     def _self_information(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """-log p(x_i | x_<i) for each fed token; the first uses the previous chunk's last logits."""
         logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-        info = -logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        ids = ids.to(logits.device)
+        info = -logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
         if self.last_logits is not None:
-            first = -torch.log_softmax(self.last_logits.float(), dim=-1)[ids[0, 0]]
+            first = -torch.log_softmax(self.last_logits.float(), dim=-1)[ids[0, 0]].cpu()
         else:  # no prediction for the very first token: SirLLM gives it the chunk's maximum
             first = info.max() if info.numel() else torch.tensor(0.0)
-        return torch.cat((first.reshape(1), info)).cpu()
+        return torch.cat((first.reshape(1), info))
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run new token ids `[1, n]` (or `[n]`) through the model; returns logits `[1, n, vocab]` (float32)."""
+        """Run new token ids `[1, n]` (or `[n]`) through the model; returns float32 logits `[1, n, vocab]` on the
+        model's device."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("feed() got no tokens")
@@ -147,7 +149,7 @@ class StreamingEngine:
             chunk = ids[:, start:start + min(self.options.prefill_chunk, room)]
             self._make_room(chunk.shape[1])
             logits = self.model(input_ids=chunk.to(device), past_key_values=self.cache, use_cache=True).logits
-            logits = logits.float().cpu()
+            logits = logits.float()  # stays on the model's device
             if self.options.sirllm_keep:
                 self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
             self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
@@ -182,6 +184,7 @@ class StreamingEngine:
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> int:
     """Greedy (temperature 0) or temperature + nucleus sampling from one logits vector."""
+    logits = logits.float().cpu()
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)

@@ -33,8 +33,7 @@ class SinkPolicy:
     def step(self, model, input_ids: torch.LongTensor) -> torch.Tensor:
         if self.engine is None or self.engine.model is not model:
             self.engine = StreamingEngine(model, self.options)
-        logits = self.engine.feed(input_ids)
-        return logits.to(next(model.parameters()).device)
+        return self.engine.feed(input_ids)
 
     def cache_tokens(self) -> int:
         return 0 if self.engine is None else len(self.engine)
