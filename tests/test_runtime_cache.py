@@ -158,3 +158,6 @@ def test_bad_input_is_rejected_clearly():
     engine.feed(tokens(16))
     with pytest.raises(ValueError, match="cannot pin"):
         engine.pin()
+    with pytest.raises(ValueError, match="full-attention models only"):
+        StreamingEngine(tiny_model("qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                   use_sliding_window=True))

@@ -79,18 +79,14 @@ def model_rotary(model) -> Rotary:
 class SinkCache(Cache):
     """Per-layer K/V with cache-relative positions; `keep(indices)` drops every other token and re-rotates.
 
-    `capacity` (sinks + window) is advisory: the cache itself never evicts on `update`, so one forward is never
-    cut in half; the engine evicts *before* each chunk so that `len(cache) + chunk <= capacity`.
+    The cache never evicts inside `update` (a forward is never cut in half): the engine calls `keep` *before*
+    each chunk so that the tokens held plus the chunk fit in sinks + window.
     """
 
-    def __init__(self, rotary: Rotary, capacity: int):
+    def __init__(self, rotary: Rotary):
         super().__init__(layer_class_to_replicate=DynamicLayer)
         self.rotary = rotary
-        self.capacity = capacity
         self.rerotations = 0  # how many batched re-rotations happened (for stats and benchmarks)
-
-    def num_tokens(self) -> int:
-        return self.get_seq_length()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
@@ -124,11 +120,3 @@ class SinkCache(Cache):
                 slots = moved.nonzero().squeeze(-1).to(device)
                 keys[..., slots, :] = rotate_back(keys[..., slots, :], cos.to(device), sin.to(device))
             layer.keys = keys
-
-    def drop_span(self, start: int, end: int) -> None:
-        """Drop the contiguous slots `[start, end)` (the usual sinks + window eviction)."""
-        length = self.get_seq_length()
-        if not 0 <= start <= end <= length:
-            raise ValueError(f"drop_span({start}, {end}) outside the cache of {length} tokens")
-        if end > start:
-            self.keep(torch.cat((torch.arange(start), torch.arange(end, length))))

@@ -58,6 +58,7 @@ class StreamingEngine:
         self.model = model
         base = options or StreamOptions()
         self.options = StreamOptions(**{**base.__dict__, **overrides}).resolved(model.config)
+        check_supported(model.config, self.options.sinks, self.options.window)
         self.sink_token_id = getattr(model.config, "yarnkit_sink_token_id", None)
         self.rotary = model_rotary(model)
         self.reset()
@@ -67,7 +68,7 @@ class StreamingEngine:
         return self.options.sinks + self.options.window
 
     def reset(self) -> None:
-        self.cache = SinkCache(self.rotary, self.capacity)
+        self.cache = SinkCache(self.rotary)
         self.cache_ids = torch.empty(0, dtype=torch.long)    # token id in each slot
         self.scores = torch.empty(0)                         # SirLLM self-information per slot
         self.pinned = 0
@@ -179,6 +180,18 @@ class StreamingEngine:
                 "sinks": self.options.sinks, "pinned": self.pinned, "cache_mib": round(self.cache.nbytes() / 2**20, 3),
                 "rerotations": self.cache.rerotations,
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def check_supported(config, sinks: int, window: int) -> None:
+    """Hybrid sliding-window models keep per-layer windows of their own: not supported by this cache yet."""
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if kinds - {"full_attention"}:
+        raise ValueError(f"{config.model_type} has {sorted(kinds)} layers; the sink cache supports full-attention "
+                         "models only (use plain generation for this model)")
+    own = getattr(config, "sliding_window", None)
+    if own and sinks + window > own:
+        raise ValueError(f"sinks + window = {sinks + window} exceeds the model's own sliding_window={own}; "
+                         f"pass --window {own - sinks} or less")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
