@@ -84,6 +84,25 @@ def test_interrupted_reply_keeps_cache_and_history_consistent(model, tokenizer):
     assert tokenizer(chat.fed_text, add_special_tokens=False)["input_ids"] == chat.engine.cache_ids.tolist()
 
 
+def test_failure_inside_a_forward_resets_instead_of_keeping_a_torn_cache(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=500))
+    calls = []
+
+    def fail_on_third_decode(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C landed between layer 0 and layer 1
+    hook = model.model.layers[1].register_forward_pre_hook(fail_on_third_decode)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            collect(chat, [{"role": "user", "content": "Tell me a story"}], max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert len(chat.engine) == 0 and chat.messages == []  # torn cache discarded
+    assert collect(chat, [{"role": "user", "content": "Again"}], max_new_tokens=3) is not None
+    assert chat.engine.is_consistent()
+
+
 def test_no_chat_template_falls_back_with_warning(model, tokenizer, caplog):
     class Plain:
         chat_template = None

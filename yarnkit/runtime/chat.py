@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from yarnkit.runtime.conversation import Conversation, load_chat_model
 from yarnkit.runtime.engine import StreamOptions
@@ -60,17 +62,25 @@ def build_conversation_factory(args):
 
 
 def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout) -> None:
-    """Stream one reply to `out`; Ctrl-C stops it (the partial reply stays in the history)."""
+    """Stream one reply to `out`. Ctrl-C stops it between two tokens (never inside a forward, so the cache stays
+    whole); the partial reply stays in the history."""
     messages = history + [{"role": "user", "content": text}]
     pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if in_main else None
     try:
         for piece in pieces:
             out.write(piece)
             out.flush()
-    except KeyboardInterrupt:
+            if stop.is_set():
+                out.write(" [stopped]")
+                break
+    finally:
         pieces.close()
-        out.write(" [stopped]")
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     out.write("\n")
     out.flush()
     if "warning" in conversation.last_info:

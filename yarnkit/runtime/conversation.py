@@ -157,13 +157,20 @@ class Conversation:
                 logits = self.engine.feed(torch.tensor([[token]]))[0, -1]
                 fed += 1
         finally:
-            if fed < len(produced):  # stopped between sampling and feeding: keep cache == history
-                self.engine.feed(torch.tensor([produced[fed:]]))
-            self.messages = messages + [{"role": "assistant",
-                                         "content": self.tokenizer.decode(produced, skip_special_tokens=True)}]
-            self.fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
-            self.engine.end_round()
-            self.last_info["completion_tokens"] = len(produced)
+            self._settle(messages, produced, fed)
+
+    def _settle(self, messages: list[dict], produced: list[int], fed: int) -> None:
+        """After a reply (finished, interrupted or failed): make cache and history agree, or start over."""
+        if not self.engine.is_consistent():  # a forward was interrupted half-way: the cache cannot be trusted
+            self.reset()
+            return
+        if fed < len(produced):  # stopped between sampling and feeding
+            self.engine.feed(torch.tensor([produced[fed:]]))
+        self.messages = messages + [{"role": "assistant",
+                                     "content": self.tokenizer.decode(produced, skip_special_tokens=True)}]
+        self.fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
+        self.engine.end_round()
+        self.last_info["completion_tokens"] = len(produced)
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "messages": len(self.messages), **self.last_info}

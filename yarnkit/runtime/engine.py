@@ -78,6 +78,11 @@ class StreamingEngine:
     def __len__(self) -> int:
         return self.cache.get_seq_length()
 
+    def is_consistent(self) -> bool:
+        """False after a forward was interrupted half-way (some layers hold a chunk the others do not)."""
+        lengths = {layer.keys.shape[-2] for layer in self.cache.layers if layer.is_initialized}
+        return lengths <= {len(self.cache_ids)} and len(self.cache.layers) in (0, self.model.config.num_hidden_layers)
+
     @property
     def protected(self) -> int:
         return min(max(self.options.sinks, self.pinned), len(self))
