@@ -66,6 +66,18 @@ def test_system_prompt_pinned_and_long_message_streams_through(model, tokenizer)
     assert "You are a pirate." in tokenizer.decode(pinned) and chat.engine.pinned > 4
 
 
+def test_long_message_compressed_once_and_history_still_matches(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=2000), compress_rate=0.5, compress_over=50)
+    text = "Read this.\n" + " ".join(f"item{i}" for i in range(120)) + "\nWhich item came first?"
+    history = [{"role": "user", "content": text}]
+    collect(chat, history, max_new_tokens=3)
+    assert 1.8 < chat.last_info["ratio"] < 2.2 and chat.messages[0]["content"] == text  # caller's view intact
+    assert chat.fed_messages[0]["content"] != text and "Which item came first?" in chat.fed_messages[0]["content"]
+    seen = chat.engine.tokens_seen
+    collect(chat, chat.messages + [{"role": "user", "content": "Thanks"}], max_new_tokens=3)
+    assert chat.engine.tokens_seen - seen < 20  # the original long message was recognised, not re-fed
+
+
 def test_bad_messages_fail_clearly_and_leave_no_state(model, tokenizer):
     chat = Conversation(model, tokenizer, StreamOptions(window=64))
     for messages, match in [([], "no messages"), ([{"role": "robot", "content": "hi"}], "unknown chat role"),

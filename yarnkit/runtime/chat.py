@@ -77,6 +77,8 @@ def reply(conversation: Conversation, history: list[dict], text: str, args, out=
             if stop.is_set():
                 out.write(" [stopped]")
                 break
+    except ValueError as error:  # bad input (e.g. a system prompt that cannot fit): say so, keep chatting
+        print(f"error: {error}", file=sys.stderr)
     finally:
         pieces.close()
         if in_main:

@@ -78,7 +78,8 @@ class Conversation:
 
     def reset(self) -> None:
         self.engine.reset()
-        self.messages: list[dict] = []
+        self.messages: list[dict] = []      # the history as the caller sent it (plus our replies)
+        self.fed_messages: list[dict] = []  # the same history as fed (long user messages maybe compressed)
         self.fed_text = ""
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
@@ -97,7 +98,7 @@ class Conversation:
     def _maybe_compress(self, messages: list[dict]) -> list[dict]:
         last = messages[-1]["content"]
         count = len(self.tokenizer(last, add_special_tokens=False)["input_ids"])
-        self.last_info = {"user_tokens": count}
+        self.last_info.update(user_tokens=count)
         if count > self.engine.options.window:
             self.last_info["warning"] = (f"the message has {count} tokens, more than the {self.engine.options.window}"
                                          "-token window: it was streamed through and only its end stays in context")
@@ -110,7 +111,7 @@ class Conversation:
     def _prepare(self, messages: list[dict]) -> str:
         """Bring the cache to `messages`; returns the text fed for them (with the generation prompt)."""
         full = self.render(messages, generation_prompt=True)
-        known = self.messages == messages[:len(self.messages)] and full.startswith(self.fed_text)
+        known = self.fed_messages == messages[:len(self.fed_messages)] and full.startswith(self.fed_text)
         if not known or not self.fed_text:
             self.reset()
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
@@ -118,7 +119,10 @@ class Conversation:
             prefix = self.render(marked, generation_prompt=False).split(_MARKER)[0]
             if self.pin_system and prefix and full.startswith(prefix):
                 self._feed_text(prefix)
-                self.engine.pin()
+                try:
+                    self.engine.pin()
+                except ValueError as error:  # a system prompt as long as the cache: stream it, do not pin it
+                    self.last_info["warning"] = f"system prompt not pinned: {error}"
         self._feed_text(full[len(self.fed_text):])
         return full
 
@@ -130,10 +134,17 @@ class Conversation:
         assistant's message, so the cache and the history stay consistent.
         """
         check_messages(messages)
-        messages = self._maybe_compress([dict(role=m["role"], content=m["content"]) for m in messages])
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.last_info = {}
+        known = len(self.messages)
+        if self.messages == messages[:known]:  # reuse the compressed versions of turns already fed
+            to_feed = self.fed_messages[:known] + messages[known:]
+        else:
+            to_feed = messages
+        to_feed = self._maybe_compress(to_feed)
         seen_before = self.engine.tokens_seen
         try:
-            self._prepare(messages)
+            self._prepare(to_feed)
         except Exception:
             self.reset()  # never leave a half-fed cache behind
             raise
@@ -157,17 +168,17 @@ class Conversation:
                 logits = self.engine.feed(torch.tensor([[token]]))[0, -1]
                 fed += 1
         finally:
-            self._settle(messages, produced, fed)
+            self._settle(messages, to_feed, produced, fed)
 
-    def _settle(self, messages: list[dict], produced: list[int], fed: int) -> None:
+    def _settle(self, messages: list[dict], to_feed: list[dict], produced: list[int], fed: int) -> None:
         """After a reply (finished, interrupted or failed): make cache and history agree, or start over."""
         if not self.engine.is_consistent():  # a forward was interrupted half-way: the cache cannot be trusted
             self.reset()
             return
         if fed < len(produced):  # stopped between sampling and feeding
             self.engine.feed(torch.tensor([produced[fed:]]))
-        self.messages = messages + [{"role": "assistant",
-                                     "content": self.tokenizer.decode(produced, skip_special_tokens=True)}]
+        answer = {"role": "assistant", "content": self.tokenizer.decode(produced, skip_special_tokens=True)}
+        self.messages, self.fed_messages = messages + [answer], to_feed + [answer]
         self.fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
         self.engine.end_round()
         self.last_info["completion_tokens"] = len(produced)
