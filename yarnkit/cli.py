@@ -15,7 +15,6 @@ COMMANDS = {
     "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
     "chat": ("yarnkit.runtime.chat", "chat in the terminal with a streaming sinks + rolling-window cache"),
     "serve": ("yarnkit.runtime.serve", "OpenAI-compatible HTTP server with one streaming cache per session"),
-    "demo": ("yarnkit.demo", "zero-shot YaRN on the bundled SmolLM2-135M: perplexity past the native context"),
 }
 
 
