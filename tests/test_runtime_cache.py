@@ -72,7 +72,7 @@ def test_within_window_matches_plain_hf(name):
 def test_after_eviction_equals_recompute_on_retained(name, evict_batch):
     model = MODELS[name](layers=1)
     engine = StreamingEngine(model, sinks=4, window=28, evict_batch=evict_batch, prefill_chunk=5)
-    stream = tokens(150, seed=1)
+    stream = tokens(80, seed=1)
     logits = engine.feed(stream)
     assert engine.cache.rerotations > 0 and len(engine) <= engine.capacity
     assert engine.cache_ids[:4].tolist() == stream[0, :4].tolist()  # sinks kept
@@ -89,7 +89,7 @@ def test_attention_factor_applied_twice_is_caught():
     engine = StreamingEngine(model, sinks=4, window=28, evict_batch=4, prefill_chunk=5)
     module = find_rotary_module(model)
     engine.cache.rotary = lambda pos: tuple(t[0] for t in module(torch.zeros(1), pos[None]))
-    engine.feed(tokens(150, seed=1))
+    engine.feed(tokens(80, seed=1))
     reference = model(engine.cache_ids[None], use_cache=True).past_key_values.layers[0].keys
     relative = (engine.cache.layers[0].keys - reference).norm() / reference.norm()
     assert relative > 0.05  # mscale 1.14 applied twice on the moved keys
