@@ -1,10 +1,16 @@
 """Real-model check: zero-shot YaRN x4 on SmolLM2-135M (native 8k) over a 12k-token window of a PG-19 test book.
 
-    python -m pytest tests/test_smollm2_yarn.py -s     # -s prints the two perplexities
+    python -m pytest tests/test_smollm2_yarn.py -s     # -s prints the perplexity table
 
-Past its native context the unpatched model's perplexity explodes; with YaRN x4 it stays near its short-context
-value. The negative log-likelihood is computed here independently of yarnkit's evaluation code: hidden states
-once, then lm_head + cross-entropy in 2k-token chunks (never a 12k x 49k logits tensor).
+SmolLM2 (RoPE theta 1e5) extrapolates a little past its native 8k, so at 12k the unpatched model degrades
+gradually rather than collapsing: measured here (fp32, CPU) its perplexity is 18.4 on the first 8k tokens,
+26.6 on 8k-12k and 37.4 on the last 2k, while YaRN x4 gives 21.0 / 20.6 / 19.2. The assertions check that
+shape with margins: the unpatched model degrades with distance, YaRN x4 does not, and on the far end YaRN is
+roughly twice better. (At 16k+ the unpatched model collapses: 124 vs 32 at 16k, 1021 vs 32 at 32k on the GPU;
+see docs/results.md. A 16k window would cost CI several more minutes on two cores.)
+
+The negative log-likelihood is computed here independently of yarnkit's evaluation code: hidden states once,
+then lm_head + cross-entropy in 2k-token chunks (never a 12k x 49k logits tensor).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from yarnkit.patch import apply_rope_scaling
 
 WINDOW = 12288
 NATIVE = 8192
+FAR = 10240
 
 
 def chunked_nll(model, ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -49,14 +56,19 @@ def test_yarn_x4_rescues_12k_window_and_undo_restores(smollm2):
     finally:
         handle.undo()
 
-    base_ppl, yarn_ppl = math.exp(base_nll.mean()), math.exp(yarn_nll.mean())
-    base_tail, yarn_tail = math.exp(base_nll[NATIVE:].mean()), math.exp(yarn_nll[NATIVE:].mean())
-    print(f"\nSmolLM2-135M, {WINDOW}-token window of {sample_path('eval').name}:"
-          f"\n  unpatched      ppl {base_ppl:10.2f}   (tokens past 8k: {base_tail:10.2f})"
-          f"\n  YaRN x4        ppl {yarn_ppl:10.2f}   (tokens past 8k: {yarn_tail:10.2f})")
-    assert yarn_ppl < base_ppl / 3, "YaRN x4 should cut the 12k-window perplexity by far more than 3x"
-    assert yarn_tail < base_tail / 10, "past the native 8k the unpatched model should be far worse"
-    assert yarn_tail < 3 * math.exp(yarn_nll[:NATIVE].mean()), "YaRN should keep the tail near the head"
+    def ppl(nll):
+        return {"all": math.exp(nll.mean()), "0-8k": math.exp(nll[:NATIVE].mean()),
+                "8k-12k": math.exp(nll[NATIVE:].mean()), "10k-12k": math.exp(nll[FAR:].mean())}
+
+    base, yarn = ppl(base_nll), ppl(yarn_nll)
+    print(f"\nSmolLM2-135M perplexity, {WINDOW}-token window of {sample_path('eval').name}:")
+    print("             " + "".join(f"{region:>10}" for region in base))
+    for name, row in (("unpatched", base), ("YaRN x4", yarn)):
+        print(f"  {name:<10} " + "".join(f"{value:>10.2f}" for value in row.values()))
+    assert base["10k-12k"] > 1.5 * base["0-8k"], "unpatched: the far end should be much worse than the native part"
+    assert yarn["10k-12k"] < 1.2 * yarn["0-8k"], "YaRN x4: the far end should stay near the native part"
+    assert yarn["10k-12k"] < base["10k-12k"] / 1.5, "YaRN x4 should be far better than unpatched past 10k"
+    assert yarn["8k-12k"] < 0.9 * base["8k-12k"], "YaRN x4 should be better over everything past 8k"
 
     with torch.no_grad():
         assert torch.equal(model(probe).logits, probe_before), "patch then undo must leave the model unchanged"

@@ -1,0 +1,36 @@
+"""The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny model, real tokenizer).
+
+Run: `python -m pytest tests/test_runtime_bench.py -q`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runtime_smoke(tmp_path):
+    from yarnkit.models import load_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tiny_config("llama", vocab_size=49152, max_position_embeddings=1024).save_pretrained(model_dir)
+    load_tokenizer("smollm2-135m").save_pretrained(model_dir)
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "scripts" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    report = bench.main(["--random-init", "--model", str(model_dir), "--out", str(out), "--tokens", "256",
+                         "--window", "60", "--chunk", "32", "--latency-caches", "32", "64", "--latency-steps", "4",
+                         "--stream-steps", "20", "--recall-trials", "1", "--recall-filler", "100",
+                         "--sirllm-keep", "16"])
+    saved = json.loads((out / "bench_runtime.json").read_text())
+    assert saved["stream_tokens"] == 256 and (out / "bench_runtime.png").stat().st_size > 0
+    assert all(math.isfinite(v) and v > 1 for v in report["perplexity"].values())
+    assert set(saved["latency"]) == {"32", "64"} and saved["stream_latency"]["rerotations"] > 0
+    assert set(saved["recall"]) == {"sinks", "sirllm"}

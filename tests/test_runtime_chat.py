@@ -1,0 +1,215 @@
+"""`Conversation`, `yarnkit chat` and `yarnkit serve`.
+
+Run: `python -m pytest tests/test_runtime_chat.py -q` (the two `slow` tests start real SmolLM2 processes).
+
+Fast tests use the real SmolLM2 tokenizer (chat template) with a tiny random model of the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from yarnkit.runtime.conversation import Conversation, resolve_checkpoint
+from yarnkit.runtime.engine import StreamOptions
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from yarnkit.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", vocab_size=49152)
+
+
+def collect(conversation, messages, **kwargs):
+    return "".join(conversation.respond(messages, **kwargs))
+
+
+def test_incremental_turns_equal_a_fresh_session(model, tokenizer):
+    opts = StreamOptions(window=4000)
+    chat = Conversation(model, tokenizer, opts)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    collect(chat, history, max_new_tokens=5)
+    history = chat.messages + [{"role": "user", "content": "And then?"}]
+    seen = chat.engine.tokens_seen
+    second = collect(chat, history, max_new_tokens=5)
+    assert chat.engine.tokens_seen - seen < 20  # only the new turn was fed, not the whole history again
+    fresh = Conversation(model, tokenizer, opts)
+    assert collect(fresh, history, max_new_tokens=5) == second  # same text as re-feeding everything
+    assert fresh.engine.cache_ids.tolist()[:len(chat.engine.cache_ids) - 5] == \
+        chat.engine.cache_ids.tolist()[:len(chat.engine.cache_ids) - 5]
+
+
+def test_system_prompt_pinned_and_long_message_streams_through(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=64, evict_batch=8))
+    system = [{"role": "system", "content": "You are a pirate."}]
+    long_text = "word " * 400
+    collect(chat, system + [{"role": "user", "content": long_text}], max_new_tokens=3)
+    assert "warning" in chat.last_info and len(chat.engine) <= chat.engine.capacity
+    pinned = tokenizer(tokenizer.decode(chat.engine.cache_ids[:chat.engine.pinned]),
+                       add_special_tokens=False)["input_ids"]
+    assert "You are a pirate." in tokenizer.decode(pinned) and chat.engine.pinned > 4
+
+
+def test_long_message_compressed_once_and_history_still_matches(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=2000), compress_rate=0.5, compress_over=50)
+    text = "Read this.\n" + " ".join(f"item{i}" for i in range(120)) + "\nWhich item came first?"
+    history = [{"role": "user", "content": text}]
+    collect(chat, history, max_new_tokens=3)
+    assert 1.8 < chat.last_info["ratio"] < 2.2 and chat.messages[0]["content"] == text  # caller's view intact
+    assert chat.fed_messages[0]["content"] != text and "Which item came first?" in chat.fed_messages[0]["content"]
+    seen = chat.engine.tokens_seen
+    collect(chat, chat.messages + [{"role": "user", "content": "Thanks"}], max_new_tokens=3)
+    assert chat.engine.tokens_seen - seen < 20  # the original long message was recognised, not re-fed
+
+
+def test_bad_messages_fail_clearly_and_leave_no_state(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=64))
+    for messages, match in [([], "no messages"), ([{"role": "robot", "content": "hi"}], "unknown chat role"),
+                            ([{"role": "user", "content": "  "}], "non-empty user")]:
+        with pytest.raises(ValueError, match=match):
+            collect(chat, messages)
+        assert len(chat.engine) == 0 and chat.messages == []
+
+
+def test_interrupted_reply_keeps_cache_and_history_consistent(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=500))
+    pieces = chat.respond([{"role": "user", "content": "Tell me a story"}], max_new_tokens=50)
+    next(pieces)
+    pieces.close()  # like Ctrl-C or a dropped HTTP client
+    assert chat.messages[-1]["role"] == "assistant"
+    assert tokenizer(chat.fed_text, add_special_tokens=False)["input_ids"] == chat.engine.cache_ids.tolist()
+
+
+def test_failure_inside_a_forward_resets_instead_of_keeping_a_torn_cache(model, tokenizer):
+    chat = Conversation(model, tokenizer, StreamOptions(window=500))
+    calls = []
+
+    def fail_on_third_decode(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C landed between layer 0 and layer 1
+    hook = model.model.layers[1].register_forward_pre_hook(fail_on_third_decode)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            collect(chat, [{"role": "user", "content": "Tell me a story"}], max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert len(chat.engine) == 0 and chat.messages == []  # torn cache discarded
+    assert collect(chat, [{"role": "user", "content": "Again"}], max_new_tokens=3) is not None
+    assert chat.engine.is_consistent()
+
+
+def test_no_chat_template_falls_back_with_warning(model, tokenizer, caplog):
+    class Plain:
+        chat_template = None
+        eos_token_id = tokenizer.eos_token_id
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+    chat = Conversation(model, Plain(), StreamOptions(window=200))
+    assert "no chat template" in caplog.text
+    collect(chat, [{"role": "user", "content": "hi"}], max_new_tokens=2)
+    assert chat.fed_text.startswith("User: hi\nAssistant:")
+
+
+def test_run_dir_resolves_to_newest_complete_checkpoint(tmp_path):
+    for step in ("step_000100", "step_000200"):
+        (tmp_path / "checkpoints" / step / "model").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000300.tmp").mkdir()
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_000200" / "model")
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete"):
+        resolve_checkpoint(str(tmp_path / "empty_run"))
+    assert resolve_checkpoint("smollm2-135m") == "smollm2-135m"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "yarnkit.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240, **kwargs)
+
+
+@pytest.mark.slow
+def test_chat_prompt_mode_on_smollm2():
+    result = cli("chat", "--prompt", "What is the capital of France? One word.", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout
+    empty = cli("chat", "--prompt", "   ")
+    assert empty.returncode == 2 and "empty prompt" in empty.stderr
+
+
+def post(url, body, session="s1", timeout=120):
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Session-Id": session})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_serve_openai_api_on_smollm2():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "serve", "--port", "0", "--window", "200"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()  # "serving NAME on http://127.0.0.1:PORT/v1" once the model is loaded
+        assert "http://127.0.0.1:" in line, line
+        base = line.strip().split(" on ")[-1]
+        models = json.load(urllib.request.urlopen(base + "/models", timeout=30))
+        assert models["object"] == "list" and models["data"][0]["object"] == "model"
+
+        question = [{"role": "user", "content": "What is the capital of France? One word."}]
+        answer = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 8}))
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] >= 1
+
+        history = question + [answer["choices"][0]["message"], {"role": "user", "content": "And of Italy?"}]
+        with post(base + "/chat/completions", {"messages": history, "max_tokens": 8, "stream": True}) as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            events = [l[6:] for l in response.read().decode().splitlines() if l.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert "Rome" in text
+
+        # a client that disconnects mid-stream, then an immediate follow-up on the same session
+        hang_up = post(base + "/chat/completions", {"messages": question, "max_tokens": 200, "stream": True}, "s2")
+        hang_up.readline()
+        hang_up.close()
+        for attempt in range(50):  # 409 while the server still finishes the dropped stream, then 200
+            try:
+                again = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 3}, "s2"))
+                break
+            except urllib.error.HTTPError as error:
+                assert error.code == 409
+                time.sleep(0.2)
+        assert again["choices"][0]["message"]["role"] == "assistant"
+
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post(base + "/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+        assert bad.value.code == 400 and "unknown chat role" in bad.value.read().decode()
+        health = json.load(urllib.request.urlopen(base[:-3] + "/health", timeout=30))
+        assert health["status"] == "ok" and server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

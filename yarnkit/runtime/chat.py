@@ -1,0 +1,130 @@
+"""Chat in the terminal with a streaming (attention sinks + rolling window) cache: the conversation never runs out
+of context, and memory stays flat however long it goes.
+
+  yarnkit chat                                  # the bundled SmolLM2-135M-Instruct
+  yarnkit chat runs/yarn-64k --window 4092      # newest checkpoints/step_*/model of a run dir
+  yarnkit chat model.gguf --prompt "Hi!"        # one reply, then exit (for scripts)
+  printf 'Hi\\nAnd you?\\n' | yarnkit chat       # piped stdin: one user turn per line
+
+CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. Interactive commands: /reset (forget
+everything), /stats (tokens seen, cache size, memory), /quit. Ctrl-C stops the current reply; Ctrl-C or
+Ctrl-D at the prompt exits. `--prompt -` reads one (multi-line) message from stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from yarnkit.runtime.conversation import Conversation, load_chat_model
+from yarnkit.runtime.engine import StreamOptions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt", nargs="?", default="smollm2-135m", help="run dir, HF dir, .gguf, or smollm2-135m")
+    parser.add_argument("--prompt", help="answer this one message and exit ('-' reads it from stdin)")
+    parser.add_argument("--system", help="system prompt (pinned in the cache, never evicted)")
+    add_stream_arguments(parser)
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `chat` and `serve`."""
+    parser.add_argument("--window", type=int, default=1020, help="recent tokens kept besides the sinks")
+    parser.add_argument("--sinks", type=int, default=None, help="sink tokens (default: 1 with a sink token, else 4)")
+    parser.add_argument("--evict-batch", type=int, default=None, help="tokens dropped per eviction (window//16)")
+    parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
+    parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
+    parser.add_argument("--compress-rate", type=float, default=None,
+                        help="LLMLingua-style: keep this fraction of long user messages' tokens (e.g. 0.5)")
+    parser.add_argument("--compress-over", type=int, default=512, help="compress user messages above this many tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+
+
+def build_conversation_factory(args):
+    """Load the model once; return `(model, tokenizer, new_conversation)`."""
+    model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
+    options = StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
+                            sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay)
+
+    def new_conversation() -> Conversation:
+        return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,
+                            compress_over=args.compress_over)
+
+    return model, tokenizer, new_conversation
+
+
+def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout) -> None:
+    """Stream one reply to `out`. Ctrl-C stops it between two tokens (never inside a forward, so the cache stays
+    whole); the partial reply stays in the history."""
+    messages = history + [{"role": "user", "content": text}]
+    pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed)
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if in_main else None
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+            if stop.is_set():
+                out.write(" [stopped]")
+                break
+    except ValueError as error:  # bad input (e.g. a system prompt that cannot fit): say so, keep chatting
+        print(f"error: {error}", file=sys.stderr)
+    finally:
+        pieces.close()
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    out.write("\n")
+    out.flush()
+    if "warning" in conversation.last_info:
+        print(f"[note] {conversation.last_info['warning']}", file=sys.stderr)
+    if "ratio" in conversation.last_info:
+        print(f"[compressed the message {conversation.last_info['ratio']}x]", file=sys.stderr)
+    history[:] = conversation.messages
+
+
+def run(args) -> int:
+    text = None
+    if args.prompt is not None:
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not text.strip():
+            print("error: empty prompt; pass some text with --prompt (or on stdin with --prompt -)", file=sys.stderr)
+            return 2
+    _, _, new_conversation = build_conversation_factory(args)
+    conversation = new_conversation()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if text is not None:
+        reply(conversation, history, text, args)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("yarnkit chat: /reset, /stats, /quit; Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            conversation.reset()
+            history = history[:1] if args.system else []
+            print("[cache and history cleared]", file=sys.stderr)
+            continue
+        if text == "/stats":
+            print(json.dumps(conversation.stats()), file=sys.stderr if interactive else sys.stdout)
+            continue
+        reply(conversation, history, line, args)
