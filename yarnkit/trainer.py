@@ -46,6 +46,9 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss averaged over the global batch
     samples: list[int] = field(default_factory=list)  # global sample numbers this process consumed
     world_size: int = 1
+    rank: int = 0
+    distributed_type: str = "NO"  # accelerate's: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED
+    model: object = None  # the trained model (peft or transformers), unwrapped; full weights only without ZeRO-3
 
 
 def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
@@ -62,9 +65,14 @@ def make_accelerator(train_args: TrainArgs):
     """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place."""
     from accelerate import Accelerator, PartialState
 
-    train_args.grad_accum = resolve_grad_accum(train_args, PartialState().num_processes)
+    # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
+    # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed
+    extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    train_args.grad_accum = resolve_grad_accum(train_args, PartialState(cpu=cpu, **extra).num_processes)
     precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
-    accelerator = Accelerator(mixed_precision=precision,
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
                               gradient_accumulation_steps=train_args.grad_accum,
                               step_scheduler_with_optimizer=False)
     plugin = accelerator.state.deepspeed_plugin
@@ -72,7 +80,7 @@ def make_accelerator(train_args: TrainArgs):
         config = plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = train_args.micro_batch_size
         config["gradient_accumulation_steps"] = train_args.grad_accum
-        config["train_batch_size"] = train_args.micro_batch_size * train_args.grad_accum * accelerator.num_processes
+        config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accum x world
         config["gradient_clipping"] = train_args.clip
     return accelerator
 
@@ -142,7 +150,8 @@ def train(recipe) -> TrainResult:
     n_params = sum(p.numel() for p in accelerator.unwrap_model(wrapper).parameters())
     flops_token = flops_per_token(n_params, text.num_hidden_layers, text.num_attention_heads, head_dim,
                                   recipe.data.seq_len)
-    result = TrainResult(str(run_dir), state["step"] + 1, state["step"], world_size=world)
+    result = TrainResult(str(run_dir), state["step"] + 1, state["step"], world_size=world, rank=rank,
+                         distributed_type=str(accelerator.distributed_type.value))
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     ds_engine = zero_stage(accelerator) > 0
@@ -191,6 +200,7 @@ def train(recipe) -> TrainResult:
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    result.model = accelerator.unwrap_model(wrapper).model
     return result
 
 
