@@ -69,7 +69,7 @@ def _raw_dataset(args: DataArgs, workdir: str):
         from yarnkit.corpus import iter_documents
 
         docs = [text for _, text in iter_documents(source, field=args.text_field) if text.strip()]
-        ds = datasets.Dataset.from_dict({"text": docs})
+        return datasets.Dataset.from_dict({"text": docs})
     if "input_ids" in ds.column_names:
         return ds.select_columns(["input_ids"])
     if args.text_field not in ds.column_names:
