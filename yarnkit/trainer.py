@@ -225,6 +225,16 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: host RSS
 
 
+def add_arguments(parser) -> None:
+    """`yarnkit train recipe=tiny key=value ...` (the CLI's entry; same as scripts/train.py)."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME, then recipe overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the recipe and estimates, then stop")
+
+
+def run(args) -> int:
+    return main(list(args.overrides) + (["dry_run=true"] if args.dry_run else []))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`scripts/train.py` and `yarnkit train`: parse `key=value` overrides, then dry-run or train."""
     import sys
