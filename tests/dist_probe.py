@@ -16,6 +16,6 @@ if __name__ == "__main__":
     digest = hashlib.sha256()
     for _, param in sorted(result.model.named_parameters()):
         digest.update(param.detach().float().contiguous().numpy().tobytes())
-    report = {"rank": result.rank, "world_size": result.world_size, "distributed_type": result.distributed_type, "samples": result.samples,
-              "losses": result.losses, "weights_sha256": digest.hexdigest()}
+    report = {"rank": result.rank, "world_size": result.world_size, "distributed_type": result.distributed_type,
+              "samples": result.samples, "losses": result.losses, "weights_sha256": digest.hexdigest()}
     Path(result.run_dir, f"rank{result.rank}.json").write_text(json.dumps(report))

@@ -56,14 +56,19 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
     return config
 
 
-def build_model(model_args: ModelArgs, yarn: YarnArgs, lora: LoraArgs):
-    """`(model, tokenizer)` ready for training: float32 weights (mixed precision comes from accelerate)."""
-    from yarnkit.models import load_model
+def build_model(model_args: ModelArgs, config, lora: LoraArgs):
+    """`(model, tokenizer)` ready for training from `config` (see `scaled_config`): float32 weights (mixed
+    precision comes from accelerate/DeepSpeed), no `.to(device)` (ZeRO-3 may have placed shards already)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = scaled_config(model_args, yarn)
-    model, tokenizer = load_model(model_args.name_or_path, dtype="float32", attn_implementation=
-                                  model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
-                                  config=config)
+    from yarnkit.models import local_hf_dir
+
+    location = local_hf_dir(model_args.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32,
+                                                 attn_implementation=model_args.attn_implementation,
+                                                 trust_remote_code=model_args.trust_remote_code,
+                                                 use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_args.trust_remote_code)
     model.config.use_cache = False
     if lora.enabled:
         model = add_lora(model, lora)
@@ -81,20 +86,3 @@ def add_lora(model, lora: LoraArgs):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                         target_modules=lora.target_modules, modules_to_save=list(lora.trainable_extra) or None)
     return get_peft_model(model, config)
-
-
-def causal_lm(model: torch.nn.Module):
-    """The transformers `*ForCausalLM` inside a peft wrapper (LoRA layers stay injected), or `model` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """`(total, trainable)` parameter counts (tied weights counted once)."""
-    seen, total, trainable = set(), 0, 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-    return total, trainable

@@ -113,7 +113,7 @@ def train(recipe) -> TrainResult:
 
     from yarnkit.checkpoint import load_checkpoint, save_checkpoint
     from yarnkit.data import SampleOrder, build_dataset, micro_batch
-    from yarnkit.estimate import check_memory, flops_per_token
+    from yarnkit.estimate import check_memory, flops_per_token, parameter_counts
     from yarnkit.loss import CausalLMLoss
     from yarnkit.model_setup import build_model, scaled_config
     from yarnkit.optim import build_optimizer
@@ -124,13 +124,14 @@ def train(recipe) -> TrainResult:
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     resume_from = _resume_point(recipe, run_dir)
-    config = scaled_config(recipe.model, recipe.yarn)
+    with accelerator.main_process_first():  # the first read of a bundled GGUF converts and caches it once
+        config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
     set_seed(args.seed)
-    with accelerator.main_process_first():
-        model, tokenizer = build_model(recipe.model, recipe.yarn, recipe.lora)
+    model, tokenizer = build_model(recipe.model, config, recipe.lora)  # all ranks together: ZeRO-3 init
+    with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         dataset = build_dataset(recipe.data, tokenizer)
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
@@ -147,9 +148,8 @@ def train(recipe) -> TrainResult:
     per_step = args.micro_batch_size * args.grad_accum * world
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(wrapper).parameters())
-    flops_token = flops_per_token(n_params, text.num_hidden_layers, text.num_attention_heads, head_dim,
-                                  recipe.data.seq_len)
+    flops_token = flops_per_token(parameter_counts(recipe, config)[0], text.num_hidden_layers,
+                                  text.num_attention_heads, head_dim, recipe.data.seq_len)
     result = TrainResult(str(run_dir), state["step"] + 1, state["step"], world_size=world, rank=rank,
                          distributed_type=str(accelerator.distributed_type.value))
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
