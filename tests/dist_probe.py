@@ -13,9 +13,11 @@ from yarnkit.trainer import train
 
 if __name__ == "__main__":
     result = train(load_recipe(sys.argv[1:]))
-    digest = hashlib.sha256()
+    digest, hashed = hashlib.sha256(), 0  # under ZeRO-3 each rank holds only shards: nothing to hash here
     for _, param in sorted(result.model.named_parameters()):
         digest.update(param.detach().float().contiguous().numpy().tobytes())
+        hashed += param.numel()
     report = {"rank": result.rank, "world_size": result.world_size, "distributed_type": result.distributed_type,
-              "samples": result.samples, "losses": result.losses, "weights_sha256": digest.hexdigest()}
+              "samples": result.samples, "losses": result.losses, "weights_sha256": digest.hexdigest(),
+              "hashed_elements": hashed}
     Path(result.run_dir, f"rank{result.rank}.json").write_text(json.dumps(report))

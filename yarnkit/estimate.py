@@ -23,8 +23,9 @@ def parameter_counts(recipe, config) -> tuple[int, int]:
     """`(total, trainable)` from a weightless (meta) instance of the scaled config."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    with torch.device("meta"):  # the class itself, not from_config: that would start ZeRO-3 init under DeepSpeed
+        model = model_class(config)
     seen, total = set(), 0
     for param in model.parameters():
         if id(param) not in seen:

@@ -45,6 +45,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.config = model.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

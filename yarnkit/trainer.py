@@ -113,7 +113,7 @@ def train(recipe) -> TrainResult:
 
     from yarnkit.checkpoint import load_checkpoint, save_checkpoint
     from yarnkit.data import SampleOrder, build_dataset, micro_batch
-    from yarnkit.estimate import check_memory, flops_per_token, parameter_counts
+    from yarnkit.estimate import check_memory, flops_per_token
     from yarnkit.loss import CausalLMLoss
     from yarnkit.model_setup import build_model, scaled_config
     from yarnkit.optim import build_optimizer
@@ -148,7 +148,8 @@ def train(recipe) -> TrainResult:
     per_step = args.micro_batch_size * args.grad_accum * world
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    flops_token = flops_per_token(parameter_counts(recipe, config)[0], text.num_hidden_layers,
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
+    flops_token = flops_per_token(n_params, text.num_hidden_layers,
                                   text.num_attention_heads, head_dim, recipe.data.seq_len)
     result = TrainResult(str(run_dir), state["step"] + 1, state["step"], world_size=world, rank=rank,
                          distributed_type=str(accelerator.distributed_type.value))
