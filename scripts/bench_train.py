@@ -7,8 +7,9 @@
     python scripts/bench_train.py --out /tmp/bench --recipe tiny --gpus 1 --steps 2 --set data.seq_len=128
 
 Each configuration is a normal `accelerate launch scripts/train.py` run under OUT/<name>/ (metrics.jsonl,
-recipe.yaml, final checkpoint). Writes OUT/summary.json (median tokens/s per device, MFU, peak memory, over the
-steps after the first `--warmup` steps) and OUT/throughput.png. Not a unit test: numbers depend on the machine.
+recipe.yaml, final checkpoint); several calls with the same --out add up. Writes OUT/summary.json (median
+tokens/s per device, step time, MFU, peak memory over the steps after the first `--warmup`; losses) and
+OUT/throughput.png. Not a unit test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    summary = {"recipe": args.recipe, "overrides": args.set, "runs": {}}
+    summary_path = out / "summary.json"  # runs accumulate, so each process count can be its own command
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"recipe": args.recipe, "runs": {}}
+    summary["overrides"] = args.set
     for processes in (int(n) for n in args.gpus.split(",")):
         name = f"{processes}proc" + (f"-zero{args.zero}" if processes > 1 and args.zero else "")
         run_dir = out / name
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{run_dir} exists from an earlier benchmark; pick a new --out")
         subprocess.run(command, env=env, cwd=REPO, check=True)
         summary["runs"][name] = summarize(run_dir, args.warmup)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
     plot(summary, out / "throughput.png")
     for name, run in summary["runs"].items():
         print(f"{name}: {run['tokens_per_s_per_device']:,.0f} tokens/s/device, step {run['step_seconds']:.2f} s, "

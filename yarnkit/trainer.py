@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
         return 0
     result = train(recipe)
+    if result.rank != 0:
+        return 0
     if result.last_step >= result.first_step:
         print(f"trained steps {result.first_step}..{result.last_step}; last loss "
               f"{result.losses[result.last_step]:.4f}; outputs in {result.run_dir}")
