@@ -35,7 +35,7 @@ def reference_chunks(docs, seq_len):
 def test_chunks_match_reference_with_and_without_packing():
     docs = [[1, 10, 11, 12, 2], [1, 20, 21, 2], [1, 30, 31, 32, 33, 34, 35, 2], [1, 40, 2]]
     blocks, positions = reference_chunks(docs, 6)
-    out = chunk_tokens(docs, 6, packing=True)
+    out = {key: value.tolist() for key, value in chunk_tokens(docs, 6, packing=True).items()}
     assert out["input_ids"] == blocks and out["position_ids"] == positions
     assert out["position_ids"][1] == [0, 1, 2, 0, 1, 2]  # starts mid-document 2 (reset), then document 3 starts
     assert "position_ids" not in chunk_tokens(docs, 6, packing=False)

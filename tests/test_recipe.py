@@ -126,3 +126,14 @@ def test_dry_run_rejects_seq_len_beyond_scaled_context():
 
     with pytest.raises(ValueError, match="exceeds the model context 16384"):
         dry_run(load_recipe(["recipe=tiny", "data.seq_len=20000"]), world=1)
+
+
+def test_memory_check_fails_before_loading_with_advice():
+    from yarnkit.estimate import check_memory
+    from yarnkit.model_setup import scaled_config
+
+    recipe = load_recipe(["recipe=smollm2-yarn-64k", "model.gradient_checkpointing=false"])
+    config = scaled_config(recipe.model, recipe.yarn)
+    with pytest.raises(MemoryError, match="ZeRO-3.*gradient_checkpointing=true.*memory_check=false"):
+        check_memory(recipe, config, world=1, zero=0, device_bytes=24 * 2**30)
+    check_memory(load_recipe(["recipe=smollm2-yarn-64k"]), config, world=1, zero=0, device_bytes=80 * 2**30)

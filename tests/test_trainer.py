@@ -118,9 +118,15 @@ def test_leftover_temp_checkpoint_is_never_resumed(assets, straight_run):
     incomplete = run / "checkpoints" / "step_000005"  # renamed but without trainer state: not complete
     (incomplete / "model").mkdir(parents=True)
     assert latest_checkpoint(run) == step_dir(run, 4)
-    more = train(load_recipe(overrides(assets, run, **{"optim.schedule_steps": 4, "train.max_steps": 5})))
+    more = train(load_recipe(overrides(assets, run, **{"optim.schedule_steps": 4, "train.max_steps": 5,
+                                                        "checkpoint.keep_last": 2})))
     assert more.first_step == 5 and sorted(more.losses) == [5]
-    assert latest_checkpoint(run) == step_dir(run, 5)
+    assert [step for step, _ in list_checkpoints(run)] == [4, 5]  # keep_last pruned step 2
+
+
+def test_resume_refuses_a_different_model_setup(assets, straight_run):
+    with pytest.raises(ValueError, match="different yarn settings"):
+        train(load_recipe(overrides(assets, straight_run.run_dir, **{"yarn.factor": 4.0, "train.max_steps": 9})))
 
 
 def test_resume_none_refuses_to_overwrite(assets, straight_run):

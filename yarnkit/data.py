@@ -104,16 +104,16 @@ def cache_key(args: DataArgs, tokenizer) -> str:
 def chunk_tokens(docs: list[list[int]], seq_len: int, packing: bool) -> dict:
     """Join token lists and cut them into `seq_len` blocks (remainder dropped); with `packing`, also per-document
     position ids that restart at each document start inside a block."""
-    flat = np.fromiter((t for doc in docs for t in doc), dtype=np.int64)
+    flat = np.concatenate([np.asarray(doc, dtype=np.int64) for doc in docs]) if docs else np.zeros(0, np.int64)
     n = len(flat) // seq_len
-    out = {"input_ids": flat[: n * seq_len].reshape(n, seq_len).tolist()}
+    out = {"input_ids": flat[: n * seq_len].reshape(n, seq_len)}
     if packing:
         starts = np.zeros(len(flat), dtype=bool)
         starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
         starts[np.arange(0, len(flat), seq_len)] = True  # a block also starts a position run
         index = np.arange(len(flat))
         run_start = np.maximum.accumulate(np.where(starts, index, 0))
-        out["position_ids"] = (index - run_start)[: n * seq_len].reshape(n, seq_len).tolist()
+        out["position_ids"] = (index - run_start)[: n * seq_len].reshape(n, seq_len)
     return out
 
 

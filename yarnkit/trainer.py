@@ -106,6 +106,20 @@ def _resume_point(recipe, run_dir: Path):
     return path
 
 
+def check_resumable(recipe, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint whose model, scaling, adapters or sequence length differ from the recipe."""
+    from yarnkit.recipe import recipe_from_file
+
+    saved = recipe_from_file(checkpoint / "recipe.yaml")
+    pairs = {"model.name_or_path": (saved.model.name_or_path, recipe.model.name_or_path),
+             "yarn": (saved.yarn, recipe.yarn),
+             "lora": (saved.lora, recipe.lora), "data.seq_len": (saved.data.seq_len, recipe.data.seq_len)}
+    changed = [key for key, (old, new) in pairs.items() if old != new]
+    if changed:
+        raise ValueError(f"{checkpoint} was trained with different {', '.join(changed)} settings than this recipe; "
+                         f"start a new run (run_dir=... resume=none) or restore those settings")
+
+
 def train(recipe) -> TrainResult:
     """Run (or continue) the recipe's training; returns what this process did."""
     from accelerate.utils import set_seed
@@ -124,6 +138,8 @@ def train(recipe) -> TrainResult:
     accelerator = make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     resume_from = _resume_point(recipe, run_dir)
+    if resume_from is not None:
+        check_resumable(recipe, resume_from)
     with accelerator.main_process_first():  # the first read of a bundled GGUF converts and caches it once
         config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
