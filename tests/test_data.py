@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer_helpers import char_tokenizer
-from yarnkit.data import DataArgs, SampleOrder, build_dataset, cache_key, chunk_tokens, micro_batch
+from yarnkit.data import DataArgs, DataError, SampleOrder, build_dataset, cache_key, chunk_tokens, micro_batch
 from yarnkit.pose import pose_generator, pose_position_ids
 
 
@@ -79,7 +79,7 @@ def test_missing_path_is_named(tmp_path):
 
 def test_data_shorter_than_one_sequence(tmp_path):
     (tmp_path / "short.txt").write_text("tiny text")
-    with pytest.raises(ValueError, match=r"has 11 tokens, fewer than one sequence of data.seq_len=64"):
+    with pytest.raises(DataError, match=r"has 11 tokens, fewer than one sequence of data.seq_len=64"):
         build_dataset(DataArgs(source=str(tmp_path / "short.txt"), seq_len=64, cache_dir=str(tmp_path / "c")),
                       char_tokenizer())
     assert not list((tmp_path / "c").iterdir())  # the failed build left no cache entry

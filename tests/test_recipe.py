@@ -124,7 +124,7 @@ def test_flops_formula_and_dry_run_estimate():
 def test_dry_run_rejects_seq_len_beyond_scaled_context():
     from yarnkit.estimate import dry_run
 
-    with pytest.raises(ValueError, match="exceeds the model context 16384"):
+    with pytest.raises(RecipeError, match="exceeds the model context 16384"):
         dry_run(load_recipe(["recipe=tiny", "data.seq_len=20000"]), world=1)
 
 

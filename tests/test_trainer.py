@@ -19,7 +19,7 @@ import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
 from yarnkit.checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
-from yarnkit.recipe import load_recipe
+from yarnkit.recipe import RecipeError, load_recipe
 from yarnkit.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_leftover_temp_checkpoint_is_never_resumed(assets, straight_run):
 
 
 def test_resume_refuses_a_different_model_setup(assets, straight_run):
-    with pytest.raises(ValueError, match="different yarn settings"):
+    with pytest.raises(RecipeError, match="different yarn settings"):
         train(load_recipe(overrides(assets, straight_run.run_dir, **{"yarn.factor": 4.0, "train.max_steps": 9})))
 
 

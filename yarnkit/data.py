@@ -32,6 +32,10 @@ from yarnkit.pose import pose_generator, pose_position_ids
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
 
 
+class DataError(ValueError):
+    """Data that cannot make one training sequence; the message names the source and the fix."""
+
+
 @dataclass
 class DataArgs:
     source: str = "bundled:train"  # bundled:train | file | folder | .jsonl | .parquet | hf:NAME
@@ -147,7 +151,7 @@ def build_dataset(args: DataArgs, tokenizer):
                             batch_size=MAP_BATCH, remove_columns=tokens.column_names, desc="chunking")
         if len(chunks) == 0:
             total = sum(len(x) for x in tokens["input_ids"])
-            raise ValueError(f"data {args.source} has {total} tokens, fewer than one sequence of "
+            raise DataError(f"data {args.source} has {total} tokens, fewer than one sequence of "
                              f"data.seq_len={args.seq_len}; lower data.seq_len or add documents")
         chunks.save_to_disk(os.path.join(workdir, "final"))
         os.replace(os.path.join(workdir, "final"), target)

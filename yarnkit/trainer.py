@@ -52,11 +52,13 @@ class TrainResult:
 
 
 def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
+    from yarnkit.recipe import RecipeError
+
     if not train_args.global_batch:
         return train_args.grad_accum
     per_pass = train_args.micro_batch_size * world
     if train_args.global_batch % per_pass:
-        raise ValueError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
+        raise RecipeError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
                          f"processes = {per_pass}; change the batch or the number of processes")
     return train_args.global_batch // per_pass
 
@@ -108,7 +110,7 @@ def _resume_point(recipe, run_dir: Path):
 
 def check_resumable(recipe, checkpoint: Path) -> None:
     """Refuse to continue a checkpoint whose model, scaling, adapters or sequence length differ from the recipe."""
-    from yarnkit.recipe import recipe_from_file
+    from yarnkit.recipe import RecipeError, recipe_from_file
 
     saved = recipe_from_file(checkpoint / "recipe.yaml")
     pairs = {"model.name_or_path": (saved.model.name_or_path, recipe.model.name_or_path),
@@ -116,7 +118,7 @@ def check_resumable(recipe, checkpoint: Path) -> None:
              "lora": (saved.lora, recipe.lora), "data.seq_len": (saved.data.seq_len, recipe.data.seq_len)}
     changed = [key for key, (old, new) in pairs.items() if old != new]
     if changed:
-        raise ValueError(f"{checkpoint} was trained with different {', '.join(changed)} settings than this recipe; "
+        raise RecipeError(f"{checkpoint} was trained with different {', '.join(changed)} settings than this recipe; "
                          f"start a new run (run_dir=... resume=none) or restore those settings")
 
 
@@ -126,7 +128,7 @@ def train(recipe) -> TrainResult:
     from tqdm.auto import tqdm
 
     from yarnkit.checkpoint import load_checkpoint, save_checkpoint
-    from yarnkit.data import SampleOrder, build_dataset, micro_batch
+    from yarnkit.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
     from yarnkit.estimate import check_memory, flops_per_token
     from yarnkit.loss import CausalLMLoss
     from yarnkit.model_setup import build_model, scaled_config
@@ -143,6 +145,7 @@ def train(recipe) -> TrainResult:
     with accelerator.main_process_first():  # the first read of a bundled GGUF converts and caches it once
         config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
+    source_fingerprint(recipe.data)  # a missing data path fails here, before any weights load
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
     set_seed(args.seed)
@@ -223,15 +226,17 @@ def train(recipe) -> TrainResult:
 
 def check_context(recipe, config) -> None:
     """seq_len and PoSE targets must fit the (scaled) model context; raises before weights load."""
+    from yarnkit.recipe import RecipeError
+
     context = config.max_position_embeddings
     if recipe.data.seq_len > context:
-        raise ValueError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
+        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
                          f"(after yarn.factor={recipe.yarn.factor}); raise yarn.factor or lower data.seq_len")
     if recipe.pose.enabled and recipe.pose.target_len > context:
-        raise ValueError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
+        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
                          f"raise yarn.factor or lower pose.target_len")
     if recipe.pose.enabled and (recipe.pose.target_len or context) <= recipe.data.seq_len:
-        raise ValueError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")
+        raise RecipeError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")
 
 
 def peak_memory_gb() -> float:
@@ -256,22 +261,27 @@ def main(argv: list[str] | None = None) -> int:
     """`scripts/train.py` and `yarnkit train`: parse `key=value` overrides, then dry-run or train."""
     import sys
 
-    from yarnkit.recipe import load_recipe
+    from yarnkit.data import DataError
+    from yarnkit.recipe import RecipeError, load_recipe
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     argv = ["dry_run=true" if a == "--dry-run" else a for a in argv]
-    recipe = load_recipe(argv)
-    if recipe.dry_run:
-        from yarnkit.estimate import dry_run
-        from yarnkit.recipe import recipe_to_yaml
+    try:
+        recipe = load_recipe(argv)
+        if recipe.dry_run:
+            from yarnkit.estimate import dry_run
+            from yarnkit.recipe import recipe_to_yaml
 
-        print(recipe_to_yaml(recipe))
-        print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
-        return 0
-    result = train(recipe)
+            print(recipe_to_yaml(recipe))
+            print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
+            return 0
+        result = train(recipe)
+    except (RecipeError, DataError, OSError, MemoryError) as err:  # bad input: the message says what to fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result.rank != 0:
         return 0
     if result.last_step >= result.first_step:
