@@ -186,3 +186,19 @@ def test_lora_with_trainable_norms_and_pose(assets):
 
     weights = load_file(model_dir / "adapter_model.safetensors")
     assert any("lora_A" in k for k in weights) and any("norm" in k and "lora" not in k for k in weights)
+
+
+def test_packing_feeds_per_document_positions(assets, tmp_path):
+    """Short documents (a BOS every ~50 tokens): with packing, positions restart at each document, which must
+    change the loss of the very same chunks."""
+    import gzip
+
+    text = gzip.open(assets["data"], "rt").read()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text[i:i + 48]}) + "\n" for i in range(0, 9600, 48)))
+    losses = {}
+    for packing in (False, True):
+        result = train(load_recipe(overrides(assets, tmp_path / f"run-{packing}", **{
+            "train.max_steps": 1, "data.packing": packing, "data.source": docs})))
+        losses[packing] = result.losses[1]
+    assert torch.isfinite(torch.tensor(losses[True])) and abs(losses[True] - losses[False]) > 1e-4
