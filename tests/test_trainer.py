@@ -202,3 +202,28 @@ def test_packing_feeds_per_document_positions(assets, tmp_path):
             "train.max_steps": 1, "data.packing": packing, "data.source": docs})))
         losses[packing] = result.losses[1]
     assert torch.isfinite(torch.tensor(losses[True])) and abs(losses[True] - losses[False]) > 1e-4
+
+
+def test_pose_batches_keep_attention_across_the_skip(assets):
+    """PoSE's position jump must not be read as a packed-document boundary: the second part attends to the first."""
+    from conftest import tiny_model
+
+    from yarnkit.data import DataArgs, SampleOrder, build_dataset, micro_batch
+    from yarnkit.models import load_tokenizer
+
+    dataset = build_dataset(DataArgs(source=str(assets["data"]), seq_len=64, cache_dir=str(assets["cache"])),
+                            load_tokenizer(assets["model"]))
+    batch = micro_batch(dataset, SampleOrder(len(dataset), 0, False), 0, 0, 1, 1, pose_target=512, pose_seed=3)
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    split = int((positions.diff() != 1).nonzero()[0, 1]) + 1 if (positions.diff() != 1).any() else None
+    assert split is not None and batch["attention_mask"] is not None
+    edited = ids.clone()
+    edited[0, 0] = (ids[0, 0] + 1) % 97  # change a token of the first part
+    body = tiny_model("llama", seed=0, max_position_embeddings=512).model
+    with torch.no_grad():
+        def tail(tokens, mask):
+            return body(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                        use_cache=False).last_hidden_state[0, split:]  # as in training (CausalLMLoss)
+
+        assert not torch.allclose(tail(ids, batch["attention_mask"]), tail(edited, batch["attention_mask"]))
+        torch.testing.assert_close(tail(ids, None), tail(edited, None))  # why the mask is needed

@@ -181,15 +181,18 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
                 pose_target: int = 0, pose_seed: int = 0) -> dict:
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
-    Returns `input_ids` [size, seq_len], `position_ids` or None, and `samples` (global sample numbers)."""
+    Returns `input_ids` [size, seq_len], `position_ids` and `attention_mask` (or None), and `samples` (global
+    sample numbers). PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
+    position ids as the start of a packed document and would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
     rows = dataset[[order[k] for k in samples]]
     batch = {"input_ids": torch.tensor(rows["input_ids"], dtype=torch.long), "samples": samples,
-             "position_ids": None}
+             "position_ids": None, "attention_mask": None}
     if "position_ids" in rows:
         batch["position_ids"] = torch.tensor(rows["position_ids"], dtype=torch.long)
     if pose_target:
         seq_len = batch["input_ids"].shape[1]
         batch["position_ids"] = torch.stack([pose_position_ids(seq_len, pose_target, pose_generator(pose_seed, k))
                                              for k in samples])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     return batch

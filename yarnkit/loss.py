@@ -39,7 +39,7 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, input_ids
 
 
 class CausalLMLoss(torch.nn.Module):
-    """`forward(input_ids, position_ids=None) -> mean loss`; `.model` is the wrapped (peft or HF) model."""
+    """`forward(input_ids, position_ids=None, attention_mask=None) -> mean loss`; `.model` is the wrapped model."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096):
         super().__init__()
@@ -47,8 +47,10 @@ class CausalLMLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.config = model.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         return chunked_cross_entropy(lm.get_output_embeddings(), hidden, input_ids, self.chunk_tokens, softcap)

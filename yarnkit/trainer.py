@@ -184,10 +184,10 @@ def train(recipe) -> TrainResult:
             batch = micro_batch(dataset, order, first, rank, world, args.micro_batch_size, pose_target,
                                 recipe.data.seed)
             result.samples.extend(batch["samples"])
-            positions = batch["position_ids"]
+            extra = {k: batch[k].to(accelerator.device) for k in ("position_ids", "attention_mask")
+                     if batch[k] is not None}
             with accelerator.accumulate(wrapper):
-                loss = wrapper(batch["input_ids"].to(accelerator.device),
-                               None if positions is None else positions.to(accelerator.device))
+                loss = wrapper(batch["input_ids"].to(accelerator.device), **extra)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and not ds_engine:
                     grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
