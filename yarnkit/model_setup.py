@@ -83,6 +83,10 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs):
 def add_lora(model, lora: LoraArgs):
     from peft import LoraConfig, get_peft_model
 
+    extra = {}
+    if getattr(model.config, "tie_word_embeddings", False) and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
+        extra["ensure_weight_tying"] = True  # a trained embed_tokens copy stays tied to lm_head
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                        target_modules=lora.target_modules, modules_to_save=list(lora.trainable_extra) or None)
+                        target_modules=lora.target_modules, modules_to_save=list(lora.trainable_extra) or None,
+                        **extra)
     return get_peft_model(model, config)
