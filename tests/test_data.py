@@ -72,6 +72,18 @@ def test_parquet_source(tmp_path):
     assert len(ds) == (18 + 2 + 8 + 2) // 8 and all(len(row) == 8 for row in ds["input_ids"])
 
 
+def test_glob_source_reads_only_matching_files(tmp_path):
+    (tmp_path / "train_a.txt").write_text("abcdefgh")
+    (tmp_path / "train_b.txt").write_text("ijklmnop")
+    (tmp_path / "test_c.txt").write_text("SHOULD NOT APPEAR")
+    tok = char_tokenizer()
+    ds = build_dataset(DataArgs(source=str(tmp_path / "train_*.txt"), seq_len=5, cache_dir=str(tmp_path / "c")), tok)
+    tokens = tok.convert_ids_to_tokens([t for row in ds["input_ids"] for t in row])
+    assert "".join(tokens) == "<s>abcdefgh</s><s>ijklmnop</s>" and len(ds) == 4  # 20 tokens, sorted files
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        build_dataset(DataArgs(source=str(tmp_path / "nope_*.txt"), cache_dir=str(tmp_path / "c")), tok)
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         build_dataset(DataArgs(source=str(tmp_path / "nowhere.txt"), cache_dir=str(tmp_path)), char_tokenizer())

@@ -1,8 +1,8 @@
 """Training data: documents -> tokens (BOS text EOS) -> fixed `seq_len` chunks, cached on disk, served in a
 deterministic, resumable order.
 
-Sources (`data.source`): `bundled:train` (the novel shipped in yarnkit.assets), a .txt/.gz file or a folder of
-them, a .jsonl file (`data.text_field`), a .parquet file, or `hf:NAME` (a `datasets` dataset from the local
+Sources (`data.source`): `bundled:train` (the novel shipped in yarnkit.assets), a .txt/.gz file, a folder of
+them or a glob (`/data/books/train_*.txt.gz`), a .jsonl file (`data.text_field`), a .parquet file, or `hf:NAME` (a `datasets` dataset from the local
 cache; a dataset that already has `input_ids`, like the YaRN paper's pre-tokenized PG-19, is used as tokens).
 Documents are joined with BOS/EOS bookends and cut into `seq_len` blocks, dropping each map batch's remainder
 (the paper's tokenization). `packing=true` adds `position_ids` that restart at every document inside a block.
@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataArgs:
-    source: str = "bundled:train"  # bundled:train | file | folder | .jsonl | .parquet | hf:NAME
+    source: str = "bundled:train"  # bundled:train | file | folder | glob | .jsonl | .parquet | hf:NAME
     text_field: str = "text"
     split: str = "train"  # for hf: sources
     seq_len: int = 1024
@@ -57,6 +57,21 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def local_paths(source: str) -> list[Path]:
+    """The file/folder named by `source`, or the sorted matches of a glob like `/data/books/train_*.txt.gz`."""
+    if any(char in source for char in "*?["):
+        base = Path(source).expanduser()
+        anchor = Path(base.anchor) if base.is_absolute() else Path(".")
+        matches = sorted(anchor.glob(str(base.relative_to(anchor)) if base.is_absolute() else source))
+        if not matches:
+            raise FileNotFoundError(f"no files match data.source={source}")
+        return matches
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path not found: {path} (set data.source to a file, folder, glob or hf:NAME)")
+    return [path]
+
+
 def _raw_dataset(args: DataArgs, workdir: str):
     """A `datasets.Dataset` with a `text` column, or an `input_ids` column for pre-tokenized sources."""
     import datasets
@@ -64,16 +79,16 @@ def _raw_dataset(args: DataArgs, workdir: str):
     source = resolve_source(args.source)
     if source.startswith("hf:"):
         ds = datasets.load_dataset(source[3:], split=args.split)
-    elif source.endswith(".parquet") or (Path(source).is_dir() and any(Path(source).rglob("*.parquet"))):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"data path not found: {source}")
-        files = [source] if Path(source).is_file() else sorted(map(str, Path(source).rglob("*.parquet")))
-        ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=workdir)
     else:
-        from yarnkit.corpus import iter_documents
+        paths = local_paths(source)
+        parquet = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.parquet")))
+                   if f.suffix == ".parquet"]
+        if not parquet:
+            from yarnkit.corpus import iter_documents
 
-        docs = [text for _, text in iter_documents(source, field=args.text_field) if text.strip()]
-        return datasets.Dataset.from_dict({"text": docs})
+            docs = [text for p in paths for _, text in iter_documents(p, field=args.text_field) if text.strip()]
+            return datasets.Dataset.from_dict({"text": docs})
+        ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=workdir)
     if "input_ids" in ds.column_names:
         return ds.select_columns(["input_ids"])
     if args.text_field not in ds.column_names:
@@ -87,10 +102,8 @@ def source_fingerprint(args: DataArgs) -> list:
     source = resolve_source(args.source)
     if source.startswith("hf:"):
         return [source, args.split]
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data path not found: {path} (set data.source to a file, folder or hf:NAME)")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [f for path in local_paths(source)
+             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [args.text_field]
 
 
