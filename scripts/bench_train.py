@@ -1,8 +1,8 @@
 """Training throughput benchmark: run a recipe for a few steps on 1..N processes, then summarize tokens/s/GPU.
 
     # GPU machine (1 GPU, then 2 and 4 GPUs with DeepSpeed ZeRO-2), books copied to /data/books:
-    python scripts/bench_train.py --out out/train-bench --gpus 1,2,4 --zero 2 --steps 8 \
-        --set data.source=/data/books
+    python scripts/bench_train.py --out out/train-bench --gpus 1,2,4 --zero 2 --steps 10 \
+        --set "data.source=/data/books/train_*.txt.gz"
     # CPU smoke test of the script itself (tiny model sizes):
     python scripts/bench_train.py --out /tmp/bench --recipe tiny --gpus 1 --steps 2 --set data.seq_len=128
 
