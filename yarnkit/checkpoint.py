@@ -1,0 +1,92 @@
+"""Checkpoints of a run directory: `RUN/checkpoints/step_000400/{model,state,recipe.yaml}`, written atomically.
+
+    model/   HF `save_pretrained` output with full weights (ZeRO-3 gathered) and the YaRN config, plus tokenizer
+             files; for LoRA runs peft's `adapter_model.safetensors` + `adapter_config.json`
+    state/   accelerate `save_state` (model, optimizer, scheduler, RNG of every process; DeepSpeed shards under
+             ZeRO) and `trainer_state.json` (step, samples_seen = data position, tokens_seen)
+
+Every process writes into `checkpoints/.tmp-step_NNNNNN`; once all are done, rank 0 renames it to `step_NNNNNN`
+and prunes to the newest `keep_last`. Only complete directories match `step_*`, so a checkpoint killed
+mid-write is never resumed from. Safety: accelerate loads optimizer/RNG files with `weights_only=True`
+(DeepSpeed's own shard loader unpickles: resume only from your own runs). Tested by
+`python -m pytest tests/test_trainer.py -k resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.json"
+RECIPE_FILE = "recipe.yaml"
+TMP_PREFIX = ".tmp-"
+STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 100  # save every N optimizer steps (and always after the last); 0 = only after the last
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints `(step, path)`, oldest first (temp dirs never match)."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_PATTERN.match(p.name))
+             and (p / STATE_DIR / TRAINER_STATE).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator, wrapper, tokenizer, run_dir: str | Path, step: int, trainer_state: dict,
+                    recipe_yaml: str, keep_last: int) -> Path:
+    """Collective: every process must call it. Returns the final checkpoint path."""
+    final = step_dir(run_dir, step)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / STATE_DIR))
+    full_state = accelerator.get_state_dict(wrapper)  # gathers ZeRO-3 shards (collective)
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(wrapper).model
+        weights = {k.removeprefix("model."): v for k, v in full_state.items()}
+        inner.save_pretrained(tmp / MODEL_DIR, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / MODEL_DIR)
+        (tmp / STATE_DIR / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        (tmp / RECIPE_FILE).write_text(recipe_yaml)
+        if final.exists():  # re-running a step after a resume from an older checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | Path) -> dict:
+    """Restore model/optimizer/scheduler/RNG into the prepared objects; returns the trainer state dict."""
+    path = Path(path)
+    state_file = path / STATE_DIR / TRAINER_STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing {state_file})")
+    accelerator.load_state(str(path / STATE_DIR))
+    return json.loads(state_file.read_text())

@@ -1,0 +1,211 @@
+"""Training data: documents -> tokens (BOS text EOS) -> fixed `seq_len` chunks, cached on disk, served in a
+deterministic, resumable order.
+
+Sources (`data.source`): `bundled:train` (the novel shipped in yarnkit.assets), a .txt/.gz file, a folder of
+them or a glob (`/data/books/train_*.txt.gz`), a .jsonl file (`data.text_field`), a .parquet file, or `hf:NAME` (a `datasets` dataset from the local
+cache; a dataset that already has `input_ids`, like the YaRN paper's pre-tokenized PG-19, is used as tokens).
+Documents are joined with BOS/EOS bookends and cut into `seq_len` blocks, dropping each map batch's remainder
+(the paper's tokenization). `packing=true` adds `position_ids` that restart at every document inside a block.
+The chunked dataset is written once with `datasets` under `$YARNKIT_CACHE/data/<key>`, the key covering the
+tokenizer, the source files (path, size, mtime), seq_len and packing; writes are atomic (temp dir + rename).
+
+`SampleOrder` maps the k-th sample of the global stream to a chunk (a fresh seeded permutation per epoch);
+ranks take interleaved slices, so the data position is one integer (samples consumed) saved in checkpoints.
+Tested by `python -m pytest tests/test_data.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from yarnkit.pose import pose_generator, pose_position_ids
+
+MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
+
+
+class DataError(ValueError):
+    """Data that cannot make one training sequence; the message names the source and the fix."""
+
+
+@dataclass
+class DataArgs:
+    source: str = "bundled:train"  # bundled:train | file | folder | glob | .jsonl | .parquet | hf:NAME
+    text_field: str = "text"
+    split: str = "train"  # for hf: sources
+    seq_len: int = 1024
+    packing: bool = False  # position_ids restart per document (sdpa then masks across documents: O(seq^2) mask)
+    shuffle: bool = True
+    seed: int = 42
+    cache_dir: str = ""  # "" = $YARNKIT_CACHE/data
+    num_proc: int = 1  # processes for tokenization
+
+
+def resolve_source(source: str) -> str:
+    if source.startswith("bundled:"):
+        from yarnkit.assets import sample_path
+
+        return str(sample_path(source.split(":", 1)[1]))
+    return source
+
+
+def local_paths(source: str) -> list[Path]:
+    """The file/folder named by `source`, or the sorted matches of a glob like `/data/books/train_*.txt.gz`."""
+    if any(char in source for char in "*?["):
+        base = Path(source).expanduser()
+        anchor = Path(base.anchor) if base.is_absolute() else Path(".")
+        matches = sorted(anchor.glob(str(base.relative_to(anchor)) if base.is_absolute() else source))
+        if not matches:
+            raise FileNotFoundError(f"no files match data.source={source}")
+        return matches
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path not found: {path} (set data.source to a file, folder, glob or hf:NAME)")
+    return [path]
+
+
+def _raw_dataset(args: DataArgs, workdir: str):
+    """A `datasets.Dataset` with a `text` column, or an `input_ids` column for pre-tokenized sources."""
+    import datasets
+
+    source = resolve_source(args.source)
+    if source.startswith("hf:"):
+        ds = datasets.load_dataset(source[3:], split=args.split)
+    else:
+        paths = local_paths(source)
+        parquet = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.parquet")))
+                   if f.suffix == ".parquet"]
+        if not parquet:
+            from yarnkit.corpus import iter_documents
+
+            docs = [text for p in paths for _, text in iter_documents(p, field=args.text_field) if text.strip()]
+            return datasets.Dataset.from_dict({"text": docs})
+        ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=workdir)
+    if "input_ids" in ds.column_names:
+        return ds.select_columns(["input_ids"])
+    if args.text_field not in ds.column_names:
+        raise KeyError(f"{args.source} has no column {args.text_field!r} (columns: {ds.column_names}); "
+                       f"set data.text_field")
+    return ds.select_columns([args.text_field]).rename_column(args.text_field, "text") \
+        if args.text_field != "text" else ds.select_columns(["text"])
+
+
+def source_fingerprint(args: DataArgs) -> list:
+    source = resolve_source(args.source)
+    if source.startswith("hf:"):
+        return [source, args.split]
+    files = [f for path in local_paths(source)
+             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [args.text_field]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{body}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def cache_key(args: DataArgs, tokenizer) -> str:
+    key = json.dumps([source_fingerprint(args), tokenizer_fingerprint(tokenizer), args.seq_len, args.packing])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def chunk_tokens(docs: list[list[int]], seq_len: int, packing: bool) -> dict:
+    """Join token lists and cut them into `seq_len` blocks (remainder dropped); with `packing`, also per-document
+    position ids that restart at each document start inside a block."""
+    flat = np.concatenate([np.asarray(doc, dtype=np.int64) for doc in docs]) if docs else np.zeros(0, np.int64)
+    n = len(flat) // seq_len
+    out = {"input_ids": flat[: n * seq_len].reshape(n, seq_len)}
+    if packing:
+        starts = np.zeros(len(flat), dtype=bool)
+        starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
+        starts[np.arange(0, len(flat), seq_len)] = True  # a block also starts a position run
+        index = np.arange(len(flat))
+        run_start = np.maximum.accumulate(np.where(starts, index, 0))
+        out["position_ids"] = (index - run_start)[: n * seq_len].reshape(n, seq_len)
+    return out
+
+
+def _tokenize(ds, tokenizer, args: DataArgs):
+    if "input_ids" in ds.column_names:
+        return ds
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [([bos] if bos is not None else []) + x + ([eos] if eos is not None else [])
+                              for x in ids]}
+
+    return ds.map(encode, batched=True, batch_size=MAP_BATCH, remove_columns=["text"],
+                  num_proc=args.num_proc if args.num_proc > 1 else None, desc="tokenizing")
+
+
+def build_dataset(args: DataArgs, tokenizer):
+    """The chunked dataset (columns `input_ids`, and `position_ids` with packing), built once then cached."""
+    import datasets
+
+    root = Path(args.cache_dir or Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit")) / "data")
+    target = root / cache_key(args, tokenizer)
+    if (target / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(target))
+    root.mkdir(parents=True, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root)
+    try:
+        tokens = _tokenize(_raw_dataset(args, workdir), tokenizer, args)
+        chunks = tokens.map(lambda b: chunk_tokens(b["input_ids"], args.seq_len, args.packing), batched=True,
+                            batch_size=MAP_BATCH, remove_columns=tokens.column_names, desc="chunking")
+        if len(chunks) == 0:
+            total = sum(len(x) for x in tokens["input_ids"])
+            raise DataError(f"data {args.source} has {total} tokens, fewer than one sequence of "
+                             f"data.seq_len={args.seq_len}; lower data.seq_len or add documents")
+        chunks.save_to_disk(os.path.join(workdir, "final"))
+        os.replace(os.path.join(workdir, "final"), target)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+class SampleOrder:
+    """Sample k of the global stream -> chunk index. Epoch e = k // n uses permutation seeded by (seed, e)."""
+
+    def __init__(self, num_chunks: int, seed: int, shuffle: bool):
+        self.num_chunks, self.seed, self.shuffle = num_chunks, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, k: int) -> int:
+        epoch, offset = divmod(k, self.num_chunks)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_chunks, generator=generator).tolist()
+        return self._perm[offset]
+
+
+def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
+                pose_target: int = 0, pose_seed: int = 0) -> dict:
+    """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
+
+    Returns `input_ids` [size, seq_len], `position_ids` and `attention_mask` (or None), and `samples` (global
+    sample numbers). PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
+    position ids as the start of a packed document and would block attention across the skip."""
+    samples = [first_sample + i * world + rank for i in range(size)]
+    rows = dataset[[order[k] for k in samples]]
+    batch = {"input_ids": torch.tensor(rows["input_ids"], dtype=torch.long), "samples": samples,
+             "position_ids": None, "attention_mask": None}
+    if "position_ids" in rows:
+        batch["position_ids"] = torch.tensor(rows["position_ids"], dtype=torch.long)
+    if pose_target:
+        seq_len = batch["input_ids"].shape[1]
+        batch["position_ids"] = torch.stack([pose_position_ids(seq_len, pose_target, pose_generator(pose_seed, k))
+                                             for k in samples])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch

@@ -1,0 +1,92 @@
+"""Build the model to train from a recipe: load it, apply YaRN to its config, add LoRA, enable checkpointing.
+
+YaRN goes into the config *before* the weights load (`yarnkit.patch.apply_rope_scaling` on the config), so
+the rotary modules are built scaled and `save_pretrained` writes `rope_parameters` with the scaling. LoRA is
+peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `embed,norm`). This module does
+not train; `yarnkit.trainer` does. Tested by `python -m pytest tests/test_trainer.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = "smollm2-135m"  # HF dir, hub id (cached), .gguf, or a bundled name
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    gradient_checkpointing: bool = True  # recompute each layer in backward: activations ~ layers x seq x hidden
+    trust_remote_code: bool = False
+
+
+@dataclass
+class YarnArgs:
+    rope_type: str = "yarn"  # yarn | dynamic_yarn | linear | ntk | dynamic (see yarnkit.patch)
+    factor: float = 1.0  # context multiplier s; 1 = no scaling
+    original_max_position_embeddings: int = 0  # 0 = the checkpoint's native context
+    replace: bool = False  # re-scale a checkpoint that already has a scaling (e.g. 64k -> 128k continuation)
+    beta_fast: float | None = None  # None = the YaRN paper's 32
+    beta_slow: float | None = None  # None = the YaRN paper's 1
+    attention_factor: float | None = None  # None = 0.1 ln(s) + 1
+
+
+@dataclass
+class LoraArgs:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # peft's shorthand: every linear layer except the output head
+    trainable_extra: list[str] = field(default_factory=list)  # fully trained too, e.g. [embed_tokens, norm]
+
+
+def scaled_config(model: ModelArgs, yarn: YarnArgs):
+    """The checkpoint's config with the recipe's RoPE scaling applied (no weights loaded)."""
+    from yarnkit.models import load_config
+    from yarnkit.patch import apply_rope_scaling
+
+    config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    if yarn.factor != 1.0 or yarn.replace:
+        params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
+        apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
+                           original_max_position_embeddings=yarn.original_max_position_embeddings or None,
+                           replace=yarn.replace, **params)
+    return config
+
+
+def build_model(model_args: ModelArgs, config, lora: LoraArgs):
+    """`(model, tokenizer)` ready for training from `config` (see `scaled_config`): float32 weights (mixed
+    precision comes from accelerate/DeepSpeed), no `.to(device)` (ZeRO-3 may have placed shards already)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from yarnkit.models import local_hf_dir
+
+    location = local_hf_dir(model_args.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32,
+                                                 attn_implementation=model_args.attn_implementation,
+                                                 trust_remote_code=model_args.trust_remote_code,
+                                                 use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_args.trust_remote_code)
+    model.config.use_cache = False
+    if lora.enabled:
+        model = add_lora(model, lora)
+    if model_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora.enabled:
+            model.enable_input_require_grads()
+    model.train()
+    return model, tokenizer
+
+
+def add_lora(model, lora: LoraArgs):
+    from peft import LoraConfig, get_peft_model
+
+    extra = {}
+    if getattr(model.config, "tie_word_embeddings", False) and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
+        extra["ensure_weight_tying"] = True  # a trained embed_tokens copy stays tied to lm_head
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=lora.target_modules, modules_to_save=list(lora.trainable_extra) or None,
+                        **extra)
+    return get_peft_model(model, config)

@@ -1,0 +1,39 @@
+"""PoSE (Positional Skip-wisE training, arXiv 2309.10400): train long positions with short sequences.
+
+A chunk of `seq_len` tokens is split at a random point into two parts; each part's position ids get a random
+skip offset (the second offset >= the first), so the positions span up to `target_len` while the attention
+cost stays that of `seq_len`. Positions stay strictly increasing and below `target_len`. The text itself is
+contiguous (a simplification of the paper, which also skips text). Offsets are drawn from a generator seeded
+by (seed, sample index), so a resumed run sees the same positions. Pure math, no model:
+`python -m pytest tests/test_data.py -k pose`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PoseArgs:
+    enabled: bool = False
+    target_len: int = 0  # positions reach up to this length; 0 = the model's YaRN context (max_position_embeddings)
+
+
+def pose_position_ids(seq_len: int, target_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Position ids `[seq_len]` for one chunk: two parts with skip offsets, all in `[0, target_len)`."""
+    if target_len < seq_len:
+        raise ValueError(f"PoSE target_len={target_len} is shorter than seq_len={seq_len}")
+    split = int(torch.randint(1, seq_len, (1,), generator=generator)) if seq_len > 1 else seq_len
+    room = target_len - seq_len  # total skip budget
+    first = int(torch.randint(0, room + 1, (1,), generator=generator))
+    second = int(torch.randint(first, room + 1, (1,), generator=generator))
+    positions = torch.arange(seq_len)
+    positions[:split] += first
+    positions[split:] += second
+    return positions
+
+
+def pose_generator(seed: int, sample_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + sample_index)

@@ -1,0 +1,168 @@
+"""Typed training recipes: dataclass defaults < `recipes/<name>.yaml` < command-line `key=value` overrides.
+
+`load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
+owned by each subsystem (model_setup, pose, data, optim, trainer, checkpoint). Loading is strict: an unknown
+key fails and names the closest valid key, a wrong type fails naming the key, and `validate_recipe` rejects
+settings that cannot work together (e.g. a sequence longer than the YaRN context) before any model is loaded.
+It is not the trainer: it only reads, checks and writes recipes. Tested by `python -m pytest tests/test_recipe.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from yarnkit.checkpoint import CheckpointArgs
+from yarnkit.data import DataArgs
+from yarnkit.model_setup import LoraArgs, ModelArgs, YarnArgs
+from yarnkit.optim import OptimArgs
+from yarnkit.pose import PoseArgs
+from yarnkit.trainer import TrainArgs
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_FILE = "recipe.yaml"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded or cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class Recipe:
+    run_dir: str = "runs/default"  # outputs: recipe.yaml, metrics.jsonl, checkpoints/
+    resume: str = "auto"  # auto: continue the last complete checkpoint in run_dir; none; or a checkpoint dir
+    dry_run: bool = False  # print the resolved recipe, parameter count and memory/time estimates, then stop
+    model: ModelArgs = field(default_factory=ModelArgs)
+    yarn: YarnArgs = field(default_factory=YarnArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    pose: PoseArgs = field(default_factory=PoseArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+
+
+def recipe_path(name: str) -> Path:
+    """`tiny` -> recipes/tiny.yaml (searched recursively); a path to a .yaml file is used as is."""
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        return path
+    matches = sorted(RECIPES_DIR.rglob(f"{name}.yaml")) if RECIPES_DIR.is_dir() else []
+    matches = [m for m in matches if "accelerate" not in m.parts]
+    if not matches:
+        known = sorted(p.stem for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise FileNotFoundError(f"no recipe named {name!r} under {RECIPES_DIR}"
+                                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {known}"))
+    return matches[0]
+
+
+def _check_keys(node: dict, cls, prefix: str = "") -> None:
+    """Fail on a key that `cls` (a dataclass) does not have, naming the closest valid key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            valid = ", ".join(f"{prefix}{name}" for name in fields)
+            raise RecipeError(f"unknown recipe key {dotted!r}"
+                              + (f"; did you mean {prefix + close[0]!r}?" if close else "") + f" (valid: {valid})")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe key {dotted!r} is a section; set its fields, e.g. {dotted}.<field>=...")
+            _check_keys(value, sub, dotted + ".")
+
+
+def _merge(base, layer, source: str):
+    plain = OmegaConf.to_container(layer, resolve=True) if not isinstance(layer, dict) else layer
+    _check_keys(plain or {}, Recipe)
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "?"
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        raise RecipeError(f"{source}: bad value for {key!r}: {message}") from None
+
+
+def load_recipe(argv: list[str] | None = None) -> Recipe:
+    """Defaults, then `recipe=NAME` (a YAML file), then the other `key=value` items in order."""
+    argv = list(argv or [])
+    for item in argv:
+        if "=" not in item:
+            raise RecipeError(f"expected key=value, got {item!r} (example: recipe=tiny optim.lr=1e-4)")
+    names = [item.split("=", 1)[1] for item in argv if item.startswith("recipe=")]
+    overrides = [item for item in argv if not item.startswith("recipe=")]
+    config = OmegaConf.structured(Recipe)
+    for name in names:
+        path = recipe_path(name)
+        config = _merge(config, OmegaConf.load(path), str(path))
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as err:
+            raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
+        config = _merge(config, dotlist, "command line")
+    recipe = OmegaConf.to_object(config)
+    validate_recipe(recipe)
+    return recipe
+
+
+def recipe_from_file(path: str | Path) -> Recipe:
+    """Read a resolved recipe.yaml (a run directory's or a checkpoint's) strictly."""
+    return load_recipe([f"recipe={Path(path).resolve()}"])
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def save_recipe(recipe: Recipe, folder: str | Path) -> Path:
+    path = Path(folder) / RECIPE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(recipe_to_yaml(recipe))
+    tmp.replace(path)
+    return path
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Cross-section checks that need no model: fail before any GPU time is spent."""
+    data, yarn, pose, train = recipe.data, recipe.yarn, recipe.pose, recipe.train
+    if data.seq_len < 2:
+        raise RecipeError(f"data.seq_len={data.seq_len} is too short; use at least 2 tokens")
+    if yarn.factor < 1.0:
+        raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
+    if yarn.original_max_position_embeddings:
+        context = int(yarn.factor * yarn.original_max_position_embeddings)
+        if data.seq_len > context:
+            raise RecipeError(f"data.seq_len={data.seq_len} exceeds the YaRN context {context} "
+                              f"(yarn.factor={yarn.factor} x yarn.original_max_position_embeddings="
+                              f"{yarn.original_max_position_embeddings}); raise yarn.factor or lower data.seq_len")
+        if pose.enabled and pose.target_len > context:
+            raise RecipeError(f"pose.target_len={pose.target_len} exceeds the YaRN context {context}; "
+                              f"lower pose.target_len or raise yarn.factor")
+    if pose.enabled:
+        if pose.target_len and pose.target_len <= data.seq_len:
+            raise RecipeError(f"pose.target_len={pose.target_len} must exceed data.seq_len={data.seq_len} "
+                              f"(PoSE stretches short chunks over a longer position range)")
+        if data.packing:
+            raise RecipeError("pose.enabled and data.packing cannot be combined: both rewrite position_ids; "
+                              "turn one off")
+    if train.max_steps < 1:
+        raise RecipeError(f"train.max_steps={train.max_steps}; use at least 1")
+    if train.micro_batch_size < 1 or train.grad_accum < 1:
+        raise RecipeError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if train.mixed_precision not in ("fp32", "bf16", "fp16"):
+        raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
+    if recipe.optim.schedule not in ("linear", "constant"):
+        raise RecipeError(f"optim.schedule={recipe.optim.schedule!r}; choose linear or constant")
+    if recipe.lora.enabled and recipe.lora.r < 1:
+        raise RecipeError(f"lora.r={recipe.lora.r}; use a rank >= 1 when lora.enabled")

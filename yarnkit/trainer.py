@@ -1,0 +1,292 @@
+"""The training loop: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
+
+    python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
+    accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
+
+One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
+chunked cross-entropy of `yarnkit.loss`; gradients are clipped to `train.clip` and the logged `grad_norm` is
+the norm *before* clipping. Checkpoints (`yarnkit.checkpoint`) hold the full state, so `resume=auto`
+reproduces an uninterrupted run exactly. It is not the recipe parser (`yarnkit.recipe`) nor the data builder
+(`yarnkit.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TrainArgs:
+    max_steps: int = 400  # optimizer steps
+    micro_batch_size: int = 1  # chunks per process per forward
+    grad_accum: int = 8  # micro-batches per optimizer step; global batch = micro x accum x processes
+    global_batch: int = 0  # if > 0: chunks per optimizer step; sets grad_accum = global / (micro x processes)
+    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (weights stay fp32 masters; DeepSpeed keeps bf16 copies)
+    clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    loss_chunk_tokens: int = 4096  # positions per output-head + cross-entropy chunk
+    seed: int = 42
+    log_every: int = 1
+    tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
+    peak_tflops: float = 989.0  # dense bf16 peak per device (H100/H200) for MFU and dry-run time estimates
+    memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    first_step: int  # 1-based step this process started at (after resume)
+    last_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss averaged over the global batch
+    samples: list[int] = field(default_factory=list)  # global sample numbers this process consumed
+    world_size: int = 1
+    rank: int = 0
+    distributed_type: str = "NO"  # accelerate's: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED
+    model: object = None  # the trained model (peft or transformers), unwrapped; full weights only without ZeRO-3
+
+
+def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
+    from yarnkit.recipe import RecipeError
+
+    if not train_args.global_batch:
+        return train_args.grad_accum
+    per_pass = train_args.micro_batch_size * world
+    if train_args.global_batch % per_pass:
+        raise RecipeError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
+                         f"processes = {per_pass}; change the batch or the number of processes")
+    return train_args.global_batch // per_pass
+
+
+def make_accelerator(train_args: TrainArgs):
+    """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place."""
+    from accelerate import Accelerator, PartialState
+
+    # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
+    # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed
+    extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    train_args.grad_accum = resolve_grad_accum(train_args, PartialState(cpu=cpu, **extra).num_processes)
+    precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
+                              gradient_accumulation_steps=train_args.grad_accum,
+                              step_scheduler_with_optimizer=False)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # fill DeepSpeed's batch/clip fields from the recipe (no dataloader to infer them)
+        config = plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = train_args.micro_batch_size
+        config["gradient_accumulation_steps"] = train_args.grad_accum
+        config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accum x world
+        config["gradient_clipping"] = train_args.clip
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def _resume_point(recipe, run_dir: Path):
+    from yarnkit.checkpoint import latest_checkpoint, list_checkpoints
+
+    if recipe.resume == "auto":
+        return latest_checkpoint(run_dir)
+    if recipe.resume in ("none", ""):
+        if list_checkpoints(run_dir):
+            raise FileExistsError(f"{run_dir} already has checkpoints; continue with resume=auto, or pick a new "
+                                  f"run_dir=...")
+        return None
+    path = Path(recipe.resume)
+    if not (path / "state").is_dir():
+        raise FileNotFoundError(f"resume={path} is not a checkpoint directory (no state/ inside)")
+    return path
+
+
+def check_resumable(recipe, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint whose model, scaling, adapters or sequence length differ from the recipe."""
+    from yarnkit.recipe import RecipeError, recipe_from_file
+
+    saved = recipe_from_file(checkpoint / "recipe.yaml")
+    pairs = {"model.name_or_path": (saved.model.name_or_path, recipe.model.name_or_path),
+             "yarn": (saved.yarn, recipe.yarn),
+             "lora": (saved.lora, recipe.lora), "data.seq_len": (saved.data.seq_len, recipe.data.seq_len)}
+    changed = [key for key, (old, new) in pairs.items() if old != new]
+    if changed:
+        raise RecipeError(f"{checkpoint} was trained with different {', '.join(changed)} settings than this recipe; "
+                         f"start a new run (run_dir=... resume=none) or restore those settings")
+
+
+def train(recipe) -> TrainResult:
+    """Run (or continue) the recipe's training; returns what this process did."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from yarnkit.checkpoint import load_checkpoint, save_checkpoint
+    from yarnkit.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
+    from yarnkit.estimate import check_memory, flops_per_token
+    from yarnkit.loss import CausalLMLoss
+    from yarnkit.model_setup import build_model, scaled_config
+    from yarnkit.optim import build_optimizer
+    from yarnkit.recipe import recipe_to_yaml, save_recipe
+    from yarnkit.train_log import MetricsLog
+
+    args, run_dir = recipe.train, Path(recipe.run_dir)
+    accelerator = make_accelerator(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    resume_from = _resume_point(recipe, run_dir)
+    if resume_from is not None:
+        check_resumable(recipe, resume_from)
+    with accelerator.main_process_first():  # the first read of a bundled GGUF converts and caches it once
+        config = scaled_config(recipe.model, recipe.yarn)
+    check_context(recipe, config)
+    source_fingerprint(recipe.data)  # a missing data path fails here, before any weights load
+    if args.memory_check and torch.cuda.is_available():
+        check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
+    set_seed(args.seed)
+    model, tokenizer = build_model(recipe.model, config, recipe.lora)  # all ranks together: ZeRO-3 init
+    with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
+        dataset = build_dataset(recipe.data, tokenizer)
+    if accelerator.is_main_process:
+        save_recipe(recipe, run_dir)
+    wrapper = CausalLMLoss(model, args.loss_chunk_tokens)
+    optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps)
+    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+
+    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0}
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+    log = MetricsLog(run_dir, accelerator.is_main_process, args.tensorboard, truncate_after=state["step"])
+    order = SampleOrder(len(dataset), recipe.data.seed, recipe.data.shuffle)
+    pose_target = (recipe.pose.target_len or config.max_position_embeddings) if recipe.pose.enabled else 0
+    per_step = args.micro_batch_size * args.grad_accum * world
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
+    flops_token = flops_per_token(n_params, text.num_hidden_layers,
+                                  text.num_attention_heads, head_dim, recipe.data.seq_len)
+    result = TrainResult(str(run_dir), state["step"] + 1, state["step"], world_size=world, rank=rank,
+                         distributed_type=str(accelerator.distributed_type.value))
+    bar = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
+               desc="train", unit="step", dynamic_ncols=True)
+    ds_engine = zero_stage(accelerator) > 0
+    for step in range(state["step"], args.max_steps):
+        started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
+        for micro in range(args.grad_accum):
+            first = state["samples_seen"] + micro * world * args.micro_batch_size
+            batch = micro_batch(dataset, order, first, rank, world, args.micro_batch_size, pose_target,
+                                recipe.data.seed)
+            result.samples.extend(batch["samples"])
+            extra = {k: batch[k].to(accelerator.device) for k in ("position_ids", "attention_mask")
+                     if batch[k] is not None}
+            with accelerator.accumulate(wrapper):
+                loss = wrapper(batch["input_ids"].to(accelerator.device), **extra)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and not ds_engine:
+                    grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach() / args.grad_accum
+        if ds_engine:
+            grad_norm = wrapper.get_global_grad_norm()
+        scheduler.step()
+        state["step"] = step + 1
+        state["samples_seen"] += per_step
+        state["tokens_seen"] += per_step * recipe.data.seq_len
+        step_loss = accelerator.reduce(loss_sum, reduction="mean").item()
+        result.losses[step + 1], result.last_step = step_loss, step + 1
+        seconds = time.perf_counter() - started
+        tokens_per_s = per_step * recipe.data.seq_len / seconds
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            log.write(dict(step=step + 1, loss=step_loss, lr=lr, grad_norm=float(grad_norm or 0.0),
+                           tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / world,
+                           mfu=tokens_per_s / world * flops_token / (args.peak_tflops * 1e12),
+                           step_seconds=seconds, tokens_seen=state["tokens_seen"], world_size=world,
+                           peak_memory_gb=peak_memory_gb()))
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        bar.update(1)
+        every = recipe.checkpoint.every
+        if (every and (step + 1) % every == 0) or step + 1 == args.max_steps:
+            save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
+                            recipe.checkpoint.keep_last)
+    bar.close()
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result.model = accelerator.unwrap_model(wrapper).model
+    return result
+
+
+def check_context(recipe, config) -> None:
+    """seq_len and PoSE targets must fit the (scaled) model context; raises before weights load."""
+    from yarnkit.recipe import RecipeError
+
+    context = config.max_position_embeddings
+    if recipe.data.seq_len > context:
+        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
+                         f"(after yarn.factor={recipe.yarn.factor}); raise yarn.factor or lower data.seq_len")
+    if recipe.pose.enabled and recipe.pose.target_len > context:
+        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
+                         f"raise yarn.factor or lower pose.target_len")
+    if recipe.pose.enabled and (recipe.pose.target_len or context) <= recipe.data.seq_len:
+        raise RecipeError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: host RSS
+
+
+def add_arguments(parser) -> None:
+    """`yarnkit train recipe=tiny key=value ...` (the CLI's entry; same as scripts/train.py)."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME, then recipe overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the recipe and estimates, then stop")
+
+
+def run(args) -> int:
+    return main(list(args.overrides) + (["dry_run=true"] if args.dry_run else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`scripts/train.py` and `yarnkit train`: parse `key=value` overrides, then dry-run or train."""
+    import sys
+
+    from yarnkit.data import DataError
+    from yarnkit.recipe import RecipeError, load_recipe
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    argv = ["dry_run=true" if a == "--dry-run" else a for a in argv]
+    try:
+        recipe = load_recipe(argv)
+        if recipe.dry_run:
+            from yarnkit.estimate import dry_run
+            from yarnkit.recipe import recipe_to_yaml
+
+            print(recipe_to_yaml(recipe))
+            print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
+            return 0
+        result = train(recipe)
+    except (RecipeError, DataError, OSError, MemoryError) as err:  # bad input: the message says what to fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result.rank != 0:
+        return 0
+    if result.last_step >= result.first_step:
+        print(f"trained steps {result.first_step}..{result.last_step}; last loss "
+              f"{result.losses[result.last_step]:.4f}; outputs in {result.run_dir}")
+    else:
+        print(f"nothing to do: {result.run_dir} is already at step {result.last_step} (train.max_steps)")
+    return 0
