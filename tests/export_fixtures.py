@@ -1,7 +1,8 @@
 """Fixtures for the export tests: tiny YaRN Llama models saved in the run-directory layout the trainer writes.
 
 `tiny_bpe_tokenizer()` trains a 384-token byte-level BPE on the bundled book in-process (no download);
-`tiny_yarn_model()` is conftest's tiny Llama with YaRN x4 set through its config (native 256 -> 1024 tokens);
+`tiny_yarn_model()` is conftest's tiny Llama with YaRN x4 set through its config (native 256 -> 1024 tokens)
+and Q/K weights x4 so attention depends on position;
 `make_run(root, ...)` writes RUN/recipe.yaml, RUN/checkpoints/step_*/model/ (full weights or a LoRA adapter),
 and RUN/eval/*.json + a PNG. Imported by tests/test_export*.py; not a test file itself.
 """
@@ -49,6 +50,10 @@ def tiny_yarn_model(seed: int = 0, rope: dict | None = None, **overrides):
     torch.manual_seed(seed)
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():  # sharper attention than the 0.02-std init, so positions (and so RoPE) matter:
+        for name, weight in fresh.named_parameters():  # dropping YaRN moves logits by ~14% instead of ~1%
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(4.0)
     return fresh
 
 

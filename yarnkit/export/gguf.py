@@ -15,7 +15,6 @@ Tested by tests/test_export_gguf.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,10 +25,12 @@ from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-# sha256 of tokenizer.json's pre_tokenizer (sorted JSON) -> llama.cpp `tokenizer.ggml.pre`
-KNOWN_PRE_TOKENIZERS = {
-    "baad9354616c54e28804f1ac4dc6f27c3032867d2da3f9106a8d12ac859680f0": "smollm",  # SmolLM2, as cached from GGUF
-}
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+# tokenizer.json pre_tokenizer (trim_offsets ignored) -> llama.cpp `tokenizer.ggml.pre` with the same splitting
+KNOWN_PRE_TOKENIZERS = [
+    (_BYTE_LEVEL, "gpt2"),  # GPT-2's regex
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}, "smollm"),
+]
 LLAMA_CPP_DEFAULT_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
 
 
@@ -49,14 +50,24 @@ def _check_supported(config) -> dict:
     return rope
 
 
+def _without_offsets(node):
+    if isinstance(node, dict):
+        return {k: _without_offsets(v) for k, v in node.items() if k != "trim_offsets"}
+    if isinstance(node, list):
+        return [_without_offsets(v) for v in node]
+    return node
+
+
 def pre_tokenizer_name(tokenizer_json: dict, override: str | None) -> tuple[str, list[str]]:
+    """llama.cpp's pre-tokenizer name for this tokenizer.json, or "default" with a note saying how to fix it."""
     if override:
         return override, []
-    key = hashlib.sha256(json.dumps(tokenizer_json.get("pre_tokenizer"), sort_keys=True).encode()).hexdigest()
-    if key in KNOWN_PRE_TOKENIZERS:
-        return KNOWN_PRE_TOKENIZERS[key], []
-    return "default", [f"unknown pre-tokenizer (hash {key[:12]}): wrote tokenizer.ggml.pre=default; pass --gguf-pre "
-                       "with llama.cpp's name for it (e.g. llama-bpe, qwen2, smollm) for exact tokenization"]
+    pre = _without_offsets(tokenizer_json.get("pre_tokenizer"))
+    for known, name in KNOWN_PRE_TOKENIZERS:
+        if pre == known:
+            return name, []
+    return "default", ["unknown pre-tokenizer: wrote tokenizer.ggml.pre=default; pass --gguf-pre with llama.cpp's "
+                       "name for it (e.g. llama-bpe, qwen2, smollm) for exact tokenization in llama.cpp"]
 
 
 def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | None) -> list[str]:
