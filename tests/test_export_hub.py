@@ -121,19 +121,19 @@ def folder(tmp_path) -> Path:
 
 
 def test_push_uploads_regular_and_lfs_files_and_skips_lfs_already_there(hub, folder):
-    url = push_folder(folder, "user/tiny-yarn", endpoint=hub, timeout_s=10)
+    url = push_folder(folder, "user/tiny-yarn", endpoint=hub)
     assert url.endswith("/user/tiny-yarn/commit/0123abcd")
     assert {p: FakeHub.files[p] for p in FakeHub.files} == {p.name: p.read_bytes() for p in folder.iterdir()}
     assert len(FakeHub.puts) == 1  # the safetensors went through LFS
     (folder / "README.md").write_text("# card, second version\n")
-    push_folder(folder, "user/tiny-yarn", endpoint=hub, timeout_s=10)  # a re-run: the weights are not sent again
+    push_folder(folder, "user/tiny-yarn", endpoint=hub)  # a re-run: the weights are not sent again
     assert len(FakeHub.puts) == 1 and FakeHub.files["README.md"] == b"# card, second version\n"
 
 
 def test_push_with_a_bad_token_names_the_fix(hub, folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(ExportError, match="HTTP 401.*HF_TOKEN") as error:
-        push_folder(folder, "user/tiny-yarn", endpoint=hub, timeout_s=10)
+        push_folder(folder, "user/tiny-yarn", endpoint=hub)
     assert "hf_wrong" not in str(error.value)  # the token is never echoed
 
 
@@ -143,4 +143,4 @@ def test_push_offline_says_so(folder, monkeypatch):
         port = probe.getsockname()[1]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(ExportError, match="cannot reach"):
-        push_folder(folder, "user/tiny-yarn", endpoint=f"http://127.0.0.1:{port}", timeout_s=5)
+        push_folder(folder, "user/tiny-yarn", endpoint=f"http://127.0.0.1:{port}")

@@ -57,7 +57,7 @@ def default_verify_tokens(config) -> int:
 
 
 def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",
-           gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB") -> dict:
+           gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB", hub_repo=None) -> dict:
     """Write the export to `out` atomically and return the report (also saved as export_report.json)."""
     out = Path(out).expanduser().resolve()
     check_out_dir(out, overwrite)
@@ -68,7 +68,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         hf.write_hf(model, tokenizer, tmp, source.recipe_path, max_shard_size)
-        report = {"source": str(source.model_dir), "base_model": source.base_model, "notes": notes,
+        report = {"source": str(source.model_dir), "base_model": source.base_model, "notes": notes, "hub_repo": hub_repo,
                   "rope_parameters": model.config.rope_parameters,
                   "max_position_embeddings": model.config.max_position_embeddings}
         report["config_check"] = verify.verify_config(tmp, tokenizer)
@@ -110,7 +110,7 @@ def run(args) -> int:
         report = export(args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
                         gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
                         verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
-                        max_shard_size=args.max_shard_size)
+                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub)
         print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
                          indent=2, default=str))
         print(f"exported to {Path(args.out).resolve()}")

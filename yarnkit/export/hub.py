@@ -20,8 +20,7 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str | None = None,
-                timeout_s: float = 60.0) -> str:
+def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str | None = None) -> str:
     """Upload `folder` to `repo_id` (created if missing); returns the commit URL."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
@@ -34,7 +33,6 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str
     if "/" not in repo_id:
         raise ExportError(f"--push-to-hub wants USER_OR_ORG/NAME, got {repo_id!r}")
     api = HfApi(endpoint=endpoint, token=token)
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",

@@ -13,6 +13,7 @@ Tested by tests/test_export.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ folder, io_path, out_path = sys.argv[1:4]
 inputs = load_file(io_path)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True).eval()
 with torch.no_grad():
-    logits = model(inputs["input_ids"]).logits[0, inputs["positions"]].float()
+    logits = model(inputs["input_ids"], logits_to_keep=inputs["positions"]).logits[0].float()
 assert "yarnkit" not in sys.modules, "yarnkit was imported while loading the export"
 rope = getattr(model.config, "rope_parameters", None)
 print("ROPE", rope)
@@ -71,14 +72,17 @@ def verify_hf(folder: Path, model, input_ids: torch.Tensor, timeout_s: int = 180
     dtype = next(model.parameters()).dtype
     positions = compared_positions(input_ids.shape[1])
     with torch.no_grad():
-        reference = model(input_ids).logits[0, positions].float()
+        reference = model(input_ids, logits_to_keep=positions).logits[0].float()
     with tempfile.TemporaryDirectory(prefix="yarnkit-verify-") as scratch:
         io_path, out_path = Path(scratch) / "inputs.safetensors", Path(scratch) / "logits.safetensors"
         save_file({"input_ids": input_ids.contiguous(), "positions": positions}, io_path)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["HF_HUB_OFFLINE"] = "1"
-        done = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(folder), str(io_path), str(out_path)],
-                              capture_output=True, text=True, timeout=timeout_s, cwd=scratch, env=env)
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(folder), str(io_path), str(out_path)],
+                                  capture_output=True, text=True, timeout=timeout_s, cwd=scratch, env=env)
+        except subprocess.TimeoutExpired as error:
+            raise ExportError(f"reloading the export took over {timeout_s} s; pass a smaller --verify-tokens") from error
         if done.returncode != 0:
             raise ExportError(f"plain transformers could not load the export {folder}:\n{done.stderr[-3000:]}")
         loaded = load_file(out_path)["logits"]
@@ -126,10 +130,10 @@ def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str)
     config.rope_parameters = rope
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32).eval()
     positions = compared_positions(input_ids.shape[1])
-    reference_model = model.float() if next(model.parameters()).dtype == torch.float32 else _float_copy(model)
+    reference_model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
     with torch.no_grad():
-        reference = reference_model(input_ids).logits[0, positions]
-        other = loaded(input_ids).logits[0, positions]
+        reference = reference_model(input_ids, logits_to_keep=positions).logits[0]
+        other = loaded(input_ids, logits_to_keep=positions).logits[0]
     difference = max_relative_difference(reference, other)
     tolerance = GGUF_TOLERANCE[gguf_type]
     result = {"loader": "transformers GGUF loader + RoPE from GGUF metadata", "gguf_type": gguf_type,
@@ -138,9 +142,3 @@ def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str)
     if not result["passed"]:
         raise ExportError(f"GGUF logits disagree with the model: max relative difference {difference:.3g} > {tolerance:g}")
     return result
-
-
-def _float_copy(model):
-    import copy
-
-    return copy.deepcopy(model).float()
