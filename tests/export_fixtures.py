@@ -58,14 +58,15 @@ def tiny_yarn_model(seed: int = 0, rope: dict | None = None, **overrides):
 
 
 def make_run(root: Path, model=None, tokenizer=None, lora: bool = False, base_dir: Path | None = None,
-             step: int = 400, with_eval: bool = True) -> Path:
-    """A fake RUN dir as the trainer writes it; returns RUN."""
+             step: int = 400, with_eval: bool = True, adapter_config_json: bool = True) -> Path:
+    """A fake RUN dir as yarnkit's trainer writes it (its recipe schema too); returns RUN. For LoRA,
+    `adapter_config_json=False` leaves out config.json as peft's save_pretrained does."""
     run = root / "run"
     model_dir = run / "checkpoints" / f"step_{step:06d}" / "model"
     model_dir.mkdir(parents=True)
     recipe = {"model": {"name_or_path": str(base_dir) if base_dir else "tiny-llama"},
-              "rope": {"rope_type": "yarn", "factor": 4.0}, "data": {"train": "sample:train", "seq_len": 1024},
-              "train": {"steps": step, "lr": 2e-5}}
+              "yarn": {"rope_type": "yarn", "factor": 4.0}, "data": {"source": "bundled:train", "seq_len": 1024},
+              "optim": {"lr": 2e-5}, "train": {"max_steps": step}}
     for folder in (run, model_dir.parent):
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (model_dir.parent / "state").mkdir()
@@ -75,7 +76,8 @@ def make_run(root: Path, model=None, tokenizer=None, lora: bool = False, base_di
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
         peft_model.save_pretrained(model_dir)
-        model.config.save_pretrained(model_dir)
+        if adapter_config_json:
+            model.config.save_pretrained(model_dir)
     else:
         model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

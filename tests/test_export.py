@@ -37,6 +37,7 @@ def exported(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("hf")
     model = tiny_yarn_model()
     model.config.yarnkit_sink_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.config.use_cache = False  # as the trainer saves it
     run = make_run(root, model, tokenizer)
     out = root / "export"
     report = export(run, out)
@@ -62,7 +63,7 @@ def test_exported_config_carries_yarn_for_v5_v4_and_vllm(exported):
     assert config["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 4.0,
                                       "original_max_position_embeddings": 256}
     assert config["rope_theta"] == 10000.0 and config["max_position_embeddings"] == 1024
-    assert config["yarnkit_sink_token_id"] == 0
+    assert config["yarnkit_sink_token_id"] == 0 and config["use_cache"] is True
     assert report["config_check"]["vllm_max_model_len"] == 1024 and report["config_check"]["warnings"] == []
     from transformers import AutoConfig
 
@@ -93,7 +94,7 @@ def test_model_card_has_recipe_yarn_eval_table_plot_and_load_commands(exported):
     assert "| length | ppl |" in card and "| 1024 | 39.8 |" in card
     assert "![perplexity](eval/perplexity.png)" in card and (out / "eval" / "perplexity.png").is_file()
     assert "vllm serve" in card and "AutoModelForCausalLM.from_pretrained" in card
-    assert "sample:train" in card  # training data from the recipe
+    assert "bundled:train" in card  # training data from the recipe
 
 
 def test_bf16_export_within_bf16_tolerance(tmp_path, tokenizer):
@@ -126,6 +127,48 @@ def test_lora_run_is_merged_and_matches_the_unmerged_adapter(tmp_path, tokenizer
     with torch.no_grad():
         difference = verify.max_relative_difference(adapter(ids).logits, merged(ids).logits)
     assert difference <= 1e-4  # merging is exact up to fp32 rounding
+
+
+def test_lora_adapter_without_config_takes_yarn_from_the_recipe(tmp_path, tokenizer):
+    """peft saves no config.json: the base model's config gets the recipe's `yarn` section, as in training."""
+    pytest.importorskip("yarnkit.patch")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = tiny_yarn_model(seed=3)
+    base_dir = tmp_path / "base"
+    plain = copy.deepcopy(trained)
+    plain.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    plain.config.max_position_embeddings = 256
+    plain.save_pretrained(base_dir)  # the base model on disk has no scaling; the recipe asks for YaRN x4
+    tokenizer.save_pretrained(base_dir)
+    run = make_run(tmp_path, copy.deepcopy(trained), tokenizer, lora=True, base_dir=base_dir, with_eval=False,
+                   adapter_config_json=False)
+    report = export(run, tmp_path / "merged", merge_lora=True, run_checks=False)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["rope_parameters"] == YARN
+    assert any("recipe's yarn section" in n for n in report["notes"])
+    adapter = PeftModel.from_pretrained(trained, str(run / "checkpoints/step_000400/model")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 384, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert verify.max_relative_difference(adapter(ids).logits, merged(ids).logits) <= 1e-4
+
+
+def test_dynamic_yarn_checkpoint_exports_as_static_yarn_with_identical_logits(tmp_path, tokenizer):
+    """Trained with yarnkit's dynamic_yarn (finetuned: the scale never drops below the factor): up to
+    factor × original tokens it equals static YaRN, so the export must reproduce its logits."""
+    pytest.importorskip("yarnkit.patch")
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_yarn_model(seed=4, rope={**YARN, "rope_type": "dynamic_yarn", "finetuned": True})
+    run = make_run(tmp_path, model, tokenizer, with_eval=False)
+    report = export(run, tmp_path / "static", run_checks=False)  # compared below against the dynamic model itself
+    assert report["rope_parameters"] == YARN and "dynamic_yarn exported as static yarn" in report["notes"][0]
+    assert "dynamic_yarn" in (tmp_path / "static" / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "static").eval()
+    ids = torch.randint(0, 384, (1, 600), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert verify.max_relative_difference(model(ids).logits, loaded(ids).logits) <= 1e-4
 
 
 def test_lora_without_a_base_model_is_refused(tmp_path, tokenizer):

@@ -63,7 +63,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
     check_out_dir(out, overwrite)
     source = resolve_source(source_path)
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
-    notes += hf.make_static_rope(model)
+    notes += hf.prepare_for_inference(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -54,8 +54,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
             raise ExportError(f"{source.model_dir} is a LoRA adapter: pass --merge-lora to export a standalone model "
                               "(stock loaders and GGUF need merged weights)")
         base_dir = local_hf_dir(source.base_model)
-        config_dir = source.model_dir if (source.model_dir / "config.json").is_file() else Path(base_dir)
-        config = AutoConfig.from_pretrained(config_dir)
+        config = _lora_config(source, base_dir, notes)
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=_torch_dtype(dtype, config),
                                                      use_safetensors=True)
         from peft import PeftModel
@@ -77,6 +76,30 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
                           "tokenizer there with `tokenizer.save_pretrained(...)`")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return model.eval(), tokenizer, notes
+
+
+def _lora_config(source: ExportSource, base_dir: str, notes: list[str]):
+    """The trained config: the adapter folder's config.json, else the base config with the recipe's `yarn`
+    section applied again (what yarnkit's trainer does before loading the base weights)."""
+    from transformers import AutoConfig
+
+    if (source.model_dir / "config.json").is_file():
+        return AutoConfig.from_pretrained(source.model_dir)
+    config = AutoConfig.from_pretrained(base_dir)
+    yarn = source.recipe().get("yarn") or {}
+    if float(yarn.get("factor", 1.0)) == 1.0 and not yarn.get("replace"):
+        return config
+    try:
+        from yarnkit.patch import apply_rope_scaling
+    except ImportError as error:
+        raise ExportError("this LoRA adapter has no config.json; re-applying the recipe's yarn section needs "
+                          "yarnkit.patch") from error
+    params = {k: yarn[k] for k in ("beta_fast", "beta_slow", "attention_factor") if yarn.get(k) is not None}
+    apply_rope_scaling(config, rope_type=yarn.get("rope_type", "yarn"), factor=float(yarn["factor"]),
+                       original_max_position_embeddings=yarn.get("original_max_position_embeddings") or None,
+                       replace=bool(yarn.get("replace")), **params)
+    notes.append(f"RoPE scaling taken from the recipe's yarn section ({source.recipe_path})")
+    return config
 
 
 def _gather_deepspeed(source: ExportSource, dtype: str | None):
@@ -108,11 +131,17 @@ def rebuild_rotary(model) -> None:
                 setattr(parent, name, type(child)(config=child.config))
 
 
-def make_static_rope(model) -> list[str]:
-    """Rewrite `model.config` with stock-loader RoPE (dynamic_yarn → yarn) and max_position_embeddings =
-    factor × original for yarn; rebuild the rotary modules so the in-memory model computes what is exported."""
+def prepare_for_inference(model) -> list[str]:
+    """Rewrite `model.config` for serving: stock-loader RoPE (dynamic_yarn → yarn), max_position_embeddings =
+    factor × original for yarn, the KV cache back on (trainers turn it off); the rotary modules are rebuilt so the
+    in-memory model computes what is exported."""
     config = model.config
-    exported, notes = rope_keys.export_rope_parameters(dict(config.rope_parameters))
+    notes = []
+    if getattr(config, "use_cache", True) is False:
+        config.use_cache = True
+        notes.append("use_cache set back to true (it was turned off for training)")
+    exported, rope_notes = rope_keys.export_rope_parameters(dict(config.rope_parameters))
+    notes += rope_notes
     if exported != config.rope_parameters:
         config.rope_parameters = exported
         rebuild_rotary(model)
