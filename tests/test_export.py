@@ -93,6 +93,7 @@ def test_model_card_has_recipe_yarn_eval_table_plot_and_load_commands(exported):
     assert "x4, 256 -> 1024 tokens" in card
     assert "| length | ppl |" in card and "| 1024 | 39.8 |" in card
     assert "![perplexity](eval/perplexity.png)" in card and (out / "eval" / "perplexity.png").is_file()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "base_model" not in card.split("---")[1]
     assert "vllm serve" in card and "AutoModelForCausalLM.from_pretrained" in card
     assert "bundled:train" in card  # training data from the recipe
 
@@ -275,8 +276,12 @@ def test_vllm_key_check_accepts_the_export_and_rejects_what_vllm_misreads():
     assert errors == [] and len(warnings) == 2
 
 
-def test_cli_help_and_bad_input_exit_code(tmp_path, capsys):
+def test_cli_help_run_and_bad_input_exit_code(small_run, tmp_path, capsys):
     from yarnkit.cli import main
+
+    assert main(["export", str(small_run), "--out", str(tmp_path / "cli"), "--no-verify", "--dtype", "float16"]) == 0
+    assert "exported to" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["dtype"] == "float16"
 
     with pytest.raises(SystemExit) as done:
         main(["export", "--help"])

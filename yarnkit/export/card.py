@@ -8,6 +8,7 @@ Pure formatting over the export report; tested in tests/test_export.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,11 @@ def write_card(out: Path, report: dict, source, name: str) -> None:
     rope = main_rope_dict(report["rope_parameters"])
     context = report["max_position_embeddings"]
     data = recipe.get("data")
+    front = {"library_name": "transformers", "tags": ["yarn", "long-context", "yarnkit"]}
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)) and not Path(str(base)).exists():
+        front["base_model"] = base  # only a Hub id: the Hub rejects local paths here
     sections = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         f"Context-extended with yarnkit from **{base}**: RoPE `{rope.get('rope_type')}`"
         + (f" x{rope['factor']:g}, {rope['original_max_position_embeddings']} -> {context} tokens."
