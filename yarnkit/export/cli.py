@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected or 'default')")
     parser.add_argument("--verify-tokens", type=int, default=None,
                         help="verification prompt length (default: original context + 64, so YaRN matters)")
+    parser.add_argument("--device", default="cpu", help="where the verification forwards run (cuda for big models)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare checks (not advised)")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload DIR to this Hub repo (user/name)")
@@ -57,7 +58,8 @@ def default_verify_tokens(config) -> int:
 
 
 def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",
-           gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB", hub_repo=None) -> dict:
+           gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB", hub_repo=None,
+           device="cpu") -> dict:
     """Write the export to `out` atomically and return the report (also saved as export_report.json)."""
     out = Path(out).expanduser().resolve()
     check_out_dir(out, overwrite)
@@ -76,15 +78,16 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         if run_checks:
             n_tokens = verify_tokens or default_verify_tokens(model.config)
             input_ids = verify.prompt_ids(tokenizer, n_tokens, model.config.vocab_size)
-            report["hf_check"] = verify.verify_hf(tmp, model, input_ids)
+            report["hf_check"] = verify.verify_hf(tmp, model.to(device), input_ids)
         if gguf:
             from yarnkit.export import gguf as gguf_export
 
             gguf_path = tmp / f"{out.name}-{gguf_type}.gguf"
+            model.cpu()
             report["gguf_notes"] = gguf_export.write_gguf(tmp, model, tokenizer, gguf_path, gguf_type, gguf_pre)
             report["gguf_file"] = gguf_path.name
             if run_checks:
-                report["gguf_check"] = verify.verify_gguf(gguf_path, model, input_ids, gguf_type)
+                report["gguf_check"] = verify.verify_gguf(gguf_path, model.to(device), input_ids, gguf_type)
         card.write_card(tmp, report, source, out.name)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         _move_into_place(tmp, out)
@@ -110,7 +113,8 @@ def run(args) -> int:
         report = export(args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
                         gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
                         verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
-                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub)
+                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub,
+                        device=args.device)
         print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
                          indent=2, default=str))
         print(f"exported to {Path(args.out).resolve()}")

@@ -32,11 +32,11 @@ _CHILD = r"""
 import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-folder, io_path, out_path = sys.argv[1:4]
-inputs = load_file(io_path)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True).eval()
+folder, io_path, out_path, device = sys.argv[1:5]
+inputs = load_file(io_path, device=device)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True).to(device).eval()
 with torch.no_grad():
-    logits = model(inputs["input_ids"], logits_to_keep=inputs["positions"]).logits[0].float()
+    logits = model(inputs["input_ids"], logits_to_keep=inputs["positions"]).logits[0].float().cpu()
 assert "yarnkit" not in sys.modules, "yarnkit was imported while loading the export"
 rope = getattr(model.config, "rope_parameters", None)
 print("ROPE", rope)
@@ -66,20 +66,22 @@ def max_relative_difference(reference: torch.Tensor, other: torch.Tensor) -> flo
 
 
 def verify_hf(folder: Path, model, input_ids: torch.Tensor, timeout_s: int = 1800) -> dict:
-    """Logit parity between `model` and `folder` loaded in a clean subprocess. Raises ExportError above tolerance."""
+    """Logit parity between `model` and `folder` loaded in a clean subprocess on the model's device. Raises
+    ExportError above tolerance."""
     from safetensors.torch import load_file, save_file
 
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     positions = compared_positions(input_ids.shape[1])
     with torch.no_grad():
-        reference = model(input_ids, logits_to_keep=positions).logits[0].float()
+        reference = model(input_ids.to(device), logits_to_keep=positions.to(device)).logits[0].float().cpu()
     with tempfile.TemporaryDirectory(prefix="yarnkit-verify-") as scratch:
         io_path, out_path = Path(scratch) / "inputs.safetensors", Path(scratch) / "logits.safetensors"
         save_file({"input_ids": input_ids.contiguous(), "positions": positions}, io_path)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["HF_HUB_OFFLINE"] = "1"
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(folder), str(io_path), str(out_path)],
+            done = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(folder), str(io_path), str(out_path),
+                                   str(device)],
                                   capture_output=True, text=True, timeout=timeout_s, cwd=scratch, env=env)
         except subprocess.TimeoutExpired as error:
             raise ExportError(f"reloading the export took over {timeout_s} s; pass a smaller --verify-tokens") from error
@@ -130,10 +132,12 @@ def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str)
     config.rope_parameters = rope
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32).eval()
     positions = compared_positions(input_ids.shape[1])
+    device = next(model.parameters()).device
     reference_model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+    loaded, input_ids, positions = loaded.to(device), input_ids.to(device), positions.to(device)
     with torch.no_grad():
-        reference = reference_model(input_ids, logits_to_keep=positions).logits[0]
-        other = loaded(input_ids, logits_to_keep=positions).logits[0]
+        reference = reference_model(input_ids, logits_to_keep=positions).logits[0].cpu()
+        other = loaded(input_ids, logits_to_keep=positions).logits[0].cpu()
     difference = max_relative_difference(reference, other)
     tolerance = GGUF_TOLERANCE[gguf_type]
     result = {"loader": "transformers GGUF loader + RoPE from GGUF metadata", "gguf_type": gguf_type,
