@@ -11,6 +11,7 @@ original. With llama-cpp-python installed, llama.cpp itself loads the file and i
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def gguf_export(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("gguf")
-    model = tiny_yarn_model(rope={**YARN, "beta_fast": 16.0, "beta_slow": 2.0})
+    model = tiny_yarn_model(rope={**YARN, "attention_factor": 1.3})  # not 0.1 ln 4 + 1 = 1.139
     run = make_run(root, model, tokenizer, with_eval=False)
     report = export(run, root / "tiny", gguf=True, gguf_type="f16")
     return model, root / "tiny", report
@@ -46,11 +47,12 @@ def test_yarn_metadata_under_llama_cpp_key_names(gguf_export):
     _, out, report = gguf_export
     meta = read_metadata(out / report["gguf_file"])
     key = {name: getattr(Keys.Rope, name).format(arch="llama") for name in
-           ("SCALING_TYPE", "SCALING_FACTOR", "SCALING_ORIG_CTX_LEN", "SCALING_YARN_BETA_FAST", "SCALING_YARN_BETA_SLOW",
-            "FREQ_BASE")}
+           ("SCALING_TYPE", "SCALING_FACTOR", "SCALING_ORIG_CTX_LEN", "SCALING_ATTN_FACTOR", "FREQ_BASE")}
     assert meta[key["SCALING_TYPE"]] == "yarn" and meta[key["SCALING_FACTOR"]] == 4.0
     assert meta[key["SCALING_ORIG_CTX_LEN"]] == 256 and meta["llama.context_length"] == 1024
-    assert (meta[key["SCALING_YARN_BETA_FAST"]], meta[key["SCALING_YARN_BETA_SLOW"]]) == (16.0, 2.0)
+    # llama.cpp multiplies its own 0.1 ln s + 1 by attn_factor; transformers' attention_factor replaces it
+    assert meta[key["SCALING_ATTN_FACTOR"]] == pytest.approx(1.3 / (0.1 * math.log(4.0) + 1), rel=1e-6)
+    assert not any("beta" in k for k in meta)  # llama.cpp reads no beta keys for Llama
     assert meta[key["FREQ_BASE"]] == 10000.0 and meta["tokenizer.ggml.model"] == "gpt2"
     assert "output.weight" in {t for t in _tensor_names(out / report["gguf_file"])}  # untied head kept
 
@@ -65,7 +67,8 @@ def test_transformers_gguf_loader_matches_with_metadata_rope(gguf_export):
     model, out, report = gguf_export
     check = report["gguf_check"]
     assert check["passed"] and check["max_relative_difference"] <= 1e-2 and check["prompt_tokens"] == 320
-    assert check["rope_from_metadata"] == {**YARN, "beta_fast": 16.0, "beta_slow": 2.0}
+    rope = check["rope_from_metadata"]
+    assert {k: rope[k] for k in YARN} == YARN and rope["attention_factor"] == pytest.approx(1.3, rel=1e-6)
 
 
 def test_rope_metadata_matters(gguf_export, tokenizer):
@@ -90,7 +93,7 @@ def test_tokenizer_rebuilt_from_gguf_encodes_the_same(gguf_export, tokenizer):
     assert rebuilt(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
     meta = read_metadata(out / report["gguf_file"])
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id == 2
-    assert meta["tokenizer.ggml.pre"] == "gpt2"  # a plain byte-level pre-tokenizer splits with GPT-2's regex
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"  # a plain byte-level pre-tokenizer splits with GPT-2's regex
 
 
 @pytest.mark.parametrize("gguf_type", ["f32", "bf16", "q8_0"])
@@ -110,9 +113,9 @@ def test_refusals_name_the_reason(gguf_export, tmp_path, tokenizer):
 
     with pytest.raises(ExportError, match="Llama architecture only.*'qwen2'"):
         write_gguf(out, tiny_model("qwen2", vocab_size=384), tokenizer, tmp_path / "q.gguf")
-    custom = tiny_yarn_model(rope={**YARN, "attention_factor": 1.3})
-    with pytest.raises(ExportError, match="attention_factor"):
-        write_gguf(out, custom, tokenizer, tmp_path / "c.gguf")
+    for custom, named in (({"beta_fast": 16.0}, "beta_fast=16.0"), ({"truncate": False}, "truncate=false")):
+        with pytest.raises(ExportError, match=f"reads no beta or truncate keys.*{named}"):
+            write_gguf(out, tiny_yarn_model(rope={**YARN, **custom}), tokenizer, tmp_path / "c.gguf")
 
 
 def test_llama_cpp_loads_the_file_and_agrees(gguf_export, tokenizer):
@@ -120,7 +123,8 @@ def test_llama_cpp_loads_the_file_and_agrees(gguf_export, tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, out, report = gguf_export
     ids = verify.prompt_ids(tokenizer, 320, 384)[0].tolist()
-    llm = llama_cpp.Llama(str(out / report["gguf_file"]), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(str(out / report["gguf_file"]), n_ctx=1024, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)  # f32 KV cache: only the f16 weights differ
     llm.eval(ids)
     theirs = torch.tensor(llm.scores[: len(ids)])
     with torch.no_grad():

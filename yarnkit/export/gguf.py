@@ -4,18 +4,22 @@
 Llama model: the hyper-parameters, the byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`), the tensors
 under llama.cpp's names (`gguf.get_tensor_name_map`) with Q and K rows permuted to llama.cpp's rotary layout, and
 the YaRN keys from `gguf.constants.Keys.Rope`: `llama.rope.scaling.type = "yarn"`, `.factor`,
-`.original_context_length`, `.yarn_beta_fast` / `.yarn_beta_slow`; `llama.context_length` is the extended
-context. `rope_parameters_from_gguf(path)` reads those keys back into a transformers `rope_parameters` dict,
-as llama.cpp interprets them, for verification (transformers' GGUF loader ignores Llama's rope-scaling keys).
+`.original_context_length`, and `.attn_factor` when the attention factor is not 0.1·ln(s)+1 (llama.cpp
+multiplies its own by it); `llama.context_length` is the extended context. llama.cpp reads the
+`.yarn_beta_fast/.yarn_beta_slow` keys only for grok and mistral3 (checked in its source), so none are written
+and a Llama with other betas is refused. `rope_parameters_from_gguf(path)` turns the keys back into a
+transformers `rope_parameters` dict, as llama.cpp runs them, for verification (transformers' GGUF loader
+ignores Llama's rope-scaling keys).
 
-Not supported (clear error): other architectures, sentencepiece tokenizers, and YaRN with a custom
-`attention_factor`/`mscale`/`truncate=false`, which llama.cpp cannot express for Llama.
+Not supported (clear error): other architectures, sentencepiece tokenizers, YaRN betas other than 32/1, and
+`truncate=false`.
 Tested by tests/test_export_gguf.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +27,16 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError
+from yarnkit.rope import yarn_attention_factor, yarn_get_mscale
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 # tokenizer.json pre_tokenizer (trim_offsets ignored) -> llama.cpp `tokenizer.ggml.pre` with the same splitting
 KNOWN_PRE_TOKENIZERS = [
-    (_BYTE_LEVEL, "gpt2"),  # GPT-2's regex
+    (_BYTE_LEVEL, "gpt-2"),  # GPT-2's regex
     ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}, "smollm"),
 ]
-LLAMA_CPP_DEFAULT_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
+LLAMA_CPP_FIXED_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}  # llama.cpp reads beta keys only for grok/mistral3
 
 
 def _check_supported(config) -> dict:
@@ -41,13 +46,22 @@ def _check_supported(config) -> dict:
     rope = dict(config.rope_parameters)
     if rope_keys.is_per_layer_type(rope):
         raise ExportError("--gguf: per-layer-type RoPE is not supported for Llama")
-    custom = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if k in rope]
+    custom = [f"{k}={rope[k]}" for k, default in LLAMA_CPP_FIXED_BETAS.items() if rope.get(k, default) != default]
     if rope.get("truncate") is False:
         custom.append("truncate=false")
     if custom:
-        raise ExportError(f"--gguf: llama.cpp's Llama YaRN uses 0.1·ln(factor)+1 and truncated ranges; this model sets "
-                          f"{custom}, which its GGUF keys cannot express. Export without --gguf")
+        raise ExportError(f"--gguf: llama.cpp reads no beta or truncate keys for Llama (it always uses beta_fast=32, "
+                          f"beta_slow=1, truncated ranges); this model sets {', '.join(custom)}. Export without --gguf "
+                          "and run llama.cpp with --yarn-beta-fast/--yarn-beta-slow on a converted file")
     return rope
+
+
+def llama_cpp_attn_factor(rope: dict) -> float:
+    """llama.cpp's `rope.scaling.attn_factor` multiplies its built-in 0.1·ln(s)+1; transformers' attention factor
+    (explicit, or the mscale ratio) replaces it. The ratio of the two expresses one in the other."""
+    factor = float(rope["factor"])
+    wanted = yarn_attention_factor(factor, rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim"))
+    return wanted / yarn_get_mscale(factor)
 
 
 def _without_offsets(node):
@@ -148,9 +162,9 @@ def _add_hparams(writer, config, rope: dict, name: str, gguf_type: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        for key in ("beta_fast", "beta_slow"):
-            if key in rope:
-                getattr(writer, f"add_rope_scaling_yarn_{key}")(float(rope[key]))
+        attn_factor = llama_cpp_attn_factor(rope)
+        if not math.isclose(attn_factor, 1.0, rel_tol=1e-7):
+            writer.add_rope_scaling_attn_factors(attn_factor)
     elif rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -208,7 +222,8 @@ def read_metadata(path: Path) -> dict:
 
 
 def rope_parameters_from_gguf(path: Path) -> tuple[dict, int]:
-    """`(rope_parameters, context_length)` as llama.cpp reads a Llama GGUF (betas default to 32/1)."""
+    """`(rope_parameters, context_length)` in transformers' terms, as llama.cpp runs a Llama GGUF: betas 32/1,
+    attention factor = `rope.scaling.attn_factor` × (0.1·ln s + 1)."""
     meta = read_metadata(path)
     arch = meta["general.architecture"]
     rope = {"rope_type": "default", "rope_theta": float(meta[f"{arch}.rope.freq_base"])}
@@ -216,8 +231,9 @@ def rope_parameters_from_gguf(path: Path) -> tuple[dict, int]:
     if kind == "yarn":
         rope.update(rope_type="yarn", factor=float(meta[f"{arch}.rope.scaling.factor"]),
                     original_max_position_embeddings=int(meta[f"{arch}.rope.scaling.original_context_length"]))
-        for key, default in LLAMA_CPP_DEFAULT_BETAS.items():
-            rope[key] = float(meta.get(f"{arch}.rope.scaling.yarn_{key}", default))
+        attn_factor = float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+        if attn_factor != 1.0:
+            rope["attention_factor"] = attn_factor * yarn_get_mscale(rope["factor"])
     elif kind == "linear":
         rope.update(rope_type="linear", factor=float(meta[f"{arch}.rope.scaling.factor"]))
     return rope, int(meta[f"{arch}.context_length"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,8 +124,10 @@ def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str)
     from yarnkit.export.gguf import rope_parameters_from_gguf
 
     rope, context = rope_parameters_from_gguf(gguf_path)
-    expected = {k: v for k, v in model.config.rope_parameters.items() if k in rope}
-    mismatched = {k: (rope[k], v) for k, v in expected.items() if rope[k] != v}
+    expected = {k: v for k, v in model.config.rope_parameters.items()
+                if k in ("rope_type", "rope_theta", "factor", "original_max_position_embeddings")}
+    mismatched = {k: (rope.get(k), v) for k, v in expected.items()
+                  if not (rope.get(k) == v or isinstance(v, float) and math.isclose(rope.get(k), v, rel_tol=1e-6))}
     if mismatched or context != model.config.max_position_embeddings:
         raise ExportError(f"GGUF RoPE metadata {rope} (context {context}) does not match the model: {mismatched}")
     folder, name = str(gguf_path.parent), gguf_path.name
