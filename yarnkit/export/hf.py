@@ -55,11 +55,12 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
                               "(stock loaders and GGUF need merged weights)")
         base_dir = local_hf_dir(source.base_model)
         config = _lora_config(source, base_dir, notes)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=_torch_dtype(dtype, config),
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
         from peft import PeftModel
 
+        # merged in float32, then cast: merging in bf16 would round the sum W + BA once more
         model = PeftModel.from_pretrained(model, str(source.model_dir)).merge_and_unload()
+        model = model.to(_torch_dtype(dtype, config))
         notes.append(f"LoRA adapter merged into base model {source.base_model}")
         tokenizer_dir = source.model_dir if _has_tokenizer(source.model_dir) else Path(base_dir)
     elif source.deepspeed_dir is not None:
