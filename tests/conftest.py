@@ -9,7 +9,8 @@ import pytest
 import torch
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_config(model_type: str = "llama", **overrides):

@@ -13,7 +13,6 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
-    "demo": ("yarnkit.demo", "zero-shot YaRN on the bundled SmolLM2-135M: perplexity past the native context"),
     "export": ("yarnkit.export.cli", "export a run/checkpoint for transformers, vLLM, llama.cpp (GGUF) and the Hub"),
 }
 

