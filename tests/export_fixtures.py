@@ -1,7 +1,7 @@
 """Fixtures for the export tests: tiny YaRN Llama models saved in the run-directory layout the trainer writes.
 
 `tiny_bpe_tokenizer()` trains a 384-token byte-level BPE on the bundled book in-process (no download);
-`tiny_yarn_model()` is conftest's tiny Llama with YaRN x4 set through its config (native 256 -> 1024 tokens)
+`tiny_yarn_model()` is conftest's tiny Llama with YaRN x4 applied by `apply_rope_scaling` (native 256 -> 1024 tokens)
 and Q/K weights x4 so attention depends on position;
 `make_run(root, ...)` writes RUN/recipe.yaml, RUN/checkpoints/step_*/model/ (full weights or a LoRA adapter),
 and RUN/eval/*.json + a PNG. Imported by tests/test_export*.py; not a test file itself.
@@ -40,21 +40,19 @@ def tiny_bpe_tokenizer():
 
 
 def tiny_yarn_model(seed: int = 0, rope: dict | None = None, **overrides):
-    """Tiny Llama with YaRN applied through its config, as `apply_rope_scaling` does on a config."""
-    from transformers import AutoModelForCausalLM
+    """Tiny Llama with `rope` (default: YaRN x4) applied by `yarnkit.patch.apply_rope_scaling`, as in training."""
+    from yarnkit.patch import apply_rope_scaling
 
+    rope = dict(rope or YARN)
+    params = {k: v for k, v in rope.items()
+              if k not in ("rope_type", "factor", "rope_theta", "original_max_position_embeddings")}
     model = tiny_model("llama", seed=seed, vocab_size=VOCAB, **overrides)
-    config = model.config
-    config.rope_parameters = dict(rope or YARN)
-    config.max_position_embeddings = int(config.rope_parameters["factor"] * 256)
-    torch.manual_seed(seed)
-    fresh = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    fresh.load_state_dict(model.state_dict())
+    apply_rope_scaling(model, rope["rope_type"], factor=rope["factor"], **params)
     with torch.no_grad():  # sharper attention than the 0.02-std init, so positions (and so RoPE) matter:
-        for name, weight in fresh.named_parameters():  # dropping YaRN moves logits by ~14% instead of ~1%
+        for name, weight in model.named_parameters():  # dropping YaRN moves logits by ~14% instead of ~1%
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 weight.mul_(4.0)
-    return fresh
+    return model
 
 
 def make_run(root: Path, model=None, tokenizer=None, lora: bool = False, base_dir: Path | None = None,

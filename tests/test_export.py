@@ -295,14 +295,11 @@ def test_smollm2_yarn_x4_round_trip(tmp_path, smollm2):
     """The real SmolLM2-135M with YaRN x4 set through its config, exported and reloaded by plain transformers.
     A 1024-token prompt keeps this near 30 s on 2 cores: YaRN changes the rotation of every position and the
     attention scale, so a lost or wrong YaRN config shows at any length (the tiny tests cover > original)."""
-    from yarnkit.export.hf import rebuild_rotary
+    from yarnkit.patch import apply_rope_scaling
 
     model, tokenizer = smollm2
     yarn_model = copy.deepcopy(model)
-    yarn_model.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192,
-                                         "rope_theta": float(model.config.rope_parameters["rope_theta"])}
-    yarn_model.config.max_position_embeddings = 32768
-    rebuild_rotary(yarn_model)
+    apply_rope_scaling(yarn_model, "yarn", factor=4.0)  # 8192 -> 32768
     run = make_run(tmp_path, yarn_model, tokenizer, with_eval=False)
     report = export(run, tmp_path / "smollm2-yarn", verify_tokens=1024)
     assert report["hf_check"]["max_relative_difference"] <= 1e-4
