@@ -5,8 +5,9 @@
 Checks: the YaRN keys under the exact names in `gguf.constants.Keys.Rope` (read with gguf.GGUFReader);
 transformers' GGUF loader (which reverses llama.cpp's tensor names and Q/K permutation, but ignores Llama's
 rope-scaling keys) gives the same logits once the RoPE read from the metadata is applied: max |Δ| / max |logit|
-≤ 1e-4 for f32, 1e-2 for f16, 2e-2 for bf16, 5e-2 for q8_0; the tokenizer rebuilt from the GGUF encodes like the
-original. With llama-cpp-python installed, llama.cpp itself loads the file and its logits are compared too.
+≤ 1e-4 against the model with its weights rounded as stored (every type), and the quantization error against the
+model itself ≤ 1e-6 (f32), 1e-2 (f16), 2e-2 (bf16), 5e-2 (q8_0); the tokenizer rebuilt from the GGUF encodes like
+the original. With llama-cpp-python installed, llama.cpp itself loads the file and its logits are compared too.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _tensor_names(path):
 def test_transformers_gguf_loader_matches_with_metadata_rope(gguf_export):
     model, out, report = gguf_export
     check = report["gguf_check"]
-    assert check["passed"] and check["max_relative_difference"] <= 1e-2 and check["prompt_tokens"] == 320
+    assert check["passed"] and check["max_relative_difference"] <= 1e-4 and check["prompt_tokens"] == 320
+    assert 0 < check["quantization_error"] <= 1e-2  # f16 weights: measured ~7e-4
     rope = check["rope_from_metadata"]
     assert {k: rope[k] for k in YARN} == YARN and rope["attention_factor"] == pytest.approx(1.3, rel=1e-6)
 
@@ -103,8 +105,21 @@ def test_other_gguf_types_round_trip(gguf_export, tmp_path, tokenizer, gguf_type
     write_gguf(out, model, tokenizer, path, gguf_type)
     ids = verify.prompt_ids(tokenizer, 320, 384)
     result = verify.verify_gguf(path, model, ids, gguf_type)
-    assert result["max_relative_difference"] <= verify.GGUF_TOLERANCE[gguf_type]
+    assert result["max_relative_difference"] <= 1e-4  # against the same rounded weights
+    assert result["quantization_error"] <= {"f32": 1e-6, "bf16": 2e-2, "q8_0": 5e-2}[gguf_type]
     assert rope_parameters_from_gguf(path)[1] == 1024
+
+
+def test_gguf_check_catches_a_wrong_rotary_layout(gguf_export, tmp_path, tokenizer, monkeypatch):
+    """The check can fail: Q/K rows left in HF's layout (llama.cpp's permutation skipped) are detected."""
+    from yarnkit.export import gguf as gguf_module
+
+    model, out, _ = gguf_export
+    monkeypatch.setattr(gguf_module, "_permute_rotary_rows", lambda weight, n_head: weight)
+    path = tmp_path / "unpermuted.gguf"
+    write_gguf(out, model, tokenizer, path, "f32")
+    with pytest.raises(ExportError, match="layout or metadata is wrong"):
+        verify.verify_gguf(path, model, verify.prompt_ids(tokenizer, 320, 384), "f32")
 
 
 def test_refusals_name_the_reason(gguf_export, tmp_path, tokenizer):

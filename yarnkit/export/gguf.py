@@ -133,6 +133,16 @@ def _encode(array: np.ndarray, gguf_type: str):
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
+def stored_values(array: np.ndarray, gguf_type: str) -> np.ndarray:
+    """The float32 values a GGUF reader gets back for `array` written as `gguf_type` (quantize, dequantize)."""
+    import gguf
+
+    data, raw_dtype = _encode(array, gguf_type)
+    if raw_dtype is None:
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, raw_dtype).reshape(array.shape).astype(np.float32)
+
+
 def _file_type(gguf_type: str) -> int:
     import gguf
 
