@@ -144,3 +144,14 @@ def test_push_offline_says_so(folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(ExportError, match="cannot reach"):
         push_folder(folder, "user/tiny-yarn", endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_cli_push_only_uploads_a_finished_export(hub, folder, monkeypatch, capsys):
+    from yarnkit.cli import main
+
+    monkeypatch.setenv("HF_ENDPOINT", hub)
+    assert main(["export", str(folder), "--push-only", "--push-to-hub", "user/tiny-yarn"]) == 2  # not an export
+    assert "finished export folder" in capsys.readouterr().err
+    (folder / "export_report.json").write_text("{}")
+    assert main(["export", str(folder), "--push-only", "--push-to-hub", "user/tiny-yarn"]) == 0
+    assert "uploaded to" in capsys.readouterr().out and "export_report.json" in FakeHub.files

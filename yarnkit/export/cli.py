@@ -3,6 +3,7 @@
   yarnkit export RUN --out DIR                    # newest complete RUN/checkpoints/step_* -> DIR (HF safetensors)
   yarnkit export RUN --out DIR --gguf --gguf-type q8_0
   yarnkit export CKPT --out DIR --merge-lora --push-to-hub you/model --private
+  yarnkit export DIR --push-only --push-to-hub you/model     # upload (or resume uploading) a finished export
 
 DIR gets safetensors shards, a config.json whose RoPE keys make stock transformers (v5 `rope_parameters`, v4
 and vLLM `rope_scaling`) apply YaRN, the tokenizer, generation_config.json, the recipe, README.md (model card with
@@ -28,7 +29,7 @@ from yarnkit.export.source import ExportError, resolve_source
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a RUN dir, a checkpoints/step_* dir or an HF model dir")
-    parser.add_argument("--out", required=True, help="output folder (must be absent or empty unless --overwrite)")
+    parser.add_argument("--out", help="output folder (must be absent or empty unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype to write (auto: the checkpoint's)")
@@ -43,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload DIR to this Hub repo (user/name)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--push-only", action="store_true",
+                        help="RUN_OR_CHECKPOINT is a finished export folder: only upload it (e.g. after a failed push)")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -110,18 +113,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def run(args) -> int:
     try:
-        report = export(args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
-                        gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
-                        verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
-                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub,
-                        device=args.device)
-        print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
-                         indent=2, default=str))
-        print(f"exported to {Path(args.out).resolve()}")
+        if args.push_only:
+            if not args.push_to_hub or not (Path(args.source) / "export_report.json").is_file():
+                raise ExportError("--push-only needs --push-to-hub REPO and a finished export folder "
+                                  "(with export_report.json) as the source")
+            out = Path(args.source)
+        else:
+            if not args.out:
+                raise ExportError("--out DIR is required (where the export is written)")
+            out = Path(args.out)
+            report = export(args.source, out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
+                            gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
+                            verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
+                            max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub, device=args.device)
+            print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
+                             indent=2, default=str))
+            print(f"exported to {out.resolve()}")
         if args.push_to_hub:
             from yarnkit.export.hub import push_folder
 
-            url = push_folder(Path(args.out), args.push_to_hub, private=args.private)
+            try:
+                url = push_folder(out, args.push_to_hub, private=args.private)
+            except ExportError as error:
+                raise ExportError(f"{error}\n(the export in {out} is complete; upload it later with "
+                                  f"`yarnkit export {out} --push-only --push-to-hub {args.push_to_hub}`)") from error
             print(f"uploaded to {url}")
     except ExportError as error:
         print(f"yarnkit export: error: {error}", file=sys.stderr)

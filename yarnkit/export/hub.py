@@ -1,9 +1,10 @@
 """Upload an export folder to the Hugging Face Hub with `huggingface_hub` (create the repo, then one commit).
 
 The token comes from `HF_TOKEN` or the saved `hf auth login`; it is never printed. The endpoint is `HF_ENDPOINT`
-(default https://huggingface.co). Re-running after an interruption is cheap: the Hub answers the pre-upload
-check with the large files it already has, and those are not sent again. Offline, unauthorised and
-not-found answers become `ExportError`s that say what to do.
+(default https://huggingface.co). Re-running after an interruption is cheap: with `hf_xet` installed (it is in
+yarnkit's venv) `upload_folder` streams large files to Xet storage, which deduplicates what it already has;
+without it, the LFS batch API skips files the Hub already holds. Offline, unauthorised and not-found answers
+become `ExportError`s that say what to do (`yarnkit export DIR --push-only --push-to-hub REPO` retries).
 
 Tested against a local HTTP server speaking the subset of the Hub API this uses (tests/test_export_hub.py).
 """
