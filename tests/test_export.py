@@ -132,7 +132,6 @@ def test_lora_run_is_merged_and_matches_the_unmerged_adapter(tmp_path, tokenizer
 
 def test_lora_adapter_without_config_takes_yarn_from_the_recipe(tmp_path, tokenizer):
     """peft saves no config.json: the base model's config gets the recipe's `yarn` section, as in training."""
-    pytest.importorskip("yarnkit.patch")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -158,7 +157,6 @@ def test_lora_adapter_without_config_takes_yarn_from_the_recipe(tmp_path, tokeni
 def test_dynamic_yarn_checkpoint_exports_as_static_yarn_with_identical_logits(tmp_path, tokenizer):
     """Trained with yarnkit's dynamic_yarn (finetuned: the scale never drops below the factor): up to
     factor × original tokens it equals static YaRN, so the export must reproduce its logits."""
-    pytest.importorskip("yarnkit.patch")
     from transformers import AutoModelForCausalLM
 
     model = tiny_yarn_model(seed=4, rope={**YARN, "rope_type": "dynamic_yarn", "finetuned": True})

@@ -20,14 +20,6 @@ from yarnkit.export.source import ExportError, ExportSource
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def _register_yarnkit_rope_types() -> None:
-    """Checkpoints trained with yarnkit's `dynamic_yarn` need its rope-init function registered to load."""
-    try:
-        import yarnkit.patch  # noqa: F401  (registers dynamic_yarn in transformers' rope registry)
-    except ImportError:
-        pass
-
-
 def _torch_dtype(name: str | None, config) -> torch.dtype:
     from yarnkit.models import to_dtype
 
@@ -45,9 +37,9 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    import yarnkit.patch  # noqa: F401  (registers dynamic_yarn, so checkpoints trained with it load)
     from yarnkit.models import local_hf_dir
 
-    _register_yarnkit_rope_types()
     notes: list[str] = []
     if source.is_lora:
         if not merge_lora:
@@ -90,11 +82,8 @@ def _lora_config(source: ExportSource, base_dir: str, notes: list[str]):
     yarn = source.recipe().get("yarn") or {}
     if float(yarn.get("factor", 1.0)) == 1.0 and not yarn.get("replace"):
         return config
-    try:
-        from yarnkit.patch import apply_rope_scaling
-    except ImportError as error:
-        raise ExportError("this LoRA adapter has no config.json; re-applying the recipe's yarn section needs "
-                          "yarnkit.patch") from error
+    from yarnkit.patch import apply_rope_scaling
+
     params = {k: yarn[k] for k in ("beta_fast", "beta_slow", "attention_factor") if yarn.get(k) is not None}
     apply_rope_scaling(config, rope_type=yarn.get("rope_type", "yarn"), factor=float(yarn["factor"]),
                        original_max_position_embeddings=yarn.get("original_max_position_embeddings") or None,
