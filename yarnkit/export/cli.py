@@ -16,6 +16,7 @@ failed export never leaves a DIR that looks complete. Tested by tests/test_expor
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -66,6 +67,8 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
     """Write the export to `out` atomically and return the report (also saved as export_report.json)."""
     out = Path(out).expanduser().resolve()
     check_out_dir(out, overwrite)
+    if gguf and importlib.util.find_spec("gguf") is None:
+        raise ExportError("--gguf needs the `gguf` package (llama.cpp's writer): pip install gguf")
     source = resolve_source(source_path)
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
     notes += hf.prepare_for_inference(model)
