@@ -1,0 +1,147 @@
+"""`yarnkit export --gguf`: a llama.cpp GGUF of a tiny YaRN Llama, read back by independent readers.
+
+    python -m pytest tests/test_export_gguf.py -q
+
+Checks: the YaRN keys under the exact names in `gguf.constants.Keys.Rope` (read with gguf.GGUFReader);
+transformers' GGUF loader (which reverses llama.cpp's tensor names and Q/K permutation, but ignores Llama's
+rope-scaling keys) gives the same logits once the RoPE read from the metadata is applied: max |Δ| / max |logit|
+≤ 1e-4 against the model with its weights rounded as stored (every type), and the quantization error against the
+model itself ≤ 1e-6 (f32), 1e-2 (f16), 2e-2 (bf16), 5e-2 (q8_0); the tokenizer rebuilt from the GGUF encodes like
+the original. With llama-cpp-python installed, llama.cpp itself loads the file and its logits are compared too.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
+
+from yarnkit.export import verify  # noqa: E402
+from yarnkit.export.cli import export  # noqa: E402
+from yarnkit.export.gguf import read_metadata, rope_parameters_from_gguf, write_gguf  # noqa: E402
+from yarnkit.export.source import ExportError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gguf_export(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("gguf")
+    model = tiny_yarn_model(rope={**YARN, "attention_factor": 1.3})  # not 0.1 ln 4 + 1 = 1.139
+    run = make_run(root, model, tokenizer, with_eval=False)
+    report = export(run, root / "tiny", gguf=True, gguf_type="f16")
+    return model, root / "tiny", report
+
+
+def test_yarn_metadata_under_llama_cpp_key_names(gguf_export):
+    from gguf.constants import Keys
+
+    _, out, report = gguf_export
+    meta = read_metadata(out / report["gguf_file"])
+    key = {name: getattr(Keys.Rope, name).format(arch="llama") for name in
+           ("SCALING_TYPE", "SCALING_FACTOR", "SCALING_ORIG_CTX_LEN", "SCALING_ATTN_FACTOR", "FREQ_BASE")}
+    assert meta[key["SCALING_TYPE"]] == "yarn" and meta[key["SCALING_FACTOR"]] == 4.0
+    assert meta[key["SCALING_ORIG_CTX_LEN"]] == 256 and meta["llama.context_length"] == 1024
+    # llama.cpp multiplies its own 0.1 ln s + 1 by attn_factor; transformers' attention_factor replaces it
+    assert meta[key["SCALING_ATTN_FACTOR"]] == pytest.approx(1.3 / (0.1 * math.log(4.0) + 1), rel=1e-6)
+    assert not any("beta" in k for k in meta)  # llama.cpp reads no beta keys for Llama
+    assert meta[key["FREQ_BASE"]] == 10000.0 and meta["tokenizer.ggml.model"] == "gpt2"
+    assert "output.weight" in {t for t in _tensor_names(out / report["gguf_file"])}  # untied head kept
+
+
+def _tensor_names(path):
+    import gguf
+
+    return [t.name for t in gguf.GGUFReader(str(path)).tensors]
+
+
+def test_transformers_gguf_loader_matches_with_metadata_rope(gguf_export):
+    model, out, report = gguf_export
+    check = report["gguf_check"]
+    assert check["passed"] and check["max_relative_difference"] <= 1e-4 and check["prompt_tokens"] == 320
+    assert 0 < check["quantization_error"] <= 1e-2  # f16 weights: measured ~7e-4
+    rope = check["rope_from_metadata"]
+    assert {k: rope[k] for k in YARN} == YARN and rope["attention_factor"] == pytest.approx(1.3, rel=1e-6)
+
+
+def test_rope_metadata_matters(gguf_export, tokenizer):
+    """transformers' GGUF loader alone ignores Llama's rope scaling: without the metadata RoPE the logits differ,
+    so the comparison above really depends on the YaRN keys written."""
+    from transformers import AutoModelForCausalLM
+
+    model, out, report = gguf_export
+    plain = AutoModelForCausalLM.from_pretrained(out, gguf_file=report["gguf_file"], dtype=torch.float32).eval()
+    assert plain.config.rope_parameters["rope_type"] == "default"
+    ids = verify.prompt_ids(tokenizer, 320, 384)
+    with torch.no_grad():
+        assert verify.max_relative_difference(model(ids).logits, plain(ids).logits) > 1e-2
+
+
+def test_tokenizer_rebuilt_from_gguf_encodes_the_same(gguf_export, tokenizer):
+    from transformers import AutoTokenizer
+
+    _, out, report = gguf_export
+    rebuilt = AutoTokenizer.from_pretrained(out, gguf_file=report["gguf_file"])
+    text = "It was the best of times, it was the worst of times; 1848 <|im_end|>"
+    assert rebuilt(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    meta = read_metadata(out / report["gguf_file"])
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id == 2
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"  # a plain byte-level pre-tokenizer splits with GPT-2's regex
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "bf16", "q8_0"])
+def test_other_gguf_types_round_trip(gguf_export, tmp_path, tokenizer, gguf_type):
+    model, out, _ = gguf_export
+    path = tmp_path / f"tiny-{gguf_type}.gguf"
+    write_gguf(out, model, tokenizer, path, gguf_type)
+    ids = verify.prompt_ids(tokenizer, 320, 384)
+    result = verify.verify_gguf(path, model, ids, gguf_type)
+    assert result["max_relative_difference"] <= 1e-4  # against the same rounded weights
+    assert result["quantization_error"] <= {"f32": 1e-6, "bf16": 2e-2, "q8_0": 5e-2}[gguf_type]
+    assert rope_parameters_from_gguf(path)[1] == 1024
+
+
+def test_gguf_check_catches_a_wrong_rotary_layout(gguf_export, tmp_path, tokenizer, monkeypatch):
+    """The check can fail: Q/K rows left in HF's layout (llama.cpp's permutation skipped) are detected."""
+    from yarnkit.export import gguf as gguf_module
+
+    model, out, _ = gguf_export
+    monkeypatch.setattr(gguf_module, "_permute_rotary_rows", lambda weight, n_head: weight)
+    path = tmp_path / "unpermuted.gguf"
+    write_gguf(out, model, tokenizer, path, "f32")
+    with pytest.raises(ExportError, match="layout or metadata is wrong"):
+        verify.verify_gguf(path, model, verify.prompt_ids(tokenizer, 320, 384), "f32")
+
+
+def test_refusals_name_the_reason(gguf_export, tmp_path, tokenizer):
+    model, out, _ = gguf_export
+    from conftest import tiny_model
+
+    with pytest.raises(ExportError, match="Llama architecture only.*'qwen2'"):
+        write_gguf(out, tiny_model("qwen2", vocab_size=384), tokenizer, tmp_path / "q.gguf")
+    for custom, named in (({"beta_fast": 16.0}, "beta_fast=16.0"), ({"truncate": False}, "truncate=false")):
+        with pytest.raises(ExportError, match=f"reads no beta or truncate keys.*{named}"):
+            write_gguf(out, tiny_yarn_model(rope={**YARN, **custom}), tokenizer, tmp_path / "c.gguf")
+
+
+def test_llama_cpp_loads_the_file_and_agrees(gguf_export, tokenizer):
+    """Only where llama-cpp-python is installed (not a project dependency)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, out, report = gguf_export
+    ids = verify.prompt_ids(tokenizer, 320, 384)[0].tolist()
+    llm = llama_cpp.Llama(str(out / report["gguf_file"]), n_ctx=1024, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)  # f32 KV cache: only the f16 weights differ
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    assert verify.max_relative_difference(ours, theirs) <= 1e-2

@@ -1,0 +1,147 @@
+"""Export a yarnkit run, checkpoint or HF model folder as files stock loaders read: transformers, vLLM, llama.cpp.
+
+  yarnkit export RUN --out DIR                    # newest complete RUN/checkpoints/step_* -> DIR (HF safetensors)
+  yarnkit export RUN --out DIR --gguf --gguf-type q8_0
+  yarnkit export CKPT --out DIR --merge-lora --push-to-hub you/model --private
+  yarnkit export DIR --push-only --push-to-hub you/model     # upload (or resume uploading) a finished export
+
+DIR gets safetensors shards, a config.json whose RoPE keys make stock transformers (v5 `rope_parameters`, v4
+and vLLM `rope_scaling`) apply YaRN, the tokenizer, generation_config.json, the recipe, README.md (model card with
+the run's eval results) and export_report.json. `dynamic_yarn` is written as static `yarn` at its trained factor.
+Before DIR appears, the export is reloaded by plain transformers in a fresh process and its logits compared with
+the in-memory model on a prompt longer than the original context (fp32 tolerance 1e-4, bf16/fp16 2e-2); the GGUF
+is read back and compared too. Everything is written to a temp dir beside DIR and renamed at the end, so a
+failed export never leaves a DIR that looks complete. Tested by tests/test_export*.py; docs in docs/export.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from yarnkit.export import card, hf, verify
+from yarnkit.export.source import ExportError, resolve_source
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a RUN dir, a checkpoints/step_* dir or an HF model dir")
+    parser.add_argument("--out", help="output folder (must be absent or empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weight dtype to write (auto: the checkpoint's)")
+    parser.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
+    parser.add_argument("--gguf", action="store_true", help="also write a llama.cpp GGUF (Llama architecture)")
+    parser.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    parser.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected or 'default')")
+    parser.add_argument("--verify-tokens", type=int, default=None,
+                        help="verification prompt length (default: original context + 64, so YaRN matters)")
+    parser.add_argument("--device", default="cpu", help="where the verification forwards run (cuda for big models)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare checks (not advised)")
+    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload DIR to this Hub repo (user/name)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--push-only", action="store_true",
+                        help="RUN_OR_CHECKPOINT is a finished export folder: only upload it (e.g. after a failed push)")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another path")
+
+
+def default_verify_tokens(config) -> int:
+    from yarnkit.export.rope_keys import main_rope_dict
+
+    original = main_rope_dict(config.rope_parameters).get("original_max_position_embeddings")
+    return int(original or config.max_position_embeddings) + 64
+
+
+def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",
+           gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB", hub_repo=None,
+           device="cpu") -> dict:
+    """Write the export to `out` atomically and return the report (also saved as export_report.json)."""
+    out = Path(out).expanduser().resolve()
+    check_out_dir(out, overwrite)
+    if gguf and importlib.util.find_spec("gguf") is None:
+        raise ExportError("--gguf needs the `gguf` package (llama.cpp's writer): pip install gguf")
+    source = resolve_source(source_path)
+    model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
+    notes += hf.prepare_for_inference(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf.write_hf(model, tokenizer, tmp, source.recipe_path, max_shard_size)
+        report = {"source": str(source.model_dir), "base_model": source.base_model, "notes": notes, "hub_repo": hub_repo,
+                  "rope_parameters": model.config.rope_parameters,
+                  "max_position_embeddings": model.config.max_position_embeddings}
+        report["config_check"] = verify.verify_config(tmp, tokenizer)
+        input_ids = None
+        if run_checks:
+            n_tokens = verify_tokens or default_verify_tokens(model.config)
+            input_ids = verify.prompt_ids(tokenizer, n_tokens, model.config.vocab_size)
+            report["hf_check"] = verify.verify_hf(tmp, model.to(device), input_ids)
+        if gguf:
+            from yarnkit.export import gguf as gguf_export
+
+            gguf_path = tmp / f"{out.name}-{gguf_type}.gguf"
+            model.cpu()
+            report["gguf_notes"] = gguf_export.write_gguf(tmp, model, tokenizer, gguf_path, gguf_type, gguf_pre)
+            report["gguf_file"] = gguf_path.name
+            if run_checks:
+                report["gguf_check"] = verify.verify_gguf(gguf_path, model.to(device), input_ids, gguf_type)
+        card.write_card(tmp, report, source, out.name)
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an old out (allowed by --overwrite) is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args) -> int:
+    try:
+        if args.push_only:
+            if not args.push_to_hub or not (Path(args.source) / "export_report.json").is_file():
+                raise ExportError("--push-only needs --push-to-hub REPO and a finished export folder "
+                                  "(with export_report.json) as the source")
+            out = Path(args.source)
+        else:
+            if not args.out:
+                raise ExportError("--out DIR is required (where the export is written)")
+            out = Path(args.out)
+            report = export(args.source, out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
+                            gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
+                            verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
+                            max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub, device=args.device)
+            print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
+                             indent=2, default=str))
+            print(f"exported to {out.resolve()}")
+        if args.push_to_hub:
+            from yarnkit.export.hub import push_folder
+
+            try:
+                url = push_folder(out, args.push_to_hub, private=args.private)
+            except ExportError as error:
+                raise ExportError(f"{error}\n(the export in {out} is complete; upload it later with "
+                                  f"`yarnkit export {out} --push-only --push-to-hub {args.push_to_hub}`)") from error
+            print(f"uploaded to {url}")
+    except ExportError as error:
+        print(f"yarnkit export: error: {error}", file=sys.stderr)
+        return 2
+    return 0

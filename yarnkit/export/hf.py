@@ -1,0 +1,159 @@
+"""Load the model to export (full weights, LoRA merged into its base, or a raw DeepSpeed ZeRO folder) and write it
+as a plain Hugging Face folder: safetensors shards, a config with static RoPE keys for every loader, the
+tokenizer, `generation_config.json` and the resolved recipe.
+
+Not here: finding the checkpoint (`source.py`), checking the written folder (`verify.py`), GGUF (`gguf.py`).
+Tested by tests/test_export.py (`python -m pytest tests/test_export.py -q`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from yarnkit.export import rope_keys
+from yarnkit.export.source import ExportError, ExportSource
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _torch_dtype(name: str | None, config) -> torch.dtype:
+    from yarnkit.models import to_dtype
+
+    if name in (None, "auto"):
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return to_dtype(str(saved).replace("torch.", "")) if saved else torch.float32
+    return to_dtype(name)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora: bool = True):
+    """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import yarnkit.patch  # noqa: F401  (registers dynamic_yarn, so checkpoints trained with it load)
+    from yarnkit.models import local_hf_dir
+
+    notes: list[str] = []
+    if source.is_lora:
+        if not merge_lora:
+            raise ExportError(f"{source.model_dir} is a LoRA adapter: pass --merge-lora to export a standalone model "
+                              "(stock loaders and GGUF need merged weights)")
+        base_dir = local_hf_dir(source.base_model)
+        config = _lora_config(source, base_dir, notes)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
+        from peft import PeftModel
+
+        # merged in float32, then cast: merging in bf16 would round the sum W + BA once more
+        model = PeftModel.from_pretrained(model, str(source.model_dir)).merge_and_unload()
+        model = model.to(_torch_dtype(dtype, config))
+        notes.append(f"LoRA adapter merged into base model {source.base_model}")
+        tokenizer_dir = source.model_dir if _has_tokenizer(source.model_dir) else Path(base_dir)
+    elif source.deepspeed_dir is not None:
+        model = _gather_deepspeed(source, dtype)
+        notes.append(f"gathered from the DeepSpeed ZeRO checkpoint {source.deepspeed_dir}")
+        tokenizer_dir = source.model_dir
+    else:
+        config = AutoConfig.from_pretrained(source.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=_torch_dtype(dtype, config),
+                                                     use_safetensors=True)
+        tokenizer_dir = source.model_dir
+    if not _has_tokenizer(tokenizer_dir):
+        raise ExportError(f"no tokenizer files in {tokenizer_dir} (looked for {', '.join(TOKENIZER_FILES)}); save the "
+                          "tokenizer there with `tokenizer.save_pretrained(...)`")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return model.eval(), tokenizer, notes
+
+
+def _lora_config(source: ExportSource, base_dir: str, notes: list[str]):
+    """The trained config: the adapter folder's config.json, else the base config with the recipe's `yarn`
+    section applied again (what yarnkit's trainer does before loading the base weights)."""
+    from transformers import AutoConfig
+
+    if (source.model_dir / "config.json").is_file():
+        return AutoConfig.from_pretrained(source.model_dir)
+    config = AutoConfig.from_pretrained(base_dir)
+    yarn = source.recipe().get("yarn") or {}
+    if float(yarn.get("factor", 1.0)) == 1.0 and not yarn.get("replace"):
+        return config
+    from yarnkit.patch import apply_rope_scaling
+
+    params = {k: yarn[k] for k in ("beta_fast", "beta_slow", "attention_factor") if yarn.get(k) is not None}
+    apply_rope_scaling(config, rope_type=yarn.get("rope_type", "yarn"), factor=float(yarn["factor"]),
+                       original_max_position_embeddings=yarn.get("original_max_position_embeddings") or None,
+                       replace=bool(yarn.get("replace")), **params)
+    notes.append(f"RoPE scaling taken from the recipe's yarn section ({source.recipe_path})")
+    return config
+
+
+def _gather_deepspeed(source: ExportSource, dtype: str | None):
+    """Full fp32 weights from ZeRO shards via deepspeed's zero_to_fp32 (DeepSpeed's format is pickled: only
+    export your own checkpoints this way)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as error:
+        raise ExportError(f"{source.deepspeed_dir} is a raw DeepSpeed ZeRO checkpoint and deepspeed is not importable "
+                          f"({error}); install deepspeed, or export the trainer's gathered `model/` folder") from error
+    config = AutoConfig.from_pretrained(source.model_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(source.deepspeed_dir))
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", ())]
+    if missing or unexpected:
+        raise ExportError(f"DeepSpeed state in {source.deepspeed_dir} does not match config.json: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return model.to(_torch_dtype(dtype, config))
+
+
+def rebuild_rotary(model) -> None:
+    """Rebuild every rotary-embedding module from the model's (edited) config, as transformers would on load."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "config"):
+                setattr(parent, name, type(child)(config=child.config))
+
+
+def prepare_for_inference(model) -> list[str]:
+    """Rewrite `model.config` for serving: stock-loader RoPE (dynamic_yarn → yarn), max_position_embeddings =
+    factor × original for yarn, the KV cache back on (trainers turn it off); the rotary modules are rebuilt so the
+    in-memory model computes what is exported."""
+    config = model.config
+    notes = []
+    if getattr(config, "use_cache", True) is False:
+        config.use_cache = True
+        notes.append("use_cache set back to true (it was turned off for training)")
+    exported, rope_notes = rope_keys.export_rope_parameters(dict(config.rope_parameters))
+    notes += rope_notes
+    if exported != config.rope_parameters:
+        config.rope_parameters = exported
+        rebuild_rotary(model)
+    scaled = rope_keys.scaled_max_positions(exported)
+    if scaled is not None and config.max_position_embeddings != scaled:
+        notes.append(f"max_position_embeddings set to factor × original = {scaled} "
+                     f"(was {config.max_position_embeddings})")
+        config.max_position_embeddings = scaled
+    return notes
+
+
+def write_hf(model, tokenizer, out: Path, recipe_path: Path | None, max_shard_size: str = "2GB") -> None:
+    """Write weights, config (with the legacy RoPE block added), tokenizer, generation config and recipe."""
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(rope_keys.legacy_rope_keys(config["rope_parameters"]))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(out)
+    if not (out / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(model.config).save_pretrained(out)
+    if recipe_path is not None:
+        shutil.copyfile(recipe_path, out / "recipe.yaml")

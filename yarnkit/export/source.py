@@ -1,0 +1,133 @@
+"""Find what to export: a training RUN dir, one checkpoint dir, or a plain HF model dir, checked for damage.
+
+`resolve_source(path)` returns an `ExportSource` naming the weights folder, the recipe (if any), the run folder
+(for its eval results) and, for LoRA runs, the base model. It only reads small files (JSON/YAML headers and
+safetensors headers); it never loads weights. Bad input (no finished checkpoint, missing or truncated
+safetensors, LoRA without a base model, a raw DeepSpeed folder) raises `ExportError` naming the path and the fix.
+
+Tested by tests/test_export.py (`python -m pytest tests/test_export.py -q`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+class ExportError(RuntimeError):
+    """An export input or output problem, with a message that names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    model_dir: Path                 # HF weights (or a LoRA adapter) + config + tokenizer
+    recipe_path: Path | None        # the resolved recipe.yaml, when the source is a run or checkpoint
+    run_dir: Path | None            # the RUN dir (eval/ results live there), when known
+    base_model: str | None          # for LoRA adapters: the base model from recipe `model.name_or_path`
+    deepspeed_dir: Path | None = None  # a raw ZeRO checkpoint folder to gather (only when no safetensors)
+
+    @property
+    def is_lora(self) -> bool:
+        return (self.model_dir / "adapter_config.json").is_file()
+
+    def recipe(self) -> dict:
+        if self.recipe_path is None:
+            return {}
+        return yaml.safe_load(self.recipe_path.read_text()) or {}
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The highest-step complete `checkpoints/step_*` dir (temp dirs being written do not match the pattern)."""
+    folder = run_dir / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*")
+                   if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name)))
+    if not steps:
+        raise ExportError(f"{run_dir} is a run dir without a finished checkpoint (no {folder}/step_NNNNNN/); "
+                          "train until the first save, or pass a checkpoint or model dir")
+    return steps[-1][1]
+
+
+def check_safetensors(model_dir: Path) -> None:
+    """Every weight file the folder promises exists and has a complete safetensors header."""
+    index = model_dir / "model.safetensors.index.json"
+    names = set()
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    names |= {p.name for p in model_dir.glob("*.safetensors")}
+    if not names:
+        raise ExportError(f"no *.safetensors weights in {model_dir}; export reads safetensors only "
+                          "(re-save the model with `save_pretrained(..., safe_serialization=True)`)")
+    for name in sorted(names):
+        path = model_dir / name
+        if not path.is_file():
+            raise ExportError(f"missing weight shard {path} (listed in {index.name}); the checkpoint is partial, "
+                              "export an earlier checkpoint or re-save this one")
+        check_safetensors_file(path)
+
+
+def check_safetensors_file(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        raise ExportError(f"corrupt or truncated weights {path}: {error}; the checkpoint is damaged, "
+                          "export an earlier checkpoint") from error
+
+
+def _find_recipe(*folders: Path) -> Path | None:
+    for folder in folders:
+        if folder is not None and (folder / "recipe.yaml").is_file():
+            return folder / "recipe.yaml"
+    return None
+
+
+def _deepspeed_dir(folder: Path) -> Path | None:
+    """A raw DeepSpeed ZeRO checkpoint: a `latest` tag file or `global_step*` folders with model states."""
+    if (folder / "latest").is_file() or any(folder.glob("global_step*/*model_states.pt")):
+        return folder
+    return None
+
+
+def resolve_source(path: str | Path) -> ExportSource:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ExportError(f"export source not found: {path} (pass a RUN dir, a checkpoint dir or an HF model dir)")
+    run_dir = None
+    if (path / "checkpoints").is_dir():
+        run_dir, path = path, newest_checkpoint(path)
+    elif CHECKPOINT_PATTERN.match(path.name) and path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    recipe_path = _find_recipe(path, run_dir)
+    has_weights = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()
+    if not has_weights and not (model_dir / "adapter_config.json").is_file():
+        ds_dir = _deepspeed_dir(model_dir) or _deepspeed_dir(path)
+        if ds_dir is not None:
+            if not (model_dir / "config.json").is_file():
+                raise ExportError(f"raw DeepSpeed checkpoint {ds_dir} has no config.json beside it in {model_dir}")
+            return ExportSource(model_dir, recipe_path, run_dir, None, deepspeed_dir=ds_dir)
+        raise ExportError(f"no model weights in {model_dir}: expected *.safetensors (full model) or "
+                          "adapter_config.json + adapter_model.safetensors (LoRA); the checkpoint may be partial")
+    if (model_dir / "adapter_config.json").is_file():
+        if not (model_dir / "adapter_model.safetensors").is_file():
+            raise ExportError(f"LoRA adapter weights missing: {model_dir / 'adapter_model.safetensors'}")
+        check_safetensors_file(model_dir / "adapter_model.safetensors")
+        source = ExportSource(model_dir, recipe_path, run_dir, None)
+        base = ((source.recipe().get("model") or {}).get("name_or_path")
+                or json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+        if not base:
+            raise ExportError(f"{model_dir} holds a LoRA adapter but no base model is named: set "
+                              "`model.name_or_path` in recipe.yaml (or base_model_name_or_path in adapter_config.json)")
+        return ExportSource(model_dir, recipe_path, run_dir, str(base))
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} has weights but no config.json; the checkpoint is partial")
+    check_safetensors(model_dir)
+    return ExportSource(model_dir, recipe_path, run_dir, None)
