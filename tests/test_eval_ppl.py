@@ -68,9 +68,12 @@ def test_sliding_windows_score_every_token_once(model, documents):
     assert row["ppl"] == pytest.approx(math.exp(torch.cat(scored).mean().item()), rel=1e-5)
 
 
-def test_documents_from_files_skip_empty_ones(tmp_path):
+def test_documents_from_files_skip_empty_ones(tmp_path, monkeypatch):
+    import datasets
+
     from yarnkit.models import load_tokenizer
 
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the env var is read only at import
     (tmp_path / "a.txt").write_text("Call me Ishmael. " * 20)
     (tmp_path / "b.txt").write_text("  \n")
     kept, skipped = tokenize_documents(iter_eval_documents(str(tmp_path)), load_tokenizer(), max_tokens=30)

@@ -50,7 +50,10 @@ def test_hf_directory_round_trip(tmp_path):
 
 
 def test_hub_id_offline_fails_clearly(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time, so also patch the constant itself
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert models.resolve_source("some-org/some-model").path == "some-org/some-model"
     with pytest.raises(OSError, match="could not load .some-org/some-model. from the Hugging Face Hub.*smollm2-135m"):
         models.load_config("some-org/some-model")
