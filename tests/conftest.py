@@ -35,11 +35,6 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.fixture
-def tiny_llama():
-    return tiny_model("llama")
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """`(model, tokenizer)` of the bundled SmolLM2-135M-Instruct in float32 on CPU."""
