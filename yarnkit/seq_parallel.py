@@ -10,8 +10,8 @@ what a custom loop must do around it:
   an attention backend Ulysses accepts; no packed documents with sdpa).
 - `shard_batch`: rank r of an SP group keeps tokens [r*L/N, (r+1)*L/N) of the same sample, with labels shifted
   *before* sharding (the next token of a shard's last position lives on the next rank) and global position ids.
-- `combine_loss`: each rank's mean loss over its valid labels, gathered with a differentiable all-gather and
-  weighted by valid-label counts, so every rank holds the loss of the whole sequence.
+- `combine_loss`: each rank's mean loss over its valid labels, weighted by valid-label counts into the loss of
+  the whole sequence (same value on every rank; each rank back-propagates only its own share).
 
 Ranks 0..N-1 form SP group 0, N..2N-1 group 1, ... (DeepSpeed's `parallel_state_sp`); a group is one data-
 parallel replica. Not the attention engine itself. Tested by `python -m pytest tests/test_seq_parallel.py`.
@@ -93,13 +93,16 @@ def shard_batch(input_ids: torch.Tensor, position_ids: torch.Tensor | None, sp_r
 def combine_loss(local_mean: torch.Tensor, local_count: torch.Tensor, group) -> torch.Tensor:
     """Loss over the whole sequence from each SP rank's mean over its `local_count` valid labels.
 
-    A differentiable all-gather (its backward sums each rank's gradient share back to its owner) weighted by
-    valid-label counts; ranks without a valid label contribute nothing (their mean is 0, not NaN)."""
+    The value is the valid-label-weighted mean over the SP group (every rank holds the same number); the
+    gradient is only this rank's share `local_mean * local_count / total_count`, because DeepSpeed *sums*
+    gradients over the ranks of an SP group (it divides by the data-parallel size only). A differentiable
+    all-gather of the losses would count every share sp_size times (tests/test_seq_parallel.py checks the
+    gradient norm against one process). Ranks without a valid label contribute 0, not NaN."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
-    means = dist_fn.all_gather(local_mean, group=group)
-    counts = [torch.zeros_like(local_count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, local_count, group=group)
-    total = sum(counts).clamp(min=1)
-    return sum(mean * count for mean, count in zip(means, counts)) / total
+    total = local_count.detach().clone().float()
+    dist.all_reduce(total, group=group)
+    share = local_mean * local_count / total.clamp(min=1)
+    value = share.detach().clone()
+    dist.all_reduce(value, group=group)
+    return share + (value - share).detach()
