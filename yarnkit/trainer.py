@@ -229,7 +229,7 @@ def train(recipe) -> TrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(1)
         every = recipe.checkpoint.every
-        if (every and (step + 1) % every == 0) or step + 1 == args.max_steps:
+        if (every and (step + 1) % every == 0) or (step + 1 == args.max_steps and recipe.checkpoint.save_final):
             save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
                             recipe.checkpoint.keep_last)
     bar.close()
