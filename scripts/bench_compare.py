@@ -193,7 +193,7 @@ def add_ratios(rows: list[dict], peak: float, measured: float) -> None:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"matmul peak measured: {summary["matmul_peak_tflops"]:.3g} TFLOP/s ({summary['device']}); "
+    lines = [f"matmul peak measured: {summary['matmul_peak_tflops']:.3g} TFLOP/s ({summary['device']}); "
              f"MFU columns: causal FLOPs vs {summary['peak_tflops']:.0f} TFLOP/s and vs the measured peak", "",
              "| case | GPUs | status | tokens/s/GPU | vs hf | step s | peak GB | MFU | MFU (measured peak) |",
              "|---|---|---|---|---|---|---|---|---|"]
