@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -156,15 +157,19 @@ def run_case(args, out: Path, model: str, seq: int, variant: str, steps: int, wa
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"[{name}] " + " ".join(command), flush=True)
-    try:
-        with open(log, "w") as handle:
-            done = subprocess.run(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
-        tail = log.read_text()[-4000:]
-        if done.returncode:
-            row["status"] = "oom" if "out of memory" in tail.lower() else "error"
-            row["error"] = tail.strip().splitlines()[-1][-300:] if tail.strip() else f"exit {done.returncode}"
-    except subprocess.TimeoutExpired:
-        row["status"] = "timeout"
+    with open(log, "w") as handle:  # own process group: a timeout also stops accelerate's worker processes
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            row["status"], returncode = "timeout", None
+    tail = log.read_text()[-4000:]
+    if returncode:
+        row["status"] = "oom" if "out of memory" in tail.lower() else "error"
+        row["error"] = tail.strip().splitlines()[-1][-300:] if tail.strip() else f"exit {returncode}"
     row["wall_seconds"] = round(time.monotonic() - started, 1)
     if row["status"] != "ok":
         print(f"[{name}] {row['status']}: {row.get('error', '')}", flush=True)
@@ -232,15 +237,15 @@ def run_compare(args) -> int:
         (out / "compare.md").write_text(markdown(summary))
 
     for spec in args.cases:
-        model, seq, variant = spec.split("@")
-        summary["cases"].append(attempt(model, int(seq), variant, args.steps, args.warmup))
-        save()
-    for spec in args.max_len:
-        model, variant, lengths = spec.split("@")
-        found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}
+        model, lengths, variant = spec.split("@")
+        if "," not in lengths:
+            summary["cases"].append(attempt(model, int(lengths), variant, args.steps, args.warmup))
+            save()
+            continue
+        found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}  # longest-sequence search
         summary["max_len"].append(found)
         for seq in sorted(int(x) for x in lengths.split(",")):
-            row = attempt(model, seq, variant, 2, 1)
+            row = attempt(model, seq, variant, 2, 1)  # step 2 runs with Adam states allocated: the real peak
             summary["cases"].append(row)
             found["tried"].append([seq, row["status"]])
             save()

@@ -6,13 +6,13 @@
    compile, TiledMLP, activation offload, `sp<N>` suffix = sequence parallelism over N GPUs). Reports
    tokens/s/GPU, step time, peak memory and causal MFU (FLOPs/token = 6N + 6*layers*heads*head_dim*seq) against
    `--peak-tflops` (989, H100/H200 dense bf16) and against a bf16 matmul peak measured at the start of the same
-   run. `--max-len MODEL@VARIANT@L1,L2,..` tries lengths upwards (2 steps each) until one does not fit.
-   Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
+   run. A case `MODEL@L1,L2,..@VARIANT` searches the longest length that trains (2 steps each, upwards until one
+   does not fit). Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
    Writes OUT/compare.json and OUT/compare.md (a markdown table), and prints the table last.
 
        python scripts/bench_train.py --out out/speed --steps 6 --budget-s 450 \
            --cases smollm2-135m@65536@hf smollm2-135m@65536@yarnkit smollm2-135m@65536@fast \
-           --max-len llama-1b@offload@131072,262144
+                   llama-1b@131072,262144@offload
        # CPU smoke test (a tiny random Llama):
        python scripts/bench_train.py --out /tmp/speed --cpu --steps 2 --cases tiny@128@hf tiny@128@yarnkit
 
@@ -96,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SEQ@VARIANT",
-                        help="compare mode: e.g. smollm2-135m@65536@hf llama-1b@65536@cudnn llama-1b@131072@fast-sp2")
-    parser.add_argument("--max-len", nargs="*", default=[], metavar="MODEL@VARIANT@L1,L2",
-                        help="compare mode: longest length that trains (2 steps), trying L1, L2, ... upwards")
+                        help="compare mode: e.g. smollm2-135m@65536@hf llama-1b@65536@cudnn llama-1b@131072@cudnn-sp2; "
+                             "MODEL@L1,L2@VARIANT searches the longest length that trains")
     parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
     parser.add_argument("--case-timeout-s", type=float, default=240.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "repeated as needed for the longest sequence)")
     parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
     args = parser.parse_args(argv)
-    if args.cases or args.max_len:
+    if args.cases:
         from bench_compare import run_compare
 
         return run_compare(args)
