@@ -163,8 +163,12 @@ def run_case(args, out: Path, model: str, seq: int, variant: str, steps: int, wa
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(process.pid, signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             row["status"], returncode = "timeout", None
     tail = log.read_text()[-4000:]
     if returncode:
@@ -244,7 +248,7 @@ def run_compare(args) -> int:
             continue
         found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}  # longest-sequence search
         summary["max_len"].append(found)
-        for seq in sorted(int(x) for x in lengths.split(",")):
+        for seq in sorted(int(x) for x in lengths.split(",") if x):
             row = attempt(model, seq, variant, 2, 1)  # step 2 runs with Adam states allocated: the real peak
             summary["cases"].append(row)
             found["tried"].append([seq, row["status"]])

@@ -7,7 +7,7 @@
    tokens/s/GPU, step time, peak memory and causal MFU (FLOPs/token = 6N + 6*layers*heads*head_dim*seq) against
    `--peak-tflops` (989, H100/H200 dense bf16) and against a bf16 matmul peak measured at the start of the same
    run. A case `MODEL@L1,L2,..@VARIANT` searches the longest length that trains (2 steps each, upwards until one
-   does not fit). Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
+   does not fit; `MODEL@L1,@VARIANT` tries one length that way). Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
    Writes OUT/compare.json and OUT/compare.md (a markdown table), and prints the table last.
 
        python scripts/bench_train.py --out out/speed --steps 6 --budget-s 450 \
