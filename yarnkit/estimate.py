@@ -74,7 +74,8 @@ def estimate(recipe, config, world: int, zero: int) -> dict:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim,
                                 recipe.data.seq_len)
-    tokens_per_device = recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len
+    tokens_per_device = (recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len
+                         // max(recipe.train.sp_size, 1))  # an SP group shares one sequence
     memory = memory_bytes(recipe, config, total, trainable, world, zero)
     step_seconds = per_token * tokens_per_device / (recipe.train.peak_tflops * 1e12 * ASSUMED_MFU)
     return {

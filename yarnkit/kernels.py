@@ -143,7 +143,8 @@ def tile_mlps(model) -> int:
 
 
 def activation_offload(enabled: bool):
-    """Context for one forward + backward: checkpointed layer inputs live in pinned CPU memory in between."""
+    """Context for forward + backward: checkpointed layer inputs live in pinned CPU memory in between. Re-enter
+    the same instance every micro-step (its pinned buffer pool is kept)."""
     if not enabled:
         return contextlib.nullcontext()
     from deepspeed.runtime.activation_checkpointing.offload_activations import (

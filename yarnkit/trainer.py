@@ -193,6 +193,7 @@ def train(recipe) -> TrainResult:
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     ds_engine = zero_stage(accelerator) > 0
+    offload = activation_offload(args.offload_activations)  # one instance: its pinned buffers are reused
     for step in range(state["step"], args.max_steps):
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -202,7 +203,7 @@ def train(recipe) -> TrainResult:
             batch = micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size, pose_target,
                                 recipe.data.seed)
             result.samples.extend(batch["samples"])
-            with accelerator.accumulate(wrapper), activation_offload(args.offload_activations):
+            with accelerator.accumulate(wrapper), offload:
                 loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and not ds_engine:
