@@ -2,7 +2,8 @@
 
 A case is `MODEL@SEQ@VARIANT`. MODELS: `smollm2-135m` (the bundled checkpoint, YaRN factor seq/8192), `llama-1b`
 (random init, 1.17B parameters: hidden 2048, 16 layers, 32 heads / 8 KV heads, head_dim 64, intermediate 8192,
-vocab 49152 untied), `tiny` (random, for the CPU smoke test). VARIANTS: `hf` (scripts/bench_hf_baseline.py) or a
+vocab 49152 untied), `tiny` (random, for the CPU smoke test). VARIANTS: `hf` / `hf-bf16w`
+(scripts/bench_hf_baseline.py: fp32 weights under bf16 autocast / bf16 weights) or a
 set of yarnkit recipe overrides; a `-spN` suffix runs the trainer under DeepSpeed ZeRO-2 on N GPUs with
 `train.sp_size=N`. Every case writes its log to OUT/logs/, yarnkit runs to OUT/runs/; an out-of-memory exit is
 recorded as `oom`, not an error of the benchmark. Not a test: the numbers depend on the machine.
@@ -31,12 +32,14 @@ RANDOM_MODELS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=49152, tie_word_embeddings=True),
 }
+HF_VARIANTS = {"hf": "bf16", "hf-bf16w": "bf16-weights"}  # plain transformers: autocast / bf16 weights
 CUDNN = {"model.sdpa_kernel": "cudnn"}
 VARIANTS = {
     "yarnkit": {},  # the trainer's defaults: sdpa (torch picks the kernel), every layer checkpointed, chunked loss
     "cudnn": CUDNN,
     "flash": {"model.sdpa_kernel": "flash"},
     "fast": {**CUDNN, "model.gradient_checkpointing": False},
+    "fast-flash": {"model.sdpa_kernel": "flash", "model.gradient_checkpointing": False},
     "fast-compile": {**CUDNN, "model.gradient_checkpointing": False, "model.compile_layers": True},
     "ckpt8": {**CUDNN, "model.checkpoint_layers": 8},  # only the first 8 layers recomputed
     "ckpt-compile": {**CUDNN, "model.compile_layers": True},
@@ -46,8 +49,9 @@ VARIANTS = {
 
 def parse_variant(name: str) -> tuple[str, int]:
     base, _, sp = name.partition("-sp")
-    if base != "hf" and base not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; choose hf or one of {sorted(VARIANTS)} (optionally -sp2, -sp4)")
+    if base not in HF_VARIANTS and base not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose one of {sorted(HF_VARIANTS) + sorted(VARIANTS)} "
+                         f"(yarnkit variants optionally with -sp2, -sp4)")
     return base, int(sp) if sp else 1
 
 
@@ -119,10 +123,10 @@ def case_command(args, out: Path, name: str, model: str, seq: int, variant: str,
     base, sp = parse_variant(variant)
     source, random_init = model_source(out, model, seq)
     factor = max(1.0, seq / NATIVE_SMOLLM2) if model == "smollm2-135m" else 1.0
-    if base == "hf":
+    if base in HF_VARIANTS:
         return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--model-dir" if random_init else "--model",
                 source, *(["--random-init"] if random_init else []), "--yarn-factor", str(factor), "--seq-len",
-                str(seq), "--steps", str(steps), "--precision", "fp32" if args.cpu else "bf16",
+                str(seq), "--steps", str(steps), "--precision", "fp32" if args.cpu else HF_VARIANTS[base],
                 "--out", str(out / "runs" / f"{name}.json")]
     overrides = {"run_dir": out / "runs" / name, "resume": "none", "model.name_or_path": source,
                  "model.random_init": random_init, "yarn.factor": factor,
@@ -139,7 +143,7 @@ def case_command(args, out: Path, name: str, model: str, seq: int, variant: str,
 
 
 def read_steps(out: Path, name: str, variant: str) -> list[dict]:
-    if variant == "hf":
+    if variant in HF_VARIANTS:
         return json.loads((out / "runs" / f"{name}.json").read_text())["steps"]
     rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines() if line]
     return [{"loss": r["loss"], "step_seconds": r["step_seconds"], "tokens_per_s": r["tokens_per_s_per_device"],

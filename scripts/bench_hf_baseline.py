@@ -5,7 +5,8 @@
 
 What a user without yarnkit would write: `model(input_ids, labels=input_ids).loss` (full [seq x vocab] logits),
 non-reentrant gradient checkpointing on every layer, `torch.optim.AdamW` (torch's default foreach
-implementation), fp32 weights under bf16 autocast (as yarnkit's trainer keeps fp32 masters), gradient
+implementation), fp32 weights under bf16 autocast (as yarnkit's trainer keeps fp32 masters; `--precision
+bf16-weights` puts the model itself in bf16 instead, as many quick scripts do), gradient
 clipping at 1.0, one sequence per step of uniformly random token ids (speed does not depend on the text).
 Writes one JSON object: per-step seconds, tokens/s, peak CUDA memory (GB), losses. Called by
 scripts/bench_train.py (`--cases ...@hf`); not a test, the numbers depend on the machine.
@@ -54,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yarn-factor", type=float, default=1.0)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "bf16-weights", "fp32"), default="bf16",
+                        help="bf16: fp32 weights under bf16 autocast; bf16-weights: the model itself in bf16")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     model, device = build(args)
+    if args.precision == "bf16-weights":
+        model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
