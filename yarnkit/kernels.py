@@ -52,7 +52,8 @@ def check_attention(attn: str, sdpa_kernel: str = "auto") -> None:
     if attn in FLASH_PACKAGES:
         from transformers.utils import import_utils
 
-        if not getattr(import_utils, f"is_{attn.replace('attention', 'attn')}_available")():
+        available = getattr(import_utils, f"is_{attn.replace('attention', 'attn')}_available", None)
+        if available is None or not available():  # an older transformers may not know the variant at all
             raise _recipe_error(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package on a "
                                 f"CUDA machine, which is not installed here; install it or use "
                                 f"model.attn_implementation=sdpa model.sdpa_kernel=cudnn (or flex_attention)")
