@@ -70,7 +70,7 @@ def test_kv_heads_must_divide_or_be_divided():
         check_sequence_parallel(2, 2, SimpleNamespace(num_attention_heads=6, num_key_value_heads=3), 64, "sdpa")
 
 
-def test_single_process_without_deepspeed_refuses_sp(tmp_path):
+def test_single_process_without_deepspeed_refuses_sp():
     from yarnkit.trainer import make_accelerator
 
     recipe = load_recipe(["train.sp_size=2"])
