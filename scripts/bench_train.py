@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's yarnkit, and bench_compare
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
