@@ -93,12 +93,31 @@ def kernel_sdpa(kernel: str):
                 key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
             elif groups > 1:
                 extra["enable_gqa"] = True
+            if query.is_cuda and not checked and not torch.compiler.is_compiling():
+                checked.append(_report_kernel(kernel, order[0], query, key, value, dropout, scaling, extra))
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout,
                                                  scale=scaling, is_causal=True, **extra)
         return out.transpose(1, 2).contiguous(), None
 
+    checked = []  # the first CUDA call says (in the log) whether the asked-for kernel takes these inputs
     attention.yarnkit_kernel = kernel
     return attention
+
+
+def _report_kernel(kernel: str, backend, query, key, value, dropout, scaling, extra) -> bool:
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        with torch.no_grad(), sdpa_kernel([backend]):  # only this kernel: torch raises if it cannot run
+            F.scaled_dot_product_attention(query[:, :, :128], key[:, :, :128], value[:, :, :128], dropout_p=dropout,
+                                           scale=scaling, is_causal=True, **extra)
+    except RuntimeError as err:
+        print(f"yarnkit: SDPA kernel {kernel} cannot run these inputs ({str(err).splitlines()[0][:200]}); "
+              f"torch uses the next of cudnn/flash/efficient/math", flush=True)
+        return False
+    print(f"yarnkit: SDPA kernel {kernel} runs (q {tuple(query.shape)} {query.dtype}, kv heads {key.shape[1]})",
+          flush=True)
+    return True
 
 
 def use_sdpa_kernel(kernel: str) -> None:
