@@ -32,11 +32,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's yarnkit, even if another is installed
-from yarnkit.cli import main as yarnkit  # noqa: E402
+from yarnkit.cli import main as _yarnkit_cli  # noqa: E402
 
 BASELINES = [("base", []), ("dynamic-ntk x8", ["--rope-type", "dynamic", "--factor", "8"]),
              ("yarn x8", ["--rope-type", "yarn", "--factor", "8"])]
 STAGES = ("train", "baselines", "eval", "export", "stream")
+
+
+def yarnkit(argv: list[str]) -> None:
+    """`yarnkit ARGS` in this process; a failing step stops the sequence (later steps need its output)."""
+    code = _yarnkit_cli(argv)
+    if code:
+        raise SystemExit(f"`yarnkit {' '.join(argv[:2])} ...` failed with exit code {code}; see the error above")
 
 
 def gpu_count() -> int:

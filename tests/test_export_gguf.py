@@ -133,6 +133,20 @@ def test_refusals_name_the_reason(gguf_export, tmp_path, tokenizer):
             write_gguf(out, tiny_yarn_model(rope={**YARN, **custom}), tokenizer, tmp_path / "c.gguf")
 
 
+def test_byte_level_detection_ignores_an_inert_byte_fallback():
+    """transformers 5.17 rebuilds SmolLM2's tokenizer with byte_fallback=true beside its ByteLevel pre-tokenizer:
+    still GPT-2 style. A sentencepiece-style BPE (Metaspace + byte fallback) and a Unigram model are not."""
+    from yarnkit.export.gguf import is_byte_level_bpe
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert is_byte_level_bpe({"model": {"type": "BPE", "byte_fallback": True}, "pre_tokenizer": byte_level})
+    assert is_byte_level_bpe({"model": {"type": "BPE"}, "pre_tokenizer": {
+        "type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}})
+    assert not is_byte_level_bpe({"model": {"type": "BPE", "byte_fallback": True},
+                                  "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}})
+    assert not is_byte_level_bpe({"model": {"type": "Unigram"}, "pre_tokenizer": byte_level})
+
+
 def test_llama_cpp_loads_the_file_and_agrees(gguf_export, tokenizer):
     """Only where llama-cpp-python is installed (not a project dependency)."""
     llama_cpp = pytest.importorskip("llama_cpp")

@@ -84,12 +84,22 @@ def pre_tokenizer_name(tokenizer_json: dict, override: str | None) -> tuple[str,
                        "name for it (e.g. llama-bpe, qwen2, smollm) for exact tokenization in llama.cpp"]
 
 
+def is_byte_level_bpe(tokenizer_json: dict) -> bool:
+    """GPT-2 style: a BPE model whose pre-tokenizer (alone or inside a Sequence) is ByteLevel. Some converters
+    (transformers 5.17's GGUF reader) also set `byte_fallback` on such tokenizers; it is inert there, since every
+    byte already is a token, so it does not make the tokenizer sentencepiece-like."""
+    if tokenizer_json.get("model", {}).get("type") != "BPE":
+        return False
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return any(part.get("type") == "ByteLevel" for part in parts)
+
+
 def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | None) -> list[str]:
     import gguf
 
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").is_file() else {}
-    model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if not is_byte_level_bpe(tokenizer_json):
         raise ExportError("--gguf supports byte-level BPE tokenizers (gpt2 style: SmolLM2, Llama 3, Qwen) only; "
                           "convert sentencepiece models with llama.cpp's convert_hf_to_gguf.py")
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
