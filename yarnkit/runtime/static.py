@@ -67,6 +67,7 @@ class StaticSinkCache(Cache):
         self.length = 0                # filled slots, host side: advanced by the decoder after a forward completes
         self.rerotations = 0
         self.write_positions = self.slots[:0]
+        self._plans: dict[bytes, tuple] = {}
 
     def clear(self) -> None:
         """Forget every token; buffers (and any captured graph that uses them) stay valid."""
@@ -108,18 +109,31 @@ class StaticSinkCache(Cache):
         kept = indices.numel()
         if kept == length:
             return
-        deltas = indices - torch.arange(kept)
-        moved = deltas > 0  # deltas never decrease along sorted indices: the moved tokens are a suffix
-        first = int(moved.long().argmax()) if moved.any() else kept
-        if first < kept:
-            device = self.key_buffer.device
-            source = indices[first:].to(device)
-            cos, sin = self.rotary(deltas[first:])
+        plan = self._move_plan(indices)
+        if plan is not None:
+            first, source, cos, sin = plan
             keys = self.key_buffer.index_select(3, source)                  # [layers, 1, heads, moved, dim]
-            self.key_buffer[..., first:kept, :] = rotate_back(keys, cos.to(device), sin.to(device))
+            self.key_buffer[..., first:kept, :] = rotate_back(keys, cos, sin)
             self.value_buffer[..., first:kept, :] = self.value_buffer.index_select(3, source)
             self.rerotations += 1
         self.length = kept
+
+    def _move_plan(self, indices: torch.Tensor):
+        """(first moved slot, device source slots, cos, sin) or None; memoised, since a stream repeats the same
+        eviction (same length, same drop) over and over: no host-to-device copy or rotary call on those."""
+        key = indices.numpy().tobytes()
+        if key not in self._plans:
+            deltas = indices - torch.arange(indices.numel())
+            moved = deltas > 0  # deltas never decrease along sorted indices: the moved tokens are a suffix
+            if not moved.any():
+                return None
+            first = int(moved.long().argmax())
+            device = self.key_buffer.device
+            cos, sin = self.rotary(deltas[first:])
+            if len(self._plans) >= 8:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = (first, indices[first:].to(device), cos.to(device), sin.to(device))
+        return self._plans[key]
 
 
 class StaticDecoder:
@@ -168,7 +182,8 @@ class StaticDecoder:
                 self.fallback_reason = f"{type(error).__name__}: {error}"
                 log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
                             "(same function, no graph): %s", self.fallback_reason)
-                torch.cuda.synchronize(self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 return self.forward_static(ids, torch.arange(start, start + 1, device=self.device))
         self.static_ids.copy_(ids)
         self.static_positions.fill_(start)
