@@ -8,7 +8,8 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
 - a forward that fails half-way leaves the static cache consistent, and the next tokens get exactly the logits
   of an engine that never saw the failure; `reset()` keeps the buffers (a captured graph stays valid);
 - a failing graph capture falls back loudly (logged reason, reported in stats) and still returns right logits;
-- bad decode choices are refused with a clear error.
+- bad decode choices are refused with a clear error;
+- slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
 CUDA-graph capture itself needs a GPU: scripts/bench_runtime.py reports which path ran there.
 """
 
@@ -100,3 +101,21 @@ def test_bad_decode_choice_is_refused():
     with pytest.raises(ValueError, match="needs a CUDA model"):
         StreamingEngine(model, window=16, decode="graph")
     assert StreamingEngine(model, window=16).decode_path == "eager"  # auto on CPU
+
+
+@pytest.mark.slow
+def test_real_model_static_path(smollm2):
+    """SmolLM2-135M: greedy generation within the window equals HF's; through eviction static == eager logits."""
+    model, tokenizer = smollm2
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    engine = StreamingEngine(model, sinks=4, window=60, decode="static")
+    ours = list(engine.generate(prompt, max_new_tokens=12))
+    hf = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert ours == hf
+    stream = tokenizer("It was a bright cold day in April, and the clocks were striking thirteen. " * 8,
+                       return_tensors="pt")["input_ids"][:, :120]
+    engines = [StreamingEngine(model, sinks=4, window=40, evict_batch=8, prefill_chunk=16, decode=decode)
+               for decode in ("eager", "static")]
+    eager, static = (feed_stream(engine, stream, [16, 1, 1]) for engine in engines)
+    assert engines[1].cache.rerotations > 3
+    torch.testing.assert_close(static, eager, atol=1e-4, rtol=0)

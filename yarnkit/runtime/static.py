@@ -202,6 +202,6 @@ class StaticDecoder:
                 self.forward_static(self.static_ids, self.static_positions)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # serve's other threads may sync
             self.static_logits = self.forward_static(self.static_ids, self.static_positions)
         self.graph = graph
