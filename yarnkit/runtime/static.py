@@ -13,7 +13,8 @@ running the same function eagerly. What it is not: an eviction policy (the engin
 Eviction (`keep(indices)`) runs outside the graph, in place: kept slot indices are strictly increasing, so the
 tokens that move form a suffix; that suffix of all layers is gathered with one `index_select`, rotated back by
 each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to the front of the same buffers
-— a handful of kernels for all 30 layers, however many layers the model has.
+— a handful of kernels for all 30 layers, however many layers the model has. The plan of an eviction is
+memoised; in graph mode each plan is also captured after its first (eager) run and replayed afterwards.
 
 Test: `python -m pytest tests/test_runtime_static.py -q` (CPU; graph capture itself runs only on CUDA).
 """
@@ -21,6 +22,7 @@ Test: `python -m pytest tests/test_runtime_static.py -q` (CPU; graph capture its
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
@@ -67,7 +69,9 @@ class StaticSinkCache(Cache):
         self.length = 0                # filled slots, host side: advanced by the decoder after a forward completes
         self.rerotations = 0
         self.write_positions = self.slots[:0]
-        self._plans: dict[bytes, tuple] = {}
+        self._plans: dict[bytes, MovePlan] = {}
+        self.graph_moves = False       # set by a graph decoder: capture each eviction plan after its first run
+        self._move_pool = None
 
     def clear(self) -> None:
         """Forget every token; buffers (and any captured graph that uses them) stay valid."""
@@ -111,16 +115,36 @@ class StaticSinkCache(Cache):
             return
         plan = self._move_plan(indices)
         if plan is not None:
-            first, source, cos, sin = plan
-            keys = self.key_buffer.index_select(3, source)                  # [layers, 1, heads, moved, dim]
-            self.key_buffer[..., first:kept, :] = rotate_back(keys, cos, sin)
-            self.value_buffer[..., first:kept, :] = self.value_buffer.index_select(3, source)
+            if plan.graph is not None:
+                plan.graph.replay()
+            else:
+                self._move(plan)
+                if self.graph_moves:  # the eager run above was the warm-up; capture this eviction for next time
+                    self._capture_move(plan)
             self.rerotations += 1
         self.length = kept
 
-    def _move_plan(self, indices: torch.Tensor):
-        """(first moved slot, device source slots, cos, sin) or None; memoised, since a stream repeats the same
-        eviction (same length, same drop) over and over: no host-to-device copy or rotary call on those."""
+    def _move(self, plan: "MovePlan") -> None:
+        """Gather the moved suffix of all layers, rotate its keys back by the deltas, write it to the front."""
+        end = plan.first + plan.source.numel()
+        keys = self.key_buffer.index_select(3, plan.source)                  # [layers, 1, heads, moved, dim]
+        self.key_buffer[..., plan.first:end, :] = rotate_back(keys, plan.cos, plan.sin)
+        self.value_buffer[..., plan.first:end, :] = self.value_buffer.index_select(3, plan.source)
+
+    def _capture_move(self, plan: "MovePlan") -> None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._move_pool, capture_error_mode="thread_local"):
+                self._move(plan)
+            plan.graph, self._move_pool = graph, graph.pool()  # eviction graphs share one memory pool
+        except Exception as error:  # noqa: BLE001 - keep evicting eagerly, say why
+            self.graph_moves = False
+            log.warning("CUDA graph capture of the eviction failed, evicting eagerly: %s: %s",
+                        type(error).__name__, error)
+
+    def _move_plan(self, indices: torch.Tensor) -> "MovePlan | None":
+        """The device side of an eviction, memoised: a stream repeats the same eviction (same length, same drop)
+        over and over, so a repeat needs no host-to-device copy, no rotary call (and, on CUDA, replays a graph)."""
         key = indices.numpy().tobytes()
         if key not in self._plans:
             deltas = indices - torch.arange(indices.numel())
@@ -132,8 +156,17 @@ class StaticSinkCache(Cache):
             cos, sin = self.rotary(deltas[first:])
             if len(self._plans) >= 8:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = (first, indices[first:].to(device), cos.to(device), sin.to(device))
+            self._plans[key] = MovePlan(first, indices[first:].to(device), cos.to(device), sin.to(device))
         return self._plans[key]
+
+
+@dataclass
+class MovePlan:
+    first: int                 # first slot that receives a moved token
+    source: torch.Tensor       # device slots the moved tokens come from
+    cos: torch.Tensor          # pure rotation by each token's delta
+    sin: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class StaticDecoder:
@@ -146,6 +179,7 @@ class StaticDecoder:
             raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
                              "use decode='static' or 'auto'")
         self.use_graph = graph
+        cache.graph_moves = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.fallback_reason: str | None = None
 
@@ -178,7 +212,7 @@ class StaticDecoder:
             try:
                 self._capture(ids, start)
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
-                self.use_graph, self.graph = False, None
+                self.use_graph, self.graph, self.cache.graph_moves = False, None, False
                 self.fallback_reason = f"{type(error).__name__}: {error}"
                 log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
                             "(same function, no graph): %s", self.fallback_reason)
