@@ -5,7 +5,7 @@
       --latency-caches 64 256 --latency-steps 8 --stream-steps 64 --recall-trials 2 --recall-filler 600
   # GPU latency only (one H200, ~3 min; see docs/runtime.md):
   python scripts/bench_runtime.py --out runs/bench-latency --device cuda --dtype bfloat16 \\
-      --books .devcache/books/test_*.txt.gz --parts latency stream --decode auto eager
+      --books .devcache/books/test_*.txt.gz --parts latency stream --decode auto eager --stream-steps 2048 --stream-steps 2048
   # GPU everything (one H100/H200, ~9 min):
   python scripts/bench_runtime.py --out runs/bench-gpu --device cuda --dtype bfloat16 \\
       --books /path/to/pg19/test_*.txt.gz --tokens 1000000 --chunk 256
@@ -15,7 +15,8 @@ Measures, on one token stream cut from the books (`--parts` picks which):
    vs window only (0 sinks). Tokens are fed `--chunk` at a time: a chunk's tokens see between window-chunk and
    window earlier tokens, identically for all three methods.
 2. latency: per-token decode latency with a full cache of 256/1024/4096 tokens, p50 and p99 over
-   `--latency-steps` after `--warmup` untimed steps (graph capture happens there):
+   `--latency-steps` after untimed warm-up steps (at least `--warmup` and two evictions: graph captures happen
+   there):
    - sinks: the runtime's `StreamingEngine` (sinks + window = cache), once per `--decode` path; the first path
      gives the headline and the speed-up; the path that actually ran is reported (graph falls back loudly);
    - recompute: StreamingLLM's baseline, a fresh eager HF forward (SDPA, no KV cache) over the last `cache`
@@ -142,18 +143,36 @@ def timed(step, items, warmup, device):
     return times
 
 
+def eviction_slack(cache: int) -> int:
+    """Extra warm-up tokens for a sinks engine: two default-size evictions (window // 16 each) and a spare."""
+    return 2 * max(1, cache // 16) + 2
+
+
+def warm_up(engine, tokens, warmup) -> int:
+    """Feed tokens one by one until `warmup` are fed AND two evictions happened (on CUDA the decode graph is
+    captured on the first step and an eviction graph on the second eviction); returns how many were fed."""
+    fed = 0
+    while fed < warmup or engine.cache.rerotations < 2:
+        if fed == len(tokens):
+            raise ValueError(f"{len(tokens)} warm-up tokens did not reach two evictions; raise --warmup")
+        engine.feed(tokens[fed].view(1, 1))
+        fed += 1
+    return fed
+
+
 @torch.no_grad()
 def latency(model, ids, cache, steps, warmup, device, sinks, decodes):
     """Per-token decode at a full cache of `cache` tokens: sinks cache (each decode path), recompute, dense."""
     from transformers import DynamicCache
 
     total = warmup + steps
-    prompt, extra = ids[:cache][None], ids[cache:cache + total]
+    prompt, extra = ids[:cache][None], ids[cache:cache + total + eviction_slack(cache)]
     result = {}
     for i, decode in enumerate(decodes):
         engine = StreamingEngine(model, sinks=sinks, window=cache - sinks, decode=decode)
         engine.feed(prompt)
-        times = timed(lambda token: engine.feed(token.view(1, 1)), extra, warmup, device)
+        used = warm_up(engine, extra, warmup)
+        times = timed(lambda token: engine.feed(token.view(1, 1)), extra[used:used + steps], 0, device)
         name = "sinks" if i == 0 else f"sinks_{decode}"
         result[name] = {**percentiles(times), "decode_path": engine.decode_path,
                         "graph_fallback": engine.stats()["graph_fallback"], "evict_batch": engine.options.evict_batch}
@@ -185,15 +204,14 @@ def stream_latency(model, ids, steps, warmup, device, sinks, window, decode):
     """Decode `steps` tokens through a full, evicting cache: p50/p99 (eviction spikes), eviction cost, memory."""
     engine = StreamingEngine(model, sinks=sinks, window=window, decode=decode)
     engine.feed(ids[:sinks + window][None])
-    tokens = ids[sinks + window:sinks + window + warmup + steps]
-    for token in tokens[:warmup]:
-        engine.feed(token.view(1, 1))
+    tokens = ids[sinks + window:sinks + window + warmup + steps + eviction_slack(window)]
+    used = warm_up(engine, tokens, warmup)
     if str(device).startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
     before = memory_now(device)
     times, evicting = [], []
-    for token in tqdm(tokens[warmup:], desc="stream latency", leave=False):
+    for token in tqdm(tokens[used:used + steps], desc="stream latency", leave=False):
         rerotations = engine.cache.rerotations
         sync(device)
         start = time.perf_counter()
@@ -303,8 +321,11 @@ def main(argv=None):
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     books = args.books or [str(sample_path("eval")), str(sample_path("train"))]
-    need = max(args.tokens if "ppl" in args.parts else 0, max(args.latency_caches) + args.warmup + args.latency_steps,
-               args.sinks + args.window + args.warmup + args.stream_steps, args.recall_filler + 1)
+    biggest = max(args.latency_caches)
+    need = max(args.tokens if "ppl" in args.parts else 0,
+               biggest + args.warmup + args.latency_steps + eviction_slack(biggest),
+               args.sinks + args.window + args.warmup + args.stream_steps + eviction_slack(args.window),
+               args.recall_filler + 1)
     ids = load_tokens(tokenizer, books, need)
     stream = ids[:args.tokens] if "ppl" in args.parts else ids[:0]
     out = Path(args.out)
@@ -328,7 +349,7 @@ def main(argv=None):
         report["latency"] = {str(c): latency(model, ids, c, args.latency_steps, args.warmup, args.device,
                                              args.sinks, args.decode)
                              for c in tqdm(args.latency_caches, desc="latency", leave=False)
-                             if c + args.warmup + args.latency_steps <= len(ids)}
+                             if c + args.warmup + args.latency_steps + eviction_slack(c) <= len(ids)}
     if "stream" in args.parts:
         report["stream_latency"] = stream_latency(model, ids, args.stream_steps, args.warmup, args.device,
                                                   args.sinks, args.window, args.decode[0])

@@ -14,7 +14,7 @@ Eviction (`keep(indices)`) runs outside the graph, in place: kept slot indices a
 tokens that move form a suffix; that suffix of all layers is gathered with one `index_select`, rotated back by
 each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to the front of the same buffers
 — a handful of kernels for all 30 layers, however many layers the model has. The plan of an eviction is
-memoised; in graph mode each plan is also captured after its first (eager) run and replayed afterwards.
+memoised; in graph mode a plan that repeats is captured at its second (eager) run and replayed afterwards.
 
 Test: `python -m pytest tests/test_runtime_static.py -q` (CPU; graph capture itself runs only on CUDA).
 """
@@ -119,7 +119,8 @@ class StaticSinkCache(Cache):
                 plan.graph.replay()
             else:
                 self._move(plan)
-                if self.graph_moves:  # the eager run above was the warm-up; capture this eviction for next time
+                plan.runs += 1
+                if self.graph_moves and plan.runs == 2:  # a repeated eviction (not SirLLM's ever-new ones): capture
                     self._capture_move(plan)
             self.rerotations += 1
         self.length = kept
@@ -167,6 +168,7 @@ class MovePlan:
     cos: torch.Tensor          # pure rotation by each token's delta
     sin: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
+    runs: int = 0              # eager runs so far; captured (graph mode) at the second
 
 
 class StaticDecoder:
