@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before each timed run")
     p.add_argument("--stream-steps", type=int, default=4096, help="decode steps of the eviction-latency stream")
     p.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "eager", "static", "graph"],
-                   help="sink-cache decode paths to time (auto: graph on CUDA, eager on CPU); the first is the headline")
+                   help="sink-cache decode paths to time (auto: graph on CUDA, else eager); the first is the headline")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="what to measure")
     p.add_argument("--recall-trials", type=int, default=20)
     p.add_argument("--recall-filler", type=int, default=3000, help="book tokens between fact and question")

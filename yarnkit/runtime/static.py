@@ -192,8 +192,9 @@ class StaticDecoder:
     def forward_static(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """THE step: ids `[1, n]` at device `positions [n]` -> float32 logits `[1, n, vocab]`. No host sync inside."""
         self.cache.write_positions = positions
-        out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=self.cache.attention_mask(positions),
-                         past_key_values=self.cache, use_cache=True)
+        mask = self.cache.attention_mask(positions)
+        out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask, past_key_values=self.cache,
+                         use_cache=True)
         return out.logits.float()
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
