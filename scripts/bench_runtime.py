@@ -22,6 +22,8 @@ Measures, on one token stream cut from the books (`--parts` picks which):
    - recompute: StreamingLLM's baseline, a fresh eager HF forward (SDPA, no KV cache) over the last `cache`
      tokens for every generated token; input ids already on the device, logits of the last position only;
    - dense: plain HF decode with a growing `DynamicCache` that already holds `cache` tokens (eager).
+   - path check: the first path against the eager cache on the same 353 tokens (through evictions): max
+     |log-prob difference| and greedy agreement, so a graph that replays wrongly would show.
 3. stream: decode `--stream-steps` tokens through a full, evicting cache: p50/p99 (eviction spikes), p99/p50,
    the eviction cost alone, peak memory and its growth over the stream (flat when nothing leaks).
 4. recall: a fact (a random 6-digit code) stated early, asked after `--recall-filler` tokens of book text (more
@@ -193,6 +195,21 @@ def latency(model, ids, cache, steps, warmup, device, sinks, decodes):
     return result
 
 
+@torch.no_grad()
+def path_check(model, ids, decode, sinks, window=252, prompt=256, steps=96):
+    """The timed path against the eager cache on the same tokens, through evictions: max |log-prob difference|
+    and how often the greedy token agrees (bf16 on GPU: small differences; float32 on CPU: ~1e-5)."""
+    engines = [StreamingEngine(model, sinks=sinks, window=window, decode=path) for path in (decode, "eager")]
+    logps = []
+    for engine in engines:
+        rows = [engine.feed(ids[:prompt][None])[0, -1]]
+        rows += [engine.feed(token.view(1, 1))[0, -1] for token in ids[prompt:prompt + steps]]
+        logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
+    return {"decode_path": engines[0].decode_path, "steps": steps + 1, "rerotations": engines[0].cache.rerotations,
+            "max_abs_logprob_diff": (logps[0] - logps[1]).abs().max().item(),
+            "greedy_agreement": (logps[0].argmax(-1) == logps[1].argmax(-1)).float().mean().item()}
+
+
 def memory_now(device):
     if str(device).startswith("cuda"):
         return torch.cuda.memory_allocated() / 2**20
@@ -300,6 +317,10 @@ def summary(report) -> str:
                      f"{s['p99_over_p50']:.2f}, {s['evicting_steps']} evicting steps, peak {s['peak_cuda_mib']} MiB, "
                      f"growth {s['memory_growth_mib']:.1f} MiB" + (f", graph fallback: {s['graph_fallback']}"
                                                                    if s["graph_fallback"] else ""))
+    if "path_check" in report:
+        c = report["path_check"]
+        lines.append(f"path check [{c['decode_path']} vs eager, {c['steps']} steps, {c['rerotations']} evictions]: "
+                     f"max |dlogp| {c['max_abs_logprob_diff']:.3g}, greedy agreement {c['greedy_agreement']:.3f}")
     for name, value in report.get("recall", {}).items():
         lines.append(f"recall {name:<7} accuracy {value['accuracy']:.2f} answer NLL {value['answer_nll']:.2f}")
     return "\n".join(lines)
@@ -325,7 +346,7 @@ def main(argv=None):
     need = max(args.tokens if "ppl" in args.parts else 0,
                biggest + args.warmup + args.latency_steps + eviction_slack(biggest),
                args.sinks + args.window + args.warmup + args.stream_steps + eviction_slack(args.window),
-               args.recall_filler + 1)
+               args.recall_filler + 1, 256 + 96)
     ids = load_tokens(tokenizer, books, need)
     stream = ids[:args.tokens] if "ppl" in args.parts else ids[:0]
     out = Path(args.out)
@@ -350,6 +371,8 @@ def main(argv=None):
                                              args.sinks, args.decode)
                              for c in tqdm(args.latency_caches, desc="latency", leave=False)
                              if c + args.warmup + args.latency_steps + eviction_slack(c) <= len(ids)}
+    if "latency" in args.parts:
+        report["path_check"] = path_check(model, ids, args.decode[0], args.sinks)
     if "stream" in args.parts:
         report["stream_latency"] = stream_latency(model, ids, args.stream_steps, args.warmup, args.device,
                                                   args.sinks, args.window, args.decode[0])

@@ -36,6 +36,8 @@ def test_bench_runtime_smoke(tmp_path, capsys):
     row = saved["latency"]["64"]
     assert row["sinks"]["decode_path"] == "static" and row["sinks_eager"]["decode_path"] == "eager"
     assert row["speedup_vs_recompute"] > 0 and {"recompute", "dense"} <= set(row)
+    check = saved["path_check"]
+    assert check["decode_path"] == "static" and check["rerotations"] > 0 and check["max_abs_logprob_diff"] < 1e-3
     stream = saved["stream_latency"]
     assert stream["decode_path"] == "static" and stream["evicting_steps"] > 0 and stream["p99_over_p50"] >= 1
     assert "speed-up vs recompute" in capsys.readouterr().out and (out / "bench_runtime.log").stat().st_size > 0
