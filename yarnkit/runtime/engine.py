@@ -7,10 +7,13 @@ keeps evicting during long generations. Optional SirLLM retention keeps the toke
 self-information (-log p, free from the forward pass) besides sinks and recent tokens, decayed by `decay` after
 each dialogue round (`end_round()`). What it is not: a chat template or a server (see `chat.py`, `serve.py`).
 
+Decode paths (`decode=`): `eager` grows a `SinkCache`; `static` / `graph` run the fixed-shape cache of
+`static.py` (graph: the 1-token step replayed as a CUDA graph); `auto` picks graph on CUDA, eager elsewhere.
+
 Sinks: 1 when the model's config records a dedicated sink token (`config.yarnkit_sink_token_id`; it is put in
 slot 0 automatically and never evicted), else 4. `pin()` also protects everything fed so far (a system prompt).
 
-Test: `python -m pytest tests/test_runtime_cache.py -q`.
+Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py -q`.
 """
 
 from __future__ import annotations
