@@ -9,6 +9,8 @@ What is proven:
   a negative control shows the attention factor applied twice (the classic YaRN re-rotation bug) is caught;
 - multi-layer: re-rotated keys equal the stored keys turned by the delta with float64 angles (atol 1e-5);
 - chunked prefill never runs a forward longer than the free window; eviction happens during generation.
+Tests marked with `decode` run on both cache paths: `eager` (growing `SinkCache`) and `static` (fixed buffers +
+slot mask, the function the CUDA graph captures; see tests/test_runtime_static.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from yarnkit.rope import compute_inv_freq
 from yarnkit.runtime.cache import find_rotary_module, model_rotary, rotate_back
 from yarnkit.runtime.engine import StreamingEngine
 
+DECODES = pytest.mark.parametrize("decode", ["eager", "static"])  # growing SinkCache / static buffers + mask
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}
 
 
@@ -53,11 +56,12 @@ def tokens(n, seed=0):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+@DECODES
 @pytest.mark.parametrize("name", ["llama", "llama-yarn", "phi3-partial"])
-def test_within_window_matches_plain_hf(name):
+def test_within_window_matches_plain_hf(name, decode):
     model = MODELS[name]()
     prompt = tokens(40)
-    engine = StreamingEngine(model, sinks=4, window=200, prefill_chunk=16)  # chunked prefill, no eviction
+    engine = StreamingEngine(model, sinks=4, window=200, prefill_chunk=16, decode=decode)  # chunked prefill, no eviction
     logits = engine.feed(prompt)
     dense = model(prompt).logits
     torch.testing.assert_close(logits, dense, atol=1e-5, rtol=0)
@@ -69,9 +73,10 @@ def test_within_window_matches_plain_hf(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("evict_batch", [1, 7])
-def test_after_eviction_equals_recompute_on_retained(name, evict_batch):
+@DECODES
+def test_after_eviction_equals_recompute_on_retained(name, evict_batch, decode):
     model = MODELS[name](layers=1)
-    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=evict_batch, prefill_chunk=5)
+    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=evict_batch, prefill_chunk=5, decode=decode)
     stream = tokens(80, seed=1)
     logits = engine.feed(stream)
     assert engine.cache.rerotations > 0 and len(engine) <= engine.capacity
@@ -83,10 +88,11 @@ def test_after_eviction_equals_recompute_on_retained(name, evict_batch):
                                atol=1e-5, rtol=0)
 
 
-def test_attention_factor_applied_twice_is_caught():
+@DECODES
+def test_attention_factor_applied_twice_is_caught(decode):
     """Negative control: re-rotating with the module's raw cos/sin (which carry YaRN's mscale) must fail."""
     model = yarn_llama(layers=1)
-    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=4, prefill_chunk=5)
+    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=4, prefill_chunk=5, decode=decode)
     module = find_rotary_module(model)
     engine.cache.rotary = lambda pos: tuple(t[0] for t in module(torch.zeros(1), pos[None]))
     engine.feed(tokens(80, seed=1))
@@ -95,10 +101,11 @@ def test_attention_factor_applied_twice_is_caught():
     assert relative > 0.05  # mscale 1.14 applied twice on the moved keys
 
 
+@DECODES
 @pytest.mark.parametrize("name", ["llama-yarn", "phi3-partial"])
-def test_rerotation_matches_float64_angles(name):
+def test_rerotation_matches_float64_angles(name, decode):
     model = MODELS[name]()
-    engine = StreamingEngine(model, sinks=2, window=30, evict_batch=10, prefill_chunk=32)
+    engine = StreamingEngine(model, sinks=2, window=30, evict_batch=10, prefill_chunk=32, decode=decode)
     engine.feed(tokens(32))
     before = [layer.keys.clone() for layer in engine.cache.layers]
     engine.feed(tokens(1, seed=5))  # 32 + 1 > 32: drop 10 slots after the 2 sinks, re-rotate 20 keys by 10
@@ -128,12 +135,13 @@ def test_rotate_back_is_inverse_of_model_rotation():
     torch.testing.assert_close(rotate_back(forward, cos, sin), keys, atol=1e-6, rtol=0)
 
 
-def test_prefill_chunks_never_exceed_window_and_generation_evicts():
+@DECODES
+def test_prefill_chunks_never_exceed_window_and_generation_evicts(decode):
     model = MODELS["llama"]()
     lengths = []
     hook = model.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
                                                  with_kwargs=True)
-    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=5, prefill_chunk=64)
+    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=5, prefill_chunk=64, decode=decode)
     engine.feed(tokens(100))
     assert max(lengths) <= 24 and lengths.count(24) == 1 and len(engine) <= 24  # one forward never exceeds sinks + window
     before = engine.cache.rerotations
@@ -142,17 +150,19 @@ def test_prefill_chunks_never_exceed_window_and_generation_evicts():
     assert len(produced) == 40 and engine.cache.rerotations > before and len(engine) <= 24
 
 
-def test_sink_token_from_config_is_prepended_and_never_evicted():
+@DECODES
+def test_sink_token_from_config_is_prepended_and_never_evicted(decode):
     model = MODELS["llama"]()
     model.config.yarnkit_sink_token_id = 1
-    engine = StreamingEngine(model, window=10, evict_batch=3)
+    engine = StreamingEngine(model, window=10, evict_batch=3, decode=decode)
     assert engine.options.sinks == 1
     logits = engine.feed(tokens(50))
     assert logits.shape[1] == 50 and engine.cache_ids[0] == 1 and len(engine) <= 11
 
 
-def test_pinned_system_prompt_survives():
-    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=40, evict_batch=8)
+@DECODES
+def test_pinned_system_prompt_survives(decode):
+    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=40, evict_batch=8, decode=decode)
     system = tokens(12, seed=9)
     engine.feed(system)
     engine.pin()

@@ -35,6 +35,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=1020, help="recent tokens kept besides the sinks")
     parser.add_argument("--sinks", type=int, default=None, help="sink tokens (default: 1 with a sink token, else 4)")
     parser.add_argument("--evict-batch", type=int, default=None, help="tokens dropped per eviction (window//16)")
+    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"],
+                        help="decode path: auto = CUDA graph on a GPU (falls back loudly), eager growing cache on CPU")
     parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
     parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
     parser.add_argument("--compress-rate", type=float, default=None,
@@ -52,7 +54,7 @@ def build_conversation_factory(args):
     """Load the model once; return `(model, tokenizer, new_conversation)`."""
     model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
     options = StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
-                            sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay)
+                            sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode)
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,

@@ -7,10 +7,13 @@ keeps evicting during long generations. Optional SirLLM retention keeps the toke
 self-information (-log p, free from the forward pass) besides sinks and recent tokens, decayed by `decay` after
 each dialogue round (`end_round()`). What it is not: a chat template or a server (see `chat.py`, `serve.py`).
 
+Decode paths (`decode=`): `eager` grows a `SinkCache`; `static` / `graph` run the fixed-shape cache of
+`static.py` (graph: the 1-token step replayed as a CUDA graph); `auto` picks graph on CUDA, eager elsewhere.
+
 Sinks: 1 when the model's config records a dedicated sink token (`config.yarnkit_sink_token_id`; it is put in
 slot 0 automatically and never evicted), else 4. `pin()` also protects everything fed so far (a system prompt).
 
-Test: `python -m pytest tests/test_runtime_cache.py -q`.
+Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py -q`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import Iterator
 import torch
 
 from yarnkit.runtime.cache import SinkCache, model_rotary
+from yarnkit.runtime.static import StaticDecoder, StaticSinkCache
 
 DEFAULT_SINKS = 4
+DECODE_PATHS = ("auto", "eager", "static", "graph")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class StreamOptions:
     prefill_chunk: int = 512          # longest single forward (clipped to the free window)
     sirllm_keep: int = 0              # SirLLM: window slots reserved for high self-information tokens (0: off)
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
+    decode: str = "auto"              # eager | static | graph | auto (graph on CUDA, eager elsewhere)
 
     def resolved(self, config) -> "StreamOptions":
         sink_token = getattr(config, "yarnkit_sink_token_id", None)
@@ -46,9 +52,11 @@ class StreamOptions:
             raise ValueError(f"sirllm_keep={self.sirllm_keep} must be in [0, window={self.window})")
         if not 0.0 < self.sirllm_decay <= 1.0:
             raise ValueError(f"sirllm_decay={self.sirllm_decay} must be in (0, 1]")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"decode={self.decode!r}: choose one of {', '.join(DECODE_PATHS)}")
         evict = self.evict_batch if self.evict_batch is not None else max(1, self.window // 16)
         return StreamOptions(sinks, self.window, max(1, min(evict, self.window)), max(1, self.prefill_chunk),
-                             self.sirllm_keep, self.sirllm_decay)
+                             self.sirllm_keep, self.sirllm_decay, self.decode)
 
 
 class StreamingEngine:
@@ -61,6 +69,15 @@ class StreamingEngine:
         check_supported(model.config, self.options.sinks, self.options.window)
         self.sink_token_id = getattr(model.config, "yarnkit_sink_token_id", None)
         self.rotary = model_rotary(model)
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        decode = self.options.decode
+        if decode == "auto":
+            decode = "graph" if self.device.type == "cuda" else "eager"
+        self.decoder = None
+        if decode != "eager":
+            cache = StaticSinkCache(model.config, self.capacity, self.rotary, self.device, parameter.dtype)
+            self.decoder = StaticDecoder(model, cache, graph=decode == "graph")
         self.reset()
 
     @property
@@ -68,7 +85,11 @@ class StreamingEngine:
         return self.options.sinks + self.options.window
 
     def reset(self) -> None:
-        self.cache = SinkCache(self.rotary)
+        if self.decoder is not None:
+            self.cache = self.decoder.cache
+            self.cache.clear()
+        else:
+            self.cache = SinkCache(self.rotary)
         self.cache_ids = torch.empty(0, dtype=torch.long)    # token id in each slot
         self.scores = torch.empty(0)                         # SirLLM self-information per slot
         self.pinned = 0
@@ -78,8 +99,16 @@ class StreamingEngine:
     def __len__(self) -> int:
         return self.cache.get_seq_length()
 
+    @property
+    def decode_path(self) -> str:
+        """The decode path in use: eager (growing `SinkCache`), static, or graph (falls back to static loudly)."""
+        return self.decoder.path if self.decoder is not None else "eager"
+
     def is_consistent(self) -> bool:
-        """False after a forward was interrupted half-way (some layers hold a chunk the others do not)."""
+        """False after a forward was interrupted half-way (some layers hold a chunk the others do not). The static
+        cache only counts a chunk once its forward completed, so it is always consistent."""
+        if self.decoder is not None:
+            return len(self) == len(self.cache_ids)
         lengths = {layer.keys.shape[-2] for layer in self.cache.layers if layer.is_initialized}
         return lengths <= {len(self.cache_ids)} and len(self.cache.layers) in (0, self.model.config.num_hidden_layers)
 
@@ -147,15 +176,13 @@ class StreamingEngine:
         if self.sink_token_id is not None and len(self) == 0 and int(ids[0, 0]) != self.sink_token_id:
             ids = torch.cat((torch.tensor([[self.sink_token_id]]), ids), dim=1)
             strip = 1
-        device = next(self.model.parameters()).device
         outputs = []
         start = 0
         while start < ids.shape[1]:
             room = self.capacity - self.protected
             chunk = ids[:, start:start + min(self.options.prefill_chunk, room)]
             self._make_room(chunk.shape[1])
-            logits = self.model(input_ids=chunk.to(device), past_key_values=self.cache, use_cache=True).logits
-            logits = logits.float()  # stays on the model's device
+            logits = self._forward(chunk)  # float32, stays on the model's device
             if self.options.sirllm_keep:
                 self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
             self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
@@ -163,7 +190,14 @@ class StreamingEngine:
             outputs.append(logits)
             start += chunk.shape[1]
         self.tokens_seen += ids.shape[1]
-        return torch.cat(outputs, dim=1)[:, strip:]
+        logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return logits[:, strip:] if strip else logits
+
+    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder(chunk)
+        logits = self.model(input_ids=chunk.to(self.device), past_key_values=self.cache, use_cache=True).logits
+        return logits.float()
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset(),
@@ -183,7 +217,8 @@ class StreamingEngine:
     def stats(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "cache_tokens": len(self), "cache_capacity": self.capacity,
                 "sinks": self.options.sinks, "pinned": self.pinned, "cache_mib": round(self.cache.nbytes() / 2**20, 3),
-                "rerotations": self.cache.rerotations,
+                "rerotations": self.cache.rerotations, "decode_path": self.decode_path,
+                "graph_fallback": self.decoder.fallback_reason if self.decoder is not None else None,
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

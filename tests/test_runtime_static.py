@@ -1,0 +1,121 @@
+"""The static-shape decode path (fixed K/V buffers + slot mask; the function a CUDA graph captures) on CPU.
+
+Run: `python -m pytest tests/test_runtime_static.py -q`
+
+What is proven (tiny random models, float32; the cache tests in tests/test_runtime_cache.py also run on this path):
+- static and eager engines give the same logits (atol 1e-5) and keep the same tokens over a stream that evicts,
+  with SirLLM retention on, and the static cache's filled slots equal the eager cache's keys/values;
+- a forward that fails half-way leaves the static cache consistent, and the next tokens get exactly the logits
+  of an engine that never saw the failure; `reset()` keeps the buffers (a captured graph stays valid);
+- a failing graph capture falls back loudly (logged reason, reported in stats) and still returns right logits;
+- bad decode choices are refused with a clear error;
+- slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
+CUDA-graph capture itself needs a GPU: scripts/bench_runtime.py reports which path ran there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from yarnkit.runtime.engine import StreamingEngine
+
+
+def tokens(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def feed_stream(engine, stream, step_sizes):
+    """Feed `stream` in chunks of the given sizes (cycled), returning all logits."""
+    out, start, i = [], 0, 0
+    while start < stream.shape[1]:
+        size = step_sizes[i % len(step_sizes)]
+        out.append(engine.feed(stream[:, start:start + size]))
+        start, i = start + size, i + 1
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("sirllm_keep", [0, 6])
+def test_static_equals_eager_through_eviction(sirllm_keep):
+    model = tiny_model("llama", num_hidden_layers=2)
+    stream = tokens(90, seed=3)
+    engines = [StreamingEngine(model, sinks=4, window=24, evict_batch=5, prefill_chunk=8, sirllm_keep=sirllm_keep,
+                               decode=decode) for decode in ("eager", "static")]
+    eager, static = (feed_stream(engine, stream, [9, 1, 1, 4]) for engine in engines)
+    assert engines[1].decode_path == "static" and engines[1].cache.rerotations > 3
+    torch.testing.assert_close(static, eager, atol=1e-5, rtol=0)
+    assert engines[0].cache_ids.tolist() == engines[1].cache_ids.tolist()
+    for dense, fixed in zip(engines[0].cache.layers, engines[1].cache.layers):
+        torch.testing.assert_close(fixed.keys, dense.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fixed.values, dense.values, atol=1e-6, rtol=0)
+
+
+def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers():
+    model = tiny_model("llama", num_hidden_layers=2)
+    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    clean = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    engine.feed(tokens(10))  # 10 + 3 fit: the failing chunk below evicts nothing
+    clean.feed(tokens(10))
+
+    def explode(*_):
+        raise RuntimeError("boom")
+
+    hook = model.model.layers[1].register_forward_pre_hook(explode)  # layer 0 has written its K/V already
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.feed(tokens(3, seed=1))
+    hook.remove()
+    assert engine.is_consistent()
+    after = tokens(30, seed=2)  # overwrites the half-written slots, then evicts
+    torch.testing.assert_close(engine.feed(after), clean.feed(after), atol=0, rtol=0)
+
+    buffer = engine.cache.key_buffer.data_ptr()
+    engine.reset()
+    assert len(engine) == 0 and engine.cache.key_buffer.data_ptr() == buffer
+    fresh = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    torch.testing.assert_close(engine.feed(tokens(30)), fresh.feed(tokens(30)), atol=0, rtol=0)
+
+
+def test_graph_capture_failure_falls_back_loudly(caplog):
+    """Force the graph path on CPU: capture cannot work there, so the decoder must log why and keep serving."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    engine = StreamingEngine(model, sinks=4, window=20, decode="static")
+    reference = StreamingEngine(model, sinks=4, window=20, decode="eager")
+    engine.decoder.use_graph = True
+    prompt, token = tokens(10), tokens(1, seed=4)
+    engine.feed(prompt)
+    reference.feed(prompt)
+    with caplog.at_level(logging.WARNING):
+        logits = engine.feed(token)
+    assert "falling back" in caplog.text and engine.decode_path == "static"
+    assert engine.stats()["graph_fallback"] and engine.stats()["decode_path"] == "static"
+    torch.testing.assert_close(logits, reference.feed(token), atol=1e-5, rtol=0)
+
+
+def test_bad_decode_choice_is_refused():
+    model = tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(ValueError, match="decode='fast'"):
+        StreamingEngine(model, window=16, decode="fast")
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        StreamingEngine(model, window=16, decode="graph")
+    assert StreamingEngine(model, window=16).decode_path == "eager"  # auto on CPU
+
+
+@pytest.mark.slow
+def test_real_model_static_path(smollm2):
+    """SmolLM2-135M: greedy generation within the window equals HF's; through eviction static == eager logits."""
+    model, tokenizer = smollm2
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    engine = StreamingEngine(model, sinks=4, window=60, decode="static")
+    ours = list(engine.generate(prompt, max_new_tokens=6))
+    hf = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert ours == hf
+    stream = tokenizer("It was a bright cold day in April, and the clocks were striking thirteen. " * 8,
+                       return_tensors="pt")["input_ids"][:, :40]
+    engines = [StreamingEngine(model, sinks=4, window=20, evict_batch=6, prefill_chunk=16, decode=decode)
+               for decode in ("eager", "static")]
+    eager, static = (feed_stream(engine, stream, [16, 1]) for engine in engines)
+    assert engines[1].cache.rerotations > 2
+    torch.testing.assert_close(static, eager, atol=1e-4, rtol=0)
