@@ -168,8 +168,8 @@ class StreamingEngine:
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Run new token ids `[1, n]` (or `[n]`) through the model; returns float32 logits `[1, n, vocab]` on the
-        model's device."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        model's device. `ids` may live on any device: the engine's token bookkeeping is on the host."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).cpu()
         if ids.shape[1] == 0:
             raise ValueError("feed() got no tokens")
         strip = 0
