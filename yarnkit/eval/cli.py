@@ -84,7 +84,7 @@ def resolve_model(name_or_path: str) -> str:
     run = Path(name_or_path).expanduser()
     steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
     if steps:
-        if not (steps[-1] / "config.json").is_file():
+        if (steps[-1] / "adapter_config.json").is_file() or not (steps[-1] / "config.json").is_file():
             raise FileNotFoundError(f"{steps[-1]} has no config.json (a LoRA checkpoint? export it to full weights "
                                     "first with `yarnkit export`)")
         return str(steps[-1])
@@ -179,8 +179,10 @@ def run_task(args) -> dict:
         result.update(bos_token_id=bos, skipped_documents=[])
         documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer,
                                     result["skipped_documents"])
-        result.update(evaluate_stream(model, policy, token_stream(documents, bos), bos, args.max_tokens, args.chunk,
-                                      args.segment))
+        sink = getattr(model.config, "yarnkit_sink_token_id", None)  # a sink-token model sees it first, as trained
+        result.update(sink_token_id=sink)
+        result.update(evaluate_stream(model, policy, token_stream(documents, bos, sink), bos, args.max_tokens,
+                                      args.chunk, args.segment))
     return result
 
 
