@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/sink-replication", help="output folder")
     p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--books", default=".devcache/books", help="PG-19 test books (folder/file/glob) for streaming")
+    p.add_argument("--books", default=".devcache/books/test_*.txt.gz", help="PG-19 test books (folder/file/glob) for streaming")
     p.add_argument("--train-data", default=".devcache/trainbooks,python-stdlib", help="data.source for training")
     p.add_argument("--steps", type=int, default=800, help="pretraining steps per model")
     p.add_argument("--cont-steps", type=int, default=200, help="continued-training steps on SmolLM2-135M")
@@ -51,7 +51,7 @@ def parse_args(argv=None):
         from yarnkit.assets import sample_path
 
         args.books, args.train_data = str(sample_path("eval")), "bundled:train"
-        args.steps, args.cont_steps, args.stream_tokens, args.cont_stream_tokens, args.chunk = 12, 2, 1200, 300, 16
+        args.steps, args.cont_steps, args.stream_tokens, args.cont_stream_tokens, args.chunk = 12, 2, 1200, 128, 16
     return args
 
 
@@ -67,7 +67,7 @@ def pretrain_overrides(args, name: str, sink: bool) -> list[str]:
 
 
 def continued_overrides(args, name: str, sink: bool) -> list[str]:
-    seq = 128 if args.smoke else 1024
+    seq = 64 if args.smoke else 1024
     return ["run_dir=" + str(Path(args.out) / name), "resume=none", "model.name_or_path=smollm2-135m",
             f"model.sink_token={str(sink).lower()}", "model.sink_token_init=bos", "model.gradient_checkpointing=false",
             f"data.source={args.train_data}", f"data.seq_len={seq}", f"data.num_proc={1 if args.smoke else 8}",
@@ -95,10 +95,19 @@ def train_run(overrides: list[str]) -> tuple[str, dict]:
         "tokens": result.last_step * recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len}
 
 
-def load_stream_docs(books: str, tokenizer, limit: int):
+def load_stream_docs(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
+    """Tokenised test books in sorted order (a glob is allowed) until `limit` tokens are collected."""
+    from yarnkit.data import local_paths
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
 
-    documents, _ = tokenize_documents(iter_eval_documents(books), tokenizer, max_tokens=limit)
+    documents, total = [], 0
+    for path in local_paths(books):
+        for doc in iter_eval_documents(str(path)):
+            kept, _ = tokenize_documents([doc], tokenizer, max_tokens=limit - total)
+            documents += kept
+            total += sum(len(ids) + 1 for _, ids in kept)  # + BOS
+            if total >= limit:
+                return documents
     return documents
 
 
@@ -142,7 +151,7 @@ def evaluate_model(location: str, args, sinks_list, window: int, tokens: int) ->
 def markdown(results: dict) -> str:
     window = results["window"]
     lines = [f"### From-scratch pretraining ({results['pretrain']['vanilla']['train']['steps']} steps, "
-             f"{results['pretrain']['vanilla']['train']['tokens'] / 1e6:.1f}M tokens, W={window}); streaming PPL",
+             f"{results['pretrain']['vanilla']['train']['tokens']:,} tokens, W={window}); streaming PPL",
              "", "| model | " + " | ".join(f"{s}+{window - s}" for s in SINKS) + " |",
              "|---|" + "---|" * len(SINKS)]
     for name in ("vanilla", "sink"):

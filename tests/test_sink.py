@@ -153,3 +153,17 @@ def test_scratch_model_from_config(assets):
     config = json.loads((Path(result.run_dir) / "checkpoints" / "step_000001" / "model" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["hidden_size"] == 32 and config["head_dim"] == 16
     assert config["yarnkit_sink_token_id"] == 99 and config["max_position_embeddings"] == 128
+
+
+def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_path):
+    import argparse
+
+    from yarnkit.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["stream", full_run.run_dir, "--data", str(assets["data"]), "--policy", "sink",
+                              "--window", "32", "--max-tokens", "120", "--chunk", "8", "--out", str(tmp_path)])
+    result = cli.run_task(args)
+    assert result["sink_token_id"] == 99 and result["sinks"] == 1 and result["policy"] == "sinks1+31"
+    assert result["tokens_processed"] == 120 and result["ppl"] > 1
