@@ -167,3 +167,27 @@ def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_pat
     result = cli.run_task(args)
     assert result["sink_token_id"] == 99 and result["sinks"] == 1 and result["policy"] == "sinks1+31"
     assert result["tokens_processed"] == 120 and result["ppl"] > 1
+
+
+def test_lora_trains_the_tied_sink_row_only_through_trainable_tokens():
+    from conftest import tiny_model
+
+    from yarnkit.model_setup import LoraArgs, add_lora
+
+    model = tiny_model("llama", seed=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, vocab_size=99)
+    sink = add_sink_token(model, char_tokenizer())
+    before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = add_lora(model, LoraArgs(enabled=True, r=4), train_token_ids=[sink])
+    extra = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(extra) == 1 and "trainable_tokens" in extra[0]  # not the whole embedding
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([[sink] + list(range(3, 40))])
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = peft_model.merge_and_unload()
+    weight, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert not torch.allclose(weight[sink], before[sink])  # trained
+    torch.testing.assert_close(weight[:sink], before[:sink])  # other rows untouched
+    assert weight.data_ptr() == head.data_ptr()  # still tied after the merge
