@@ -116,25 +116,34 @@ def test_full_training_trains_the_row_and_checkpoint_records_id(full_run, assets
 
 
 def test_lora_trains_the_sink_row_and_export_keeps_the_id(assets, tmp_path):
-    from yarnkit.export.hf import load_for_export
-    from yarnkit.export.source import resolve_source
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from yarnkit.export.cli import export
     from yarnkit.runtime.engine import StreamingEngine
 
-    result = train(load_recipe(sink_overrides(assets, "lora", **{"lora.enabled": True, "lora.r": 4})))
+    from conftest import tiny_model
+
+    base = tmp_path / "full-vocab"  # vocab 99 = the tokenizer's: the sink grows it to 100 (untied head too)
+    tiny_model("llama", seed=0, bos_token_id=1, eos_token_id=2, vocab_size=99).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    result = train(load_recipe(sink_overrides(assets, "lora", **{"lora.enabled": True, "lora.r": 4,
+                                                                 "model.name_or_path": base})))
     ckpt = Path(result.run_dir) / "checkpoints" / "step_000002" / "model"
     adapter = load_file(ckpt / "adapter_model.safetensors")
     assert any("trainable_tokens" in key for key in adapter), sorted(adapter)[:5]
-    model, tokenizer, notes = load_for_export(resolve_source(result.run_dir), dtype="float32")
-    assert model.config.yarnkit_sink_token_id == 99 and tokenizer.convert_tokens_to_ids("<|sink|>") == 99
-    base_bos = load_file(assets["model"] / "model.safetensors")["model.embed_tokens.weight"][1]
+    report = export(result.run_dir, tmp_path / "exported", merge_lora=True, dtype="float32")
+    assert report["config_check"]["sink_token_id"] == 99 and any("resized" in note for note in report["notes"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert model.config.yarnkit_sink_token_id == 99
+    assert AutoTokenizer.from_pretrained(tmp_path / "exported").convert_tokens_to_ids("<|sink|>") == 99
+    base_weights = load_file(base / "model.safetensors")
+    base_bos = base_weights["model.embed_tokens.weight"][1]
     assert not torch.allclose(model.get_input_embeddings().weight[99], base_bos)  # the row was trained
-    model.save_pretrained(tmp_path / "exported")
-    from transformers import AutoModelForCausalLM
-
-    engine = StreamingEngine(AutoModelForCausalLM.from_pretrained(tmp_path / "exported"), window=32)
+    torch.testing.assert_close(model.get_output_embeddings().weight[99], base_weights["lm_head.weight"].mean(0))
+    engine = StreamingEngine(model, window=32)
     assert engine.options.sinks == 1
     engine.feed(torch.tensor([[5, 6, 7]]))
-    assert engine.cache_ids[0].item() == 99
+    assert engine.cache_ids[:2].tolist() == [99, 5]  # prepended once, in slot 0
 
 
 def test_stream_eval_prepends_sink_once():

@@ -54,23 +54,28 @@ def register_sink_token(tokenizer, config, text: str) -> tuple[int, bool]:
     return sink_token_id(tokenizer, text), True
 
 
+def grow_vocabulary(model, size: int) -> None:
+    """Resize the embeddings (and an untied head) to `size` rows; new rows get the mean of the old ones, so the
+    result is deterministic (export rebuilds the same untied head rows before merging a LoRA adapter)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                       if m is not None}.values():
+            module.weight[old:] = module.weight[:old].mean(0)
+
+
 def add_sink_token(model, tokenizer, text: str = "<|sink|>", init: str = "bos") -> int:
     """Add the sink token to `tokenizer` and `model` (in place) and record its id in `model.config`; returns it."""
     if init not in INITS:
         raise SinkTokenError(f"model.sink_token_init={init!r}; choose one of {INITS}")
     token_id, is_new = register_sink_token(tokenizer, model.config, text)
-    embeddings = model.get_input_embeddings()
-    if token_id >= embeddings.weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embeddings = model.get_input_embeddings()
+    if token_id >= model.get_input_embeddings().weight.shape[0]:
+        grow_vocabulary(model, len(tokenizer))
     if is_new:
         with torch.no_grad():
-            weight = embeddings.weight
+            weight = model.get_input_embeddings().weight
             bos = tokenizer.bos_token_id
-            source = weight[bos] if init == "bos" and bos is not None else weight[:token_id].mean(0)
-            weight[token_id] = source
-            head = model.get_output_embeddings()
-            if head is not None and head.weight.data_ptr() != weight.data_ptr():  # untied: the head row too
-                head.weight[token_id] = head.weight[:token_id].mean(0)
+            weight[token_id] = weight[bos] if init == "bos" and bos is not None else weight[:token_id].mean(0)
     setattr(model.config, SINK_ATTR, int(token_id))
     return int(token_id)

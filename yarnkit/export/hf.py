@@ -51,7 +51,9 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
         config.vocab_size = base_vocab  # a sink-token run grew the vocabulary: load the base, then resize
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
         if trained_vocab != base_vocab:
-            model.resize_token_embeddings(trained_vocab, mean_resizing=False)
+            from yarnkit.sink import grow_vocabulary
+
+            grow_vocabulary(model, trained_vocab)  # the rows the trainer started from; the adapter holds trained ones
             notes.append(f"vocabulary resized {base_vocab} -> {trained_vocab} (sink token) before merging")
         from peft import PeftModel
 
