@@ -1,4 +1,22 @@
-"""Training throughput benchmark: run a recipe for a few steps on 1..N processes, then summarize tokens/s/GPU.
+"""Training throughput benchmark. Two modes:
+
+1. `--cases MODEL@SEQ@VARIANT ...` (yarnkit vs plain transformers, issue 5): each case is its own process on the
+   same GPU(s): `hf` = scripts/bench_hf_baseline.py (SDPA + full gradient checkpointing + AdamW + HF loss),
+   the other variants = yarnkit's trainer with the overrides in VARIANTS (attention kernel, checkpointing,
+   compile, TiledMLP, activation offload, `sp<N>` suffix = sequence parallelism over N GPUs). Reports
+   tokens/s/GPU, step time, peak memory and causal MFU (FLOPs/token = 6N + 6*layers*heads*head_dim*seq) against
+   `--peak-tflops` (989, H100/H200 dense bf16) and against a bf16 matmul peak measured at the start of the same
+   run. A case `MODEL@L1,L2,..@VARIANT` searches the longest length that trains (2 steps each, upwards until one
+   does not fit; `MODEL@L1,@VARIANT` tries one length that way). Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
+   Writes OUT/compare.json and OUT/compare.md (a markdown table), and prints the table last.
+
+       python scripts/bench_train.py --out out/speed --steps 6 --budget-s 450 \
+           --cases smollm2-135m@65536@hf smollm2-135m@65536@yarnkit smollm2-135m@65536@fast \
+                   llama-1b@131072,262144@offload
+       # CPU smoke test (a tiny random Llama):
+       python scripts/bench_train.py --out /tmp/speed --cpu --steps 2 --cases tiny@128@hf tiny@128@yarnkit
+
+2. `--gpus 1,2,4` (process-count scaling of one recipe), below.
 
     # GPU machine (1 GPU, then 2 and 4 GPUs with DeepSpeed ZeRO-2), books copied to /data/books:
     python scripts/bench_train.py --out out/train-bench --gpus 1,2,4 --zero 2 --steps 10 \
@@ -23,6 +41,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's yarnkit, and bench_compare
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
@@ -76,7 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
+    parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SEQ@VARIANT",
+                        help="compare mode: e.g. smollm2-135m@65536@hf llama-1b@65536@cudnn llama-1b@131072@cudnn-sp2; "
+                             "MODEL@L1,L2@VARIANT searches the longest length that trains")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
+    parser.add_argument("--case-timeout-s", type=float, default=240.0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--data", default="", help="compare mode: text source (default: the bundled novel, "
+                                                   "repeated as needed for the longest sequence)")
+    parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
     args = parser.parse_args(argv)
+    if args.cases:
+        from bench_compare import run_compare
+
+        return run_compare(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

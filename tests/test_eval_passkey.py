@@ -87,3 +87,28 @@ def test_greedy_answer_is_parsed_for_the_key(tokenizer):
         model.lm_head.bias[four] = 1.0
     answer = greedy_answer(model, tokenizer, tokenizer(QUESTION)["input_ids"], max_new_tokens=4)
     assert answer == "4444" and first_integer(answer) == 4444
+
+
+def test_greedy_answer_stops_once_the_integer_is_complete(tokenizer):
+    """A model that says "4" until the prompt holds 3 of them, then "." forever: decoding stops after the ".",
+    long before max_new_tokens, and the parsed integer is what a full decode would give."""
+    from yarnkit.eval.passkey import greedy_answer
+
+    four, = tokenizer("4", add_special_tokens=False)["input_ids"]
+    dot, = tokenizer(".", add_special_tokens=False)["input_ids"]
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=1):
+            self.seen.extend(input_ids[0].tolist())
+            logits = torch.zeros(1, 1, 49152)
+            logits[0, -1, four if self.seen.count(four) < 3 else dot] = 1.0
+            return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+    model = Scripted()
+    answer = greedy_answer(model, tokenizer, tokenizer(QUESTION)["input_ids"], max_new_tokens=50)
+    assert answer == "444." and first_integer(answer) == 444

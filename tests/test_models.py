@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,29 @@ def test_cli_help_everywhere(capsys):
             cli([name, "--help"])
         assert exit_info.value.code == 0, name
         assert f"yarnkit {name}" in capsys.readouterr().out
+
+
+def test_gguf_conversion_race_keeps_the_first_complete_copy(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF at once (training beside evaluation): the one that renames second
+    must keep the winner's complete folder instead of failing on the non-empty target."""
+    import transformers
+
+    from yarnkit.models import ModelSource, _convert_gguf
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    def fake_model(*args, **kwargs):
+        model = tiny_model("llama", seed=0)
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    target = tmp_path / "gguf" / "model-key"
+    _convert_gguf(ModelSource("x", gguf_file="x.gguf"), target)
+    first = (target / "config.json").stat().st_mtime_ns
+    _convert_gguf(ModelSource("x", gguf_file="x.gguf"), target)  # loses the race: target already complete
+    assert (target / "config.json").stat().st_mtime_ns == first
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model-key"]  # its temp dir is gone

@@ -34,6 +34,7 @@ STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
 class CheckpointArgs:
     every: int = 100  # save every N optimizer steps (and always after the last); 0 = only after the last
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    save_final: bool = True  # false: no checkpoint after the last step either (throughput benchmarks)
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:

@@ -54,10 +54,15 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
         states = 2 * total + 14 * total / shard  # bf16 weights replicated; grads, masters, Adam sharded
     else:
         states = 16 * total  # fp32 weights + grads + Adam moments, replicated
+    tokens //= max(recipe.train.sp_size, 1)  # sequence parallelism: each rank holds seq_len / sp_size tokens
+    full_layer = tokens * (34 * hidden + 6 * inter)  # one layer's stash without attention scores
+    mlp_work = 3 * (tokens if not recipe.model.tiled_mlp else min(tokens, hidden)) * inter
     if recipe.model.gradient_checkpointing:
-        activations = layers * tokens * hidden * 2 + tokens * (16 * hidden + 3 * inter) * 2
+        kept = min(recipe.model.checkpoint_layers or layers, layers)  # checkpointed layers; the rest keep all
+        stash = 0 if recipe.train.offload_activations else kept * tokens * hidden * 2
+        activations = stash + (layers - kept) * full_layer + (16 * tokens * hidden + mlp_work) * 2
     else:
-        activations = layers * tokens * (34 * hidden + 6 * inter)  # per-layer stash without attention scores
+        activations = layers * full_layer
     logits = 3 * min(recipe.train.loss_chunk_tokens, tokens) * text.vocab_size * 4
     return {"model_states": states, "activations": activations, "loss_chunk": logits,
             "total": states + activations + logits}
@@ -69,7 +74,8 @@ def estimate(recipe, config, world: int, zero: int) -> dict:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim,
                                 recipe.data.seq_len)
-    tokens_per_device = recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len
+    tokens_per_device = (recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len
+                         // max(recipe.train.sp_size, 1))  # an SP group shares one sequence
     memory = memory_bytes(recipe, config, total, trainable, world, zero)
     step_seconds = per_token * tokens_per_device / (recipe.train.peak_tflops * 1e12 * ASSUMED_MFU)
     return {

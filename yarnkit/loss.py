@@ -25,10 +25,15 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 
 def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
-                          chunk_tokens: int, softcap: float | None = None) -> torch.Tensor:
-    """Mean next-token loss of `hidden` [B, S, D] predicting `input_ids` shifted by one, chunk by chunk."""
-    flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    flat_targets = input_ids[:, 1:].reshape(-1)
+                          chunk_tokens: int, softcap: float | None = None,
+                          labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss of `hidden` [B, S, D] predicting `input_ids` shifted by one, chunk by chunk; or,
+    with `labels` [B, S] already shifted (sequence parallelism), predicting `labels` at every position."""
+    if labels is None:
+        flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        flat_targets = input_ids[:, 1:].reshape(-1)
+    else:
+        flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     total = flat_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat_targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
@@ -41,7 +46,8 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, input_ids
 
 
 class CausalLMLoss(torch.nn.Module):
-    """`forward(input_ids, position_ids=None, attention_mask=None) -> mean loss`; `.model` is the wrapped model."""
+    """`forward(input_ids, position_ids=None, attention_mask=None, labels=None) -> mean loss`; `.model` is the
+    wrapped model. `labels` are pre-shifted targets (-100 = ignore), as sequence-parallel shards need."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096):
         super().__init__()
@@ -50,12 +56,13 @@ class CausalLMLoss(torch.nn.Module):
         self.config = model.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-        return chunked_cross_entropy(lm.get_output_embeddings(), hidden, input_ids, self.chunk_tokens, softcap)
+        return chunked_cross_entropy(lm.get_output_embeddings(), hidden, input_ids, self.chunk_tokens, softcap,
+                                     labels)
 
 
 @torch.no_grad()

@@ -36,8 +36,13 @@ class ModelArgs:
     sink_token: bool = False  # prepend a dedicated learnable sink token to every training sequence
     sink_token_text: str = "<|sink|>"
     sink_token_init: str = "bos"  # continued training: bos (copy BOS's row) | mean (mean of all rows)
-    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    attn_implementation: str = "sdpa"  # sdpa | flex_attention | flash_attention_2|3|4 (if installed) | eager
+    sdpa_kernel: str = "auto"  # with sdpa: auto (torch decides) | cudnn (fastest on Hopper) | flash | efficient | math
     gradient_checkpointing: bool = True  # recompute each layer in backward: activations ~ layers x seq x hidden
+    checkpoint_layers: int = 0  # with gradient_checkpointing: 0 = every layer, N = only the first N (faster, more memory)
+    compile_layers: bool = False  # torch.compile each decoder layer (first steps pay the compile time)
+    tiled_mlp: bool = False  # DeepSpeed ALST TiledMLP: MLP over seq/hidden shards, recomputed in backward
+    random_init: bool = False  # random weights from name_or_path's config.json (benchmarks of model shapes)
     trust_remote_code: bool = False
 
 
@@ -94,23 +99,28 @@ def reshape_for_scratch(config, shape: ScratchArgs) -> None:
             setattr(config, key, None)
 
 
-def build_model(model_args: ModelArgs, config, lora: LoraArgs):
+def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str | None = None):
     """`(model, tokenizer)` ready for training from `config` (see `scaled_config`): float32 weights (mixed
-    precision comes from accelerate/DeepSpeed), no `.to(device)` (ZeRO-3 may have placed shards already)."""
+    precision comes from accelerate/DeepSpeed), no `.to(device)` (ZeRO-3 may have placed shards already).
+    `init_device`: where `random_init` weights are drawn (a GPU is much faster than the CPU for 1B parameters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from yarnkit.kernels import check_attention, compile_layers, tile_mlps, use_sdpa_kernel
     from yarnkit.models import local_hf_dir
     from yarnkit.sink import add_sink_token, register_sink_token
 
+    check_attention(model_args.attn_implementation, model_args.sdpa_kernel)
+    use_sdpa_kernel(model_args.sdpa_kernel)
     location = local_hf_dir(model_args.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_args.trust_remote_code)
     options = dict(dtype=torch.float32, attn_implementation=model_args.attn_implementation,
                    trust_remote_code=model_args.trust_remote_code)
-    if model_args.init == "scratch":
+    if model_args.init == "scratch" or model_args.random_init:
         if model_args.sink_token:  # in the vocabulary before the weights exist: its row is initialised like any other
             config.yarnkit_sink_token_id, _ = register_sink_token(tokenizer, config, model_args.sink_token_text)
             config.vocab_size = max(config.vocab_size, len(tokenizer))
-        model = AutoModelForCausalLM.from_config(config, **options)
+        with torch.device(init_device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, **options)
     else:
         model = AutoModelForCausalLM.from_pretrained(location, config=config, use_safetensors=True, **options)
     if model_args.sink_token:
@@ -121,8 +131,15 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs):
         model = add_lora(model, lora, train_token_ids=[sink] if sink is not None else [])
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model_args.checkpoint_layers:
+            for layer in model.get_decoder().layers[model_args.checkpoint_layers:]:
+                layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this flag
         if lora.enabled:
             model.enable_input_require_grads()
+    if model_args.tiled_mlp:
+        tile_mlps(model)
+    if model_args.compile_layers:
+        compile_layers(model)
     model.train()
     return model, tokenizer
 

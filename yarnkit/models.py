@@ -91,7 +91,9 @@ def _gguf_cache_path(gguf: Path) -> Path:
 
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:
-    """De-quantize a GGUF once into an HF safetensors folder, written atomically (temp dir + rename)."""
+    """De-quantize a GGUF once into an HF safetensors folder, written atomically (temp dir + rename). Processes
+    converting at the same time (training beside evaluation) each write their own temp dir; the first rename
+    wins and the others keep its complete copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -104,7 +106,12 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process's finished copy: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

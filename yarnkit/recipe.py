@@ -172,5 +172,13 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
     if recipe.optim.schedule not in ("linear", "constant"):
         raise RecipeError(f"optim.schedule={recipe.optim.schedule!r}; choose linear or constant")
+    if train.sp_size < 1:
+        raise RecipeError(f"train.sp_size={train.sp_size}; use 1 (off) or the number of GPUs sharing one sequence")
+    if train.offload_activations and not recipe.model.gradient_checkpointing:
+        raise RecipeError("train.offload_activations offloads checkpointed layer inputs; set "
+                          "model.gradient_checkpointing=true or train.offload_activations=false")
+    from yarnkit.kernels import check_attention
+
+    check_attention(recipe.model.attn_implementation, recipe.model.sdpa_kernel)
     if recipe.lora.enabled and recipe.lora.r < 1:
         raise RecipeError(f"lora.r={recipe.lora.r}; use a rank >= 1 when lora.enabled")

@@ -36,6 +36,8 @@ class TrainArgs:
     tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
     peak_tflops: float = 989.0  # dense bf16 peak per device (H100/H200) for MFU and dry-run time estimates
     memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
+    sp_size: int = 1  # sequence parallelism: GPUs sharing one sequence (DeepSpeed Ulysses); 1 = off
+    offload_activations: bool = False  # checkpointed layer inputs wait in pinned CPU memory (needs checkpointing)
 
 
 @dataclass
@@ -56,27 +58,35 @@ def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
 
     if not train_args.global_batch:
         return train_args.grad_accum
-    per_pass = train_args.micro_batch_size * world
+    per_pass = train_args.micro_batch_size * world // max(train_args.sp_size, 1)  # an SP group is one replica
     if train_args.global_batch % per_pass:
         raise RecipeError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
-                         f"processes = {per_pass}; change the batch or the number of processes")
+                         f"data-parallel replicas = {per_pass}; change the batch or the number of processes")
     return train_args.global_batch // per_pass
 
 
-def make_accelerator(train_args: TrainArgs):
-    """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place."""
+def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"):
+    """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place. With
+    `train_args.sp_size > 1` it carries accelerate's ParallelismConfig for DeepSpeed Ulysses over `seq_len`."""
     from accelerate import Accelerator, PartialState
+
+    from yarnkit.seq_parallel import check_sequence_parallel, parallelism_config
 
     # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
     # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cpu = not torch.cuda.is_available() and not deepspeed
     extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
-    train_args.grad_accum = resolve_grad_accum(train_args, PartialState(cpu=cpu, **extra).num_processes)
+    world = PartialState(cpu=cpu, **extra).num_processes
+    train_args.grad_accum = resolve_grad_accum(train_args, world)
+    parallel = {}
+    if train_args.sp_size != 1:
+        check_sequence_parallel(train_args.sp_size, world, None, seq_len, attn, deepspeed=deepspeed)
+        parallel["parallelism_config"] = parallelism_config(train_args.sp_size, world, seq_len, attn)
     precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
                               gradient_accumulation_steps=train_args.grad_accum,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, **parallel)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # fill DeepSpeed's batch/clip fields from the recipe (no dataloader to infer them)
         config = plugin.deepspeed_config
@@ -132,26 +142,33 @@ def train(recipe) -> TrainResult:
     from yarnkit.checkpoint import load_checkpoint, save_checkpoint
     from yarnkit.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
     from yarnkit.estimate import check_memory, flops_per_token
+    from yarnkit.kernels import activation_offload
     from yarnkit.loss import CausalLMLoss
     from yarnkit.model_setup import build_model, scaled_config
     from yarnkit.optim import build_optimizer
     from yarnkit.recipe import recipe_to_yaml, save_recipe
+    from yarnkit.seq_parallel import check_sequence_parallel
     from yarnkit.train_log import MetricsLog
 
     args, run_dir = recipe.train, Path(recipe.run_dir)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
     rank, world = accelerator.process_index, accelerator.num_processes
+    sp = args.sp_size  # an SP group of `sp` consecutive ranks is one data-parallel replica
+    dp_rank, dp_world = rank // sp, world // sp
     resume_from = _resume_point(recipe, run_dir)
     if resume_from is not None:
         check_resumable(recipe, resume_from)
     with accelerator.main_process_first():  # the first read of a bundled GGUF converts and caches it once
         config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
+    check_sequence_parallel(sp, world, config.get_text_config(), recipe.data.seq_len,
+                            recipe.model.attn_implementation, recipe.data.packing, zero_stage(accelerator) > 0)
     source_fingerprint(recipe.data)  # a missing data path fails here, before any weights load
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
     set_seed(args.seed)
-    model, tokenizer = build_model(recipe.model, config, recipe.lora)  # all ranks together: ZeRO-3 init
+    model, tokenizer = build_model(recipe.model, config, recipe.lora,  # all ranks together: ZeRO-3 init
+                                   init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
         dataset = build_dataset(recipe.data, tokenizer, sink_id)
@@ -160,6 +177,7 @@ def train(recipe) -> TrainResult:
     wrapper = CausalLMLoss(model, args.loss_chunk_tokens)
     optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps)
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    sp_group = sequence_parallel_group() if sp > 1 else None
 
     state = {"step": 0, "samples_seen": 0, "tokens_seen": 0}
     if resume_from is not None:
@@ -167,7 +185,7 @@ def train(recipe) -> TrainResult:
     log = MetricsLog(run_dir, accelerator.is_main_process, args.tensorboard, truncate_after=state["step"])
     order = SampleOrder(len(dataset), recipe.data.seed, recipe.data.shuffle)
     pose_target = (recipe.pose.target_len or config.max_position_embeddings) if recipe.pose.enabled else 0
-    per_step = args.micro_batch_size * args.grad_accum * world
+    per_step = args.micro_batch_size * args.grad_accum * dp_world
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
@@ -178,19 +196,18 @@ def train(recipe) -> TrainResult:
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     ds_engine = zero_stage(accelerator) > 0
+    offload = activation_offload(args.offload_activations)  # one instance: its pinned buffers are reused
     for step in range(state["step"], args.max_steps):
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
         for micro in range(args.grad_accum):
-            first = state["samples_seen"] + micro * world * args.micro_batch_size
-            batch = micro_batch(dataset, order, first, rank, world, args.micro_batch_size, pose_target,
+            first = state["samples_seen"] + micro * dp_world * args.micro_batch_size
+            batch = micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size, pose_target,
                                 recipe.data.seed, sink_first=sink_id is not None)
             result.samples.extend(batch["samples"])
-            extra = {k: batch[k].to(accelerator.device) for k in ("position_ids", "attention_mask")
-                     if batch[k] is not None}
-            with accelerator.accumulate(wrapper):
-                loss = wrapper(batch["input_ids"].to(accelerator.device), **extra)
+            with accelerator.accumulate(wrapper), offload:
+                loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and not ds_engine:
                     grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
@@ -216,7 +233,7 @@ def train(recipe) -> TrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(1)
         every = recipe.checkpoint.every
-        if (every and (step + 1) % every == 0) or step + 1 == args.max_steps:
+        if (every and (step + 1) % every == 0) or (step + 1 == args.max_steps and recipe.checkpoint.save_final):
             save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
                             recipe.checkpoint.keep_last)
     bar.close()
@@ -225,6 +242,25 @@ def train(recipe) -> TrainResult:
     accelerator.end_training()
     result.model = accelerator.unwrap_model(wrapper).model
     return result
+
+
+def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
+    """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
+    if sp == 1:
+        extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch[k] is not None}
+        return wrapper(batch["input_ids"].to(device), **extra)
+    from yarnkit.seq_parallel import combine_loss, shard_batch
+
+    # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
+    shard = {k: v.to(device) for k, v in shard_batch(batch["input_ids"], batch["position_ids"], sp_rank, sp).items()}
+    local = wrapper(shard["input_ids"], position_ids=shard["position_ids"], labels=shard["labels"])
+    return combine_loss(local, (shard["labels"] != -100).sum(), sp_group)
+
+
+def sequence_parallel_group():
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    return parallel_state_sp.get_sequence_parallel_group()
 
 
 def check_context(recipe, config) -> None:

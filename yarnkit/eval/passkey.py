@@ -4,7 +4,8 @@ Prompt: intro line, filler prefix, "The pass key is {K}. Remember it. {K} is the
 "What is the pass key? The pass key is" (joined by newlines). `passkey` filler is the repeated sentence block of
 the paper; `needle` filler is a book. The filler is cut at token boundaries so the prompt has at most `length`
 tokens, and the key goes after `round(depth * filler_tokens)` filler tokens. Keys are uniform in 1..50000 from a
-seeded RNG. Greedy decoding of `max_new_tokens`; the first integer in the answer is compared with K; an answer
+seeded RNG. Greedy decoding of up to `max_new_tokens`, stopping early once the answer holds a complete integer
+(digits followed by a non-digit: later tokens cannot change it); the first integer is compared with K; an answer
 without digits is wrong and is kept verbatim in the result. Tests: tests/test_eval_passkey.py.
 """
 
@@ -25,6 +26,7 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
 GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+COMPLETE_INTEGER = re.compile(r"\d\D")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ def first_integer(answer: str) -> int | None:
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 10) -> str:
-    """Greedy continuation with a KV cache; only the last position's logits are computed at prefill."""
+    """Greedy continuation with a KV cache; only the last position's logits are computed at prefill. Stops at EOS
+    or once the text holds a complete integer (what `first_integer` reads is then settled)."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     cache, generated = None, []
@@ -91,6 +94,8 @@ def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int =
         if next_id == tokenizer.eos_token_id:
             break
         generated.append(next_id)
+        if COMPLETE_INTEGER.search(tokenizer.decode(generated, skip_special_tokens=True)):
+            break
         input_ids = torch.tensor([[next_id]], device=device)
     return tokenizer.decode(generated, skip_special_tokens=True)
 
