@@ -1,6 +1,6 @@
 """Replicate StreamingLLM's learnable-sink-token result (Table 3) at small scale, then test it on SmolLM2-135M.
 
-  # CPU smoke (tiny model, bundled data, ~2 min on 2 cores):
+  # CPU smoke (tiny model, bundled data; ~1 min with --skip-continued, 3-7 min with the SmolLM2 part on 2 cores):
   python scripts/sink_replication.py --smoke --out runs/sink-smoke
   # GPU (one H200, target <= 9 min; see docs/sink.md):
   python scripts/sink_replication.py --out runs/sink-replication --device cuda
@@ -199,10 +199,26 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class Tee:
+    """Print to the terminal and to OUT/log.txt (progress bars stay on stderr)."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.file = stream, open(path, "a", encoding="utf-8")
+
+    def write(self, text):
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sys.stdout = Tee(sys.stdout, out / "log.txt")
     started = time.perf_counter()
     results = {"args": vars(args), "paper": PAPER, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     pretrain, window = {}, None
