@@ -1,6 +1,6 @@
 """Replicate StreamingLLM's learnable-sink-token result (Table 3) at small scale, then test it on SmolLM2-135M.
 
-  # CPU smoke (tiny model, bundled data; ~1 min with --skip-continued, 3-7 min with the SmolLM2 part on 2 cores):
+  # CPU smoke (tiny model, bundled data; ~2 min on 2 cores, ~1 min with --skip-continued):
   python scripts/sink_replication.py --smoke --out runs/sink-smoke
   # GPU (one H200, target <= 9 min; see docs/sink.md):
   python scripts/sink_replication.py --out runs/sink-replication --device cuda
