@@ -71,6 +71,8 @@ def save_checkpoint(accelerator, wrapper, tokenizer, run_dir: str | Path, step: 
         inner = accelerator.unwrap_model(wrapper).model
         weights = {k.removeprefix("model."): v for k, v in full_state.items()}
         inner.save_pretrained(tmp / MODEL_DIR, state_dict=weights, safe_serialization=True)
+        if hasattr(inner, "get_base_model") and getattr(inner.config, "yarnkit_sink_token_id", None) is not None:
+            inner.get_base_model().config.save_pretrained(tmp / MODEL_DIR)  # LoRA: resized vocab + sink id for export
         tokenizer.save_pretrained(tmp / MODEL_DIR)
         (tmp / STATE_DIR / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         (tmp / RECIPE_FILE).write_text(recipe_yaml)

@@ -2,10 +2,13 @@
 deterministic, resumable order.
 
 Sources (`data.source`): `bundled:train` (the novel shipped in yarnkit.assets), a .txt/.gz file, a folder of
-them or a glob (`/data/books/train_*.txt.gz`), a .jsonl file (`data.text_field`), a .parquet file, or `hf:NAME` (a `datasets` dataset from the local
-cache; a dataset that already has `input_ids`, like the YaRN paper's pre-tokenized PG-19, is used as tokens).
+them or a glob (`/data/books/train_*.txt.gz`), a .jsonl file (`data.text_field`), a .parquet file, `python-stdlib`
+(this interpreter's standard-library .py sources, tests and site-packages left out: an offline code corpus), or
+`hf:NAME` (a `datasets` dataset from the local cache; a dataset that already has `input_ids`, like the YaRN
+paper's pre-tokenized PG-19, is used as tokens). Local sources can be joined with commas (`books/,python-stdlib`).
 Documents are joined with BOS/EOS bookends and cut into `seq_len` blocks, dropping each map batch's remainder
-(the paper's tokenization). `packing=true` adds `position_ids` that restart at every document inside a block.
+(the paper's tokenization). `packing=true` adds `position_ids` that restart at every document inside a block. With a dedicated sink token
+(`model.sink_token`, see yarnkit/sink.py) blocks hold `seq_len - 1` text tokens after the sink at position 0.
 The chunked dataset is written once with `datasets` under `$YARNKIT_CACHE/data/<key>`, the key covering the
 tokenizer, the source files (path, size, mtime), seq_len and packing; writes are atomic (temp dir + rename).
 
@@ -30,6 +33,8 @@ import torch
 from yarnkit.pose import pose_generator, pose_position_ids
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
+PYTHON_STDLIB = "python-stdlib"
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 
 
 class DataError(ValueError):
@@ -50,11 +55,44 @@ class DataArgs:
 
 
 def resolve_source(source: str) -> str:
+    if source == PYTHON_STDLIB:
+        import sysconfig
+
+        return sysconfig.get_paths()["stdlib"]
     if source.startswith("bundled:"):
         from yarnkit.assets import sample_path
 
         return str(sample_path(source.split(":", 1)[1]))
     return source
+
+
+def source_parts(source: str) -> list[str]:
+    """`a,b` -> [a, b]; an `hf:` source stays whole."""
+    return [source] if source.startswith("hf:") else [part.strip() for part in source.split(",") if part.strip()]
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, without its tests, IDLE, lib2to3 and any installed packages."""
+    root = Path(resolve_source(PYTHON_STDLIB))
+    return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts[:-1]))
+
+
+def local_files(part: str) -> list[Path]:
+    """Every file one local source part reads (folders expanded), for fingerprints."""
+    if part == PYTHON_STDLIB:
+        return stdlib_files()
+    return [f for path in local_paths(resolve_source(part))
+            for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
+
+
+def local_documents(part: str, field: str) -> list[str]:
+    if part == PYTHON_STDLIB:
+        from yarnkit.corpus import read_text
+
+        return [read_text(f) for f in stdlib_files()]
+    from yarnkit.corpus import iter_documents
+
+    return [text for p in local_paths(resolve_source(part)) for _, text in iter_documents(p, field=field)]
 
 
 def local_paths(source: str) -> list[Path]:
@@ -80,14 +118,16 @@ def _raw_dataset(args: DataArgs, workdir: str):
     if source.startswith("hf:"):
         ds = datasets.load_dataset(source[3:], split=args.split)
     else:
-        paths = local_paths(source)
+        parts = source_parts(args.source)
+        paths = [p for part in parts if part != PYTHON_STDLIB for p in local_paths(resolve_source(part))]
         parquet = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.parquet")))
                    if f.suffix == ".parquet"]
         if not parquet:
-            from yarnkit.corpus import iter_documents
-
-            docs = [text for p in paths for _, text in iter_documents(p, field=args.text_field) if text.strip()]
+            docs = [text for part in parts for text in local_documents(part, args.text_field) if text.strip()]
             return datasets.Dataset.from_dict({"text": docs})
+        if len(parts) > 1:
+            raise DataError(f"data.source={args.source}: parquet files cannot be joined with other sources; "
+                            "use one parquet source")
         ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=workdir)
     if "input_ids" in ds.column_names:
         return ds.select_columns(["input_ids"])
@@ -102,8 +142,7 @@ def source_fingerprint(args: DataArgs) -> list:
     source = resolve_source(args.source)
     if source.startswith("hf:"):
         return [source, args.split]
-    files = [f for path in local_paths(source)
-             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
+    files = [f for part in source_parts(args.source) for f in local_files(part)]
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [args.text_field]
 
 
@@ -113,15 +152,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{body}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def cache_key(args: DataArgs, tokenizer) -> str:
-    key = json.dumps([source_fingerprint(args), tokenizer_fingerprint(tokenizer), args.seq_len, args.packing])
+def cache_key(args: DataArgs, tokenizer, sink_token_id: int | None = None) -> str:
+    parts = [source_fingerprint(args), tokenizer_fingerprint(tokenizer), args.seq_len, args.packing]
+    key = json.dumps(parts + ([sink_token_id] if sink_token_id is not None else []))
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def chunk_tokens(docs: list[list[int]], seq_len: int, packing: bool) -> dict:
+def chunk_tokens(docs: list[list[int]], seq_len: int, packing: bool, sink_token_id: int | None = None) -> dict:
     """Join token lists and cut them into `seq_len` blocks (remainder dropped); with `packing`, also per-document
-    position ids that restart at each document start inside a block."""
+    position ids that restart at each document start inside a block. With `sink_token_id`, each block is the
+    sink followed by `seq_len - 1` text tokens (packing is refused: the sink belongs at position 0 only)."""
     flat = np.concatenate([np.asarray(doc, dtype=np.int64) for doc in docs]) if docs else np.zeros(0, np.int64)
+    if sink_token_id is not None:
+        if packing:
+            raise DataError("a sink token cannot be combined with data.packing; set data.packing=false")
+        n = len(flat) // (seq_len - 1)
+        text = flat[: n * (seq_len - 1)].reshape(n, seq_len - 1)
+        return {"input_ids": np.concatenate([np.full((n, 1), sink_token_id, dtype=np.int64), text], axis=1)}
     n = len(flat) // seq_len
     out = {"input_ids": flat[: n * seq_len].reshape(n, seq_len)}
     if packing:
@@ -148,19 +195,21 @@ def _tokenize(ds, tokenizer, args: DataArgs):
                   num_proc=args.num_proc if args.num_proc > 1 else None, desc="tokenizing")
 
 
-def build_dataset(args: DataArgs, tokenizer):
-    """The chunked dataset (columns `input_ids`, and `position_ids` with packing), built once then cached."""
+def build_dataset(args: DataArgs, tokenizer, sink_token_id: int | None = None):
+    """The chunked dataset (columns `input_ids`, and `position_ids` with packing), built once then cached.
+    With `sink_token_id`, every row starts with that token (see `chunk_tokens`)."""
     import datasets
 
     root = Path(args.cache_dir or Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit")) / "data")
-    target = root / cache_key(args, tokenizer)
+    target = root / cache_key(args, tokenizer, sink_token_id)
     if (target / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(target))
     root.mkdir(parents=True, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root)
     try:
         tokens = _tokenize(_raw_dataset(args, workdir), tokenizer, args)
-        chunks = tokens.map(lambda b: chunk_tokens(b["input_ids"], args.seq_len, args.packing), batched=True,
+        chunks = tokens.map(lambda b: chunk_tokens(b["input_ids"], args.seq_len, args.packing, sink_token_id),
+                            batched=True,
                             batch_size=MAP_BATCH, remove_columns=tokens.column_names, desc="chunking")
         if len(chunks) == 0:
             total = sum(len(x) for x in tokens["input_ids"])
@@ -191,11 +240,12 @@ class SampleOrder:
 
 
 def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
-                pose_target: int = 0, pose_seed: int = 0) -> dict:
+                pose_target: int = 0, pose_seed: int = 0, sink_first: bool = False) -> dict:
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
     Returns `input_ids` [size, seq_len], `position_ids` and `attention_mask` (or None), and `samples` (global
-    sample numbers). PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
+    sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink at position 0 and skips
+    positions only among the text tokens after it. PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
     position ids as the start of a packed document and would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
     rows = dataset[[order[k] for k in samples]]
@@ -205,7 +255,8 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
         batch["position_ids"] = torch.tensor(rows["position_ids"], dtype=torch.long)
     if pose_target:
         seq_len = batch["input_ids"].shape[1]
-        batch["position_ids"] = torch.stack([pose_position_ids(seq_len, pose_target, pose_generator(pose_seed, k))
-                                             for k in samples])
+        fixed = 1 if sink_first else 0  # the sink stays at position 0; PoSE spreads the rest over 1..target-1
+        batch["position_ids"] = torch.stack([torch.cat((torch.arange(fixed), fixed + pose_position_ids(
+            seq_len - fixed, pose_target - fixed, pose_generator(pose_seed, k)))) for k in samples])
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     return batch

@@ -2,8 +2,11 @@
 
 YaRN goes into the config *before* the weights load (`yarnkit.patch.apply_rope_scaling` on the config), so
 the rotary modules are built scaled and `save_pretrained` writes `rope_parameters` with the scaling. LoRA is
-peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `embed,norm`). This module does
-not train; `yarnkit.trainer` does. Tested by `python -m pytest tests/test_trainer.py`.
+peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `embed,norm`). `model.init=scratch`
+builds random weights from the named model's config reshaped by `model.scratch` (its tokenizer is kept), for
+pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink.py); under LoRA its
+embedding row is trained through peft's `trainable_token_indices` (tied heads included) unless `embed_tokens` is
+already fully trained via `lora.trainable_extra`. This module does not train; `yarnkit.trainer` does. Tested by `python -m pytest tests/test_trainer.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,25 @@ import torch
 
 
 @dataclass
+class ScratchArgs:
+    """Shape of a from-scratch model (`model.init=scratch`); other settings come from `model.name_or_path`'s config."""
+
+    layers: int = 8
+    hidden: int = 512
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 1536
+    context: int = 1024  # max_position_embeddings
+
+
+@dataclass
 class ModelArgs:
     name_or_path: str = "smollm2-135m"  # HF dir, hub id (cached), .gguf, or a bundled name
+    init: str = "pretrained"  # pretrained: its weights | scratch: random weights shaped by model.scratch
+    scratch: ScratchArgs = field(default_factory=ScratchArgs)
+    sink_token: bool = False  # prepend a dedicated learnable sink token to every training sequence
+    sink_token_text: str = "<|sink|>"
+    sink_token_init: str = "bos"  # continued training: bos (copy BOS's row) | mean (mean of all rows)
     attn_implementation: str = "sdpa"  # sdpa | flex_attention | flash_attention_2|3|4 (if installed) | eager
     sdpa_kernel: str = "auto"  # with sdpa: auto (torch decides) | cudnn (fastest on Hopper) | flash | efficient | math
     gradient_checkpointing: bool = True  # recompute each layer in backward: activations ~ layers x seq x hidden
@@ -53,12 +73,30 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
     from yarnkit.patch import apply_rope_scaling
 
     config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    if model.init == "scratch":
+        reshape_for_scratch(config, model.scratch)
     if yarn.factor != 1.0 or yarn.replace:
         params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
         apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
                            original_max_position_embeddings=yarn.original_max_position_embeddings or None,
                            replace=yarn.replace, **params)
     return config
+
+
+def reshape_for_scratch(config, shape: ScratchArgs) -> None:
+    """Give `config` (in place) the from-scratch shape; head_dim = hidden / heads."""
+    from yarnkit.recipe import RecipeError
+
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise RecipeError(f"model.scratch: hidden={shape.hidden} must divide by heads={shape.heads} and heads by "
+                          f"kv_heads={shape.kv_heads}")
+    config.num_hidden_layers, config.hidden_size = shape.layers, shape.hidden
+    config.num_attention_heads, config.num_key_value_heads = shape.heads, shape.kv_heads
+    config.intermediate_size, config.max_position_embeddings = shape.intermediate, shape.context
+    config.head_dim = shape.hidden // shape.heads
+    for key in ("layer_types", "original_max_position_embeddings"):  # sized for the old shape
+        if hasattr(config, key):
+            setattr(config, key, None)
 
 
 def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str | None = None):
@@ -69,24 +107,28 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
 
     from yarnkit.kernels import check_attention, compile_layers, tile_mlps, use_sdpa_kernel
     from yarnkit.models import local_hf_dir
+    from yarnkit.sink import add_sink_token, register_sink_token
 
     check_attention(model_args.attn_implementation, model_args.sdpa_kernel)
     use_sdpa_kernel(model_args.sdpa_kernel)
     location = local_hf_dir(model_args.name_or_path)
-    if model_args.random_init:
-        with torch.device(init_device or "cpu"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                     attn_implementation=model_args.attn_implementation,
-                                                     trust_remote_code=model_args.trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32,
-                                                     attn_implementation=model_args.attn_implementation,
-                                                     trust_remote_code=model_args.trust_remote_code,
-                                                     use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_args.trust_remote_code)
+    options = dict(dtype=torch.float32, attn_implementation=model_args.attn_implementation,
+                   trust_remote_code=model_args.trust_remote_code)
+    if model_args.init == "scratch" or model_args.random_init:
+        if model_args.sink_token:  # in the vocabulary before the weights exist: its row is initialised like any other
+            config.yarnkit_sink_token_id, _ = register_sink_token(tokenizer, config, model_args.sink_token_text)
+            config.vocab_size = max(config.vocab_size, len(tokenizer))
+        with torch.device(init_device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, **options)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, use_safetensors=True, **options)
+    if model_args.sink_token:
+        add_sink_token(model, tokenizer, model_args.sink_token_text, model_args.sink_token_init)
     model.config.use_cache = False
     if lora.enabled:
-        model = add_lora(model, lora)
+        sink = getattr(model.config, "yarnkit_sink_token_id", None) if model_args.sink_token else None
+        model = add_lora(model, lora, train_token_ids=[sink] if sink is not None else [])
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_args.checkpoint_layers:
@@ -102,10 +144,13 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     return model, tokenizer
 
 
-def add_lora(model, lora: LoraArgs):
+def add_lora(model, lora: LoraArgs, train_token_ids: list[int] = ()):
+    """peft LoRA; `train_token_ids` are embedding rows trained in full (peft trainable tokens) besides the adapters."""
     from peft import LoraConfig, get_peft_model
 
     extra = {}
+    if train_token_ids and "embed_tokens" not in lora.trainable_extra:
+        extra["trainable_token_indices"] = {"embed_tokens": list(train_token_ids)}
     if getattr(model.config, "tie_word_embeddings", False) and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
         extra["ensure_weight_tying"] = True  # a trained embed_tokens copy stays tied to lm_head
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",

@@ -156,6 +156,14 @@ def validate_recipe(recipe: Recipe) -> None:
         if data.packing:
             raise RecipeError("pose.enabled and data.packing cannot be combined: both rewrite position_ids; "
                               "turn one off")
+    model = recipe.model
+    if model.init not in ("pretrained", "scratch"):
+        raise RecipeError(f"model.init={model.init!r}; choose pretrained or scratch")
+    if model.sink_token and data.packing:
+        raise RecipeError("model.sink_token and data.packing cannot be combined: packing would put the sink token "
+                          "mid-sequence at every document start; set data.packing=false")
+    if model.sink_token and model.sink_token_init not in ("bos", "mean"):
+        raise RecipeError(f"model.sink_token_init={model.sink_token_init!r}; choose bos or mean")
     if train.max_steps < 1:
         raise RecipeError(f"train.max_steps={train.max_steps}; use at least 1")
     if train.micro_batch_size < 1 or train.grad_accum < 1:

@@ -124,6 +124,8 @@ def check_resumable(recipe, checkpoint: Path) -> None:
 
     saved = recipe_from_file(checkpoint / "recipe.yaml")
     pairs = {"model.name_or_path": (saved.model.name_or_path, recipe.model.name_or_path),
+             "model.init/sink_token": ((saved.model.init, saved.model.scratch, saved.model.sink_token),
+                                       (recipe.model.init, recipe.model.scratch, recipe.model.sink_token)),
              "yarn": (saved.yarn, recipe.yarn),
              "lora": (saved.lora, recipe.lora), "data.seq_len": (saved.data.seq_len, recipe.data.seq_len)}
     changed = [key for key, (old, new) in pairs.items() if old != new]
@@ -168,7 +170,8 @@ def train(recipe) -> TrainResult:
     model, tokenizer = build_model(recipe.model, config, recipe.lora,  # all ranks together: ZeRO-3 init
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
-        dataset = build_dataset(recipe.data, tokenizer)
+        sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
+        dataset = build_dataset(recipe.data, tokenizer, sink_id)
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
     wrapper = CausalLMLoss(model, args.loss_chunk_tokens)
@@ -201,7 +204,7 @@ def train(recipe) -> TrainResult:
         for micro in range(args.grad_accum):
             first = state["samples_seen"] + micro * dp_world * args.micro_batch_size
             batch = micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size, pose_target,
-                                recipe.data.seed)
+                                recipe.data.seed, sink_first=sink_id is not None)
             result.samples.extend(batch["samples"])
             with accelerator.accumulate(wrapper), offload:
                 loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)

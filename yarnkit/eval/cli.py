@@ -65,7 +65,8 @@ def add_arguments(parser) -> None:
         if task == "stream":
             p.add_argument("--policy", default="sink", help="dense, window, recompute or sink (default sink)")
             p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
-            p.add_argument("--sinks", type=int, default=4, help="attention sinks for the sink policy (default 4)")
+            p.add_argument("--sinks", type=int, help="attention sinks for the sink policy (default: 1 for a model "
+                           "trained with a sink token, config.yarnkit_sink_token_id; else 4)")
             p.add_argument("--max-cache", type=int, help="dense policy: stop once the cache would exceed this")
             p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
             p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")
@@ -84,7 +85,7 @@ def resolve_model(name_or_path: str) -> str:
     run = Path(name_or_path).expanduser()
     steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
     if steps:
-        if not (steps[-1] / "config.json").is_file():
+        if (steps[-1] / "adapter_config.json").is_file() or not (steps[-1] / "config.json").is_file():
             raise FileNotFoundError(f"{steps[-1]} has no config.json (a LoRA checkpoint? export it to full weights "
                                     "first with `yarnkit export`)")
         return str(steps[-1])
@@ -173,14 +174,17 @@ def run_task(args) -> dict:
     else:
         from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
 
-        policy = make_policy(args.policy, window=args.window, sinks=args.sinks, max_cache=args.max_cache)
+        sink = getattr(model.config, "yarnkit_sink_token_id", None)  # a sink-token model sees it first, as trained
+        sinks = args.sinks if args.sinks is not None else (1 if sink is not None else 4)
+        policy = make_policy(args.policy, window=args.window, sinks=sinks, max_cache=args.max_cache)
         if not args.label:  # several policies of one model must not overwrite each other's files
             result["label"] += f" {args.policy}" + ("" if args.policy == "dense" else f" W{args.window}")
         result.update(bos_token_id=bos, skipped_documents=[])
         documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer,
                                     result["skipped_documents"])
-        result.update(evaluate_stream(model, policy, token_stream(documents, bos), bos, args.max_tokens, args.chunk,
-                                      args.segment))
+        result.update(sink_token_id=sink, sinks=sinks if args.policy == "sink" else None)
+        result.update(evaluate_stream(model, policy, token_stream(documents, bos, sink), bos, args.max_tokens,
+                                      args.chunk, args.segment))
     return result
 
 

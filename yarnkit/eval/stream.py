@@ -1,6 +1,7 @@
 """Streaming perplexity over a long token stream through a KV-cache policy (StreamingLLM's eval_long_ppl protocol).
 
-Documents are concatenated into one stream (each starts with BOS; BOS targets are not scored) and fed `chunk`
+Documents are concatenated into one stream (each starts with BOS; BOS targets are not scored; a model whose
+config has `yarnkit_sink_token_id` gets that token once at the very start, as in its training) and fed `chunk`
 tokens at a time (1 = token by token, as in StreamingLLM) to a `StreamPolicy`, which owns the KV cache and
 returns logits for the new tokens. Only the last logit row is carried between steps; per-token losses are summed
 into segments, so a multi-million-token stream needs O(cache) memory. Policies here:
@@ -170,7 +171,12 @@ def make_policy(name: str, window: int = 1024, sinks: int = 4, max_cache: int | 
     return factory(window=window)
 
 
-def token_stream(documents: Iterable[tuple[str, list[int]]], bos: int) -> Iterator[int]:
+def token_stream(documents: Iterable[tuple[str, list[int]]], bos: int, sink: int | None = None) -> Iterator[int]:
+    """BOS + ids of each document, one stream; a model trained with a dedicated sink token gets it first (never
+    scored: the first token is context only). Whether it stays in the cache is the policy's business (`sink` with
+    sinks >= 1 keeps it; sinks=0, `window` evict it)."""
+    if sink is not None:
+        yield sink
     for _, ids in documents:
         yield bos
         yield from ids

@@ -47,7 +47,14 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
                               "(stock loaders and GGUF need merged weights)")
         base_dir = local_hf_dir(source.base_model)
         config = _lora_config(source, base_dir, notes)
+        trained_vocab, base_vocab = config.vocab_size, AutoConfig.from_pretrained(base_dir).vocab_size
+        config.vocab_size = base_vocab  # a sink-token run grew the vocabulary: load the base, then resize
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
+        if trained_vocab != base_vocab:
+            from yarnkit.sink import grow_vocabulary
+
+            grow_vocabulary(model, trained_vocab)  # the rows the trainer started from; the adapter holds trained ones
+            notes.append(f"vocabulary resized {base_vocab} -> {trained_vocab} (sink token) before merging")
         from peft import PeftModel
 
         # merged in float32, then cast: merging in bf16 would round the sum W + BA once more
