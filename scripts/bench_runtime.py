@@ -5,7 +5,7 @@
       --latency-caches 64 256 --latency-steps 8 --stream-steps 64 --recall-trials 2 --recall-filler 600
   # GPU latency only (one H200, ~3 min; see docs/runtime.md):
   python scripts/bench_runtime.py --out runs/bench-latency --device cuda --dtype bfloat16 \\
-      --books .devcache/books/test_*.txt.gz --parts latency stream --decode auto eager --stream-steps 2048
+      --books BOOKS/test_*.txt.gz --parts latency stream --decode auto eager --stream-steps 2048
   # GPU everything (one H100/H200, ~9 min):
   python scripts/bench_runtime.py --out runs/bench-gpu --device cuda --dtype bfloat16 \\
       --books /path/to/pg19/test_*.txt.gz --tokens 1000000 --chunk 256

@@ -3,7 +3,8 @@
   # CPU smoke (tiny model, bundled data; ~2 min on 2 cores, ~1 min with --skip-continued):
   python scripts/sink_replication.py --smoke --out runs/sink-smoke
   # GPU (one H200, target <= 9 min; see docs/sink.md):
-  python scripts/sink_replication.py --out runs/sink-replication --device cuda
+  python scripts/sink_replication.py --out runs/sink-replication --device cuda \
+      --books '/data/books/test_*.txt.gz' --train-data '/data/books/train,python-stdlib'
 
 1. Pretraining from scratch (recipe `sink-pretrain`): a vanilla and a sink-token model with the same data, steps and
    seed (the sink model's sequences are the sink + 1023 text tokens, the vanilla model's 1024 text tokens).
@@ -37,8 +38,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/sink-replication", help="output folder")
     p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--books", default=".devcache/books/test_*.txt.gz", help="PG-19 test books (folder/file/glob) for streaming")
-    p.add_argument("--train-data", default=".devcache/trainbooks,python-stdlib", help="data.source for training")
+    p.add_argument("--books", default="bundled:eval",
+                   help="PG-19 test books (folder/file/glob) for streaming (default: the bundled test book)")
+    p.add_argument("--train-data", default="bundled:train,python-stdlib",
+                   help="data.source for training (default: the bundled novel + the Python stdlib's sources)")
     p.add_argument("--steps", type=int, default=800, help="pretraining steps per model")
     p.add_argument("--cont-steps", type=int, default=200, help="continued-training steps on SmolLM2-135M")
     p.add_argument("--stream-tokens", type=int, default=65536, help="tokens streamed per pretrained model/policy")
@@ -97,11 +100,11 @@ def train_run(overrides: list[str]) -> tuple[str, dict]:
 
 def load_stream_docs(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """Tokenised test books in sorted order (a glob is allowed) until `limit` tokens are collected."""
-    from yarnkit.data import local_paths
+    from yarnkit.data import local_paths, resolve_source
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
 
     documents, total = [], 0
-    for path in local_paths(books):
+    for path in local_paths(resolve_source(books)):
         for doc in iter_eval_documents(str(path)):
             kept, _ = tokenize_documents([doc], tokenizer, max_tokens=limit - total)
             documents += kept
