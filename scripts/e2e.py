@@ -33,9 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's yarnkit, even if another is installed
 from yarnkit.cli import main as _yarnkit_cli  # noqa: E402
+from yarnkit.eval.cli import result_path  # noqa: E402
+from yarnkit.eval.report import load_results, markdown_report  # noqa: E402
+from eval_baselines import CONFIGS as BASELINES, selected_books  # noqa: E402  (scripts/eval_baselines.py)
 
-BASELINES = [("base", []), ("dynamic-ntk x8", ["--rope-type", "dynamic", "--factor", "8"]),
-             ("yarn x8", ["--rope-type", "yarn", "--factor", "8"])]
 STAGES = ("train", "baselines", "eval", "export", "stream")
 
 
@@ -95,15 +96,18 @@ def export(args, out: Path) -> float:
     return round(time.perf_counter() - started, 1)
 
 
-def stream(args, out: Path, books: str, label: str) -> Path:
+def stream(args, out: Path, books: str, label: str) -> dict:
     """The exported checkpoint (no training code involved) through the runtime's sinks + rolling cache."""
+    label = f"{label} stream"
     yarnkit(["eval", "stream", str(out / "export"), "--data", books, "--policy", "sink", "--window",
              str(args.stream_window), "--chunk", str(args.stream_chunk), "--max-tokens", str(args.stream_tokens),
-             "--segment", str(args.stream_segment), "--label", f"{label} stream", "--out", str(out / "eval")])
-    return next((out / "eval").glob("stream-*.json"))
+             "--segment", str(args.stream_segment), "--label", label, "--out", str(out / "eval")])
+    return _result(out, "stream", label)
 
 
-def _load(path: Path) -> dict | None:
+def _result(out: Path, task: str, label: str) -> dict | None:
+    """The saved result of `yarnkit eval TASK ... --label LABEL --out OUT/eval`, if that evaluation ran."""
+    path = result_path({"task": task, "label": label}, str(out / "eval"))
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -151,13 +155,13 @@ def run(args) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    summary = _load(out / "summary.json") or {}
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     summary.update(date=time.strftime("%Y-%m-%d"), recipe=args.recipe, overrides=args.overrides,
                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), gpus=gpu_count(), device=_device())
     label = args.label
     tuned = f"yarn x{recipe_factor(args):g} fine-tuned"
     with tempfile.TemporaryDirectory() as links:
-        books = _selected_books(Path(args.books), args.pattern, Path(links))
+        books = str(selected_books(Path(args.books), args.pattern, Path(links)))
         baselines = [(f"{label} {suffix}", args.model, extra) for suffix, extra in BASELINES]
         if stages == ["baselines"]:  # the child process started below
             evaluate(args, out, books, baselines)
@@ -184,7 +188,7 @@ def run(args) -> int:
                 if report.get(name)}
         if "stream" in stages:
             _stamp(f"stream: {args.stream_tokens} tokens through the runtime")
-            result = json.loads(stream(args, out, books, label).read_text())
+            result = stream(args, out, books, label)
             summary["stream"] = {key: result.get(key) for key in (
                 "label", "policy", "tokens_processed", "ppl", "ms_per_token", "peak_memory_bytes", "memory_kind")}
             summary["stream"]["tokens_per_s"] = round(1000 / result["ms_per_token"], 1)
@@ -193,20 +197,16 @@ def run(args) -> int:
     if ppl_files:
         yarnkit(["eval", "plot", *ppl_files, "--out", str(out / "eval" / "ppl-compare.png")])
     summary["seconds"] = round(time.perf_counter() - STARTED, 1)
-    slug = label.replace(" ", "_")
     lengths = [int(x) for x in args.lengths.split(",")]
-    summary["targets"] = check_targets(_load(out / "eval" / f"ppl-{slug}_base.json"),
-                                       _load(out / "eval" / f"ppl-{slug}_{tuned.replace(' ', '_')}.json"),
-                                       _load(out / "eval" / f"passkey-{slug}_{tuned.replace(' ', '_')}.json"),
-                                       max(lengths), args.native, min(lengths))
+    summary["targets"] = check_targets(_result(out, "ppl", f"{label} base"), _result(out, "ppl", f"{label} {tuned}"),
+                                       _result(out, "passkey", f"{label} {tuned}"), max(lengths), args.native,
+                                       min(lengths))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     results = sorted(str(p) for p in (out / "eval").glob("*.json"))
-    if results:
-        yarnkit(["eval", "report", *results, "--markdown", "--output", str(out / "results.md")])
-    with open(out / "results.md", "a") as report:
-        report.write("\n| target | measured | met |\n|---|---|---|\n" + "".join(
-            f"| {t['target']} | {t['measured']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |\n"
-            for t in summary["targets"]))
+    tables = markdown_report(load_results(results)) if results else ""
+    (out / "results.md").write_text(tables + "\n| target | measured | met |\n|---|---|---|\n" + "".join(
+        f"| {t['target']} | {t['measured']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |\n"
+        for t in summary["targets"]))
     print(json.dumps({key: summary.get(key) for key in ("train", "export_seconds", "export_checks", "stream",
                                                           "seconds")}, indent=1))
     for target in summary["targets"]:
@@ -226,20 +226,6 @@ def _device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-
-
-def _selected_books(books: Path, pattern: str, folder: Path) -> str:
-    """A folder of links to the books matching `pattern` (a books folder may mix test and train)."""
-    if books.is_file():
-        return str(books)
-    if not books.is_dir():
-        raise SystemExit(f"--books: no such file or folder: {books}")
-    matches = sorted(books.glob(pattern))
-    if not matches:
-        raise SystemExit(f"--books: no files match {pattern!r} in {books}")
-    for book in matches:
-        (folder / book.name).symlink_to(book.resolve())
-    return str(folder)
 
 
 SMOKE = {"recipe": "tiny", "lengths": "256,512", "docs": 1, "trials": 1, "depths": "0.5", "native": 256,

@@ -35,6 +35,8 @@ def selected_books(books: Path, pattern: str, folder: Path) -> Path:
     """A folder of links to the books matching `pattern` (the shared books folder mixes test and train)."""
     if books.is_file():
         return books
+    if not books.is_dir():
+        raise SystemExit(f"no such book file or folder: {books}")
     matches = sorted(books.glob(pattern))
     if not matches:
         raise SystemExit(f"no files match {pattern!r} in {books}")
