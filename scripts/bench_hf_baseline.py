@@ -16,8 +16,9 @@ itself in bf16), gradient clipping at 1.0, and a `loss.item()` per step as any l
 the ones yarnkit's trainer would draw (same data, order and PoSE positions: `yarnkit.train.data`), and random
 weights come from the same seed, so losses are comparable step by step. Writes one JSON object: the exact
 configuration, per-step seconds, tokens/s, peak CUDA memory (GiB), losses; `--profile` also writes OUT.profile.md
-(a torch.profiler summary of the last step). Liger-Kernel is optional: `pip install 'yarnkit[liger]'` (CUDA).
-Called by scripts/bench_train.py (`--cases ...@hf-liger`); not a test, the numbers depend on the machine.
+(a torch.profiler summary of the last step). `--plan PLAN.json` runs several cases in this one process (the
+benchmark's groups; each case's peak memory is its own). Liger-Kernel is optional: `pip install 'yarnkit[liger]'`
+(CUDA). Called by scripts/bench_train.py (`--cases ...@hf-liger`); not a test, the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from yarnkit.models import load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
+from yarnkit.train.bench import run_plan
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary
 
@@ -69,6 +71,13 @@ def build(args, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plan"]:
+        return run_plan(argv[1], run_case)
+    return run_case(argv)
+
+
+def run_case(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a bundled name or an HF dir (config.json)")
     parser.add_argument("--random-init", action="store_true", help="random weights from the config")
@@ -85,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liger", action="store_true", help="Liger-Kernel: RMSNorm, SwiGLU, RoPE, fused linear CE")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over the last step")
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--plan", help="a JSON plan of several cases (first argument only)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model, tokenizer = build(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     data_args = DataArgs(source=args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, seed=SEED)

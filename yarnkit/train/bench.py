@@ -58,10 +58,12 @@ REFERENCE_PEERS = ("hf-nockpt", "hf", "hf-liger", "hf-liger-ckpt")  # first one 
 KEEP_ATTENTION = {"model.gradient_checkpointing": True, "model.checkpoint_policy": "keep_attention"}
 VARIANTS = {
     "yarnkit": {},  # the recipe's own speed keys
-    "capped": {**KEEP_ATTENTION, "model.keep_attention_layers": 20},  # SmolLM2 64k in <= 10 GB
+    "capped": {**KEEP_ATTENTION, "model.keep_attention_layers": 16},  # SmolLM2 64k in <= 10 GB
     "keep-attention": KEEP_ATTENTION,  # every layer keeps its attention output
     "full-ckpt": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full"},
     "eager": {"model.compile_layers": "false"},
+    "compiled": {"model.compile_layers": "true"},
+    "compile-torch": {"model.compile_layers": "true", "model.kernels": "torch"},
     "no-liger": {"model.kernels": "torch", "train.loss_impl": "chunked"},
     "chunked-loss": {"train.loss_impl": "chunked"},
     "foreach-adamw": {"optim.fused": "false"},
@@ -154,32 +156,37 @@ def matmul_peak_tflops(cpu: bool) -> float:
     return 2 * size**3 * iterations / seconds / 1e12
 
 
-def case_command(args, out: Path, name: str, model: str, shape: str, variant: str, steps: int) -> list[str]:
+def case_command(args, out: Path, name: str, model: str, shape: str, variant: str, steps: int
+                 ) -> tuple[list[str], list[str]]:
+    """`(command, argv)`: the command line of the case on its own, and the arguments its group runner takes."""
     base, sp = parse_variant(variant)
+    profile = name in args.profile
+    steps += 1 if profile else 0  # the profiled last step is left out of the medians
     batch, seq, pose = parse_shape(shape)
     source, random_init = model_source(out, model, max(seq, pose), args.model_dir)
     factor = max(1.0, max(seq, pose) / NATIVE_SMOLLM2) if model == "smollm2-135m" else 1.0
     data = args.data or bench_text(out, batch * seq * (steps + 1))
     if base in PEERS:
-        return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--model", source,
-                *(["--random-init"] if random_init else []), "--yarn-factor", str(factor), "--data", str(data),
-                "--seq-len", str(seq), "--batch", str(batch), "--pose-target", str(pose), "--steps", str(steps),
-                "--cache-dir", str(out / "cache"), *(["--precision", "fp32"] if args.cpu else []), *PEERS[base],
-                *(["--profile"] if args.profile else []), "--out", str(out / "runs" / f"{name}.json")]
+        argv = ["--model", source, *(["--random-init"] if random_init else []), "--yarn-factor", str(factor),
+                "--data", str(data), "--seq-len", str(seq), "--batch", str(batch), "--pose-target", str(pose),
+                "--steps", str(steps), "--cache-dir", str(out / "cache"), *(["--precision", "fp32"] if args.cpu else []),
+                *PEERS[base], *(["--profile"] if profile else []), "--out", str(out / "runs" / f"{name}.json")]
+        return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), *argv], argv
     overrides = {"run_dir": out / "runs" / name, "resume": "none", "model.name_or_path": source,
                  "model.random_init": random_init, "yarn.factor": factor, "data.source": data,
                  "data.seq_len": seq, "data.cache_dir": out / "cache", "pose.enabled": bool(pose),
                  "pose.target_len": pose, "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.schedule": "constant",
                  "train.max_steps": steps, "train.micro_batch_size": batch, "train.grad_accum": 1,
                  "train.global_batch": 0, "train.memory_check": False, "train.sp_size": sp, "checkpoint.every": 0,
-                 "checkpoint.save_final": False, **(({"train.profile_step": steps}) if args.profile else {}),
+                 "checkpoint.save_final": False, **({"train.profile_step": steps} if profile else {}),
                  **({"train.mixed_precision": "fp32", "model.compile_layers": "false"} if args.cpu else {}),
                  **VARIANTS[base]}
+    argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
     launch = [sys.executable, str(REPO / "scripts/train.py")]
     if sp > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", str(sp), str(REPO / "scripts/train.py")]
-    return launch + [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
+    return launch + argv, argv
 
 
 def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
@@ -201,25 +208,19 @@ def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
     return steps, config
 
 
-def run_case(args, out: Path, model: str, shape: str, variant: str, steps: int, warmup: int, timeout: float) -> dict:
-    name = f"{model}@{shape}@{variant}"
-    base, sp = parse_variant(variant)
-    batch, seq, pose = parse_shape(shape)
-    row = {"case": name, "model": model, "shape": shape, "batch": batch, "seq_len": seq, "pose_target": pose,
-           "variant": variant, "gpus": sp, "status": "ok"}
-    command = case_command(args, out, name, model, shape, variant, steps)
-    row["command"] = " ".join(str(part) for part in command)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    log = out / "logs" / f"{name}.log"
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def _launch(command: list[str], log: Path, timeout: float) -> int | None:
+    """Run `command` (output to `log`) in its own process group; None if it ran past `timeout` and was stopped."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    print(f"[{name}] {row['command']}", flush=True)
-    with open(log, "w") as handle:  # own process group: a timeout also stops accelerate's worker processes
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+    with open(log, "a") as handle:  # own process group: a timeout also stops accelerate's worker processes
+        process = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
-            returncode = process.wait(timeout=timeout)
+            return process.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
             try:
@@ -227,29 +228,114 @@ def run_case(args, out: Path, model: str, shape: str, variant: str, steps: int, 
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            row["status"], returncode = "timeout", None
-    tail = log.read_text()[-4000:]
-    if returncode:
-        row["status"] = "oom" if "out of memory" in tail.lower() else "error"
-        row["error"] = tail.strip().splitlines()[-1][-300:] if tail.strip() else f"exit {returncode}"
-    row["wall_seconds"] = round(time.monotonic() - started, 1)
-    if row["status"] != "ok":
-        print(f"[{name}] {row['status']}: {row.get('error', '')}", flush=True)
-        return row
-    steps_done, row["config"] = read_run(out, name, base)
-    timed = steps_done[warmup:len(steps_done) - (1 if args.profile else 0)] or steps_done  # a profiled step is slower
+            return None
+
+
+def new_row(model: str, shape: str, variant: str) -> dict:
+    batch, seq, pose = parse_shape(shape)
+    return {"case": f"{model}@{shape}@{variant}", "model": model, "shape": shape, "batch": batch, "seq_len": seq,
+            "pose_target": pose, "variant": variant, "gpus": parse_variant(variant)[1], "status": "pending"}
+
+
+def group_of(row: dict) -> str:
+    """Cases of one group share a process: peers with / without Liger, yarnkit with / without it (Liger swaps
+    transformers' Llama classes and RoPE function process-wide). Sequence-parallel runs get their own launch."""
+    base, sp = parse_variant(row["variant"])
+    if base in PEERS:
+        return "peers-liger" if "--liger" in PEERS[base] else "peers"
+    if sp > 1:
+        return row["case"]
+    return "yarnkit-torch-kernels" if VARIANTS[base].get("model.kernels") == "torch" else "yarnkit"
+
+
+def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
+    """Run `rows` (prepared by `new_row`, each with `argv` and `command`) in one child process, or one launch
+    for a sequence-parallel case; fills in each row's status from its status file."""
+    name = group_of(rows[0])
+    log = out / "logs" / f"{name}.log"
+    if len(rows) == 1 and name == rows[0]["case"]:  # a launch of its own (accelerate, several processes)
+        code = _launch(rows[0]["command"], log, deadline - time.time())
+        statuses = {rows[0]["case"]: {"status": "ok" if code == 0 else "timeout" if code is None else "error"}}
+    else:
+        plan = out / "plans" / f"{name}.json"
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_text(json.dumps({"deadline": deadline, "cases": [
+            {"name": r["case"], "argv": r["argv"], "status": str(out / "runs" / f"{r['case']}.status.json")}
+            for r in rows]}))
+        runner = ([sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--plan", str(plan)]
+                  if name.startswith("peers") else [sys.executable, "-m", "yarnkit.train.bench", str(plan)])
+        print(f"[{name}] {len(rows)} cases in one process: {' '.join(runner)}", flush=True)
+        _launch(runner, log, deadline - time.time())
+        statuses = {}
+        for r in rows:
+            path = out / "runs" / f"{r['case']}.status.json"
+            statuses[r["case"]] = json.loads(path.read_text()) if path.is_file() else {
+                "status": "error", "error": "no result (the group's process stopped first)"}
+    text = log.read_text() if log.is_file() else ""
+    for row in rows:
+        row.update(statuses[row["case"]])
+        if row["status"] != "ok":
+            row.setdefault("error", text.strip().splitlines()[-1][-300:] if text.strip() else "no output")
+            row["log_tail"] = _case_log(text, row["case"])[-1500:]
+            print(f"[{row['case']}] {row['status']}: {row.get('error', '')}", flush=True)
+            continue
+        collect(args, out, row, _case_log(text, row["case"]))
+
+
+def _case_log(text: str, case: str) -> str:
+    marker = f"=== case {case}\n"
+    return text.split(marker, 1)[1].split("=== case ", 1)[0] if marker in text else text
+
+
+def collect(args, out: Path, row: dict, log_text: str) -> None:
+    """Medians over the timed steps, peak memory, losses and causal FLOPs of a case that ran."""
+    base = parse_variant(row["variant"])[0]
+    steps_done, row["config"] = read_run(out, row["case"], base)
+    profiled = row["case"] in args.profile
+    timed = steps_done[args.warmup:len(steps_done) - (1 if profiled else 0)] or steps_done  # a profiled step is slower
     from yarnkit.models import load_config
 
-    source, _ = model_source(out, model, max(seq, pose), args.model_dir)
-    flops, n_params = model_flops(load_config(source), seq)
+    source, _ = model_source(out, row["model"], max(row["seq_len"], row["pose_target"]), args.model_dir)
+    flops, n_params = model_flops(load_config(source), row["seq_len"])
     tokens = statistics.median(s["tokens_per_s"] for s in timed)
     row.update(tokens_per_s_per_gpu=tokens, step_seconds=statistics.median(s["step_seconds"] for s in timed),
                peak_memory_gb=max(s["peak_memory_gb"] for s in steps_done), losses=[s["loss"] for s in steps_done],
-               n_params=n_params, flops_per_token=flops, achieved_tflops=tokens * flops / 1e12)
-    profile = out / "runs" / (f"{name}.profile.md" if base in PEERS else f"{name}/profile.md")
+               n_params=n_params, flops_per_token=flops, achieved_tflops=tokens * flops / 1e12,
+               first_step_seconds=steps_done[0]["step_seconds"],
+               fallbacks=[line for line in log_text.splitlines() if line.startswith("yarnkit:")])
+    profile = out / "runs" / (f"{row['case']}.profile.md" if base in PEERS else f"{row['case']}/profile.md")
     if profile.is_file():
         row["profile"] = profile.read_text()
-    return row
+
+
+def run_plan(plan_path: str, run_one) -> int:
+    """The child side of a group: `run_one(argv)` for each case in turn, one status file each. Out-of-memory is
+    a result; cases that would start within 20 s of the plan's deadline are skipped."""
+    import gc
+    import traceback
+
+    plan = json.loads(Path(plan_path).read_text())
+    for case in plan["cases"]:
+        status, started = {"status": "ok"}, time.monotonic()
+        if time.time() > plan["deadline"] - 20:
+            status = {"status": "skipped (budget)"}
+        else:
+            print(f"=== case {case['name']}", flush=True)
+            try:
+                code = run_one(case["argv"])
+                if code:
+                    status = {"status": "error", "error": f"exit {code}"}
+            except torch.OutOfMemoryError as err:
+                status = {"status": "oom", "error": str(err).splitlines()[0][:300]}
+            except Exception as err:  # noqa: BLE001 -- one failing case must not stop the others
+                traceback.print_exc()
+                status = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        status["wall_seconds"] = round(time.monotonic() - started, 1)
+        Path(case["status"]).write_text(json.dumps(status))
+    return 0
 
 
 def add_ratios(rows: list[dict], peak: float, measured: float) -> None:
@@ -292,19 +378,12 @@ def markdown(summary: dict) -> str:
 def run_compare(args) -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    remaining = lambda: args.budget_s - (time.monotonic() - started)  # noqa: E731
+    deadline = time.time() + args.budget_s
     device = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     summary = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join(sys.argv), "peak_tflops": args.peak_tflops,
                "matmul_peak_tflops": matmul_peak_tflops(args.cpu), "steps": args.steps, "warmup": args.warmup,
                "cases": [], "max_len": []}
-
-    def attempt(model, shape, variant, steps, warmup):
-        if remaining() < 20:
-            return {"case": f"{model}@{shape}@{variant}", "model": model, "shape": shape, "variant": variant,
-                    "gpus": parse_variant(variant)[1], "status": "skipped (budget)"}
-        return run_case(args, out, model, shape, variant, steps, warmup, min(args.case_timeout_s, remaining()))
 
     def save():
         add_ratios(summary["cases"], args.peak_tflops, summary["matmul_peak_tflops"])
@@ -314,23 +393,51 @@ def run_compare(args) -> int:
         if profiles:
             (out / "profiles.md").write_text("\n".join(profiles))
 
-    for spec in args.cases:
+    def prepared(model, shape, variant, steps):
+        row = new_row(model, shape, variant)
+        row["command"], row["argv"] = case_command(args, out, row["case"], model, shape, variant, steps)
+        return row
+
+    groups: dict[str, list[dict]] = {}
+    for spec in args.cases:  # one group per process; groups run in the order of their first case
         model, shape, variant = spec.split("@")
-        if "," not in shape:
-            summary["cases"].append(attempt(model, shape, variant, args.steps, args.warmup))
-            save()
+        if "," in shape:
             continue
-        found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}  # longest-sequence search
+        row = prepared(model, shape, variant, args.steps)
+        summary["cases"].append(row)
+        groups.setdefault(group_of(row), []).append(row)
+    for rows in groups.values():
+        if time.time() > deadline - 20:
+            for row in rows:
+                row["status"] = "skipped (budget)"
+            continue
+        run_group(args, out, rows, deadline)
+        save()
+    for spec in (spec for spec in args.cases if "," in spec.split("@")[1]):  # longest-sequence searches
+        model, lengths, variant = spec.split("@")
+        found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}
         summary["max_len"].append(found)
-        for seq in sorted(int(x) for x in shape.split(",") if x):
-            row = attempt(model, str(seq), variant, 2, 1)  # step 2 runs with Adam states allocated: the real peak
+        for seq in sorted(int(x) for x in lengths.split(",") if x):
+            row = prepared(model, str(seq), variant, 2)  # step 2 runs with Adam states allocated: the real peak
             summary["cases"].append(row)
+            if time.time() > deadline - 20:
+                row["status"] = "skipped (budget)"
+            else:  # each length in a process of its own: an OOM leaves nothing behind
+                run_group(args, out, [row], deadline)
             found["tried"].append([seq, row["status"]])
             save()
             if row["status"] != "ok":
                 break
             found["longest_ok"] = seq
+    for row in summary["cases"]:
+        row.pop("argv", None)
     save()
     print(markdown(summary))
     print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
     return 0
+
+
+if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.train.bench PLAN.json
+    from yarnkit.train.trainer import main as train_main
+
+    sys.exit(run_plan(sys.argv[1], train_main))

@@ -7,7 +7,8 @@ One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on 
 cross-entropy of `yarnkit.train.loss` (fused or chunked, `train.loss_impl`); gradients are clipped to `train.clip`
 and the logged `grad_norm` is the norm *before* clipping. The loop never waits for the GPU inside a step: the next
 micro-batch is built on a worker thread (`loop.Prefetcher`) and step k's loss is read (one sync) only after
-step k+1 has been queued, so logging costs no GPU idle time; `step_seconds` is the time between those reads.
+step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seconds` is the time between CUDA
+events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
 Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
 exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser (`yarnkit.train.recipe`) nor the data
 builder (`yarnkit.train.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
@@ -88,6 +89,8 @@ def train(recipe) -> TrainResult:
     from tqdm.auto import tqdm
 
     args, run_dir = recipe.train, Path(recipe.run_dir)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak_memory_gb is this run's, also when a process runs several
     accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
     rank, world = accelerator.process_index, accelerator.num_processes
     sp = args.sp_size  # an SP group of `sp` consecutive ranks is one data-parallel replica
@@ -147,13 +150,13 @@ def train(recipe) -> TrainResult:
                           pin=accelerator.device.type == "cuda")
     stride = dp_world * args.micro_batch_size  # samples between this rank's consecutive micro-batches
     cuda = accelerator.device.type == "cuda"
-    clock = {"last": time.perf_counter()}
+    clock = {"last": _mark(cuda)}  # GPU: an event at the end of the previous step; the step time is between two
 
     def finish(done: dict) -> None:
         """Read step `done`'s loss (waits for that step only) and log it."""
         step_loss = done["loss"].item()
-        now = time.perf_counter()
-        seconds, clock["last"] = done.get("seconds") or now - clock["last"], now
+        seconds = done["seconds"] or clock["last"].elapsed_time(done["end"]) / 1e3
+        clock["last"] = done["end"]
         number = done["step"]
         result.losses[number], result.last_step = step_loss, number
         tokens_per_s = per_step * recipe.data.seq_len / seconds
@@ -197,12 +200,12 @@ def train(recipe) -> TrainResult:
         state["samples_seen"] += per_step
         state["tokens_seen"] += per_step * recipe.data.seq_len
         done = {"step": step + 1, "loss": accelerator.reduce(loss_sum, reduction="mean"), "lr": lr,
-                "grad_norm": grad_norm, "tokens_seen": state["tokens_seen"]}
+                "grad_norm": grad_norm, "tokens_seen": state["tokens_seen"], "end": _mark(cuda),
+                "seconds": None if cuda and not profiled else time.perf_counter() - started}  # CPU: synchronous
         if pending is not None:
             finish(pending)  # the previous step's numbers: this step is already queued behind them
         pending = done
         if profiled:
-            pending["seconds"] = time.perf_counter() - started
             if accelerator.is_main_process:
                 (run_dir / "profile.md").write_text(summary(prof, pending["seconds"], f"step {step + 1} of "
                                                             f"{recipe.run_dir}: {recipe.data.seq_len} tokens x "
@@ -222,6 +225,15 @@ def train(recipe) -> TrainResult:
     accelerator.end_training()
     result.model = accelerator.unwrap_model(wrapper).model
     return result
+
+
+def _mark(cuda: bool):
+    """A recorded CUDA event (timing enabled), or None on CPU."""
+    if not cuda:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def add_arguments(parser) -> None:
