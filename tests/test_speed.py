@@ -1,4 +1,4 @@
-"""Speed/memory knobs on CPU (yarnkit/train/speed.py, yarnkit/train/model.py's checkpoint_layers), each against the plain path.
+"""Speed/memory knobs on CPU (yarnkit/train/speed.py, model.py's checkpointing, optim.py, loop.py, profiling.py).
 
 - `use_sdpa_kernel("cudnn" | "flash")`: transformers' `sdpa` re-registered to prefer a kernel. On CPU those
   kernels do not exist, so torch falls back to its next choice: what is checked here is that the wrapper
@@ -8,6 +8,12 @@
 - `activation_offload`: DeepSpeed's checkpoint-input offload context leaves loss and gradients unchanged (1e-6).
 - `checkpoint_layers`: only the first N decoder layers keep transformers' checkpointing flag.
 - A backend that is not installed or a knob that does not apply is a RecipeError naming the fix.
+- Keep-attention checkpointing: loss and gradients of the uncheckpointed model (1e-6); the fused SDPA kernel runs
+  once per keeping layer (its outputs are saved), twice per fully recomputed one (counted at the ATen level).
+- Fallbacks: Liger-Kernel and compiled layers cannot run on this CPU machine; `auto` says so in one line and runs
+  the plain path, an explicit request stops (also through the trainer's `main`, exit 2) naming the fix.
+- Fused AdamW takes the foreach implementation's steps (1e-6); the batch prefetcher serves the batches asked for,
+  in order or not; the profile summary groups operators and measures gaps.
 
 Run: python -m pytest tests/test_speed.py -q
 """
@@ -115,7 +121,7 @@ class _CountAttention(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("keep, expected_runs", [(0, 2), (1, 3), (None, 4)])
 def test_keep_attention_checkpointing_saves_attention_and_keeps_grads(keep, expected_runs):
     """2 layers: keep_attention everywhere runs SDPA once per layer (forward only), keep=1 recomputes one layer's
-    attention, full checkpointing (None) recomputes both; loss and gradients equal the unchekpointed model's."""
+    attention, full checkpointing (None) recomputes both; loss and gradients equal the uncheckpointed model's."""
     from yarnkit.train.speed import keep_attention_checkpointing
 
     ids = _ids(96)

@@ -165,11 +165,12 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
     batch, seq, pose = parse_shape(shape)
     source, random_init = model_source(out, model, max(seq, pose), args.model_dir)
     factor = max(1.0, max(seq, pose) / NATIVE_SMOLLM2) if model == "smollm2-135m" else 1.0
-    data = args.data or bench_text(out, batch * seq * (steps + 1))
+    data = args.data or bench_text(out, batch * seq * (args.steps + 1))  # the same text for every case of a shape
     if base in PEERS:
         argv = ["--model", source, *(["--random-init"] if random_init else []), "--yarn-factor", str(factor),
                 "--data", str(data), "--seq-len", str(seq), "--batch", str(batch), "--pose-target", str(pose),
-                "--steps", str(steps), "--cache-dir", str(out / "cache"), *(["--precision", "fp32"] if args.cpu else []),
+                "--steps", str(steps), "--cache-dir", str(out / "cache"),
+                *(["--precision", "fp32"] if args.cpu else []),
                 *PEERS[base], *(["--profile"] if profile else []), "--out", str(out / "runs" / f"{name}.json")]
         return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), *argv], argv
     overrides = {"run_dir": out / "runs" / name, "resume": "none", "model.name_or_path": source,
@@ -185,7 +186,8 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
     launch = [sys.executable, str(REPO / "scripts/train.py")]
     if sp > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", str(sp), str(REPO / "scripts/train.py")]
+                  str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", str(sp),
+                  str(REPO / "scripts/train.py")]
     return launch + argv, argv
 
 
@@ -255,7 +257,8 @@ def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
     log = out / "logs" / f"{name}.log"
     if len(rows) == 1 and name == rows[0]["case"]:  # a launch of its own (accelerate, several processes)
         code = _launch(rows[0]["command"], log, deadline - time.time())
-        statuses = {rows[0]["case"]: {"status": "ok" if code == 0 else "timeout" if code is None else "error"}}
+        failed = "oom" if "out of memory" in log.read_text().lower() else "error"
+        statuses = {rows[0]["case"]: {"status": "ok" if code == 0 else "timeout" if code is None else failed}}
     else:
         plan = out / "plans" / f"{name}.json"
         plan.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +361,8 @@ def markdown(summary: dict) -> str:
     lines = [f"matmul peak measured: {summary['matmul_peak_tflops']:.3g} TFLOP/s ({summary['device']}); MFU: causal "
              f"FLOPs vs {summary['peak_tflops']:.0f} TFLOP/s and vs the measured peak; loss diff: largest relative "
              f"difference of the per-step losses to the shape's reference peer", "",
-             "| case | status | tokens/s/GPU | vs hf-liger | vs hf-liger-ckpt | step s | peak GB | MFU | MFU (measured) "
-             "| loss diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | status | tokens/s/GPU | vs hf-liger | vs hf-liger-ckpt | step s | peak GB | MFU "
+             "| MFU (measured) | loss diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["cases"]:
         if r["status"] != "ok":
             lines.append(f"| {r['case']} | {r['status']} | | | | | | | | |")
@@ -367,8 +370,8 @@ def markdown(summary: dict) -> str:
         ratio = {peer: f"{r['speedup'][peer]:.2f}x" if peer in r["speedup"] else "" for peer in PEERS}
         diff = f"{r['loss_vs_ref']:.1e} ({r['loss_reference']})" if r.get("loss_vs_ref") is not None else ""
         lines.append(f"| {r['case']} | ok | {r['tokens_per_s_per_gpu']:,.0f} | {ratio['hf-liger']} | "
-                     f"{ratio['hf-liger-ckpt']} | {r['step_seconds']:.3f} | {r['peak_memory_gb']:.1f} | {r['mfu']:.1%} | "
-                     f"{r['mfu_vs_measured_peak']:.1%} | {diff} |")
+                     f"{ratio['hf-liger-ckpt']} | {r['step_seconds']:.3f} | {r['peak_memory_gb']:.1f} | "
+                     f"{r['mfu']:.1%} | {r['mfu_vs_measured_peak']:.1%} | {diff} |")
     for m in summary["max_len"]:
         lines.append(f"\nlongest trained sequence, {m['model']} @ {m['variant']}: {m['longest_ok'] or 'none'} "
                      f"(tried {', '.join(f'{t[0]}: {t[1]}' for t in m['tried'])})")

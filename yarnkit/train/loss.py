@@ -9,7 +9,8 @@ cross-entropy run on `chunk_tokens` positions at a time, each chunk under activa
 are recomputed in backward instead of kept). Peak logits memory is chunk_tokens x vocab x 4 bytes instead of
 seq x vocab. The wrapper is what accelerate/DeepSpeed prepare, so
 DDP and ZeRO hooks see every parameter use. Tested against the plain `model(labels=...)` loss:
-`python -m pytest tests/test_trainer.py -k chunked`; the fused path on a GPU by `pytest -m gpu tests/test_speed_gpu.py`. `token_nll` is the evaluation form (per-token, no
+`python -m pytest tests/test_trainer.py -k chunked`; the fused path on a GPU by `pytest -m gpu
+tests/test_speed_gpu.py`. `token_nll` is the evaluation form (per-token, no
 gradients), tested in tests/test_eval_loss.py.
 """
 

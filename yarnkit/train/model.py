@@ -51,7 +51,7 @@ class ModelArgs:
     sdpa_kernel: str = "auto"  # with sdpa: auto (torch decides) | cudnn (fastest on Hopper) | flash | efficient | math
     gradient_checkpointing: bool = True  # recompute each layer in backward: activations ~ layers x seq x hidden
     checkpoint_layers: int = 0  # with gradient_checkpointing: 0 = every layer, N = only the first N (faster, more memory)
-    checkpoint_policy: str = "full"  # full: recompute the whole layer | keep_attention: save SDPA outputs, recompute the rest
+    checkpoint_policy: str = "full"  # full: recompute whole layers | keep_attention: keep SDPA outputs, redo the rest
     keep_attention_layers: int = 0  # with keep_attention: 0 = every checkpointed layer keeps it, N = only the first N
     kernels: str = "auto"  # RMSNorm/SwiGLU/RoPE: auto (Liger-Kernel on CUDA if installed) | liger | torch
     compile_layers: str = "false"  # torch.compile each decoder layer: auto (on CUDA) | true | false

@@ -8,8 +8,9 @@ activation-checkpoint offload.
 - `use_sdpa_kernel("cudnn" | "flash" | "efficient" | "math")`: re-registers transformers' `sdpa` attention with a
   function that calls `F.scaled_dot_product_attention` under `torch.nn.attention.sdpa_kernel` with that kernel
   first (the others stay as fall-backs). cuDNN gets grouped-query K/V expanded to all heads unless this torch's
-  cuDNN kernel takes `enable_gqa` (probed once on the GPU). Process-global, like every transformers attention registration; "auto" leaves torch's
-  own choice. DeepSpeed Ulysses wraps whatever `sdpa` is registered when it is set up, so this composes with SP.
+  cuDNN kernel takes `enable_gqa` (probed once on the GPU). Process-global, like every transformers attention
+  registration; "auto" leaves torch's own choice. DeepSpeed Ulysses wraps whatever `sdpa` is registered when it
+  is set up, so this composes with SP.
 - `resolve_choice(key, asked, missing, ...)`: `auto` takes a fused path when it can run here and otherwise says
   in one line what runs instead; an explicit request that cannot run is a `RecipeError` naming the fix.
   `liger_missing()` / `compile_missing()` say why Liger-Kernel / `torch.compile` cannot run (None: they can).

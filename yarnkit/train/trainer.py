@@ -10,8 +10,9 @@ micro-batch is built on a worker thread (`loop.Prefetcher`) and step k's loss is
 step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seconds` is the time between CUDA
 events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
 Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
-exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser (`yarnkit.train.recipe`) nor the data
-builder (`yarnkit.train.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
+exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser
+(`yarnkit.train.recipe`) nor the data builder (`yarnkit.train.data`). Tested by `python -m pytest
+tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def train(recipe) -> TrainResult:
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
-        dataset = build_dataset(recipe.data, tokenizer, sink_id)
+        dataset = build_dataset(recipe.data, tokenizer, sink_id).with_format("numpy")  # rows as arrays, not lists
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
     fused_loss = resolve_choice("train.loss_impl", args.loss_impl, fused_loss_missing(model, zero_stage(accelerator)),
