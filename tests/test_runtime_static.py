@@ -42,7 +42,7 @@ def feed_stream(engine, stream, step_sizes):
 def test_static_equals_eager_through_eviction(sirllm_keep):
     model = tiny_model("llama", num_hidden_layers=2)
     stream = tokens(90, seed=3)
-    engines = [StreamingEngine(model, sinks=4, window=24, evict_batch=5, prefill_chunk=8, sirllm_keep=sirllm_keep,
+    engines = [StreamingEngine(model, sinks=4, window=28, evict_batch=5, prefill_chunk=8, sirllm_keep=sirllm_keep,
                                decode=decode) for decode in ("eager", "static")]
     eager, static = (feed_stream(engine, stream, [9, 1, 1, 4]) for engine in engines)
     assert engines[1].decode_path == "static" and engines[1].cache.rerotations > 3
@@ -55,8 +55,8 @@ def test_static_equals_eager_through_eviction(sirllm_keep):
 
 def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers():
     model = tiny_model("llama", num_hidden_layers=2)
-    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
-    clean = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    engine = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
+    clean = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
     engine.feed(tokens(10))  # 10 + 3 fit: the failing chunk below evicts nothing
     clean.feed(tokens(10))
 
@@ -71,19 +71,19 @@ def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers()
     after = tokens(30, seed=2)  # overwrites the half-written slots, then evicts
     torch.testing.assert_close(engine.feed(after), clean.feed(after), atol=0, rtol=0)
 
-    buffer = engine.cache.key_buffer.data_ptr()
+    buffer = engine.cache.pool.key_buffer.data_ptr()
     engine.reset()
-    assert len(engine) == 0 and engine.cache.key_buffer.data_ptr() == buffer
-    fresh = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    assert len(engine) == 0 and engine.cache.pool.key_buffer.data_ptr() == buffer
+    fresh = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
     torch.testing.assert_close(engine.feed(tokens(30)), fresh.feed(tokens(30)), atol=0, rtol=0)
 
 
 def test_graph_capture_failure_falls_back_loudly(caplog):
     """Force the graph path on CPU: capture cannot work there, so the decoder must log why and keep serving."""
     model = tiny_model("llama", num_hidden_layers=2)
-    engine = StreamingEngine(model, sinks=4, window=20, decode="static")
-    reference = StreamingEngine(model, sinks=4, window=20, decode="eager")
-    engine.decoder.use_graph = True
+    engine = StreamingEngine(model, sinks=4, window=24, decode="static")
+    reference = StreamingEngine(model, sinks=4, window=24, decode="eager")
+    engine.decoder.pool.use_graph = True
     prompt, token = tokens(10), tokens(1, seed=4)
     engine.feed(prompt)
     reference.feed(prompt)
@@ -108,13 +108,13 @@ def test_real_model_static_path(smollm2):
     """SmolLM2-135M: greedy generation within the window equals HF's; through eviction static == eager logits."""
     model, tokenizer = smollm2
     prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
-    engine = StreamingEngine(model, sinks=4, window=60, decode="static")
+    engine = StreamingEngine(model, sinks=4, window=64, decode="static")
     ours = list(engine.generate(prompt, max_new_tokens=6))
     hf = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
     assert ours == hf
     stream = tokenizer("It was a bright cold day in April, and the clocks were striking thirteen. " * 8,
                        return_tensors="pt")["input_ids"][:, :40]
-    engines = [StreamingEngine(model, sinks=4, window=20, evict_batch=6, prefill_chunk=16, decode=decode)
+    engines = [StreamingEngine(model, sinks=4, window=24, evict_batch=6, prefill_chunk=16, decode=decode)
                for decode in ("eager", "static")]
     eager, static = (feed_stream(engine, stream, [16, 1]) for engine in engines)
     assert engines[1].cache.rerotations > 2
