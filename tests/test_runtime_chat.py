@@ -80,8 +80,9 @@ def test_long_message_compressed_once_and_history_still_matches(model, tokenizer
 
 def test_bad_messages_fail_clearly_and_leave_no_state(model, tokenizer):
     chat = Conversation(model, tokenizer, StreamOptions(window=64))
-    for messages, match in [([], "no messages"), ([{"role": "robot", "content": "hi"}], "unknown chat role"),
-                            ([{"role": "user", "content": "  "}], "non-empty user")]:
+    for messages, match in [([], "non-empty list"), ([{"role": "robot", "content": "hi"}], r"messages\[0\].role"),
+                            ([{"role": "user", "content": "  "}], "non-empty user"), (["hi"], r"messages\[0\]"),
+                            ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts")]:
         with pytest.raises(ValueError, match=match):
             collect(chat, messages)
         assert len(chat.engine) == 0 and chat.messages == []
