@@ -179,14 +179,16 @@ def test_serve_openai_api_on_smollm2():
         base = line.strip().split(" on ")[-1]
         models = json.load(urllib.request.urlopen(base + "/models", timeout=30))
         assert models["object"] == "list" and models["data"][0]["object"] == "model"
+        name = models["data"][0]["id"]
 
         question = [{"role": "user", "content": "What is the capital of France? One word."}]
-        answer = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 8}))
+        answer = json.load(post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 8}))
         assert "Paris" in answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] >= 1
 
         history = question + [answer["choices"][0]["message"], {"role": "user", "content": "And of Italy?"}]
-        with post(base + "/chat/completions", {"messages": history, "max_tokens": 8, "stream": True}) as response:
+        with post(base + "/chat/completions", {"model": name, "messages": history, "max_tokens": 8,
+                                                 "stream": True}) as response:
             assert response.headers["Content-Type"] == "text/event-stream"
             events = [l[6:] for l in response.read().decode().splitlines() if l.startswith("data: ")]
         assert events[-1] == "[DONE]"
@@ -194,12 +196,14 @@ def test_serve_openai_api_on_smollm2():
         assert "Rome" in text
 
         # a client that disconnects mid-stream, then an immediate follow-up on the same session
-        hang_up = post(base + "/chat/completions", {"messages": question, "max_tokens": 200, "stream": True}, "s2")
+        hang_up = post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 200,
+                                                  "stream": True}, "s2")
         hang_up.readline()
         hang_up.close()
         for attempt in range(50):  # 409 while the server still finishes the dropped stream, then 200
             try:
-                again = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 3}, "s2"))
+                again = json.load(post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 3},
+                                  "s2"))
                 break
             except urllib.error.HTTPError as error:
                 assert error.code == 409
@@ -207,8 +211,8 @@ def test_serve_openai_api_on_smollm2():
         assert again["choices"][0]["message"]["role"] == "assistant"
 
         with pytest.raises(urllib.error.HTTPError) as bad:
-            post(base + "/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
-        assert bad.value.code == 400 and "unknown chat role" in bad.value.read().decode()
+            post(base + "/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "hi"}]})
+        assert bad.value.code == 400 and "messages[0].role" in bad.value.read().decode()
         health = json.load(urllib.request.urlopen(base[:-3] + "/health", timeout=30))
         assert health["status"] == "ok" and server.poll() is None
     finally:

@@ -223,6 +223,7 @@ class Turn:
         self.cut_text: str | None = None
         self.logits = None if self.pending else self.engine.last_logits
         self.closed = False
+        self.job, self.index = None, 0       # set by the server's scheduler: the request and choice it answers
         info.update(prompt_tokens=self.prompt_tokens)
 
     @property
