@@ -9,8 +9,9 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
   of an engine that never saw the failure; `reset()` keeps the buffers (a captured graph stays valid);
 - a failing graph capture falls back loudly (logged reason, reported in stats) and still returns right logits;
 - bad decode choices are refused with a clear error;
+- the decode step traces as one graph for torch.compile (no graph break) and keeps the eager logits;
 - slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
-CUDA-graph capture itself needs a GPU: scripts/bench_runtime.py reports which path ran there.
+CUDA-graph capture and compilation need a GPU: tests/test_runtime_gpu.py (gpu marker) and scripts/bench_runtime.py.
 """
 
 from __future__ import annotations
@@ -119,3 +120,23 @@ def test_real_model_static_path(smollm2):
     eager, static = (feed_stream(engine, stream, [16, 1]) for engine in engines)
     assert engines[1].cache.rerotations > 2
     torch.testing.assert_close(static, eager, atol=1e-4, rtol=0)
+
+
+def test_decode_step_traces_as_one_graph_for_torch_compile():
+    """What `--compile` compiles on CUDA: dynamo traces the pool's step without a graph break (eager backend
+    here, so no code generation on CPU), and the traced step gives the eager engine's logits."""
+    from yarnkit.runtime.engine import StreamOptions, make_pool
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    options = StreamOptions(window=32, evict_batch=4, decode="static")
+    pool = make_pool(model, options, rows=2)
+    engine = StreamingEngine(model, options, pool=pool)
+    pool._step = torch.compile(pool.forward_rows, backend="eager", fullgraph=True, dynamic=False)
+    reference = StreamingEngine(model, window=32, evict_batch=4, decode="eager")
+    prompt = tokens(10)
+    engine.feed(prompt)
+    reference.feed(prompt)
+    for token in tokens(30, seed=6)[0]:
+        torch.testing.assert_close(engine.feed(token.view(1, 1), all_logits=False),
+                                   reference.feed(token.view(1, 1), all_logits=False), atol=1e-5, rtol=0)
+    assert engine.cache.rerotations >= 2
