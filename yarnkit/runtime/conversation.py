@@ -135,28 +135,34 @@ class Conversation:
         info.update(compressed_tokens=squeezed.compressed_tokens, ratio=round(squeezed.ratio, 2))
         return messages[:-1] + [{"role": "user", "content": squeezed.text}]
 
-    def _plan(self, messages: list[dict] | None, text: str | None, info: dict | None = None):
-        """`(history, to_feed, full, reuse)`: what the cache must hold and whether it extends what was fed."""
+    def _plan(self, messages: list[dict] | None, text: str | None, info: dict | None = None,
+              rendered: str | None = None):
+        """`(history, to_feed, full, reuse)`: what the cache must hold and whether it extends what was fed.
+        `rendered` is `messages` already rendered with the generation prompt (used when nothing is compressed)."""
         if messages is None:
             return None, None, text, self.mode == "text" and bool(self.fed_text) and text.startswith(self.fed_text)
         known = len(self.messages)
         to_feed = self.fed_messages[:known] + messages[known:] if self.messages == messages[:known] else messages
         if info is not None:
             to_feed = self._maybe_compress(to_feed, info)
-        full = self.render(to_feed, generation_prompt=True)
+        same = rendered is not None and (self.compress_rate is None or to_feed == messages)
+        full = rendered if same else self.render(to_feed, generation_prompt=True)
         reuse = (self.mode == "chat" and bool(self.fed_text) and full.startswith(self.fed_text)
                  and self.fed_messages == to_feed[:len(self.fed_messages)])
         return messages, to_feed, full, reuse
 
-    def reusable(self, messages: list[dict] | None = None, text: str | None = None) -> int:
+    def reusable(self, messages: list[dict] | None = None, text: str | None = None,
+                 rendered: str | None = None) -> int:
         """How many characters of the request this idle cache already holds (-1: none, it would start over)."""
-        return len(self.fed_text) if self._plan(messages, text)[3] else -1
+        if not self.fed_text:
+            return -1
+        return len(self.fed_text) if self._plan(messages, text, rendered=rendered)[3] else -1
 
     def start(self, messages: list[dict] | None = None, text: str | None = None,
-              sampling: Sampling | None = None) -> "Turn":
+              sampling: Sampling | None = None, rendered: str | None = None) -> "Turn":
         """A turn answering `messages` (normalized, see `normalize_messages`) or continuing raw `text`."""
         info: dict = {}
-        history, to_feed, full, reuse = self._plan(messages, text, info)
+        history, to_feed, full, reuse = self._plan(messages, text, info, rendered)
         pieces = []
         if not reuse:
             self.reset()

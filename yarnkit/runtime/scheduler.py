@@ -3,7 +3,8 @@
 What it is: continuous batching for `yarnkit serve`. Requests (`Job`: one or more choices) are admitted onto
 conversations (one cache row of a shared `SlotPool` each). Each loop iteration runs ONE batched decode step for
 every turn that is generating, then ONE prefill chunk of one turn that is still reading its prompt (round
-robin), so a long prompt never blocks other sessions' decoding: it only adds one chunk per step. Named
+robin), so a long prompt never blocks other sessions' decoding: it only adds one chunk per step. Turns are
+set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Named
 sessions (`X-Session-Id`) keep their conversation; a request without one gets an idle anonymous cache whose
 history is the longest prefix of the request, else a free row, else the least recently used idle cache; when
 every row is busy it waits (never a 409). Cancelled jobs (a client that went away) are finished at the next
@@ -19,6 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +43,7 @@ class Job:
     sampling: Sampling
     choices: int = 1
     session: str | None = None
+    rendered: str | None = None  # messages rendered with the chat template (saves rendering per cache)
     emit: Callable = lambda kind, index, payload: None
     cancelled: bool = False
     turns: list = field(default_factory=list)
@@ -71,6 +74,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.running = True
         self.steps = 0
+        self.starter = ThreadPoolExecutor(2, thread_name_prefix="yarnkit-start")
         self.worker = threading.Thread(target=self._loop, name="yarnkit-scheduler", daemon=True)
         self.worker.start()
 
@@ -106,6 +110,7 @@ class Scheduler:
             self.running = False
             self.cond.notify()
         self.worker.join(timeout=10)
+        self.starter.shutdown(wait=False, cancel_futures=True)
 
     # -- the worker ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -118,9 +123,11 @@ class Scheduler:
                     return
                 self._admit()
                 jobs = list(self.active)
-            self._reap(jobs)
-            decoding = [t for job in jobs if not job.cancelled for t in job.turns if not t.closed and not t.prefilling]
-            prefilling = [t for job in jobs if not job.cancelled for t in job.turns if not t.closed and t.prefilling]
+                turns = {id(job): list(job.turns) for job in jobs}
+            self._reap(jobs, turns)
+            live = [t for job in jobs if not job.cancelled for t in turns[id(job)] if not t.closed]
+            decoding = [t for t in live if not t.prefilling]
+            prefilling = [t for t in live if t.prefilling]
             if decoding:
                 self._decode(decoding)
             if prefilling:
@@ -183,18 +190,21 @@ class Scheduler:
                                       "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
                                       "cached_tokens": max(0, turn.prompt_tokens - turn.fed_prompt),
                                       "info": turn.info})
+        self._release(job, turn.conversation)
+
+    def _release(self, job: Job, conversation: Conversation) -> None:
         with self.cond:
-            self.busy.discard(id(turn.conversation))
-            self.last_used[id(turn.conversation)] = time.monotonic()
-            if job.finished == len(job.turns) and job in self.active:
+            self.busy.discard(id(conversation))
+            self.last_used[id(conversation)] = time.monotonic()
+            if job.finished == job.choices and job in self.active:
                 self.active.remove(job)
                 self.cond.notify_all()
 
-    def _reap(self, jobs: list[Job]) -> None:
+    def _reap(self, jobs: list[Job], turns: dict) -> None:
         """Finish the turns of cancelled jobs: keep what was generated (or start the cache over)."""
         for job in jobs:
             if job.cancelled:
-                for turn in job.turns:
+                for turn in turns[id(job)]:
                     if not turn.closed:
                         turn.finish_reason = turn.finish_reason or "cancelled"
                         self._close_turn(turn)
@@ -211,27 +221,31 @@ class Scheduler:
                 continue  # every row is busy: wait for one
             self.waiting.remove(job)
             job.conversations = conversations
+            self.active.append(job)
             for index, conversation in enumerate(conversations):
                 self.busy.add(id(conversation))
                 sampling = job.sampling
                 if sampling.seed is not None and index:
                     sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
-                try:
-                    turn = conversation.start(job.messages, job.text, sampling)
-                except Exception as error:  # noqa: BLE001 - e.g. a template that rejects the roles
-                    conversation.reset()
-                    self.busy.discard(id(conversation))
-                    job.emit("error", index, f"{type(error).__name__}: {error}")
-                    job.cancel()
-                    turn = None
-                if turn is not None:
-                    turn.job, turn.index = job, index
-                    job.turns.append(turn)
-            if job.turns:
-                self.active.append(job)
-            for conversation in conversations:
-                if not any(t.conversation is conversation for t in job.turns):
-                    self.busy.discard(id(conversation))
+                self.starter.submit(self._start, job, index, conversation, sampling)
+
+    def _start(self, job: Job, index: int, conversation: Conversation, sampling: Sampling) -> None:
+        """On a helper thread: template + tokenization of the new text; the turn then joins the loop."""
+        try:
+            turn = conversation.start(job.messages, job.text, sampling, job.rendered)
+        except Exception as error:  # noqa: BLE001 - e.g. a template that rejects the roles
+            log.exception("starting a turn failed")
+            conversation.reset()
+            job.emit("error", index, f"{type(error).__name__}: {error}")
+            job.cancel()
+            with self.cond:
+                job.finished += 1
+            self._release(job, conversation)
+            return
+        turn.job, turn.index = job, index
+        with self.cond:
+            job.turns.append(turn)
+            self.cond.notify()
 
     def _conversations_for(self, job: Job) -> list[Conversation] | None:
         if job.session is not None:
@@ -246,9 +260,9 @@ class Scheduler:
         chosen: list[Conversation] = []
         for _ in range(job.choices):
             idle = [c for c in self.anonymous if id(c) not in self.busy and c not in chosen]
-            best = max(idle, key=lambda c: (c.reusable(job.messages, job.text), self.last_used.get(id(c), 0)),
-                       default=None)
-            if best is not None and best.reusable(job.messages, job.text) >= 0:
+            reuse = {id(c): c.reusable(job.messages, job.text, job.rendered) for c in idle}
+            best = max(idle, key=lambda c: (reuse[id(c)], self.last_used.get(id(c), 0)), default=None)
+            if best is not None and reuse[id(best)] >= 0:
                 chosen.append(best)  # its history is a prefix of this request: only the rest is fed
                 continue
             fresh = self._new_conversation(evict=False)

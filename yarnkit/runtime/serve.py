@@ -173,10 +173,11 @@ class Service:
             messages = normalize_messages([m.model_dump() for m in body.messages])
         except ValueError as error:
             raise ApiError(400, str(error), str(error).split(":")[0].split(" ")[0]) from None
-        self.check_prompt(self.render(messages), "messages")
+        rendered = self.render(messages)
+        self.check_prompt(rendered, "messages")
         if session is not None and body.n > 1:
             raise ApiError(400, "n: more than one choice needs a request without a session id", "n")
-        return [Job(messages, None, sampling, body.n, session)]
+        return [Job(messages, None, sampling, body.n, session, rendered=rendered)]
 
     def completion_jobs(self, body, session: str | None) -> list[Job]:
         sampling = self.sampling(body, body.max_tokens or 16)
