@@ -75,7 +75,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def served(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, OPTIONS, rows=4)
+    scheduler = Scheduler(model, tokenizer, OPTIONS, rows=4, max_prompt_tokens=2000)
     service = Service(scheduler, tokenizer, "tiny", Sampling(max_new_tokens=16), max_prompt_tokens=2000,
                       max_tokens_limit=64)
     server = LocalServer(create_app(service, api_key=KEY))

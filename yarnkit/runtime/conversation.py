@@ -77,6 +77,10 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+class PromptTooLong(ValueError):
+    """The prompt (as tokens) is longer than the configured limit; the message names the field."""
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
@@ -108,6 +112,7 @@ class Conversation:
         self.messages: list[dict] = []      # the history as the caller sent it (plus our replies)
         self.fed_messages: list[dict] = []  # the same history as fed (long user messages maybe compressed)
         self.fed_text = ""
+        self.fed_tokens = 0                 # tokens fed since the reset (prompts and replies)
 
     def close(self) -> None:
         self.engine.close()
@@ -124,12 +129,10 @@ class Conversation:
 
     def _maybe_compress(self, messages: list[dict], info: dict) -> list[dict]:
         last = messages[-1]["content"]
+        if self.compress_rate is None or len(last.encode()) <= self.compress_over:  # tokens <= bytes
+            return messages
         count = self.count_tokens(last)
-        info.update(user_tokens=count)
-        if count > self.engine.capacity:
-            info["warning"] = (f"the message has {count} tokens, more than the {self.engine.capacity}-token cache: "
-                               "it was streamed through and only its end stays in context")
-        if self.compress_rate is None or count <= self.compress_over:
+        if count <= self.compress_over:
             return messages
         squeezed = compress_prompt(self.engine.model, self.tokenizer, last, rate=self.compress_rate)
         info.update(compressed_tokens=squeezed.compressed_tokens, ratio=round(squeezed.ratio, 2))
@@ -159,8 +162,10 @@ class Conversation:
         return len(self.fed_text) if self._plan(messages, text, rendered=rendered)[3] else -1
 
     def start(self, messages: list[dict] | None = None, text: str | None = None,
-              sampling: Sampling | None = None, rendered: str | None = None) -> "Turn":
-        """A turn answering `messages` (normalized, see `normalize_messages`) or continuing raw `text`."""
+              sampling: Sampling | None = None, rendered: str | None = None,
+              max_prompt_tokens: int | None = None) -> "Turn":
+        """A turn answering `messages` (normalized, see `normalize_messages`) or continuing raw `text`; raises
+        `PromptTooLong` (feeding nothing) when the whole prompt has more than `max_prompt_tokens` tokens."""
         info: dict = {}
         history, to_feed, full, reuse = self._plan(messages, text, info, rendered)
         pieces = []
@@ -177,8 +182,13 @@ class Conversation:
             pieces.append((full[len(prefix):], False))
         elif len(full) > len(self.fed_text):
             pieces.append((full[len(self.fed_text):], False))
+        turn = Turn(self, history, to_feed, full, pieces, sampling or Sampling(), info)
+        if max_prompt_tokens is not None and turn.prompt_tokens > max_prompt_tokens:
+            field = "messages" if messages is not None else "prompt"
+            raise PromptTooLong(f"{field}: the prompt has {turn.prompt_tokens} tokens, more than this server's limit "
+                                f"of {max_prompt_tokens} (--max-prompt-tokens)")
         self.mode = "chat" if messages is not None else "text"
-        return Turn(self, history, to_feed, full, pieces, sampling or Sampling(), info)
+        return turn
 
     def respond(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> Iterator[str]:
@@ -215,11 +225,15 @@ class Turn:
         self.conversation, self.engine = conversation, conversation.engine
         self.history, self.to_feed, self.sampling, self.info = history, to_feed, sampling, info
         self.tokenizer = conversation.tokenizer
-        self.pending = [(text, self.tokenizer(text, add_special_tokens=False)["input_ids"], pin)
-                        for text, pin in pieces if text]
+        self.pending = [(text, self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                         pin) for text, pin in pieces if text]
         self.offset = 0                      # ids of pending[0] already fed
-        self.prompt_tokens = conversation.count_tokens(full)
+        new = sum(len(ids) for _, ids, _ in self.pending)
+        self.prompt_tokens = conversation.fed_tokens + new  # the whole prompt as the model sees it
         self.fed_prompt = 0
+        if new > self.engine.capacity:
+            info["warning"] = (f"the new text has {new} tokens, more than the {self.engine.capacity}-token cache: "
+                               "it was streamed through and only its end stays in context")
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.produced: list[int] = []
         self.fed = 0
@@ -250,6 +264,7 @@ class Turn:
             raise
         self.offset += len(chunk)
         self.fed_prompt += len(chunk)
+        self.conversation.fed_tokens += len(chunk)
         if self.offset >= len(ids):
             self.conversation.fed_text += text
             self.pending.pop(0)
@@ -323,6 +338,7 @@ class Turn:
             return
         if self.fed < len(self.produced):  # stopped between sampling and feeding
             engine.feed(torch.tensor([self.produced[self.fed:]]), all_logits=False)
+        conversation.fed_tokens += len(self.produced)
         if self.history is not None:
             answer = {"role": "assistant", "content": self.reply_text()}
             conversation.messages, conversation.fed_messages = self.history + [answer], self.to_feed + [answer]

@@ -3,12 +3,14 @@
 What it is: continuous batching for `yarnkit serve`. Requests (`Job`: one or more choices) are admitted onto
 conversations (one cache row of a shared `SlotPool` each). Each loop iteration runs ONE batched decode step for
 every turn that is generating, then ONE prefill chunk of one turn that is still reading its prompt (round
-robin), so a long prompt never blocks other sessions' decoding: it only adds one chunk per step. Turns are
+robin; at most `prefill_budget` tokens while others are decoding), so a long prompt never blocks other
+sessions' decoding: it only adds one small chunk per step. Turns are
 set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Named
 sessions (`X-Session-Id`) keep their conversation; a request without one gets an idle anonymous cache whose
 history is the longest prefix of the request, else a free row, else the least recently used idle cache; when
 every row is busy it waits (never a 409). Cancelled jobs (a client that went away) are finished at the next
-step: the partial reply is kept, so cache and history stay consistent. Events go back through `Job.emit`.
+step: the partial reply is kept, so cache and history stay consistent. Events go back through `Job.emit`:
+`started` (the prompt was tokenized and fits), `text`, `done`, `error` (payload: status, message, param).
 What it is not: HTTP (see `serve.py`).
 
 Test: `python -m pytest tests/test_runtime_serve.py -q`.
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from yarnkit.runtime.conversation import Conversation, Sampling, Turn
+from yarnkit.runtime.conversation import Conversation, PromptTooLong, Sampling, Turn
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,11 @@ class Job:
 class Scheduler:
     """Owns the conversations (cache rows) and the worker thread; `submit(job)` is safe from any thread."""
 
-    def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None):
+    def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
+                 prefill_budget: int = 128, max_prompt_tokens: int | None = None):
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
+        self.max_prompt_tokens = max_prompt_tokens
+        self.prefill_budget = prefill_budget
         device = next(model.parameters()).device
         decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
         self.pool = None if decode == "eager" else make_pool(model, StreamOptions(**{**options.__dict__,
@@ -132,7 +137,8 @@ class Scheduler:
                 self._decode(decoding)
             if prefilling:
                 cursor = (cursor + 1) % len(prefilling)
-                self._guarded(prefilling[cursor], lambda turn: turn.prefill_step())
+                budget = self.prefill_budget if decoding else None  # full chunks when nobody waits for a token
+                self._guarded(prefilling[cursor], lambda turn: turn.prefill_step(budget))
             self.steps += 1
             if not decoding and not prefilling:
                 time.sleep(0.001)  # only waiting / finishing jobs: let the admitting side catch up
@@ -168,7 +174,7 @@ class Scheduler:
 
     def _fail(self, turn: Turn, error: Exception) -> None:
         job = turn.job
-        job.emit("error", turn.index, f"{type(error).__name__}: {error}")
+        job.emit("error", turn.index, {"status": 500, "message": f"{type(error).__name__}: {error}"})
         job.cancel()
 
     def _flush(self, turn: Turn) -> None:
@@ -232,17 +238,23 @@ class Scheduler:
     def _start(self, job: Job, index: int, conversation: Conversation, sampling: Sampling) -> None:
         """On a helper thread: template + tokenization of the new text; the turn then joins the loop."""
         try:
-            turn = conversation.start(job.messages, job.text, sampling, job.rendered)
+            turn = conversation.start(job.messages, job.text, sampling, job.rendered, self.max_prompt_tokens)
         except Exception as error:  # noqa: BLE001 - e.g. a template that rejects the roles
-            log.exception("starting a turn failed")
-            conversation.reset()
-            job.emit("error", index, f"{type(error).__name__}: {error}")
+            if isinstance(error, PromptTooLong):
+                payload = {"status": 400, "message": str(error), "param": str(error).split(":")[0],
+                           "code": "context_length_exceeded"}
+            else:
+                log.exception("starting a turn failed")
+                conversation.reset()
+                payload = {"status": 500, "message": f"{type(error).__name__}: {error}"}
+            job.emit("error", index, payload)
             job.cancel()
             with self.cond:
                 job.finished += 1
             self._release(job, conversation)
             return
         turn.job, turn.index = job, index
+        job.emit("started", index, None)
         with self.cond:
             job.turns.append(turn)
             self.cond.notify()

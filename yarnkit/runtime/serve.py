@@ -38,6 +38,7 @@ from yarnkit.runtime.scheduler import Job, Scheduler, SessionBusy
 
 log = logging.getLogger("yarnkit.serve")
 API_KEY_ENV = "YARNKIT_API_KEY"
+MAX_BYTES_PER_TOKEN = 64  # bodies beyond 64 bytes per allowed token are refused before tokenizing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,10 +163,11 @@ class Service:
         return Sampling(limit, temperature, top_p, body.seed, tuple(stop))
 
     def check_prompt(self, text: str, field: str) -> None:
-        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if count > self.max_prompt_tokens:
-            raise ApiError(400, f"{field}: the prompt has {count} tokens, more than this server's limit of "
-                                f"{self.max_prompt_tokens} (--max-prompt-tokens)", field, "context_length_exceeded")
+        """A cheap pre-check; the exact token count is checked once, when the scheduler tokenizes the prompt."""
+        if len(text.encode()) > MAX_BYTES_PER_TOKEN * self.max_prompt_tokens:
+            raise ApiError(400, f"{field}: the prompt has {len(text.encode())} bytes, far more than this server's "
+                                f"limit of {self.max_prompt_tokens} tokens (--max-prompt-tokens)", field,
+                           "context_length_exceeded")
 
     def chat_jobs(self, body, session: str | None) -> list[Job]:
         sampling = self.sampling(body, body.max_completion_tokens or body.max_tokens)
@@ -290,6 +292,23 @@ def create_app(service: Service, api_key: str | None = None):
             raise ApiError(409, f"session {str(busy)!r} is busy with another request; retry when it finishes or "
                                 "send no session id", "session_id", "session_busy") from None
         total = sum(job.choices for job in jobs)
+        early, started = [], 0
+        try:
+            while started < total:  # every prompt tokenized and within the limit: only then 200 (or a 4xx)
+                what, index, payload = await events.get()
+                if what == "started":
+                    started += 1
+                elif what == "error":
+                    raise ApiError(payload["status"], payload["message"], payload.get("param"), payload.get("code"),
+                                   "invalid_request_error" if payload["status"] < 500 else "server_error")
+                else:
+                    early.append((what, index, payload))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        for item in early:
+            events.put_nowait(item)
         ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": ident, "created": int(time.time()), "model": service.model_name}
         if body.stream:
@@ -310,7 +329,7 @@ def create_app(service: Service, api_key: str | None = None):
                 elif what == "done":
                     done[index] = payload
                 elif what == "error":
-                    error = payload
+                    error = payload["message"]
         finally:
             for job in jobs:
                 job.cancel()  # no-op for finished jobs; a vanished client stops generating
@@ -351,7 +370,7 @@ def create_app(service: Service, api_key: str | None = None):
                     done[index] = payload
                     yield event({"choices": [choice(index, finish=payload["finish_reason"])]})
                 elif what == "error":
-                    yield f"data: {json.dumps(error_body(500, payload, kind='server_error'))}\n\n"
+                    yield f"data: {json.dumps(error_body(500, payload['message'], kind='server_error'))}\n\n"
                     return
             if include_usage:
                 yield event({"choices": [], "usage": usage(done, jobs)})
@@ -378,7 +397,7 @@ def usage(done: dict, jobs: list[Job]) -> dict:
 
 def build_service(args, model, tokenizer) -> Service:
     options = stream_options(args)
-    scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions)
+    scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens)
     name = args.model_name or str(getattr(model.config, "_name_or_path", "") or args.ckpt)
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     return Service(scheduler, tokenizer, name, defaults, args.max_prompt_tokens, args.max_tokens_limit)
