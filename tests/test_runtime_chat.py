@@ -218,3 +218,33 @@ def test_serve_openai_api_on_smollm2():
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_chat_cli_handles_commands_itself_and_prints_no_warning_mid_reply(tiny_dir):
+    """Piped stdin: /help is answered locally (never sent to the model), a reply streams with no FutureWarning."""
+    result = cli("chat", str(tiny_dir), "--max-new-tokens", "4", input="/help\nHello\n/stats\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "/reset" in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["messages"] == 2 and stats["completion_tokens"] == 4  # one user turn + one reply: /help was not fed
+
+
+def test_ctrl_c_while_loading_exits_cleanly(monkeypatch, capsys):
+    from yarnkit.runtime import chat
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "load_chat_model", interrupted)
+    parser = __import__("argparse").ArgumentParser()
+    chat.add_arguments(parser)
+    assert chat.run(parser.parse_args(["--prompt", "hi"])) == 130
+    assert "interrupted while loading" in capsys.readouterr().err
