@@ -180,7 +180,8 @@ def plot(report, path) -> None:
     if compiled:
         left.plot(*zip(*[(int(c), v["sinks"]["p50_ms"]) for c, v in sorted(compiled.items(), key=lambda kv: int(
             kv[0]))]), "o-", label="yarnkit sinks (graph + compile)")
-    left.set(xscale="log", yscale="log", xlabel="cache tokens", ylabel="p50 ms / token", title="decode latency")
+    left.set_xscale("log", base=2)
+    left.set(yscale="log", xlabel="cache tokens", ylabel="p50 ms / token", title="decode latency")
     if caches or compiled:
         left.legend()
     scaled = report.get("scale", {})
