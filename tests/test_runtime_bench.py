@@ -53,12 +53,12 @@ def test_bench_runtime_perplexity_uses_eval_policies(tmp_path):
     bench.load = lambda args: (_random(model_dir), load_tokenizer(str(model_dir)))
     try:
         report = bench.main(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--parts", "ppl", "recall",
-                             "--tokens", "400", "--window", "64", "--chunk", "16", "--recall-trials", "1",
-                             "--recall-filler", "100", "--sirllm-keep", "16"])
+                             "--tokens", "256", "--window", "48", "--chunk", "16", "--recall-trials", "1",
+                             "--recall-filler", "60", "--sirllm-keep", "16"])
     finally:
         bench.load = original
     assert set(report["perplexity"]) == {"sink", "recompute", "window"}
-    assert all(math.isfinite(v["ppl"]) and v["ppl"] > 1 and v["tokens_scored"] > 300
+    assert all(math.isfinite(v["ppl"]) and v["ppl"] > 1 and v["tokens_scored"] > 200
                for v in report["perplexity"].values())
     assert set(report["recall"]) == {"sinks", "sirllm"}
 
