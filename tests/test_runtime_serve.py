@@ -32,7 +32,8 @@ from conftest import tiny_model
 from yarnkit.runtime.conversation import Conversation, Sampling
 from yarnkit.runtime.engine import StreamOptions
 from yarnkit.runtime.scheduler import Scheduler
-from yarnkit.runtime.serve import Service, create_app
+from yarnkit.runtime.api import Service
+from yarnkit.runtime.serve import create_app
 
 KEY = "test-key"
 OPTIONS = StreamOptions(window=256, decode="static")
