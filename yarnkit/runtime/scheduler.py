@@ -23,6 +23,8 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -160,7 +162,8 @@ class Scheduler:
             for turn in ready:
                 self._fail(turn, error)
             return
-        for turn, row in zip(ready, logits):
+        rows = torch.stack(logits).cpu()  # one device-to-host copy for the whole batch (sampling runs on the host)
+        for turn, row in zip(ready, rows):
             turn.accept(row)
             self._flush(turn)
 
