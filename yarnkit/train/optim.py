@@ -21,6 +21,7 @@ class OptimArgs:
     warmup_steps: int = 20
     schedule: str = "linear"  # linear: warmup then linear decay to 0 at schedule_steps; constant: warmup then flat
     schedule_steps: int = 0  # length of the decay; 0 = train.max_steps (set it to stop early on the same curve)
+    fused: bool = False  # torch's fused AdamW kernel (one launch for all parameters; CUDA or CPU tensors)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -38,7 +39,7 @@ def build_optimizer(params, args: OptimArgs, total_steps: int):
     if not trainable:
         raise ValueError("no trainable parameters: check lora.* / model settings")
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=args.fused or None)
     steps = args.schedule_steps or total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, args.warmup_steps, steps, args.schedule))
