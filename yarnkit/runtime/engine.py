@@ -26,6 +26,7 @@ import torch
 
 from yarnkit.runtime.cache import SinkCache, model_rotary
 from yarnkit.runtime.static import StaticDecoder, StaticSinkCache
+from yarnkit.sink import streaming_sinks
 
 DEFAULT_SINKS = 4
 DECODE_PATHS = ("auto", "eager", "static", "graph")
@@ -44,8 +45,7 @@ class StreamOptions:
     decode: str = "auto"              # eager | static | graph | auto (graph on CUDA, eager elsewhere)
 
     def resolved(self, config) -> "StreamOptions":
-        sink_token = getattr(config, "yarnkit_sink_token_id", None)
-        sinks = self.sinks if self.sinks is not None else (1 if sink_token is not None else DEFAULT_SINKS)
+        sinks = streaming_sinks(config, self.sinks, DEFAULT_SINKS)  # 1 with a sink token; 0 warns
         if sinks < 0 or self.window < 1:
             raise ValueError(f"need sinks >= 0 and window >= 1 (got sinks={sinks}, window={self.window})")
         if not 0 <= self.sirllm_keep < self.window:
