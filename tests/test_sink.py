@@ -229,7 +229,7 @@ def test_streaming_sinks_rule_and_the_zero_sink_warning():
     plain, trained = LlamaConfig(), LlamaConfig(yarnkit_sink_token_id=7)
     assert streaming_sinks(plain, None, 4) == 4 and streaming_sinks(trained, None, 4) == 1
     assert streaming_sinks(trained, 2, 4) == 2
-    with pytest.warns(SinkTokenWarning, match="--sinks 0 evicts it"):
+    with pytest.warns(SinkTokenWarning, match="--sinks 0 lets it be evicted"):
         assert streaming_sinks(trained, 0, 4) == 0  # allowed, with a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")

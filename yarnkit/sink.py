@@ -111,8 +111,8 @@ def streaming_sinks(config, requested: int | None, default: int) -> int:
     if requested is None:
         return default if sink is None else 1
     if requested == 0 and sink is not None:
-        warnings.warn(f"this model was trained with a dedicated sink token (id {sink}); --sinks 0 evicts it and "
-                      "streaming quality drops sharply; keep --sinks 1 (the default for this model)",
+        warnings.warn(f"this model was trained with a dedicated sink token (id {sink}); --sinks 0 lets it be evicted "
+                      "and streaming quality then drops sharply; keep --sinks 1 (the default for this model)",
                       SinkTokenWarning, stacklevel=3)
     return requested
 
