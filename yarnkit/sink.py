@@ -27,6 +27,7 @@ sink-token model; 0 is allowed with a warning), and `read_gguf_sink_token` resto
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -75,16 +76,36 @@ def register_sink_token(tokenizer, config, text: str) -> tuple[int, bool]:
     return sink_token_id(tokenizer, text), True
 
 
+def rows(weight) -> int:
+    """Rows of an embedding matrix, also when DeepSpeed ZeRO-3 holds only this process's shard (`ds_shape`)."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+@contextmanager
+def writable(*weights):
+    """Whole, writable parameters inside the block: ZeRO-3 shards are gathered and rank 0's writes kept."""
+    sharded = [w for w in weights if hasattr(w, "ds_id")]
+    if not sharded:
+        with torch.no_grad():
+            yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0), torch.no_grad():
+        yield
+
+
 def grow_vocabulary(model, size: int) -> None:
     """Resize the embeddings (and an untied head) to `size` rows rounded up by `padded_vocab_size`; new rows get
     the mean of the old ones, so the result is deterministic (export rebuilds the same untied head rows before
     merging a LoRA adapter)."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = rows(model.get_input_embeddings().weight)
     model.resize_token_embeddings(padded_vocab_size(size), mean_resizing=False)
-    with torch.no_grad():
-        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                       if m is not None}.values():
-            module.weight[old:] = module.weight[:old].mean(0)
+    weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+               if m is not None}.values()
+    with writable(*weights):
+        for weight in weights:
+            weight[old:] = weight[:old].mean(0)
 
 
 def add_sink_token(model, tokenizer, text: str = "<|sink|>", init: str = "bos") -> int:
@@ -92,12 +113,11 @@ def add_sink_token(model, tokenizer, text: str = "<|sink|>", init: str = "bos") 
     if init not in INITS:
         raise SinkTokenError(f"model.sink_token_init={init!r}; choose one of {INITS}")
     token_id, is_new = register_sink_token(tokenizer, model.config, text)
-    if token_id >= model.get_input_embeddings().weight.shape[0]:
+    if token_id >= rows(model.get_input_embeddings().weight):
         grow_vocabulary(model, len(tokenizer))
     if is_new:
-        with torch.no_grad():
-            weight = model.get_input_embeddings().weight
-            bos = tokenizer.bos_token_id
+        weight, bos = model.get_input_embeddings().weight, tokenizer.bos_token_id
+        with writable(weight):
             weight[token_id] = weight[bos] if init == "bos" and bos is not None else weight[:token_id].mean(0)
     setattr(model.config, SINK_ATTR, int(token_id))
     return int(token_id)
