@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from yarnkit.eval.sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
-    stream_documents, stream_table
+    stream_documents, stream_table, uniform_mass
 from yarnkit.train.checkpoint import MODEL_DIR, latest_checkpoint
 from yarnkit.train.metrics import METRICS_FILE
 from yarnkit.train.recipe import load_recipe
@@ -44,7 +44,7 @@ RUNS = {"vanilla": False, "sink": True}  # run name -> model.sink_token
 SMOKE = ["model.scratch.layers=2", "model.scratch.hidden=64", "model.scratch.heads=4", "model.scratch.kv_heads=2",
          "model.scratch.intermediate=128", "model.scratch.context=128", "model.compile_layers=false",
          "data.seq_len=128", "data.num_proc=1", "train.micro_batch_size=4", "train.mixed_precision=fp32",
-         "train.loss_chunk_tokens=512", "optim.warmup_steps=4", "optim.fused=false", "train.log_every=2"]
+         "train.loss_chunk_tokens=512", "optim.warmup_steps=4", "train.log_every=2"]
 
 
 def parse_args(argv=None):
@@ -114,7 +114,7 @@ def make_plan(args, out: Path) -> dict:
         plan = {"steps": steps, "how": f"--train-seconds {args.train_seconds:g}: warmup {warmup} steps took "
                 f"{first:.0f} s (build, data and first steps included), then {pace * 1000:.1f} ms/step",
                 "seconds": {"vanilla": first}}
-    plan["every"] = max(1, plan["steps"] // args.points)
+    plan["every"] = max(1, -(-plan["steps"] // args.points))  # the last checkpoint is the final step
     path.write_text(json.dumps(plan, indent=1))
     return plan
 
@@ -182,7 +182,8 @@ def markdown(results: dict) -> str:
             cells += [f"{mass[0]:.3f}", f"{sum(mass[1:]):.3f}", f"{finals[name]['sink_heads'][layer]:.2f}"]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += ["", "### Targets (issue 16)", "", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |" for row in results["targets"]]
+    lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |"
+              for row in results["targets"]]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         rows += [{"run": name, **row} for row in measure_run(out / name, sequences_for, device, done)]
     attention_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     curves = {name: sorted((r for r in rows if r["run"] == name), key=lambda r: r["step"]) for name in RUNS}
-    plot_attention_mass(curves, out / "attention_mass.png")
+    plot_attention_mass(curves, out / "attention_mass.png", uniform_mass(window))
 
     stream = {}
     for name in RUNS:
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
         del model
     results = {"args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "plan": plan,
                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "window": window,
-               "parameters": parameters, "train": {name: summary(out / name, seconds[name]) for name in RUNS}, "stream": stream,
+               "parameters": parameters, "train": {name: summary(out / name, seconds[name]) for name in RUNS},
+               "stream": stream,
                "attention": curves, "paper": PAPER}
     results["targets"] = targets(results)
     results["seconds_this_call"] = round(time.perf_counter() - started, 1)

@@ -1,9 +1,9 @@
 """A sink-token model end to end: pretrained from scratch (tiny, byte-level BPE) -> `yarnkit export` to HF and GGUF
 -> read back (HF config, GGUF metadata and token list, `load_model` of the GGUF with the same logits) -> the
 conversation factory of `yarnkit chat` / `yarnkit serve` keeps exactly 1 sink (slot 0) through evictions, and
-`--sinks 0` is allowed with a warning (the engine then evicts the sink); the attention-mass curve of the run's checkpoints; and a 2-process CPU
-DeepSpeed ZeRO-3 run of a sink-token recipe, from scratch and by continued training (the vocabulary then grows
-under sharded weights), equal to one process doing the same batch.
+`--sinks 0` is allowed with a warning (the engine then evicts the sink); the attention-mass curve of the run's
+checkpoints; and a 2-process CPU DeepSpeed ZeRO-3 run of a sink-token recipe, from scratch and by continued
+training (the vocabulary then grows under sharded weights; equal to one process doing the same batch).
 
 Run: python -m pytest tests/test_sink_e2e.py -q
 """
@@ -172,7 +172,7 @@ def test_zero3_sink_token_run_on_two_cpu_processes(setup, start):
     from safetensors.torch import load_file
 
     assets, _ = setup
-    extra = {"optim.lr": 1e-3}  # as tests/test_distributed.py: Adam turns 1e-7 reduction-order noise into lr-sized steps
+    extra = {"optim.lr": 1e-3}  # as in test_distributed.py: Adam makes lr-sized steps of 1e-7 reduction-order noise
     if start == "continued":  # a pretrained model whose vocabulary (384 = the tokenizer's) must grow for the sink
         base = assets["root"] / "pretrained"
         if not base.exists():

@@ -17,7 +17,7 @@ yarnkit/train/data.py.
 
 A grown vocabulary is padded to a multiple of `VOCAB_MULTIPLE` rows (`padded_vocab_size`): 49152 + 1 rows make
 every output-head matmul misaligned for the GPU's tensor cores (measured on an H200: 218 vs 140 ms per training
-step of a 28M model, docs/results.md §5); the padding rows are never produced by the tokenizer (the GGUF export
+step of a 31.5M model, docs/results.md §5); the padding rows are never produced by the tokenizer (the GGUF export
 names them `[PADn]`). Downstream, `streaming_sinks` is the runtime's rule for how many sinks to keep (1 for a
 sink-token model; 0 is allowed with a warning), and `read_gguf_sink_token` restores the id from a GGUF's
 `yarnkit.sink_token_id` key, which transformers' GGUF loader does not read. Tested by

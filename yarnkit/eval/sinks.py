@@ -13,7 +13,8 @@ checkpoint of a training run, and the streaming-perplexity table (k initial toke
 - `stream_table(model, tokenizer, documents, window, sinks, tokens, chunk)`: streaming perplexity with `k` initial
   tokens kept and the last `window - k` tokens, for each `k` (StreamingLLM Table 3), through the eval suite's
   `evaluate_stream` and the runtime's `SinkPolicy` (positions counted inside the cache).
-- `plot_attention_mass(curves, path)`: one panel per run, mass on position 0 per layer over training steps;
+- `plot_attention_mass(curves, path, uniform)`: one panel per run, mass on position 0 per layer over training steps
+  beside the no-sink level `uniform_mass(T)`;
   `plot_stream_table(tables, paper, window, path)`: the perplexities by k as bars beside the paper's.
 
 Tested by `python -m pytest tests/test_sink_eval.py -q` against a float64 softmax of the model's own q/k.
@@ -107,30 +108,39 @@ def stream_table(model, tokenizer, documents, window: int, sinks: tuple[int, ...
     return table
 
 
-def plot_attention_mass(curves: dict[str, list[dict]], path: str | Path) -> Path:
+def uniform_mass(length: int, first: int = 4) -> float:
+    """Mass on position 0 of a head attending evenly to every earlier token (queries i >= first of `length`)."""
+    return sum(1 / (i + 1) for i in range(first, length)) / (length - first)
+
+
+def plot_attention_mass(curves: dict[str, list[dict]], path: str | Path, uniform: float | None = None) -> Path:
     """One panel per run name: attention mass on position 0 (solid, one colour per layer) and on positions 1-3
-    (dotted, mean over layers) against the training step."""
+    (dotted, mean over layers) against the training step, log-scaled; `uniform` (see `uniform_mass`) is drawn as
+    the no-sink level, 0.3 as the sink threshold."""
     from yarnkit.eval.plots import _save, plt
 
-    figure, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves) + 2, 4.2), squeeze=False, sharey=True)
     for axis, (name, rows) in zip(axes[0], curves.items()):
         rows = sorted(rows, key=lambda row: row["step"])
         steps = [row["step"] for row in rows]
         layers = len(rows[0]["mass"]) if rows else 0
         colours = plt.cm.viridis([i / max(1, layers - 1) for i in range(layers)])
         for layer in range(layers):
-            axis.plot(steps, [row["mass"][layer][0] for row in rows], marker="o", ms=3, color=colours[layer],
-                      label=f"layer {layer}")
+            axis.plot(steps, [max(row["mass"][layer][0], 1e-4) for row in rows], marker="o", ms=3,
+                      color=colours[layer], label=f"layer {layer}")
         if rows and len(rows[0]["mass"][0]) > 1:
             later = [sum(sum(m[1:]) for m in row["mass"]) / layers for row in rows]
-            axis.plot(steps, later, ls=":", color="grey", label="positions 1-3 (all layers)")
-        axis.axhline(SINK_THRESHOLD, color="red", lw=0.8, ls="--")
+            axis.plot(steps, later, ls=":", color="black", label="positions 1-3 (sum, mean of layers)")
+        axis.axhline(SINK_THRESHOLD, color="red", lw=0.8, ls="--", label="0.3 (sink threshold)")
+        if uniform is not None:
+            axis.axhline(uniform, color="grey", lw=0.8, ls="-.", label="even attention (no sink)")
         axis.set_title(name)
         axis.set_xlabel("training step")
-        axis.set_ylim(0, 1)
+        axis.set_yscale("log")
+        axis.set_ylim(1e-4, 1)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("attention mass on position 0")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(figure, path)
 
 
@@ -139,7 +149,7 @@ def plot_stream_table(tables: dict[str, dict[int, float]], paper: dict[str, dict
     """Bars of streaming perplexity by k initial tokens (log scale): ours (left panel) and the paper's (right)."""
     from yarnkit.eval.plots import _save, plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)  # one scale: differences read the same
     for axis, (title, group) in zip(axes, (("ours", tables), ("StreamingLLM Table 3 (160M)", paper))):
         keys = sorted(next(iter(group.values())))
         width = 0.8 / len(group)
