@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's yarnkit, even if another is installed
+from yarnkit.models import forward_with_cache  # noqa: E402
 from yarnkit.runtime.engine import StreamingEngine  # noqa: E402
 
 
@@ -186,8 +187,8 @@ def latency(model, ids, cache, steps, warmup, device, sinks, decodes):
 
     result["recompute"] = percentiles(timed(recompute, range(cache, cache + total), warmup, device))
     past = DynamicCache()
-    model(prompt.to(device), past_key_values=past, use_cache=True, logits_to_keep=1)
-    step = lambda t: model(on_device[None, t:t + 1], past_key_values=past, use_cache=True)  # noqa: E731
+    forward_with_cache(model, past, input_ids=prompt.to(device), use_cache=True, logits_to_keep=1)
+    step = lambda t: forward_with_cache(model, past, input_ids=on_device[None, t:t + 1], use_cache=True)  # noqa: E731
     result["dense"] = percentiles(timed(step, range(cache, cache + total), warmup, device))
     del past
     result["speedup_vs_recompute"] = result["recompute"]["p50_ms"] / result["sinks"]["p50_ms"]

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import yaml
 
+from yarnkit.errors import UserError
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export input or output problem, with a message that names the path and the fix."""
 
 
