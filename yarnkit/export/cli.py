@@ -68,14 +68,17 @@ def _inside(path: Path, folder: Path) -> bool:
 def check_out_dir(out: Path, overwrite: bool, source: ExportSource | None = None, source_path: Path | None = None):
     """Refuse an --out whose writing or replacing could destroy something the export did not create."""
     out = out.resolve()
-    for folder in {p.resolve() for p in (source_path, source and source.run_dir, source and source.model_dir) if p}:
-        suggestion = folder.parent / f"{folder.name}-export"
-        if out == folder:
-            raise ExportError(f"--out {out} is the export source itself (replacing it would delete the run)",
-                              f"write the export to a new folder, e.g. --out {suggestion}")
-        if _inside(out, folder):
+    itself = [p.resolve() for p in (source_path, source and source.model_dir) if p]  # what the user named first
+    folders = list(dict.fromkeys(itself + ([source.run_dir.resolve()] if source and source.run_dir else [])))
+    suggestion = folders[0].parent / f"{folders[0].name}-export" if folders else None
+    if out in itself:
+        raise ExportError(f"--out {out} is the export source itself (replacing it would delete it)",
+                          f"write the export to a new folder, e.g. --out {suggestion}")
+    for folder in folders:
+        if folder in out.parents:
             raise ExportError(f"--out {out} is inside the export source {folder}",
                               f"write the export outside it, e.g. --out {suggestion}")
+    for folder in folders:
         if _inside(folder, out):
             raise ExportError(f"--out {out} contains the export source {folder} (replacing it would delete the source)",
                               f"choose a folder outside it, e.g. --out {suggestion}")

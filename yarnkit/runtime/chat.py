@@ -42,12 +42,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress-rate", type=float, default=None,
                         help="LLMLingua-style: keep this fraction of long user messages' tokens (e.g. 0.5)")
     parser.add_argument("--compress-over", type=int, default=512, help="compress user messages above this many tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def build_conversation_factory(args):
@@ -55,6 +55,7 @@ def build_conversation_factory(args):
     model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
     options = StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
                             sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode)
+    options.resolved(model.config)  # bad options fail now, not at serve's first request
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,

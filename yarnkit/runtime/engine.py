@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from yarnkit.errors import BadValue
 from yarnkit.runtime.cache import SinkCache, model_rotary
 from yarnkit.runtime.static import StaticDecoder, StaticSinkCache
 
@@ -46,14 +47,17 @@ class StreamOptions:
     def resolved(self, config) -> "StreamOptions":
         sink_token = getattr(config, "yarnkit_sink_token_id", None)
         sinks = self.sinks if self.sinks is not None else (1 if sink_token is not None else DEFAULT_SINKS)
-        if sinks < 0 or self.window < 1:
-            raise ValueError(f"need sinks >= 0 and window >= 1 (got sinks={sinks}, window={self.window})")
+        if sinks < 0 or self.window < 1:  # BadValue is a ValueError that the CLI boundary prints as one line
+            raise BadValue(f"--window {self.window} / --sinks {sinks}: need window >= 1 and sinks >= 0",
+                           "e.g. --window 1020 --sinks 4")
         if not 0 <= self.sirllm_keep < self.window:
-            raise ValueError(f"sirllm_keep={self.sirllm_keep} must be in [0, window={self.window})")
+            raise BadValue(f"sirllm_keep={self.sirllm_keep} (--sirllm-keep) must be in [0, window={self.window})",
+                           "lower it")
         if not 0.0 < self.sirllm_decay <= 1.0:
-            raise ValueError(f"sirllm_decay={self.sirllm_decay} must be in (0, 1]")
+            raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         if self.decode not in DECODE_PATHS:
-            raise ValueError(f"decode={self.decode!r}: choose one of {', '.join(DECODE_PATHS)}")
+            raise BadValue(f"decode={self.decode!r} (--decode) is not a decode path",
+                           f"choose one of {', '.join(DECODE_PATHS)}")
         evict = self.evict_batch if self.evict_batch is not None else max(1, self.window // 16)
         return StreamOptions(sinks, self.window, max(1, min(evict, self.window)), max(1, self.prefill_chunk),
                              self.sirllm_keep, self.sirllm_decay, self.decode)
