@@ -139,6 +139,7 @@ CASES = [
     ("train-resume-not-a-checkpoint", [*TRAIN, "resume={root}/notmodel"], "notmodel", "step_NNNNNN"),
     ("train-resume-none-over-checkpoints", [*TRAIN, "run_dir={root}/trained", "resume=none"], "trained",
      "resume=auto"),
+    ("train-torn-weights", [*TRAIN, "model.name_or_path={root}/torn"], "model.safetensors", "earlier checkpoint"),
     ("train-unknown-flag", ["train", "recipe=tiny", "--dryrun"], "--dryrun", "yarnkit train --help"),
     # export
     ("export-out-is-source", ["export", "{root}/run", "--out", "{root}/run", "--overwrite"], "is the export source",

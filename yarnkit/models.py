@@ -119,8 +119,6 @@ def check_gguf_file(path: Path) -> None:
 def check_safetensors(folder: Path) -> None:
     """Every weight shard a local model folder promises exists and has a whole safetensors header (a checkpoint
     torn by a full disk or a killed copy fails here, naming the file, instead of deep inside transformers)."""
-    from safetensors import SafetensorError, safe_open
-
     index = folder / "model.safetensors.index.json"
     names = {p.name for p in folder.glob("*.safetensors")}
     if index.is_file():
@@ -130,12 +128,18 @@ def check_safetensors(folder: Path) -> None:
         if not path.is_file():
             raise BadModel(f"missing weight shard {path} (listed in {index.name})",
                            "the checkpoint is partial: use an earlier checkpoint or save this one again")
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except SafetensorError as error:
-            raise BadModel(f"corrupt or truncated weights {path} ({error})",
-                           "the checkpoint is damaged: use an earlier checkpoint or save this one again") from error
+        check_safetensors_file(path)
+
+
+def check_safetensors_file(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        raise BadModel(f"corrupt or truncated weights {path} ({error})",
+                       "the checkpoint is damaged: use an earlier checkpoint or save this one again") from error
 
 
 def cache_dir() -> Path:
