@@ -47,7 +47,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error raises `UsageError` (one line at the boundary) instead of printing usage."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+        where = "" if self.prog == "yarnkit" else f"{self.prog}: "  # the boundary's prefix already says yarnkit
+        raise UsageError(f"{where}{message}", f"see `{self.prog} --help`")
 
 
 def debug_requested(argv: list[str]) -> bool:

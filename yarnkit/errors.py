@@ -3,7 +3,7 @@
 `UserError(what, fix)` reads "<what> — <fix>". The `yarnkit` command's error boundary (yarnkit/cli.py) prints
 it as one line, `yarnkit: error: <what> — <fix>`, and exits 2; any other exception is a bug and keeps its
 traceback. Subclasses also derive from the built-in a caller would expect (`BadValue` is a ValueError,
-`NotFound` a FileNotFoundError), so code that catches those keeps working. This module imports nothing: every
+`NotFound` a FileNotFoundError, `AlreadyExists` a FileExistsError), so code that catches those keeps working. This module imports nothing: every
 other yarnkit module may raise these. The training and export sides add their own (`yarnkit.train.errors`,
 `yarnkit.export.source.ExportError`).
 """
@@ -24,6 +24,10 @@ class BadValue(UserError, ValueError):
 
 class NotFound(UserError, FileNotFoundError):
     """A path the user named that does not exist or is not what the command needs."""
+
+
+class AlreadyExists(UserError, FileExistsError):
+    """Something the command would write over (a run's checkpoints) that it did not create."""
 
 
 class BadModel(UserError, ValueError):

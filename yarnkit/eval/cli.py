@@ -42,6 +42,7 @@ TASKS = {  # task -> (description, example)
 }
 STREAM_POLICIES = ("dense", "window", "recompute", "sink")
 
+
 def _ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item]
 
@@ -100,13 +101,12 @@ def add_arguments(parser) -> None:
             p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
             p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")
             p.add_argument("--segment", type=int, default=1024, help="tokens per reported segment")
-    plot = _task_parser(sub, "plot", "plot: several result JSONs of one task on one chart (ppl and stream: one line "
-                        "each; passkey/needle: one heatmap)",
+    plot = _task_parser(sub, "plot", "draw several result JSONs of one task on one chart: ppl and stream one line "
+                        "each, passkey/needle one heatmap",
                         "yarnkit eval plot runs/eval/ppl-base.json runs/eval/ppl-yarn_x4.json --out ppl.png")
     plot.add_argument("results", nargs="+", help="result JSONs written by yarnkit eval")
     plot.add_argument("--out", required=True, help="PNG path")
-    report = _task_parser(sub, "report", "report: markdown tables (one per task) from result JSONs, for "
-                          "docs/results.md", "yarnkit eval report runs/eval/*.json --markdown --output results.md")
+    report = _task_parser(sub, "report", "markdown tables from result JSONs: one per task, for docs/results.md", "yarnkit eval report runs/eval/*.json --markdown --output results.md")
     report.add_argument("results", nargs="+", help="result JSONs written by yarnkit eval")
     report.add_argument("--markdown", action="store_true", help="print markdown (the only format; kept explicit)")
     report.add_argument("--output", help="also write the markdown to this file")

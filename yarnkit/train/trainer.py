@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from yarnkit.errors import NotFound
+from yarnkit.errors import AlreadyExists, NotFound
 from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import RecipeError
@@ -55,7 +55,7 @@ def _resume_point(recipe, run_dir: Path):
         return latest_checkpoint(run_dir)
     if recipe.resume in ("none", ""):
         if list_checkpoints(run_dir):
-            raise RecipeError(f"resume={recipe.resume} but {run_dir} already has checkpoints",
+            raise AlreadyExists(f"resume={recipe.resume} but {run_dir} already has checkpoints",
                               "continue them with resume=auto, or pick a new run_dir=...")
         return None
     path = Path(recipe.resume)
