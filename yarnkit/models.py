@@ -13,8 +13,8 @@ a hub id that is neither cached nor reachable fails naming the offline choices. 
 falls back to a bundled copy of its config.json when yarnkit ships one (`yarnkit/assets/configs/`, the
 architectures the bundled recipes name), so `--dry-run` estimates work offline.
 
-transformers renamed the KV-cache argument of every forward from `past_key_values` to `cache` (5.24; the old
-name warns and goes in 5.40). `forward_with_cache` passes the cache under the name the installed version takes;
+transformers renamed the KV-cache argument of every forward from `past_key_values` to `cache` (5.24 takes `cache`
+and warns that the old name goes in 5.40; 5.17 knows only the old one). `forward_with_cache` passes the cache under the name the installed version takes;
 every caller outside yarnkit/runtime goes through it, so 5.17 (the oldest supported) and newer both work.
 
 Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
@@ -324,8 +324,8 @@ def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_co
 
 @functools.cache
 def cache_argument() -> str:
-    """The name transformers' forwards take the KV cache by, and their outputs return it under: `cache` from
-    5.24 on, `past_key_values` before (5.17, the oldest supported version)."""
+    """The name transformers' forwards take the KV cache by, and their outputs return it under: `cache` in 5.24,
+    `past_key_values` in 5.17 (the oldest supported version), read off the installed output class."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
