@@ -5,13 +5,15 @@
     accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k \
         data.source=/data/pg19/train
     python scripts/train.py recipe=yarn-64k --dry-run                        # recipe, parameters, estimates
+    python scripts/train.py --help                                           # every recipe key and its default
 
 Overrides are `key=value` (see docs/recipes.md); `resume=auto` (the default) continues the last checkpoint.
+Same as `yarnkit train ...`, through the same error boundary (one-line errors; --debug for the traceback).
 """
 
 import sys
 
-from yarnkit.train.trainer import main
+from yarnkit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

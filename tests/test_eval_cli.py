@@ -111,10 +111,11 @@ def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
     assert resolve_model("smollm2-135m") == "smollm2-135m"
 
 
-def test_bad_arguments_fail_clearly(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--rope-type and --factor"):
-        run_eval("ppl", model_dir, "--data", sample_path("eval"), "--factor", "4", "--out", tmp_path)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
-        run_eval("ppl", model_dir, "--data", tmp_path / "missing.txt", "--out", tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        run_eval("report", tmp_path / "nope.json")
+def test_bad_arguments_fail_clearly(model_dir, tmp_path, capsys):
+    """One line each at the CLI boundary (tests/test_bad_input.py has the full table)."""
+    for argv, named in ((["ppl", model_dir, "--data", sample_path("eval"), "--factor", "4"], "--rope-type and --factor"),
+                        (["ppl", model_dir, "--data", tmp_path / "missing.txt"], "missing.txt"),
+                        (["report", tmp_path / "nope.json"], "nope.json")):
+        assert main(["eval", *map(str, argv), *(["--out", str(tmp_path)] if argv[0] != "report" else [])]) == 2
+        assert named in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 
 from yarnkit.assets import sample_path
+from yarnkit.models import cache_argument
 from yarnkit.train.corpus import read_text
 from yarnkit.eval.passkey import (GARBAGE, INTRO, KEY_SENTENCE, QUESTION, build_prompt, evaluate_passkey, first_integer,
                                   garbage_filler)
@@ -103,11 +104,11 @@ def test_greedy_answer_stops_once_the_integer_is_complete(tokenizer):
             self.weight = torch.nn.Parameter(torch.zeros(1))
             self.seen = []
 
-        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=1):
+        def forward(self, input_ids, use_cache=True, logits_to_keep=1, **cache):  # the cache under either name
             self.seen.extend(input_ids[0].tolist())
             logits = torch.zeros(1, 1, 49152)
             logits[0, -1, four if self.seen.count(four) < 3 else dot] = 1.0
-            return type("Out", (), {"logits": logits, "past_key_values": None})()
+            return type("Out", (), {"logits": logits, cache_argument(): None})()
 
     model = Scripted()
     answer = greedy_answer(model, tokenizer, tokenizer(QUESTION)["input_ids"], max_new_tokens=50)

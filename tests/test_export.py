@@ -24,6 +24,7 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 from yarnkit.export import rope_keys, verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
 from yarnkit.export.source import ExportError, resolve_source  # noqa: E402
+from yarnkit.models import user_umask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +217,11 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(small_run, t
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(ExportError, match="not empty; pass --overwrite"):
+    with pytest.raises(ExportError, match="not empty — pass --overwrite"):
         export(small_run, out, run_checks=False)
-    assert (out / "keep.txt").is_file()
+    with pytest.raises(ExportError, match="is not a yarnkit export .no export_report.json.; it holds keep.txt"):
+        export(small_run, out, overwrite=True, run_checks=False)  # --overwrite never deletes a user's own files
+    assert (out / "keep.txt").read_text() == "user data"
 
     def fail(*args, **kwargs):
         raise ExportError("simulated failure while verifying")
@@ -228,8 +231,12 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(small_run, t
         export(small_run, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
-    export(small_run, out, overwrite=True, run_checks=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "keep.txt").unlink()
+    export(small_run, out, run_checks=False)
+    (out / "stale.txt").write_text("left by the earlier export")
+    export(small_run, out, overwrite=True, run_checks=False)  # an earlier export is replaced whole
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~user_umask())  # mkdtemp's 0700 is not kept
 
 
 def test_raw_deepspeed_checkpoint_without_deepspeed_fails_clearly(small_run, monkeypatch):

@@ -206,7 +206,7 @@ def test_lora_trains_the_tied_sink_row_only_through_trainable_tokens():
 
 @pytest.mark.parametrize("saved, asked", [(True, False), (False, True)])
 def test_resuming_across_a_sink_token_change_is_refused(assets, saved, asked, capsys):
-    from yarnkit.train.trainer import main
+    from yarnkit.cli import main
 
     run = f"resume-{saved}"
     train(load_recipe(sink_overrides(assets, run, **{"model.sink_token": saved, "train.max_steps": 1})))
@@ -214,7 +214,7 @@ def test_resuming_across_a_sink_token_change_is_refused(assets, saved, asked, ca
     with pytest.raises(RecipeError, match="model.init/sink_token"):
         train(load_recipe(items))
     capsys.readouterr()
-    assert main(items) == 2  # the CLI: one line naming the setting and the fix, no traceback
+    assert main(["train", *items]) == 2  # the CLI: one line naming the setting and the fix, no traceback
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "sink_token" in error[0] and "resume=none" in error[0]
 

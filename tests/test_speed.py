@@ -164,7 +164,7 @@ def test_unavailable_fusions_fall_back_loudly_or_fail_with_the_fix(capsys):
 
 def test_forced_liger_in_a_recipe_stops_before_training(tmp_path, capsys):
     from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-    from yarnkit.train.trainer import main
+    from yarnkit.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("checks the fallbacks of a machine without CUDA")
@@ -172,9 +172,9 @@ def test_forced_liger_in_a_recipe_stops_before_training(tmp_path, capsys):
     data = make_text_file(tmp_path / "data.txt.gz")
     common = tiny_overrides(model_dir, data, tmp_path / "run", tmp_path / "cache", **{"train.max_steps": 1,
                                                                                    "checkpoint.every": 0})
-    assert main(common + ["model.kernels=liger"]) == 2
+    assert main(["train", *common, "model.kernels=liger"]) == 2
     assert "model.kernels=liger cannot run here" in capsys.readouterr().err
-    assert main(common + ["train.loss_impl=liger", "run_dir=" + str(tmp_path / "run2")]) == 2
+    assert main(["train", *common, "train.loss_impl=liger", "run_dir=" + str(tmp_path / "run2")]) == 2
     assert "train.loss_impl=liger cannot run here" in capsys.readouterr().err
 
 

@@ -6,7 +6,8 @@
 
 The table lists every frequency pair: wavelength in tokens, rotations over the native context, and whether
 YaRN keeps it (extrapolated), divides it by the factor (interpolated), or mixes the two (blended).
-Only the config is read; no weights are loaded (a GGUF is converted once and cached).
+Only the config is read; no weights are loaded (a GGUF is converted once and cached). A model without RoPE
+(GPT-2's learned positions, say) is shown as such, and --factor on it fails: YaRN rescales rotary frequencies.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import json
 
 from yarnkit import rope
+from yarnkit.errors import BadValue
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", default="smollm2-135m",
                         help="HF directory or hub id, a .gguf file, or 'smollm2-135m' (default)")
     parser.add_argument("--factor", type=float, help="YaRN scale factor s: show the per-pair table for it")
-    parser.add_argument("--original", type=int, help="native context L (default: the config's)")
+    parser.add_argument("--original", type=int, help="native context L in tokens (default: the config's)")
     parser.add_argument("--beta-fast", type=float, default=32.0, help="pairs with more rotations keep θ (default 32)")
     parser.add_argument("--beta-slow", type=float, default=1.0, help="pairs with fewer rotations get θ/s (default 1)")
     parser.add_argument("--no-truncate", action="store_true", help="do not floor/ceil the correction range")
@@ -35,24 +37,43 @@ def summarize(config) -> dict:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     params = getattr(text, "rope_parameters", None) or {}
     flat = params if "rope_theta" in params else next((v for v in params.values() if isinstance(v, dict)), {})
+    uses_rope = flat.get("rope_theta") is not None
     return dict(model_type=text.model_type, layers=text.num_hidden_layers, hidden_size=text.hidden_size,
                 heads=text.num_attention_heads, kv_heads=getattr(text, "num_key_value_heads", None),
-                head_dim=head_dim, rotary_dim=rope.rotary_dim(head_dim, flat.get("partial_rotary_factor", 1.0)),
+                head_dim=head_dim, uses_rope=uses_rope,
+                rotary_dim=rope.rotary_dim(head_dim, flat.get("partial_rotary_factor", 1.0)) if uses_rope else None,
                 vocab_size=text.vocab_size, max_position_embeddings=text.max_position_embeddings,
                 native_context=int(flat.get("original_max_position_embeddings") or text.max_position_embeddings),
                 rope_parameters=params)
 
 
+def check_arguments(args) -> None:
+    """What can be wrong before the config is read."""
+    if args.factor is not None and not args.factor > 1:
+        raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    if args.plot and args.factor is None:
+        raise BadValue("--plot needs --factor (the plot compares wavelengths before and after YaRN)",
+                       f"add --factor, e.g. --factor 4 --plot {args.plot}")
+    if args.original is not None and args.original < 1:
+        raise BadValue(f"--original {args.original} is not a context length", "pass the native context in tokens")
+    if not args.beta_fast > args.beta_slow > 0:
+        raise BadValue(f"--beta-fast {args.beta_fast:g} / --beta-slow {args.beta_slow:g}: need beta_fast > "
+                       "beta_slow > 0", "leave them out for the paper's 32 and 1")
+
+
 def run(args) -> int:
     from yarnkit.models import load_config
 
+    check_arguments(args)
     info = summarize(load_config(args.model, trust_remote_code=args.trust_remote_code))
     params = info["rope_parameters"]
     flat = params if "rope_theta" in params else params.get("full_attention", {})
     table = None
     if args.factor is not None:
-        if args.factor <= 1:
-            raise SystemExit(f"--factor must be > 1 (got {args.factor}); e.g. --factor 4 for 4x the native context")
+        if not info["uses_rope"]:
+            raise BadValue(f"{args.model} ({info['model_type']}) does not use RoPE: its config has no rope_theta, so "
+                           "there is no YaRN table for --factor", "leave out --factor to see its architecture; "
+                           "YaRN extends RoPE models (llama, qwen2, mistral, gemma3, ...)")
         native = args.original or info["native_context"]
         table = rope.yarn_table(info["rotary_dim"], float(flat["rope_theta"]), args.factor, native,
                                 args.beta_fast, args.beta_slow, not args.no_truncate)
@@ -68,8 +89,6 @@ def run(args) -> int:
     else:
         print_text(info, table)
     if args.plot:
-        if table is None:
-            raise SystemExit("--plot needs --factor (the plot compares wavelengths before and after YaRN)")
         plot_table(table, info, args.plot)
         print(f"plot written to {args.plot}")
     return 0
@@ -78,11 +97,13 @@ def run(args) -> int:
 def print_text(info: dict, table: list[dict] | None) -> None:
     print(f"model_type          {info['model_type']}")
     print(f"layers / hidden     {info['layers']} / {info['hidden_size']}")
-    print(f"heads / kv / dim    {info['heads']} / {info['kv_heads']} / {info['head_dim']} (rotary {info['rotary_dim']})")
+    rotary = f"rotary {info['rotary_dim']}" if info["uses_rope"] else "no RoPE"
+    print(f"heads / kv / dim    {info['heads']} / {info['kv_heads']} / {info['head_dim']} ({rotary})")
     print(f"vocab               {info['vocab_size']}")
     print(f"native context      {info['native_context']}")
     print(f"max positions       {info['max_position_embeddings']}")
-    print(f"rope_parameters     {json.dumps(info['rope_parameters'])}")
+    print(f"rope_parameters     {json.dumps(info['rope_parameters'])}" if info["uses_rope"] else
+          "rope_parameters     none: positions are not rotary (YaRN does not apply)")
     if table is None:
         return
     yarn = info["yarn"]

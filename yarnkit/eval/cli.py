@@ -9,17 +9,38 @@
 
 MODEL is anything `yarnkit.models.load_model` accepts, or a training run directory (its latest checkpoint).
 Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --factor S. See docs/eval.md.
+Flags that cannot work (a depth outside [0, 1], lengths longer than every document, a device this machine lacks)
+fail before the model loads; a run that would evaluate nothing fails instead of writing an empty result.
+`yarnkit eval TASK --help` describes each task with an example.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
+from yarnkit.errors import BadValue, NotFound, UserError
+
+TASKS = {  # task -> (description, example)
+    "ppl": ("perplexity vs context length: one window of L tokens per document (YaRN paper protocol), or sliding "
+            "windows with --stride; writes OUT/ppl-LABEL.json and a PNG",
+            "yarnkit eval ppl smollm2-135m --data books/ --lengths 2048,4096,8192 --rope-type yarn --factor 4"),
+    "passkey": ("passkey retrieval: a number (1..50000) hidden at each depth of each prompt length in the paper's "
+                "repeated filler; accuracy per (length, depth) cell",
+                "yarnkit eval passkey runs/tiny --lengths 4096,16384 --depths 0,0.5,1 --trials 5"),
+    "needle": ("needle in a book: passkey with real book text as filler (--haystack, default the bundled eval "
+               "book)", "yarnkit eval needle smollm2-135m --lengths 8192 --haystack books/moby-dick.txt"),
+    "stream": ("streaming perplexity through a KV-cache policy (dense, window, recompute, sink) over one long token "
+               "stream: ppl, latency and memory per segment",
+               "yarnkit eval stream smollm2-135m --data books/ --policy sink --window 1024 --max-tokens 65536"),
+}
+STREAM_POLICIES = ("dense", "window", "recompute", "sink")
 
 
 def _ints(text: str) -> list[int]:
@@ -30,10 +51,15 @@ def _floats(text: str) -> list[float]:
     return [float(item) for item in text.split(",") if item]
 
 
+def _task_parser(sub, task: str, description: str, example: str):
+    return sub.add_parser(task, help=description.split(":")[0], description=textwrap.fill(description, 100),
+                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    for task in ("ppl", "passkey", "needle", "stream"):
-        p = sub.add_parser(task, help=f"run the {task} evaluation")
+    for task, (description, example) in TASKS.items():
+        p = _task_parser(sub, task, description, example)
         p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
         p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
         p.add_argument("--label", help="name in plots and tables (default: model + rope setting)")
@@ -49,21 +75,25 @@ def add_arguments(parser) -> None:
             p.add_argument("--field", default="text", help="text field of .jsonl / datasets records")
             p.add_argument("--split", default="test", help="split of a datasets dataset")
         if task == "ppl":
-            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536],
+                           help="comma-separated context lengths L in tokens (default 2048,...,65536)")
             p.add_argument("--docs", type=int, default=10, help="documents per length (default 10)")
             p.add_argument("--stride", type=int, help="slide windows over whole documents with this stride")
             p.add_argument("--chunk-size", type=int, default=1024, help="positions per LM-head/loss chunk")
             p.add_argument("--compare", nargs="*", default=[], help="other ppl result JSONs to draw on the plot")
         if task in ("passkey", "needle"):
-            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
-            p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536],
+                           help="comma-separated prompt lengths in tokens (default 2048,...,65536)")
+            p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                           help="comma-separated key positions as fractions of the filler, in [0, 1] "
+                                "(default 0,0.25,0.5,0.75,1)")
             p.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell (default 5)")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--max-new-tokens", type=int, default=10)
+            p.add_argument("--seed", type=int, default=0, help="seed of the random keys (default 0)")
+            p.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens generated (default 10)")
         if task == "needle":
             p.add_argument("--haystack", help="filler book (default: the bundled eval sample)")
         if task == "stream":
-            p.add_argument("--policy", default="sink", help="dense, window, recompute or sink (default sink)")
+            p.add_argument("--policy", default="sink", choices=STREAM_POLICIES, help="KV-cache policy (default sink)")
             p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
             p.add_argument("--sinks", type=int, help="attention sinks for the sink policy (default: 1 for a model "
                            "trained with a sink token, config.yarnkit_sink_token_id; else 4)")
@@ -71,11 +101,13 @@ def add_arguments(parser) -> None:
             p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
             p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")
             p.add_argument("--segment", type=int, default=1024, help="tokens per reported segment")
-    plot = sub.add_parser("plot", help="draw several result JSONs of one task on one chart")
-    plot.add_argument("results", nargs="+")
+    plot = _task_parser(sub, "plot", "draw several result JSONs of one task on one chart: ppl and stream one line "
+                        "each, passkey/needle one heatmap",
+                        "yarnkit eval plot runs/eval/ppl-base.json runs/eval/ppl-yarn_x4.json --out ppl.png")
+    plot.add_argument("results", nargs="+", help="result JSONs written by yarnkit eval")
     plot.add_argument("--out", required=True, help="PNG path")
-    report = sub.add_parser("report", help="markdown tables from result JSONs")
-    report.add_argument("results", nargs="+")
+    report = _task_parser(sub, "report", "markdown tables from result JSONs: one per task, for docs/results.md", "yarnkit eval report runs/eval/*.json --markdown --output results.md")
+    report.add_argument("results", nargs="+", help="result JSONs written by yarnkit eval")
     report.add_argument("--markdown", action="store_true", help="print markdown (the only format; kept explicit)")
     report.add_argument("--output", help="also write the markdown to this file")
 
@@ -86,28 +118,58 @@ def resolve_model(name_or_path: str) -> str:
     steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
     if steps:
         if (steps[-1] / "adapter_config.json").is_file() or not (steps[-1] / "config.json").is_file():
-            raise FileNotFoundError(f"{steps[-1]} has no config.json (a LoRA checkpoint? export it to full weights "
-                                    "first with `yarnkit export`)")
+            raise NotFound(f"{steps[-1]} has no config.json (a LoRA checkpoint?)",
+                           f"export it to full weights first: yarnkit export {run} --out DIR --merge-lora")
         return str(steps[-1])
     return name_or_path
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and (not values or any(item < 1 for item in values)):
+            flag = "--" + name.replace("_", "-")
+            raise BadValue(f"{flag} {','.join(map(str, values)) or '(empty)'}: needs positive whole numbers",
+                           f"e.g. {flag} {'2048,4096' if name == 'lengths' else 8}")
+
+
+def check_arguments(args) -> None:
+    """Everything about the flags that can be wrong, checked before a model loads."""
+    from yarnkit.models import check_device, to_dtype
+
+    if (args.rope_type is None) != (args.factor is None):
+        raise BadValue("--rope-type and --factor go together", "e.g. --rope-type yarn --factor 8")
+    if args.factor is not None and not args.factor > 1:
+        raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    _positive(args, "lengths", "trials", "docs", "stride", "chunk_size", "max_new_tokens", "max_length", "window",
+              "max_tokens", "chunk", "segment", "max_cache")
+    if any(length < 2 for length in getattr(args, "lengths", None) or [2]):
+        raise BadValue(f"--lengths {','.join(map(str, args.lengths))}: a window needs at least 2 tokens",
+                       "e.g. --lengths 2048,4096")
+    depths = getattr(args, "depths", None)
+    if depths is not None and (not depths or any(not 0.0 <= depth <= 1.0 for depth in depths)):
+        raise BadValue(f"--depths {','.join(f'{d:g}' for d in depths) or '(empty)'}: a depth is where the key sits, "
+                       "as a fraction of the filler in [0, 1]", "e.g. --depths 0,0.25,0.5,0.75,1")
+    if getattr(args, "sinks", None) is not None and not 0 <= args.sinks < args.window:
+        raise BadValue(f"--sinks {args.sinks} must be in [0, --window {args.window})", "e.g. --sinks 4")
+    if args.device != "auto":
+        check_device(args.device)
+    if args.dtype != "auto":
+        to_dtype(args.dtype)
 
 
 def load_for_eval(args):
     """`(model, tokenizer, meta)` with the requested device, dtype and RoPE scaling applied."""
     from yarnkit.models import load_model
+    from yarnkit.patch import apply_rope_scaling
 
-    if (args.rope_type is None) != (args.factor is None):
-        raise SystemExit("--rope-type and --factor go together (e.g. --rope-type yarn --factor 8)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     location = resolve_model(args.model)
     model, tokenizer = load_model(location, dtype=dtype, device=device)
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
     if args.rope_type:
-        try:
-            from yarnkit.patch import apply_rope_scaling
-        except ImportError as error:
-            raise SystemExit(f"--rope-type needs yarnkit.patch, which this checkout lacks ({error})") from error
         rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor).describe()
     native = (rope.get("original_max_position_embeddings") or getattr(model.config, "max_position_embeddings", None))
     label = args.label or (Path(args.model).name + (f" {args.rope_type} x{args.factor:g}" if args.rope_type else ""))
@@ -133,20 +195,60 @@ def _plot(results: list[dict], path) -> Path:
 
     task = results[0]["task"]
     if any(result["task"] != task for result in results):
-        raise SystemExit(f"cannot draw different tasks on one chart: {sorted({r['task'] for r in results})}")
+        raise BadValue(f"cannot draw different tasks on one chart: {sorted({r['task'] for r in results})}",
+                       "plot each task's results separately")
     if task == "ppl":
+        if not any("ppl" in row for result in results for row in result["rows"]):
+            raise BadValue("none of these ppl results has a measured length (every row was skipped)",
+                           "plot results that evaluated something")
         return plots.plot_ppl(results, path)
     if task == "stream":
         return plots.plot_stream(results, path)
     if len(results) != 1:
-        raise SystemExit("a passkey/needle heatmap shows one result; plot them one at a time")
+        raise BadValue("a passkey/needle heatmap shows one result", "plot them one at a time")
     return plots.plot_passkey(results[0], path)
 
 
-def run_task(args) -> dict:
+def ppl_documents(args) -> tuple[list, list]:
+    """The tokenised documents for `ppl`, read before the model loads; fails when no length can be evaluated."""
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
+    from yarnkit.models import load_tokenizer
+
+    limit = None if args.stride else max(args.lengths)
+    documents, empty = tokenize_documents(iter_eval_documents(args.data, args.field, args.split),
+                                          load_tokenizer(resolve_model(args.model)), max_tokens=limit)
+    if not documents:
+        raise BadValue(f"--data {args.data} holds no text ({len(empty)} empty document(s))",
+                       "point --data at text files, a folder of them, or a .jsonl with --field")
+    longest = max(len(ids) for _, ids in documents)
+    wanted = [length for length in args.lengths if args.max_length is None or length <= args.max_length]
+    if not wanted:
+        raise BadValue(f"--max-length {args.max_length} skips every length in --lengths "
+                       f"{','.join(map(str, args.lengths))}", "raise --max-length or pass shorter --lengths")
+    if not any(length - 1 <= longest for length in wanted):
+        raise BadValue(f"--lengths {','.join(map(str, wanted))}: the longest document in {args.data} has {longest} "
+                       "tokens and a length L needs L-1", f"pass lengths up to {longest + 1}, or longer documents")
+    return documents, empty
+
+
+def check_evaluated(result: dict) -> None:
+    """A run whose every length or cell was skipped is an error, not an empty result."""
+    reasons = ([row.get("skipped") for row in result["rows"] if "ppl" not in row] if result["task"] == "ppl" else
+               [cell["reason"] for cell in result.get("skipped", [])])
+    measured = (any("ppl" in row for row in result["rows"]) if result["task"] == "ppl" else
+                result.get("tokens_scored", 0) > 0 if result["task"] == "stream" else bool(result.get("cells")))
+    if not measured:
+        why = reasons[0] if reasons else result.get("stop_reason", "no tokens")
+        raise UserError(f"yarnkit eval {result['task']} evaluated nothing ({why}; {len(reasons)} skipped)",
+                        "change the lengths, depths or data so that at least one can run")
+
+
+def run_task(args) -> dict:
+    from yarnkit.eval.data import iter_eval_documents
     from yarnkit.eval.ppl import bos_token_id
 
+    check_arguments(args)
+    documents, empty = ppl_documents(args) if args.task == "ppl" else ([], [])
     model, tokenizer, meta = load_for_eval(args)
     settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out", "compare")}
     result = {"task": args.task, **meta, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -155,9 +257,6 @@ def run_task(args) -> dict:
     if args.task == "ppl":
         from yarnkit.eval.ppl import evaluate_perplexity
 
-        limit = None if args.stride else max(args.lengths)
-        documents, empty = tokenize_documents(iter_eval_documents(args.data, args.field, args.split), tokenizer,
-                                              max_tokens=limit)
         result.update(bos_token_id=bos, skipped_documents=empty, rows=evaluate_perplexity(
             model, documents, args.lengths, bos, args.docs, args.stride, args.max_length, args.chunk_size))
     elif args.task in ("passkey", "needle"):
@@ -186,6 +285,7 @@ def run_task(args) -> dict:
         result.update(sink_token_id=sink, sinks=sinks if args.policy == "sink" else None)
         result.update(evaluate_stream(model, policy, token_stream(documents, bos, sink), bos, args.max_tokens,
                                       args.chunk, args.segment))
+    check_evaluated(result)
     return result
 
 
@@ -204,6 +304,9 @@ def run(args) -> int:
         from yarnkit.eval.report import load_results, markdown_report
 
         text = markdown_report(load_results(args.results))
+        if args.output and not Path(args.output).parent.is_dir():
+            raise NotFound(f"--output {args.output}: the folder {Path(args.output).parent} does not exist",
+                           "create it first, or write the report elsewhere")
         print(text)
         if args.output:
             Path(args.output).write_text(text)

@@ -11,15 +11,20 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from yarnkit.errors import BadValue, NotFound, UserError
 from yarnkit.train.corpus import iter_documents
+
+
+class DatasetUnavailable(UserError, RuntimeError):
+    """A `hf:` dataset that is not in the local cache of this offline machine."""
 
 
 def iter_eval_documents(data: str, field: str = "text", split: str = "test") -> Iterator[tuple[str, str]]:
     """`data` is a path (text/.gz file, folder, .jsonl) or `hf:NAME[:CONFIG]` for a cached `datasets` dataset."""
     if not data.startswith("hf:"):
         if not Path(data).expanduser().exists():
-            raise FileNotFoundError(f"data path not found: {data} (pass a text/.gz file, a folder, a .jsonl file, "
-                                    "or hf:NAME[:CONFIG] for a locally cached `datasets` dataset)")
+            raise NotFound(f"data path not found: {data}", "pass a text/.gz file, a folder, a .jsonl file, or "
+                           "hf:NAME[:CONFIG] for a locally cached `datasets` dataset")
         yield from iter_documents(data, field=field)
         return
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,11 +34,12 @@ def iter_eval_documents(data: str, field: str = "text", split: str = "test") -> 
     try:
         dataset = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
-        raise RuntimeError(f"could not load dataset {name!r} (config {config or None!r}, split {split!r}) offline: "
-                           f"{error}. Machines have no hub access: save it locally and pass its path "
-                           f"(.jsonl with --field) instead.") from error
+        raise DatasetUnavailable(f"could not load dataset {name!r} (config {config or None!r}, split {split!r}) "
+                                 f"offline: {error}", "machines have no hub access: save it locally and pass its "
+                                 "path (.jsonl with --field) instead") from error
     if field not in dataset.column_names:
-        raise KeyError(f"dataset {name!r} has no field {field!r} (fields: {dataset.column_names}); use --field")
+        raise BadValue(f"dataset {name!r} has no field {field!r} (fields: {dataset.column_names})",
+                       "name the text field with --field")
     for index, record in enumerate(dataset):
         yield f"{name}[{index}]", record[field]
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from yarnkit.eval.ppl import bos_token_id
+from yarnkit.models import forward_with_cache
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -88,8 +89,7 @@ def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int =
     input_ids = torch.tensor([prompt_ids], device=device)
     cache, generated = None, []
     for _ in range(max_new_tokens):
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out, cache = forward_with_cache(model, cache, input_ids=input_ids, use_cache=True, logits_to_keep=1)
         next_id = int(out.logits[0, -1].argmax())
         if next_id == tokenizer.eos_token_id:
             break

@@ -10,16 +10,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from yarnkit.errors import BadValue, NotFound
+
 
 def load_results(paths) -> list[dict]:
+    """Result JSONs written by `yarnkit eval`; a missing, unreadable or foreign file fails naming it."""
     results = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"result file not found: {path}")
-        result = json.loads(path.read_text())
-        if "task" not in result:
-            raise ValueError(f"{path} is not a yarnkit eval result (no 'task' field)")
+            raise NotFound(f"result file not found: {path}", "pass JSON files written by yarnkit eval (OUT/TASK-LABEL.json)")
+        try:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadValue(f"{path} is not JSON ({error})", "pass JSON files written by yarnkit eval") from error
+        if not isinstance(result, dict) or result.get("task") not in TABLES:
+            raise BadValue(f"{path} is not a yarnkit eval result (no 'task' field naming one of {', '.join(TABLES)})",
+                           "pass JSON files written by yarnkit eval")
         results.append(result)
     return results
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from yarnkit.eval.ppl import safe_exp
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions
+from yarnkit.models import forward_with_cache
 
 
 class StreamPolicy(Protocol):
@@ -80,8 +81,7 @@ class DensePolicy:
     def step(self, model, input_ids):
         if self.max_cache is not None and self.cache_tokens() + input_ids.shape[1] > self.max_cache:
             raise StreamStop(f"dense cache full: {self.cache_tokens()} tokens held, --max-cache {self.max_cache}")
-        out = model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out, self.cache = forward_with_cache(model, self.cache, input_ids=input_ids, use_cache=True)
         return out.logits
 
     def cache_tokens(self) -> int:
@@ -108,9 +108,9 @@ class WindowPolicy:
         mask = None
         if cached + new > self.window:  # some new token would otherwise see more than `window` keys
             mask = band_mask(cached, new, self.window, model.dtype, input_ids.device)
-        out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                    past_key_values=self.cache, use_cache=True)
-        self.cache, self.seen = out.past_key_values, self.seen + new
+        out, self.cache = forward_with_cache(model, self.cache, input_ids=input_ids, position_ids=positions,
+                                             attention_mask=mask, use_cache=True)
+        self.seen += new
         keep_last(self.cache, self.window)
         return out.logits
 

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from yarnkit import models
+from yarnkit.errors import BadModel, UserError
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export input or output problem, with a message that names the path and the fix."""
 
 
@@ -55,31 +58,21 @@ def newest_checkpoint(run_dir: Path) -> Path:
 
 def check_safetensors(model_dir: Path) -> None:
     """Every weight file the folder promises exists and has a complete safetensors header."""
-    index = model_dir / "model.safetensors.index.json"
-    names = set()
-    if index.is_file():
-        names = set(json.loads(index.read_text())["weight_map"].values())
-    names |= {p.name for p in model_dir.glob("*.safetensors")}
-    if not names:
+    if not any(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
         raise ExportError(f"no *.safetensors weights in {model_dir}; export reads safetensors only "
                           "(re-save the model with `save_pretrained(..., safe_serialization=True)`)")
-    for name in sorted(names):
-        path = model_dir / name
-        if not path.is_file():
-            raise ExportError(f"missing weight shard {path} (listed in {index.name}); the checkpoint is partial, "
-                              "export an earlier checkpoint or re-save this one")
-        check_safetensors_file(path)
+    _as_export_error(models.check_safetensors, model_dir)
 
 
 def check_safetensors_file(path: Path) -> None:
-    from safetensors import SafetensorError, safe_open
+    _as_export_error(models.check_safetensors_file, path)
 
+
+def _as_export_error(check, path: Path) -> None:
     try:
-        with safe_open(str(path), "pt") as handle:
-            handle.keys()
-    except SafetensorError as error:
-        raise ExportError(f"corrupt or truncated weights {path}: {error}; the checkpoint is damaged, "
-                          "export an earlier checkpoint") from error
+        check(path)
+    except BadModel as error:
+        raise ExportError(str(error)) from error
 
 
 def _find_recipe(*folders: Path) -> Path | None:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from yarnkit.runtime.cache import cache_argument
+from yarnkit.models import cache_kwargs
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
 
 SHAPES = {  # timing-only model shapes (random init); vocabularies and widths of the named models
@@ -144,9 +144,9 @@ def dense(model, cache: int, steps: int, warmup: int = 2) -> dict:
     device = next(model.parameters()).device
     ids = random_ids(cache + warmup + steps, model.config.vocab_size, seed=3).to(device)
     past = DynamicCache()
-    model(ids[None, :cache], use_cache=True, logits_to_keep=1, **cache_argument(model, past))
+    model(ids[None, :cache], use_cache=True, logits_to_keep=1, **cache_kwargs(past))
     times = timed(lambda i: model(ids[None, cache + i:cache + i + 1], use_cache=True,
-                                  **cache_argument(model, past)), steps, warmup, device)
+                                  **cache_kwargs(past)), steps, warmup, device)
     return percentiles(times)
 
 

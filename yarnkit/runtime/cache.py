@@ -23,7 +23,6 @@ Test: `python -m pytest tests/test_runtime_cache.py -q`.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
@@ -49,21 +48,6 @@ def rotate_back(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     cos, sin = cos.float()[None, None], sin.float()[None, None]
     turned = k_rot * cos - rotate_half(k_rot) * sin
     return torch.cat((turned, k_pass), dim=-1).to(keys.dtype)
-
-
-def cache_argument(model, cache) -> dict:
-    """`{"cache": cache}` or `{"past_key_values": cache}`: the keyword this transformers version's forward takes.
-
-    transformers renamed `past_key_values` to `cache` (5.2x; the old name warns mid-reply); 5.17 knows only the
-    old one. The answer is looked up once per model class.
-    """
-    kind = type(model)
-    if kind not in _CACHE_KEYWORD:
-        _CACHE_KEYWORD[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {_CACHE_KEYWORD[kind]: cache}
-
-
-_CACHE_KEYWORD: dict[type, str] = {}
 
 
 def find_rotary_module(model) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 
+from yarnkit.errors import BadValue
 from yarnkit.runtime.conversation import Conversation, load_chat_model
 from yarnkit.runtime.engine import StreamOptions
 
@@ -52,12 +53,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress-rate", type=float, default=None,
                         help="LLMLingua-style: keep this fraction of long user messages' tokens (e.g. 0.5)")
     parser.add_argument("--compress-over", type=int, default=512, help="compress user messages above this many tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def stream_options(args) -> StreamOptions:
@@ -78,6 +79,7 @@ def load_for_cli(args):
 def build_conversation_factory(model, tokenizer, args):
     """`new_conversation()` over an already loaded model."""
     options = stream_options(args)
+    options.resolved(model.config)  # bad options fail now, not at serve's first request
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,
@@ -122,16 +124,11 @@ def run(args) -> int:
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not text.strip():
-            print("error: empty prompt; pass some text with --prompt (or on stdin with --prompt -)", file=sys.stderr)
-            return 2
+            raise BadValue("empty prompt", "pass some text with --prompt (or on stdin with --prompt -)")
     loaded = load_for_cli(args)
     if loaded is None:
         return 130
-    try:
-        conversation = build_conversation_factory(*loaded, args)()
-    except ValueError as error:  # e.g. a window the model cannot take
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    conversation = build_conversation_factory(*loaded, args)()  # bad options raise BadValue: yarnkit/cli.py prints it
     history = [{"role": "system", "content": args.system}] if args.system else []
     if text is not None:
         reply(conversation, history, text, args)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from yarnkit.runtime.cache import Rotary, SinkCache, cache_argument
+from yarnkit.models import cache_kwargs
+from yarnkit.runtime.cache import Rotary, SinkCache
 from yarnkit.runtime.static import SlotPool
 
 
@@ -37,7 +38,7 @@ class EagerDecoder:
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-                         **cache_argument(self.model, self.cache))
+                         **cache_kwargs(self.cache))
         return out.logits.float()
 
     def consistent(self, tokens: int) -> bool:

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from yarnkit.errors import BadValue
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.static import SlotPool
@@ -53,16 +54,18 @@ class StreamOptions:
 
     def resolved(self, config) -> "StreamOptions":
         sinks = streaming_sinks(config, self.sinks)  # 1 with a sink token, else 4; 0 there warns
-        if sinks < 0 or self.window <= sinks:
-            raise ValueError(f"need sinks >= 0 and window > sinks: the window counts the whole cache, sinks "
-                             f"included (got sinks={sinks}, window={self.window})")
+        if sinks < 0 or self.window <= sinks:  # BadValue is a ValueError that the CLI boundary prints as one line
+            raise BadValue(f"--window {self.window} / --sinks {sinks}: need sinks >= 0 and a window larger than the "
+                           f"sinks (the window counts the whole cache, sinks included)", "e.g. --window 1024 --sinks 4")
         recent = self.window - sinks
         if not 0 <= self.sirllm_keep < recent:
-            raise ValueError(f"sirllm_keep={self.sirllm_keep} must be in [0, window - sinks = {recent})")
+            raise BadValue(f"sirllm_keep={self.sirllm_keep} (--sirllm-keep) must be in [0, window - sinks = {recent})",
+                           "lower it")
         if not 0.0 < self.sirllm_decay <= 1.0:
-            raise ValueError(f"sirllm_decay={self.sirllm_decay} must be in (0, 1]")
+            raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         if self.decode not in DECODE_PATHS:
-            raise ValueError(f"decode={self.decode!r}: choose one of {', '.join(DECODE_PATHS)}")
+            raise BadValue(f"decode={self.decode!r} (--decode) is not a decode path",
+                           f"choose one of {', '.join(DECODE_PATHS)}")
         evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
                        prefill_chunk=max(1, self.prefill_chunk))

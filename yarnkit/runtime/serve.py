@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 
+from yarnkit.errors import BadValue
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
 from yarnkit.runtime.chat import add_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.conversation import Sampling
@@ -252,17 +253,12 @@ def run(args) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.max_sessions < 1 or args.max_prompt_tokens < 1 or args.max_tokens_limit < 1:
-        print("error: --max-sessions, --max-prompt-tokens and --max-tokens-limit must be >= 1", file=sys.stderr)
-        return 2
+        raise BadValue("--max-sessions, --max-prompt-tokens and --max-tokens-limit must be >= 1", "raise the one below 1")
     loaded = load_for_cli(args)
     if loaded is None:
         return 130
     model, tokenizer = loaded
-    try:
-        service = build_service(args, model, tokenizer)
-    except ValueError as error:  # e.g. a window the model cannot take
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    service = build_service(args, model, tokenizer)  # bad options raise BadValue: yarnkit/cli.py prints it
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use the model "
               f"(pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
@@ -272,9 +268,7 @@ def run(args) -> int:
     try:
         sock.bind((args.host, args.port))
     except OSError as error:
-        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror}; pick another --port",
-              file=sys.stderr)
-        return 2
+        raise BadValue(f"cannot listen on {args.host}:{args.port}: {error.strerror}", "pick another --port") from None
     sock.listen(128)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(service, api_key), log_level="warning", access_log=False,

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from yarnkit.runtime.cache import Rotary, cache_argument, rotate_back
+from yarnkit.models import cache_kwargs
+from yarnkit.runtime.cache import Rotary, rotate_back
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class SlotPool(Cache):
         self.fallback_reason: str | None = None
         self._graphs: dict[int, DecodeGraph] = {}
         self._graph_pool = None
-        self._cache_keyword = cache_argument(model, self)  # looked up here, not inside a traced step
+        self._cache_kwargs = cache_kwargs(self)  # looked up here, not inside a traced step
         self._step = self.forward_rows
         if self.compiled:
             self._step = torch.compile(self.forward_rows, dynamic=False)
@@ -115,7 +116,7 @@ class SlotPool(Cache):
         self.first, self.count, self.positions = first, ids.shape[0], positions
         mask = (self.slots[None, None, None, :] <= positions[:, None, :, None])
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         logits_to_keep=logits_to_keep, **self._cache_keyword)
+                         logits_to_keep=logits_to_keep, **self._cache_kwargs)
         return out.logits.float()
 
     def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:

@@ -21,6 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from yarnkit.errors import NotFound
+from yarnkit.quiet import tied_weights_notice
+
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STATE_DIR = "state"
@@ -65,7 +68,8 @@ def save_checkpoint(accelerator, wrapper, tokenizer, run_dir: str | Path, step: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR))
+    with tied_weights_notice(accelerator.unwrap_model(wrapper)):  # tied head + embedding: one copy is stored
+        accelerator.save_state(str(tmp / STATE_DIR))
     full_state = accelerator.get_state_dict(wrapper)  # gathers ZeRO-3 shards (collective)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(wrapper).model
@@ -90,6 +94,7 @@ def load_checkpoint(accelerator, path: str | Path) -> dict:
     path = Path(path)
     state_file = path / STATE_DIR / TRAINER_STATE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing {state_file})")
+        raise NotFound(f"{path} is not a complete checkpoint (missing {state_file})",
+                       "resume from another checkpoints/step_* folder, or set resume=none with a new run_dir")
     accelerator.load_state(str(path / STATE_DIR))
     return json.loads(state_file.read_text())

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from yarnkit.assets import sample_path
+from yarnkit.errors import NotFound
 from yarnkit.train.corpus import iter_documents, read_text
 from yarnkit.train.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
@@ -95,11 +96,11 @@ def local_paths(source: str) -> list[Path]:
         anchor = Path(base.anchor) if base.is_absolute() else Path(".")
         matches = sorted(anchor.glob(str(base.relative_to(anchor)) if base.is_absolute() else source))
         if not matches:
-            raise FileNotFoundError(f"no files match data.source={source}")
+            raise NotFound(f"no files match data.source={source}", "check the pattern, or name a file or folder")
         return matches
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data path not found: {path} (set data.source to a file, folder, glob or hf:NAME)")
+        raise NotFound(f"data path not found: {path}", "set data.source to a file, folder, glob or hf:NAME")
     return [path]
 
 
@@ -117,6 +118,9 @@ def _raw_dataset(args: DataArgs, workdir: str):
                    if f.suffix == ".parquet"]
         if not parquet:
             docs = [text for part in parts for text in local_documents(part, args.text_field) if text.strip()]
+            if not docs:
+                raise DataError(f"data.source={args.source} holds no text (every document is empty)",
+                                "point data.source at files with text in them")
             return datasets.Dataset.from_dict({"text": docs})
         if len(parts) > 1:
             raise DataError(f"data.source={args.source}: parquet files cannot be joined with other sources; "
@@ -125,8 +129,8 @@ def _raw_dataset(args: DataArgs, workdir: str):
     if "input_ids" in ds.column_names:
         return ds.select_columns(["input_ids"])
     if args.text_field not in ds.column_names:
-        raise KeyError(f"{args.source} has no column {args.text_field!r} (columns: {ds.column_names}); "
-                       f"set data.text_field")
+        raise DataError(f"{args.source} has no column {args.text_field!r} (columns: {ds.column_names})",
+                        "set data.text_field to the column holding the text")
     return ds.select_columns([args.text_field]).rename_column(args.text_field, "text") \
         if args.text_field != "text" else ds.select_columns(["text"])
 

@@ -1,13 +1,21 @@
 """The training side's user errors, in a leaf module that every other `yarnkit.train` module may import.
 
 A `RecipeError` is a recipe that cannot be loaded or cannot work; a `DataError` is data that cannot make one
-training sequence. Both messages name the key or source and the fix; the entry points print them as one line.
+training sequence; a `MemoryBudgetError` a run that the memory estimate says cannot fit. Their messages name
+the key or source and the fix; they are `yarnkit.errors.UserError`s, so the `yarnkit` command prints them as one
+line.
 """
 
+from yarnkit.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be loaded or cannot work; the message names the key and the fix."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot make one training sequence; the message names the source and the fix."""
+
+
+class MemoryBudgetError(UserError, MemoryError):
+    """The pre-flight estimate exceeds the device's memory; the message names the knobs that shrink it."""

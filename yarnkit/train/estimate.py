@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from yarnkit.train.errors import MemoryBudgetError
 from yarnkit.train.model import scaled_config
 from yarnkit.train.recipe import check_context
 
@@ -115,7 +116,7 @@ def check_memory(recipe, config, world: int, zero: int, device_bytes: int) -> No
     total, trainable = parameter_counts(recipe, config)
     need = memory_bytes(recipe, config, total, trainable, world, zero)["total"]
     if need > device_bytes:
-        raise MemoryError(
+        raise MemoryBudgetError(
             f"estimated {need / 2**30:.1f} GiB per device > {device_bytes / 2**30:.1f} GiB available "
             f"(ZeRO stage {zero}, {world} processes, seq_len {recipe.data.seq_len}); use more GPUs, ZeRO-3 "
             f"(recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a shorter "

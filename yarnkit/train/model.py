@@ -15,10 +15,11 @@ tests/test_speed.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from yarnkit.models import load_config, local_hf_dir
+from yarnkit.models import check_safetensors, load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
 from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.train.errors import RecipeError
@@ -117,6 +118,8 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     check_attention(model_args.attn_implementation, model_args.sdpa_kernel)
     use_sdpa_kernel(model_args.sdpa_kernel)
     location = local_hf_dir(model_args.name_or_path)
+    if Path(location).is_dir() and model_args.init == "pretrained" and not model_args.random_init:
+        check_safetensors(Path(location))  # torn weights fail naming the file, not deep inside transformers
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_args.trust_remote_code)
     options = dict(dtype=torch.float32, attn_implementation=model_args.attn_implementation,
                    trust_remote_code=model_args.trust_remote_code)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from yarnkit.errors import NotFound
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
 from yarnkit.train.data import DataArgs
 from yarnkit.train.errors import RecipeError
@@ -49,15 +53,15 @@ def recipe_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
+            raise NotFound(f"recipe file not found: {path}", "check the path, or name a bundled recipe (recipe=tiny)")
         return path
     matches = sorted(RECIPES_DIR.rglob(f"{name}.yaml")) if RECIPES_DIR.is_dir() else []
     matches = [m for m in matches if "accelerate" not in m.parts]
     if not matches:
         known = sorted(p.stem for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
         hint = difflib.get_close_matches(name, known, n=1)
-        raise FileNotFoundError(f"no recipe named {name!r} under {RECIPES_DIR}"
-                                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {known}"))
+        raise NotFound(f"no recipe named {name!r} under {RECIPES_DIR}",
+                       f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(known)}")
     return matches[0]
 
 
@@ -86,7 +90,35 @@ def _merge(base, layer, source: str):
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or "?"
         message = str(getattr(err, "msg", err)).splitlines()[0]
-        raise RecipeError(f"{source}: bad value for {key!r}: {message}") from None
+        raise RecipeError(f"{source}: bad value for {key!r}: {message}",
+                          "give a value of the key's type (`yarnkit train --help` lists each key's default)") from err
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(getattr(error, "problem", None) or error).split("\n")[0].split())
+
+
+def _load_yaml(path: Path):
+    try:
+        layer = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise RecipeError(f"{where} is not valid YAML ({_first_line(err)})",
+                          "fix the file (compare it with recipes/tiny.yaml)") from err
+    if not isinstance(layer, DictConfig):
+        raise RecipeError(f"{path} holds a YAML {type(layer).__name__}, not a mapping of recipe sections",
+                          "write `section:` blocks of `key: value` lines (see recipes/tiny.yaml)")
+    return layer
+
+
+def _parse_override(item: str):
+    key, _, value = item.partition("=")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise RecipeError(f"cannot parse the value of {key} ({value!r}: {_first_line(err)})",
+                          f"close its brackets or quotes, e.g. {key}=[0.9,0.95] for a list") from err
 
 
 def load_recipe(argv: list[str] | None = None) -> Recipe:
@@ -100,16 +132,50 @@ def load_recipe(argv: list[str] | None = None) -> Recipe:
     config = OmegaConf.structured(Recipe)
     for name in names:
         path = recipe_path(name)
-        config = _merge(config, OmegaConf.load(path), str(path))
-    if overrides:
-        try:
-            dotlist = OmegaConf.from_dotlist(overrides)
-        except OmegaConfBaseException as err:
-            raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
-        config = _merge(config, dotlist, "command line")
+        config = _merge(config, _load_yaml(path), str(path))
+    for item in overrides:
+        config = _merge(config, _parse_override(item), "command line")
     recipe = OmegaConf.to_object(config)
     validate_recipe(recipe)
     return recipe
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """`name -> inline comment` of a dataclass's fields, read from its source (the comments document the knobs)."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=#]+=.*?#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _default(spec: dataclasses.Field):
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def _shown(value) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return "[" + ",".join(_shown(item) for item in value) + "]"
+    return str(value) if value != "" else "''"
+
+
+def recipe_keys_help(cls=Recipe, prefix: str = "") -> str:
+    """Every recipe key with its default and comment, section by section, from the dataclasses themselves."""
+    comments, lines, sections = _field_comments(cls), [], []
+    for spec in dataclasses.fields(cls):
+        value = _default(spec)
+        if dataclasses.is_dataclass(value):
+            module = inspect.getmodule(type(value)).__name__.replace(".", "/") + ".py"
+            sections.append(f"\n{prefix}{spec.name} ({type(value).__name__} in {module}):\n"
+                            + recipe_keys_help(type(value), f"{prefix}{spec.name}."))
+            continue
+        item = f"  {prefix}{spec.name}={_shown(value)}"
+        lines.append(f"{item:<44} {comments.get(spec.name, '')}".rstrip())
+    return "\n".join(lines) + "".join(sections)
 
 
 def recipe_from_file(path: str | Path) -> Recipe:

@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from yarnkit.errors import AlreadyExists, NotFound
 from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
-from yarnkit.train.errors import DataError, RecipeError
+from yarnkit.train.errors import RecipeError
 from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
 from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
                                 zero_stage)
@@ -37,7 +37,8 @@ from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
 from yarnkit.train.metrics import MetricsLog
 from yarnkit.train.model import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
-from yarnkit.train.recipe import check_context, load_recipe, recipe_from_file, recipe_to_yaml, save_recipe
+from yarnkit.train.recipe import (check_context, load_recipe, recipe_from_file, recipe_keys_help, recipe_to_yaml,
+                                  save_recipe)
 from yarnkit.train.seq_parallel import check_sequence_parallel
 from yarnkit.train.profiling import step_profile, summary
 from yarnkit.train.speed import activation_offload, resolve_choice
@@ -61,12 +62,13 @@ def _resume_point(recipe, run_dir: Path):
         return latest_checkpoint(run_dir)
     if recipe.resume in ("none", ""):
         if list_checkpoints(run_dir):
-            raise FileExistsError(f"{run_dir} already has checkpoints; continue with resume=auto, or pick a new "
-                                  f"run_dir=...")
+            raise AlreadyExists(f"resume={recipe.resume} but {run_dir} already has checkpoints",
+                              "continue them with resume=auto, or pick a new run_dir=...")
         return None
     path = Path(recipe.resume)
     if not (path / "state").is_dir():
-        raise FileNotFoundError(f"resume={path} is not a checkpoint directory (no state/ inside)")
+        raise NotFound(f"resume={path} is not a checkpoint directory (no state/ inside)",
+                       "pass a RUN/checkpoints/step_NNNNNN folder, or resume=auto")
     return path
 
 
@@ -238,32 +240,27 @@ def _mark(cuda: bool):
 
 
 def add_arguments(parser) -> None:
-    """`yarnkit train recipe=tiny key=value ...` (the CLI's entry; same as scripts/train.py)."""
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME, then recipe overrides")
-    parser.add_argument("--dry-run", action="store_true", help="print the recipe and estimates, then stop")
+    """`yarnkit train recipe=tiny key=value ...` and `scripts/train.py` (which enters through `yarnkit.cli`)."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="recipe=NAME (recipes/NAME.yaml, or a path to a .yaml), then key=value overrides of the "
+                             "keys listed below, applied in order")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe, parameter count and memory/time estimates, then stop "
+                             "(no weights load; works offline)")
+    parser.epilog = ("examples:\n  yarnkit train recipe=tiny train.max_steps=3 run_dir=runs/tiny-3\n"
+                     "  python scripts/train.py recipe=yarn-64k --dry-run\n\n"
+                     "recipe keys and their defaults (dataclass defaults < recipe=NAME < key=value):\n"
+                     + recipe_keys_help())
 
 
 def run(args) -> int:
-    return main(list(args.overrides) + (["dry_run=true"] if args.dry_run else []))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`scripts/train.py` and `yarnkit train`: parse `key=value` overrides, then dry-run or train."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+    """Dry-run or train; bad recipes and data raise `yarnkit.errors.UserError`s (one line at the CLI boundary)."""
+    recipe = load_recipe(list(args.overrides) + (["dry_run=true"] if args.dry_run else []))
+    if recipe.dry_run:
+        print(recipe_to_yaml(recipe))
+        print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
         return 0
-    argv = ["dry_run=true" if a == "--dry-run" else a for a in argv]
-    try:
-        recipe = load_recipe(argv)
-        if recipe.dry_run:
-            print(recipe_to_yaml(recipe))
-            print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
-            return 0
-        result = train(recipe)
-    except (RecipeError, DataError, OSError, MemoryError) as err:  # bad input: the message says what to fix
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = train(recipe)
     if result.rank != 0:
         return 0
     if result.last_step >= result.first_step:
