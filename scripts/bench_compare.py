@@ -91,6 +91,7 @@ def flops_per_token(source: str, seq_len: int) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM
 
     from yarnkit.train.estimate import flops_per_token as causal_flops
+    from yarnkit import rope
     from yarnkit.models import load_config
 
     config = load_config(source)
@@ -98,7 +99,7 @@ def flops_per_token(source: str, seq_len: int) -> tuple[float, int]:
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     return causal_flops(n_params, text.num_hidden_layers, text.num_attention_heads, head_dim, seq_len), n_params
 
 

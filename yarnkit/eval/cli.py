@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from yarnkit.rope import SCALING_TYPES
 
 
 def _ints(text: str) -> list[int]:
@@ -37,7 +38,7 @@ def add_arguments(parser) -> None:
         p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
         p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
         p.add_argument("--label", help="name in plots and tables (default: model + rope setting)")
-        p.add_argument("--rope-type", choices=["yarn", "dynamic", "linear", "ntk", "dynamic_yarn"],
+        p.add_argument("--rope-type", choices=SCALING_TYPES,
                        help="apply this RoPE scaling to the loaded model (needs --factor)")
         p.add_argument("--factor", type=float, help="RoPE scaling factor s")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from yarnkit import rope
 from yarnkit.runtime.cache import Rotary, rotate_back
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class StaticSinkCache(Cache):
 
     def __init__(self, config, capacity: int, rotary: Rotary, device, dtype):
         heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = rope.head_dim(config)
         layers = config.num_hidden_layers
         super().__init__(layers=[StaticSlots(self, i) for i in range(layers)])
         shape = (layers, 1, heads, capacity, head_dim)

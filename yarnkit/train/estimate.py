@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from yarnkit import rope
 from yarnkit.train.model import scaled_config
 from yarnkit.train.recipe import check_context
 
@@ -76,7 +77,7 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
 def estimate(recipe, config, world: int, zero: int) -> dict:
     text = config.get_text_config()
     total, trainable = parameter_counts(recipe, config)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     per_token = flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim,
                                 recipe.data.seq_len)
     tokens_per_device = (recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len

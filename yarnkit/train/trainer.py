@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from yarnkit import rope
 from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import DataError, RecipeError
@@ -119,7 +120,7 @@ def train(recipe) -> TrainResult:
     pose_target = (recipe.pose.target_len or config.max_position_embeddings) if recipe.pose.enabled else 0
     per_step = args.micro_batch_size * args.grad_accum * dp_world
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
     flops_token = flops_per_token(n_params, text.num_hidden_layers,
                                   text.num_attention_heads, head_dim, recipe.data.seq_len)
