@@ -6,7 +6,8 @@ package, whose `__init__` needs `llm` and `llama_cpp`. A GGUF is de-quantized by
 and then cached as safetensors under `$YARNKIT_CACHE` (default `~/.cache/yarnkit`), so later loads take well
 under a second instead of ~20 s.
 
-Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
+Every loader here registers yarnkit's `dynamic_yarn` rope type first (`yarnkit.patch.register_rope_types`), so
+a checkpoint trained with it loads in a fresh process. Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from yarnkit.patch import register_rope_types
 
 # name -> (python package that ships the file, file name inside it)
 BUNDLED_MODELS = {
@@ -169,6 +172,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = local_hf_dir(name_or_path)
+    register_rope_types()  # a checkpoint saved with yarnkit's dynamic_yarn builds its rotary modules
     kwargs = dict(dtype=to_dtype(dtype), attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code, use_safetensors=True)
     if config is not None:
@@ -183,5 +187,6 @@ def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_co
     from transformers import AutoConfig
 
     location = local_hf_dir(name_or_path)
+    register_rope_types()  # models built from this config (from_config) may use dynamic_yarn
     with _hub_errors(ModelSource(location)):
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)

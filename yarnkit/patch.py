@@ -10,9 +10,11 @@ The supported architectures sit in `ARCHS`, keyed by exact `model_type`, saying 
 scaled (Gemma 3 scales only its global `full_attention` layers) and how the scaling is written down (Phi-3's
 config only accepts `longrope`, which expresses static YaRN and PI exactly through per-pair factors).
 
-`dynamic_yarn` is not a transformers rope type; importing this module registers it in transformers' registry,
-so transformers' own dynamic-RoPE hook recomputes the YaRN scale from the current length. Checkpoints using it
-need yarnkit to load (`yarnkit export` writes static YaRN instead).
+`dynamic_yarn` is not a transformers rope type; `register_rope_types()` adds it to transformers' registry, so
+transformers' own dynamic-RoPE hook recomputes the YaRN scale from the current length. Importing this module
+changes nothing: `apply_rope_scaling` and every yarnkit loader (`yarnkit.models`, export) call it, so a checkpoint
+saved with `dynamic_yarn` loads in any fresh process through yarnkit (`yarnkit export` writes static YaRN for
+stock loaders).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def apply_rope_scaling(target, rope_type: str = "yarn", factor: float = 4.0,
     from a 64k YaRN checkpoint to 128k), relative to the original context recorded there.
     `allow_unlisted=True` patches a config whose model_type is not in `ARCHS` (the flat v5 layout is assumed).
     """
+    register_rope_types()
     is_model = isinstance(target, torch.nn.Module)
     config = target.config.get_text_config() if is_model else target.get_text_config()
     spec = _arch_spec(config, allow_unlisted)
@@ -273,4 +276,7 @@ def _dynamic_yarn_init(config, device=None, seq_len=None, layer_type=None):
     return inv_freq.to(device=device, dtype=torch.float32), attention
 
 
-ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", _dynamic_yarn_init)
+def register_rope_types() -> None:
+    """Add `dynamic_yarn` to transformers' rope registry (idempotent); call it before building a model from a
+    config that may use it."""
+    ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", _dynamic_yarn_init)

@@ -16,7 +16,7 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError, ExportSource
-from yarnkit.patch import rebuild_rotary_modules
+from yarnkit.patch import rebuild_rotary_modules, register_rope_types
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -38,9 +38,9 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import yarnkit.patch  # noqa: F401  (registers dynamic_yarn, so checkpoints trained with it load)
     from yarnkit.models import local_hf_dir
 
+    register_rope_types()  # checkpoints trained with dynamic_yarn load (prepare_for_inference makes it static)
     notes: list[str] = []
     if source.is_lora:
         if not merge_lora:
