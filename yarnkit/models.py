@@ -63,7 +63,7 @@ def bundled_gguf_path(name: str) -> Path:
     raise FileNotFoundError(f"{package} is installed but {filename} is missing from {list(spec.submodule_search_locations)}")
 
 
-def resolve_source(name_or_path: str | os.PathLike) -> ModelSource:
+def locate_model(name_or_path: str | os.PathLike) -> ModelSource:
     """Turn a user string into a `ModelSource`: bundled name, `.gguf` file, local directory, or hub id."""
     text = str(name_or_path)
     if text in BUNDLED_MODELS:
@@ -135,7 +135,7 @@ def _hub_errors(source: ModelSource):
 
 def local_hf_dir(name_or_path: str | os.PathLike) -> str:
     """An HF-loadable location for any accepted source (GGUFs are converted and cached on first use)."""
-    source = resolve_source(name_or_path)
+    source = locate_model(name_or_path)
     if not source.is_gguf:
         return source.path
     target = _gguf_cache_path(Path(source.path) / source.gguf_file)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.rope import SCALING_TYPES
+from yarnkit.train.checkpoint import model_location
 
 
 def _ints(text: str) -> list[int]:
@@ -82,15 +83,8 @@ def add_arguments(parser) -> None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A training run directory (RUN/checkpoints/step_*/model) resolves to its latest complete checkpoint."""
-    run = Path(name_or_path).expanduser()
-    steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
-    if steps:
-        if (steps[-1] / "adapter_config.json").is_file() or not (steps[-1] / "config.json").is_file():
-            raise FileNotFoundError(f"{steps[-1]} has no config.json (a LoRA checkpoint? export it to full weights "
-                                    "first with `yarnkit export`)")
-        return str(steps[-1])
-    return name_or_path
+    """A training run directory resolves to its newest complete checkpoint's model/ (`yarnkit.train.checkpoint`)."""
+    return model_location(name_or_path)
 
 
 def load_for_eval(args):

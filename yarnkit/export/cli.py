@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from yarnkit.export import card, hf, verify
-from yarnkit.export.source import ExportError, resolve_source
+from yarnkit.export.source import ExportError, find_export_source
 
 
 def add_arguments(parser) -> None:
@@ -69,7 +69,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
     check_out_dir(out, overwrite)
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ExportError("--gguf needs the `gguf` package (llama.cpp's writer): pip install gguf")
-    source = resolve_source(source_path)
+    source = find_export_source(source_path)
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
     notes += hf.prepare_for_inference(model)
     out.parent.mkdir(parents=True, exist_ok=True)

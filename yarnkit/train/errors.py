@@ -1,7 +1,8 @@
 """The training side's user errors, in a leaf module that every other `yarnkit.train` module may import.
 
 A `RecipeError` is a recipe that cannot be loaded or cannot work; a `DataError` is data that cannot make one
-training sequence. Both messages name the key or source and the fix; the entry points print them as one line.
+training sequence; a `CheckpointError` is a run or checkpoint that cannot be used. Each message names the key,
+source or path and the fix; the entry points print them as one line.
 """
 
 
@@ -11,3 +12,8 @@ class RecipeError(ValueError):
 
 class DataError(ValueError):
     """Data that cannot make one training sequence; the message names the source and the fix."""
+
+
+class CheckpointError(FileNotFoundError):
+    """A run without a complete checkpoint, or a checkpoint a loader cannot open; the message names the path and
+    the fix."""

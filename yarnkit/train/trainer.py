@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from yarnkit import rope
-from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from yarnkit.train.checkpoint import (is_complete, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                      save_checkpoint)
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import DataError, RecipeError
 from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
@@ -59,8 +60,9 @@ def _resume_point(recipe, run_dir: Path):
                                   f"run_dir=...")
         return None
     path = Path(recipe.resume)
-    if not (path / "state").is_dir():
-        raise FileNotFoundError(f"resume={path} is not a checkpoint directory (no state/ inside)")
+    if not is_complete(path):
+        raise FileNotFoundError(f"resume={path} is not a complete checkpoint (a checkpoints/step_NNNNNN dir with "
+                                "model/ and state/trainer_state.json); pass one, or resume=auto")
     return path
 
 
