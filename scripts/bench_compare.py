@@ -1,5 +1,9 @@
 """Compare mode of scripts/bench_train.py: yarnkit's trainer vs plain transformers, case by case, one process each.
 
+    python scripts/bench_compare.py --out out/speed --steps 6 --cases smollm2-135m@65536@hf smollm2-135m@65536@fast
+    python scripts/bench_compare.py --out /tmp/speed --cpu --steps 2 --cases tiny@128@hf tiny@128@yarnkit   # CPU smoke
+    (`python scripts/bench_train.py --cases ...` runs this script with the same arguments.)
+
 A case is `MODEL@SEQ@VARIANT`. MODELS: `smollm2-135m` (the bundled checkpoint, YaRN factor seq/8192), `llama-1b`
 (random init, 1.17B parameters: hidden 2048, 16 layers, 32 heads / 8 KV heads, head_dim 64, intermediate 8192,
 vocab 49152 untied), `tiny` (random, for the CPU smoke test). VARIANTS: `hf` / `hf-bf16w`
@@ -11,6 +15,7 @@ recorded as `oom`, not an error of the benchmark. Not a test: the numbers depend
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
@@ -23,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from yarnkit.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 NATIVE_SMOLLM2 = 8192
@@ -150,7 +157,7 @@ def case_command(args, out: Path, name: str, model: str, seq: int, variant: str,
 def read_steps(out: Path, name: str, variant: str) -> list[dict]:
     if variant in HF_VARIANTS:
         return json.loads((out / "runs" / f"{name}.json").read_text())["steps"]
-    rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(out / "runs" / name)
     return [{"loss": r["loss"], "step_seconds": r["step_seconds"], "tokens_per_s": r["tokens_per_s_per_device"],
              "peak_memory_gb": r["peak_memory_gb"]} for r in rows]
 
@@ -269,3 +276,24 @@ def run_compare(args) -> int:
     print(markdown(summary))
     print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--cases", nargs="+", required=True, metavar="MODEL@SEQ@VARIANT",
+                        help="e.g. smollm2-135m@65536@hf llama-1b@65536@cudnn llama-1b@131072@cudnn-sp2; "
+                             "MODEL@L1,L2@VARIANT searches the longest length that trains")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting cases after this")
+    parser.add_argument("--case-timeout-s", type=float, default=240.0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--data", default="", help="text source (default: the bundled novel, repeated as needed "
+                                                   "for the longest sequence)")
+    parser.add_argument("--cpu", action="store_true", help="fp32, no GPU (smoke test)")
+    return run_compare(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

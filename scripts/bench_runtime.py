@@ -41,15 +41,13 @@ import math
 import random
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's yarnkit, even if another is installed
-from yarnkit.runtime.engine import StreamingEngine  # noqa: E402
+from yarnkit.runtime.engine import StreamingEngine
 
 
 PARTS = ("ppl", "latency", "stream", "recall")

@@ -1,6 +1,7 @@
 """Training throughput benchmark. Two modes:
 
-1. `--cases MODEL@SEQ@VARIANT ...` (yarnkit vs plain transformers, issue 5): each case is its own process on the
+1. `--cases MODEL@SEQ@VARIANT ...` (yarnkit vs plain transformers, issue 5; handed to scripts/bench_compare.py,
+   which takes the same command line): each case is its own process on the
    same GPU(s): `hf` = scripts/bench_hf_baseline.py (SDPA + full gradient checkpointing + AdamW + HF loss),
    the other variants = yarnkit's trainer with the overrides in VARIANTS (attention kernel, checkpointing,
    compile, TiledMLP, activation offload, `sp<N>` suffix = sequence parallelism over N GPUs). Reports
@@ -40,8 +41,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from yarnkit.train.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's yarnkit, and bench_compare
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
@@ -53,7 +55,7 @@ def launch_command(processes: int, zero: int) -> list[str]:
 
 
 def summarize(run_dir: Path, warmup: int) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     timed = [r for r in rows if r["step"] > warmup] or rows
     return {
         "steps": len(rows), "timed_steps": len(timed), "world_size": rows[-1]["world_size"],
@@ -96,19 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SEQ@VARIANT",
-                        help="compare mode: e.g. smollm2-135m@65536@hf llama-1b@65536@cudnn llama-1b@131072@cudnn-sp2; "
-                             "MODEL@L1,L2@VARIANT searches the longest length that trains")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
-    parser.add_argument("--case-timeout-s", type=float, default=240.0)
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--data", default="", help="compare mode: text source (default: the bundled novel, "
-                                                   "repeated as needed for the longest sequence)")
-    parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
+                        help="compare mode, run by scripts/bench_compare.py (see its --help for its options)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cases" in argv:  # its own process: scripts import only yarnkit, never another script
+        return subprocess.run([sys.executable, str(REPO / "scripts/bench_compare.py"), *argv]).returncode
     args = parser.parse_args(argv)
-    if args.cases:
-        from bench_compare import run_compare
-
-        return run_compare(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's yarnkit, not an installed one
-
 PAPER = {"vanilla": {0: 27.87, 1: 18.49, 2: 18.05, 4: 18.05}, "sink": {0: 1235, 1: 18.01, 2: 18.01, 4: 18.02}}
 SINKS = (0, 1, 2, 4)
 CONT_SINKS = (0, 1, 4)
