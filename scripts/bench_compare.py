@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ def case_command(args, out: Path, name: str, model: str, seq: int, variant: str,
     launch = [sys.executable, str(REPO / "scripts/train.py")]
     if sp > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", str(sp), str(REPO / "scripts/train.py")]
+                  str(accelerate_config("zero2")), "--num_processes", str(sp), str(REPO / "scripts/train.py")]
     return launch + [f"{key}={value}" for key, value in overrides.items()]
 
 

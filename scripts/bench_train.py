@@ -41,6 +41,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 def launch_command(processes: int, zero: int) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes == 1:
-        return launch + ["--config_file", str(REPO / "recipes/accelerate/single.yaml")]
-    config = REPO / f"recipes/accelerate/zero{zero}.yaml" if zero else REPO / "recipes/accelerate/ddp.yaml"
+        return launch + ["--config_file", str(accelerate_config("single"))]
+    config = accelerate_config(f"zero{zero}" if zero else "ddp")
     return launch + ["--config_file", str(config), "--num_processes", str(processes)]
 
 

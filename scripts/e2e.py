@@ -33,6 +33,7 @@ from pathlib import Path
 from yarnkit.cli import main as _yarnkit_cli
 from yarnkit.eval.cli import result_path
 from yarnkit.eval.report import load_results, markdown_report
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.metrics import read_metrics
 from eval_baselines import CONFIGS as BASELINES, selected_books  # scripts/eval_baselines.py
 
@@ -57,9 +58,9 @@ def gpu_count() -> int:
 def train(args, out: Path) -> dict:
     """`accelerate launch scripts/train.py` over every visible GPU (DDP when several), or one CPU process."""
     gpus = gpu_count()
-    config = "ddp.yaml" if gpus > 1 else "single.yaml"
+    config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / config), "--num_processes", str(max(gpus, 1)),
+               str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
                str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
                *([f"data.source={args.train_data}"] if args.train_data else []), *args.overrides]
     print("+", " ".join(command), flush=True)

@@ -103,8 +103,8 @@ def check_memory(recipe, config, world: int, zero: int, device_bytes: int) -> No
         raise MemoryError(
             f"estimated {need / 2**30:.1f} GiB per device > {device_bytes / 2**30:.1f} GiB available "
             f"(ZeRO stage {zero}, {world} processes, seq_len {recipe.data.seq_len}); use more GPUs, ZeRO-3 "
-            f"(recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a shorter "
-            f"data.seq_len; train.memory_check=false skips this check")
+            f"(yarnkit/recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a "
+            f"shorter data.seq_len; train.memory_check=false skips this check")
 
 
 def dry_run(recipe, world: int) -> dict:

@@ -1,4 +1,5 @@
-"""Typed training recipes: dataclass defaults < `recipes/<name>.yaml` < command-line `key=value` overrides.
+"""Typed training recipes: dataclass defaults < a shipped recipe (`yarnkit/recipes/<name>.yaml`) or any YAML file
+< command-line `key=value` overrides.
 
 `load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
 owned by each subsystem (model, pose, data, optim, loop, checkpoint). Loading is strict: an unknown
@@ -17,6 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from yarnkit.recipes import recipe_file
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
 from yarnkit.train.data import DataArgs
 from yarnkit.train.errors import RecipeError
@@ -25,8 +27,6 @@ from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
 from yarnkit.train.optim import OptimArgs
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass
@@ -45,20 +45,13 @@ class Recipe:
 
 
 def recipe_path(name: str) -> Path:
-    """`tiny` -> recipes/tiny.yaml (searched recursively); a path to a .yaml file is used as is."""
+    """`tiny` -> the shipped yarnkit/recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
         return path
-    matches = sorted(RECIPES_DIR.rglob(f"{name}.yaml")) if RECIPES_DIR.is_dir() else []
-    matches = [m for m in matches if "accelerate" not in m.parts]
-    if not matches:
-        known = sorted(p.stem for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
-        hint = difflib.get_close_matches(name, known, n=1)
-        raise FileNotFoundError(f"no recipe named {name!r} under {RECIPES_DIR}"
-                                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {known}"))
-    return matches[0]
+    return recipe_file(name)
 
 
 def _check_keys(node: dict, cls, prefix: str = "") -> None:

@@ -1,7 +1,7 @@
 """The training run: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
 
     python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
-    accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
+    accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
 chunked cross-entropy of `yarnkit.train.loss`; gradients are clipped to `train.clip` and the logged `grad_norm`
