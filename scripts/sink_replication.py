@@ -115,14 +115,13 @@ def load_stream_docs(books: str, tokenizer, limit: int) -> list[tuple[str, list[
 def stream_ppl(model, tokenizer, books: str, sinks_list, window: int, tokens: int, chunk: int) -> dict:
     """{sinks: evaluate_stream result} for caches of `sinks` initial tokens + `window - sinks` recent ones."""
     from yarnkit.eval.ppl import bos_token_id
-    from yarnkit.eval.stream import evaluate_stream, token_stream
-    from yarnkit.runtime.policy import SinkPolicy
+    from yarnkit.eval.stream import SinkPolicy, evaluate_stream, token_stream
 
     bos, sink = bos_token_id(tokenizer), getattr(model.config, "yarnkit_sink_token_id", None)
     documents = load_stream_docs(books, tokenizer, tokens)
     out = {}
     for sinks in sinks_list:
-        policy = SinkPolicy(sinks=sinks, window=window - sinks, evict_batch=chunk, prefill_chunk=chunk)
+        policy = SinkPolicy(sinks=sinks, window=window, evict_batch=chunk, prefill_chunk=chunk)
         result = evaluate_stream(model, policy, token_stream(documents, bos, sink), bos, tokens, chunk)
         out[sinks] = {k: result[k] for k in ("ppl", "tokens_scored", "ms_per_token", "stop_reason", "segments")}
         print(f"  {sinks}+{window - sinks}: ppl {result['ppl']:.3f}", flush=True)

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model
 
 from yarnkit.train.loss import token_nll
-from yarnkit.eval.stream import (POLICIES, DensePolicy, RecomputePolicy, WindowPolicy, evaluate_stream, make_policy)
+from yarnkit.eval.stream import (POLICIES, DensePolicy, RecomputePolicy, SinkPolicy, StreamPolicy, WindowPolicy,
+                                 evaluate_stream, make_policy)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -33,19 +34,8 @@ def stream_logits(model, policy, ids, chunk):
                          dim=1)
 
 
-def available_policies():
-    names = []
-    for name in POLICIES:
-        try:
-            make_policy(name, window=64)
-            names.append(name)
-        except RuntimeError:
-            names.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name} policy not installed")))
-    return names
-
-
 @pytest.mark.parametrize("chunk", [1, 5])
-@pytest.mark.parametrize("name", available_policies())
+@pytest.mark.parametrize("name", list(POLICIES))
 def test_policies_match_dense_forward_while_cache_not_full(model, ids, name, chunk):
     with torch.no_grad():
         dense = model(input_ids=ids).logits
@@ -107,9 +97,39 @@ def test_stream_respects_max_tokens_and_skips_bos_targets(model, ids):
     assert result["peak_memory_bytes"] > 0 and result["ms_per_token"] > 0
 
 
-def test_unknown_and_missing_policies_fail_clearly(monkeypatch):
+def test_unknown_policy_fails_clearly():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lru")
-    monkeypatch.setitem(POLICIES, "sink", "yarnkit.no_such_runtime:SinkPolicy")
-    with pytest.raises(RuntimeError, match="not installed"):
-        make_policy("sink")
+
+
+def test_sink_policy_follows_the_protocol_and_its_window_counts_the_sinks():
+    """One meaning of W everywhere: the whole cache, sinks included (4 sinks + 16 recent = 20 here)."""
+    model = tiny_model("llama")
+    policy = make_policy("sink", window=20, sinks=4, evict_batch=1)
+    assert isinstance(policy, SinkPolicy) and policy.name == "sinks4+W20"
+    for method in ("reset", "step", "cache_tokens"):
+        assert callable(getattr(policy, method)) and method in StreamPolicy.__dict__
+    policy.reset()
+    assert policy.cache_tokens() == 0
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    outs = [policy.step(model, ids[:, i:i + 1]) for i in range(60)]
+    assert all(o.shape == (1, 1, 128) for o in outs)
+    assert policy.cache_tokens() == 20  # evict_batch=1: exactly StreamingLLM's 4 + 16
+    assert policy.engine.cache_ids[:4].tolist() == ids[0, :4].tolist()
+    policy.reset()
+    assert policy.cache_tokens() == 0
+
+
+def test_sink_default_comes_from_the_runtime():
+    """`sinks=None`: 1 for a model with a dedicated sink token, else 4 (written once, in the runtime)."""
+    model = tiny_model("llama")
+    policy = SinkPolicy(window=32)
+    policy.step(model, torch.tensor([[5, 6]]))
+    assert policy.engine.options.sinks == 4
+    model.config.yarnkit_sink_token_id = 1
+    try:
+        policy = SinkPolicy(window=32)
+        policy.step(model, torch.tensor([[5, 6]]))
+        assert policy.engine.options.sinks == 1 and policy.engine.cache_ids[0] == 1
+    finally:
+        del model.config.yarnkit_sink_token_id

@@ -1,6 +1,7 @@
-"""The house keeps its shape (issue 17): the static import graph of yarnkit/ has no cycle, README's layout section
-names exactly the files that exist, and scripts import only `yarnkit` (no sys.path edits, no script importing
-another script). Reads source files with `ast`; imports nothing of yarnkit.
+"""The house keeps its shape (issue 17): the static import graph of yarnkit/ has no cycle (and yarnkit/train/ imports
+go one way down README's list), README's layout section names exactly the files that exist, and scripts import
+only `yarnkit` (no sys.path edits, no script importing another script). Reads source files with `ast`; imports
+nothing of yarnkit.
 
 Run: python -m pytest tests/test_layout.py -q   (< 1 s)
 """
@@ -70,6 +71,16 @@ def test_the_import_graph_has_no_cycle():
     assert "yarnkit.train.trainer" in graph and "yarnkit.train.checkpoint" in graph["yarnkit.export.source"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_train_modules_import_only_those_above_them_in_readme():
+    """README lists yarnkit/train/ "imports going one way down this list": each module imports only earlier ones."""
+    order = [name.removesuffix(".py") for name in readme_tree()["yarnkit/train/"]]
+    graph = import_graph()
+    for i, name in enumerate(order):
+        used = {dep.rsplit(".", 1)[1] for dep in graph[f"yarnkit.train.{name}"] if dep.startswith("yarnkit.train.")}
+        later = sorted(used - set(order[:i]))
+        assert not later, f"yarnkit/train/{name}.py imports {later}, which README lists below it"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -1,4 +1,4 @@
-"""The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny model, real tokenizer).
+"""The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer).
 
 Run: `python -m pytest tests/test_runtime_bench.py -q`
 """
@@ -15,30 +15,55 @@ from conftest import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_runtime_smoke(tmp_path, capsys):
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "scripts" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_runtime_timing_parts(tmp_path, capsys):
+    out = tmp_path / "out"
+    load_script().main(["--model", "tiny", "--random-init", "--out", str(out), "--caches", "32", "64", "--steps", "8",
+                        "--decode", "static", "--sessions", "3", "--scale-shapes", "tiny",
+                        "--parts", "latency", "peers", "batch", "scale", "compiled"])
+    saved = json.loads((out / "bench_runtime.json").read_text())
+    assert (out / "bench_runtime.png").stat().st_size > 0 and saved["skipped"] == []
+    row = saved["latency"]["64"]
+    assert row["sinks"]["decode_path"] == "static" and row["sinks"]["steps"] == 8 and row["speedup_vs_recompute"] > 0
+    assert {"recompute", "dense"} <= set(row) and row["sinks"]["p99_over_p50"] >= 1 and "dense" not in saved["latency"]["32"]
+    check = saved["path_check"]
+    assert check["rerotations"] > 0 and check["max_abs_logprob_diff"] < 1e-4 and check["greedy_agreement"] == 1
+    assert set(saved["peers"]) == {"dynamic", "static"} and saved["peers"]["static"]["p50_ms"] > 0
+    batch = saved["batch"]
+    assert batch["sessions"] == 3 and batch["all_identical"] and batch["tokens_per_s_together"] > 0
+    assert saved["scale"]["tiny"]["speedup_vs_recompute"] > 0
+    assert saved["compiled"]["latency"]["64"]["sinks"]["compiled"] is False  # torch.compile only on the CUDA graph
+    assert "vs recompute" in capsys.readouterr().out
+
+
+def test_bench_runtime_perplexity_uses_eval_policies(tmp_path):
     from yarnkit.models import load_tokenizer
 
     model_dir = tmp_path / "tiny"
     tiny_config("llama", vocab_size=49152, max_position_embeddings=1024).save_pretrained(model_dir)
     load_tokenizer("smollm2-135m").save_pretrained(model_dir)
-    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "scripts" / "bench_runtime.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "out"
-    report = bench.main(["--random-init", "--model", str(model_dir), "--out", str(out), "--tokens", "256",
-                         "--window", "60", "--chunk", "32", "--latency-caches", "32", "64", "--latency-steps", "4",
-                         "--warmup", "1", "--stream-steps", "20", "--decode", "static", "eager", "--recall-trials", "1", "--recall-filler", "100",
-                         "--sirllm-keep", "16"])
-    saved = json.loads((out / "bench_runtime.json").read_text())
-    assert saved["stream_tokens"] == 256 and (out / "bench_runtime.png").stat().st_size > 0
-    assert all(math.isfinite(v) and v > 1 for v in report["perplexity"].values())
-    assert set(saved["latency"]) == {"32", "64"} and saved["stream_latency"]["rerotations"] > 0
-    row = saved["latency"]["64"]
-    assert row["sinks"]["decode_path"] == "static" and row["sinks_eager"]["decode_path"] == "eager"
-    assert row["speedup_vs_recompute"] > 0 and {"recompute", "dense"} <= set(row)
-    check = saved["path_check"]
-    assert check["decode_path"] == "static" and check["rerotations"] > 0 and check["max_abs_logprob_diff"] < 1e-3
-    stream = saved["stream_latency"]
-    assert stream["decode_path"] == "static" and stream["evicting_steps"] > 0 and stream["p99_over_p50"] >= 1
-    assert "speed-up vs recompute" in capsys.readouterr().out and (out / "bench_runtime.log").stat().st_size > 0
-    assert set(saved["recall"]) == {"sinks", "sirllm"}
+    bench = load_script()
+    original = bench.load
+    bench.load = lambda args: (_random(model_dir), load_tokenizer(str(model_dir)))
+    try:
+        report = bench.main(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--parts", "ppl", "recall",
+                             "--tokens", "256", "--window", "48", "--chunk", "16", "--recall-trials", "1",
+                             "--recall-filler", "60", "--sirllm-keep", "16"])
+    finally:
+        bench.load = original
+    assert set(report["perplexity"]) == {"sink", "recompute", "window"}
+    assert all(math.isfinite(v["ppl"]) and v["ppl"] > 1 and v["tokens_scored"] > 200
+               for v in report["perplexity"].values())
+    assert set(report["recall"]) == {"sinks", "sirllm"}
+
+
+def _random(model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa").eval()

@@ -62,7 +62,7 @@ def tokens(n, seed=0):
 def test_within_window_matches_plain_hf(name, decode):
     model = MODELS[name]()
     prompt = tokens(40)
-    engine = StreamingEngine(model, sinks=4, window=200, prefill_chunk=16, decode=decode)  # chunked prefill, no eviction
+    engine = StreamingEngine(model, sinks=4, window=204, prefill_chunk=16, decode=decode)  # chunked prefill, no eviction
     logits = engine.feed(prompt)
     dense = model(prompt).logits
     torch.testing.assert_close(logits, dense, atol=1e-5, rtol=0)
@@ -77,7 +77,7 @@ def test_within_window_matches_plain_hf(name, decode):
 @DECODES
 def test_after_eviction_equals_recompute_on_retained(name, evict_batch, decode):
     model = MODELS[name](layers=1)
-    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=evict_batch, prefill_chunk=5, decode=decode)
+    engine = StreamingEngine(model, sinks=4, window=32, evict_batch=evict_batch, prefill_chunk=5, decode=decode)
     stream = tokens(80, seed=1)
     logits = engine.feed(stream)
     assert engine.cache.rerotations > 0 and len(engine) <= engine.capacity
@@ -93,7 +93,7 @@ def test_after_eviction_equals_recompute_on_retained(name, evict_batch, decode):
 def test_attention_factor_applied_twice_is_caught(decode):
     """Negative control: re-rotating with the module's raw cos/sin (which carry YaRN's mscale) must fail."""
     model = yarn_llama(layers=1)
-    engine = StreamingEngine(model, sinks=4, window=28, evict_batch=4, prefill_chunk=5, decode=decode)
+    engine = StreamingEngine(model, sinks=4, window=32, evict_batch=4, prefill_chunk=5, decode=decode)
     module = rotary_module(model)
     engine.cache.rotary = lambda pos: tuple(t[0] for t in module(torch.zeros(1), pos[None]))
     engine.feed(tokens(80, seed=1))
@@ -106,7 +106,7 @@ def test_attention_factor_applied_twice_is_caught(decode):
 @pytest.mark.parametrize("name", ["llama-yarn", "phi3-partial"])
 def test_rerotation_matches_float64_angles(name, decode):
     model = MODELS[name]()
-    engine = StreamingEngine(model, sinks=2, window=30, evict_batch=10, prefill_chunk=32, decode=decode)
+    engine = StreamingEngine(model, sinks=2, window=32, evict_batch=10, prefill_chunk=32, decode=decode)
     engine.feed(tokens(32))
     before = [layer.keys.clone() for layer in engine.cache.layers]
     engine.feed(tokens(1, seed=5))  # 32 + 1 > 32: drop 10 slots after the 2 sinks, re-rotate 20 keys by 10
@@ -142,7 +142,7 @@ def test_prefill_chunks_never_exceed_window_and_generation_evicts(decode):
     lengths = []
     hook = model.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
                                                  with_kwargs=True)
-    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=5, prefill_chunk=64, decode=decode)
+    engine = StreamingEngine(model, sinks=4, window=24, evict_batch=5, prefill_chunk=64, decode=decode)
     engine.feed(tokens(100))
     assert max(lengths) <= 24 and lengths.count(24) == 1 and len(engine) <= 24  # one forward never exceeds sinks + window
     before = engine.cache.rerotations
@@ -155,7 +155,7 @@ def test_prefill_chunks_never_exceed_window_and_generation_evicts(decode):
 def test_sink_token_from_config_is_prepended_and_never_evicted(decode):
     model = MODELS["llama"]()
     model.config.yarnkit_sink_token_id = 1
-    engine = StreamingEngine(model, window=10, evict_batch=3, decode=decode)
+    engine = StreamingEngine(model, window=11, evict_batch=3, decode=decode)
     assert engine.options.sinks == 1
     logits = engine.feed(tokens(50))
     assert logits.shape[1] == 50 and engine.cache_ids[0] == 1 and len(engine) <= 11
@@ -163,7 +163,7 @@ def test_sink_token_from_config_is_prepended_and_never_evicted(decode):
 
 @DECODES
 def test_pinned_system_prompt_survives(decode):
-    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=40, evict_batch=8, decode=decode)
+    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=44, evict_batch=8, decode=decode)
     system = tokens(12, seed=9)
     engine.feed(system)
     engine.pin()
@@ -172,12 +172,12 @@ def test_pinned_system_prompt_survives(decode):
 
 
 def test_bad_input_is_rejected_clearly():
-    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=16)
+    engine = StreamingEngine(MODELS["llama"](), sinks=4, window=20)
     with pytest.raises(ValueError, match="no tokens"):
         engine.feed(torch.empty(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="sirllm_keep"):
-        StreamingEngine(MODELS["llama"](), window=16, sirllm_keep=16)
-    engine.feed(tokens(16))
+        StreamingEngine(MODELS["llama"](), window=20, sirllm_keep=16)
+    engine.feed(tokens(20))
     with pytest.raises(ValueError, match="cannot pin"):
         engine.pin()
     with pytest.raises(ValueError, match="full-attention models only"):

@@ -80,8 +80,9 @@ def test_long_message_compressed_once_and_history_still_matches(model, tokenizer
 
 def test_bad_messages_fail_clearly_and_leave_no_state(model, tokenizer):
     chat = Conversation(model, tokenizer, StreamOptions(window=64))
-    for messages, match in [([], "no messages"), ([{"role": "robot", "content": "hi"}], "unknown chat role"),
-                            ([{"role": "user", "content": "  "}], "non-empty user")]:
+    for messages, match in [([], "non-empty list"), ([{"role": "robot", "content": "hi"}], r"messages\[0\].role"),
+                            ([{"role": "user", "content": "  "}], "non-empty user"), (["hi"], r"messages\[0\]"),
+                            ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts")]:
         with pytest.raises(ValueError, match=match):
             collect(chat, messages)
         assert len(chat.engine) == 0 and chat.messages == []
@@ -180,27 +181,31 @@ def test_serve_openai_api_on_smollm2():
         base = line.strip().split(" on ")[-1]
         models = json.load(urllib.request.urlopen(base + "/models", timeout=30))
         assert models["object"] == "list" and models["data"][0]["object"] == "model"
+        name = models["data"][0]["id"]
 
         question = [{"role": "user", "content": "What is the capital of France? One word."}]
-        answer = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 8}))
+        answer = json.load(post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 8}))
         assert "Paris" in answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] >= 1
 
         history = question + [answer["choices"][0]["message"], {"role": "user", "content": "And of Italy?"}]
-        with post(base + "/chat/completions", {"messages": history, "max_tokens": 8, "stream": True}) as response:
-            assert response.headers["Content-Type"] == "text/event-stream"
+        with post(base + "/chat/completions", {"model": name, "messages": history, "max_tokens": 8,
+                                                 "stream": True}) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
             events = [l[6:] for l in response.read().decode().splitlines() if l.startswith("data: ")]
         assert events[-1] == "[DONE]"
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
         assert "Rome" in text
 
         # a client that disconnects mid-stream, then an immediate follow-up on the same session
-        hang_up = post(base + "/chat/completions", {"messages": question, "max_tokens": 200, "stream": True}, "s2")
+        hang_up = post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 200,
+                                                  "stream": True}, "s2")
         hang_up.readline()
         hang_up.close()
         for attempt in range(50):  # 409 while the server still finishes the dropped stream, then 200
             try:
-                again = json.load(post(base + "/chat/completions", {"messages": question, "max_tokens": 3}, "s2"))
+                again = json.load(post(base + "/chat/completions", {"model": name, "messages": question, "max_tokens": 3},
+                                  "s2"))
                 break
             except urllib.error.HTTPError as error:
                 assert error.code == 409
@@ -208,10 +213,40 @@ def test_serve_openai_api_on_smollm2():
         assert again["choices"][0]["message"]["role"] == "assistant"
 
         with pytest.raises(urllib.error.HTTPError) as bad:
-            post(base + "/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
-        assert bad.value.code == 400 and "unknown chat role" in bad.value.read().decode()
+            post(base + "/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "hi"}]})
+        assert bad.value.code == 400 and "messages[0].role" in bad.value.read().decode()
         health = json.load(urllib.request.urlopen(base[:-3] + "/health", timeout=30))
         assert health["status"] == "ok" and server.poll() is None
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_chat_cli_handles_commands_itself_and_prints_no_warning_mid_reply(tiny_dir):
+    """Piped stdin: /help is answered locally (never sent to the model), a reply streams with no FutureWarning."""
+    result = cli("chat", str(tiny_dir), "--max-new-tokens", "4", input="/help\nHello\n/stats\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "/reset" in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["messages"] == 2 and stats["completion_tokens"] == 4  # one user turn + one reply: /help was not fed
+
+
+def test_ctrl_c_while_loading_exits_cleanly(monkeypatch, capsys):
+    from yarnkit.runtime import chat
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "load_chat_model", interrupted)
+    parser = __import__("argparse").ArgumentParser()
+    chat.add_arguments(parser)
+    assert chat.run(parser.parse_args(["--prompt", "hi"])) == 130
+    assert "interrupted while loading" in capsys.readouterr().err

@@ -9,8 +9,9 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
   of an engine that never saw the failure; `reset()` keeps the buffers (a captured graph stays valid);
 - a failing graph capture falls back loudly (logged reason, reported in stats) and still returns right logits;
 - bad decode choices are refused with a clear error;
+- the decode step traces as one graph for torch.compile (no graph break) and keeps the eager logits;
 - slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
-CUDA-graph capture itself needs a GPU: scripts/bench_runtime.py reports which path ran there.
+CUDA-graph capture and compilation need a GPU: tests/test_runtime_gpu.py (gpu marker) and scripts/bench_runtime.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def feed_stream(engine, stream, step_sizes):
 def test_static_equals_eager_through_eviction(sirllm_keep):
     model = tiny_model("llama", num_hidden_layers=2)
     stream = tokens(90, seed=3)
-    engines = [StreamingEngine(model, sinks=4, window=24, evict_batch=5, prefill_chunk=8, sirllm_keep=sirllm_keep,
+    engines = [StreamingEngine(model, sinks=4, window=28, evict_batch=5, prefill_chunk=8, sirllm_keep=sirllm_keep,
                                decode=decode) for decode in ("eager", "static")]
     eager, static = (feed_stream(engine, stream, [9, 1, 1, 4]) for engine in engines)
     assert engines[1].decode_path == "static" and engines[1].cache.rerotations > 3
@@ -55,8 +56,8 @@ def test_static_equals_eager_through_eviction(sirllm_keep):
 
 def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers():
     model = tiny_model("llama", num_hidden_layers=2)
-    engine = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
-    clean = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    engine = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
+    clean = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
     engine.feed(tokens(10))  # 10 + 3 fit: the failing chunk below evicts nothing
     clean.feed(tokens(10))
 
@@ -71,19 +72,19 @@ def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers()
     after = tokens(30, seed=2)  # overwrites the half-written slots, then evicts
     torch.testing.assert_close(engine.feed(after), clean.feed(after), atol=0, rtol=0)
 
-    buffer = engine.cache.key_buffer.data_ptr()
+    buffer = engine.cache.pool.key_buffer.data_ptr()
     engine.reset()
-    assert len(engine) == 0 and engine.cache.key_buffer.data_ptr() == buffer
-    fresh = StreamingEngine(model, sinks=4, window=20, evict_batch=4, decode="static")
+    assert len(engine) == 0 and engine.cache.pool.key_buffer.data_ptr() == buffer
+    fresh = StreamingEngine(model, sinks=4, window=24, evict_batch=4, decode="static")
     torch.testing.assert_close(engine.feed(tokens(30)), fresh.feed(tokens(30)), atol=0, rtol=0)
 
 
 def test_graph_capture_failure_falls_back_loudly(caplog):
     """Force the graph path on CPU: capture cannot work there, so the decoder must log why and keep serving."""
     model = tiny_model("llama", num_hidden_layers=2)
-    engine = StreamingEngine(model, sinks=4, window=20, decode="static")
-    reference = StreamingEngine(model, sinks=4, window=20, decode="eager")
-    engine.decoder.use_graph = True
+    engine = StreamingEngine(model, sinks=4, window=24, decode="static")
+    reference = StreamingEngine(model, sinks=4, window=24, decode="eager")
+    engine.decoder.pool.use_graph = True
     prompt, token = tokens(10), tokens(1, seed=4)
     engine.feed(prompt)
     reference.feed(prompt)
@@ -108,14 +109,34 @@ def test_real_model_static_path(smollm2):
     """SmolLM2-135M: greedy generation within the window equals HF's; through eviction static == eager logits."""
     model, tokenizer = smollm2
     prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
-    engine = StreamingEngine(model, sinks=4, window=60, decode="static")
+    engine = StreamingEngine(model, sinks=4, window=64, decode="static")
     ours = list(engine.generate(prompt, max_new_tokens=6))
     hf = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
     assert ours == hf
     stream = tokenizer("It was a bright cold day in April, and the clocks were striking thirteen. " * 8,
                        return_tensors="pt")["input_ids"][:, :40]
-    engines = [StreamingEngine(model, sinks=4, window=20, evict_batch=6, prefill_chunk=16, decode=decode)
+    engines = [StreamingEngine(model, sinks=4, window=24, evict_batch=6, prefill_chunk=16, decode=decode)
                for decode in ("eager", "static")]
     eager, static = (feed_stream(engine, stream, [16, 1]) for engine in engines)
     assert engines[1].cache.rerotations > 2
     torch.testing.assert_close(static, eager, atol=1e-4, rtol=0)
+
+
+def test_decode_step_traces_as_one_graph_for_torch_compile():
+    """What `--compile` compiles on CUDA: dynamo traces the pool's step without a graph break (eager backend
+    here, so no code generation on CPU), and the traced step gives the eager engine's logits."""
+    from yarnkit.runtime.engine import StreamOptions, make_pool
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    options = StreamOptions(window=32, evict_batch=4, decode="static")
+    pool = make_pool(model, options, rows=2)
+    engine = StreamingEngine(model, options, pool=pool)
+    pool._step = torch.compile(pool.forward_rows, backend="eager", fullgraph=True, dynamic=False)
+    reference = StreamingEngine(model, window=32, evict_batch=4, decode="eager")
+    prompt = tokens(10)
+    engine.feed(prompt)
+    reference.feed(prompt)
+    for token in tokens(30, seed=6)[0]:
+        torch.testing.assert_close(engine.feed(token.view(1, 1), all_logits=False),
+                                   reference.feed(token.view(1, 1), all_logits=False), atol=1e-5, rtol=0)
+    assert engine.cache.rerotations >= 2

@@ -1,4 +1,4 @@
-"""Speed/memory knobs on CPU (yarnkit/train/speed.py, yarnkit/train/model.py's checkpoint_layers), each against the plain path.
+"""Speed/memory knobs on CPU (yarnkit/train/speed.py, model.py's checkpointing, optim.py, loop.py, profiling.py).
 
 - `use_sdpa_kernel("cudnn" | "flash")`: transformers' `sdpa` re-registered to prefer a kernel. On CPU those
   kernels do not exist, so torch falls back to its next choice: what is checked here is that the wrapper
@@ -8,6 +8,12 @@
 - `activation_offload`: DeepSpeed's checkpoint-input offload context leaves loss and gradients unchanged (1e-6).
 - `checkpoint_layers`: only the first N decoder layers keep transformers' checkpointing flag.
 - A backend that is not installed or a knob that does not apply is a RecipeError naming the fix.
+- Keep-attention checkpointing: loss and gradients of the uncheckpointed model (1e-6); the fused SDPA kernel runs
+  once per keeping layer (its outputs are saved), twice per fully recomputed one (counted at the ATen level).
+- Fallbacks: Liger-Kernel and compiled layers cannot run on this CPU machine; `auto` says so in one line and runs
+  the plain path, an explicit request stops (also through the trainer's `main`, exit 2) naming the fix.
+- Fused AdamW takes the foreach implementation's steps (1e-6); the batch prefetcher serves the batches asked for,
+  in order or not; the profile summary groups operators and measures gaps.
 
 Run: python -m pytest tests/test_speed.py -q
 """
@@ -96,3 +102,141 @@ def test_unavailable_or_mismatched_backends_are_clear_errors():
         load_recipe(["model.sdpa_kernel=cudnn9"])
     with pytest.raises(RecipeError, match="set model.gradient_checkpointing=true"):
         load_recipe(["model.gradient_checkpointing=false", "train.offload_activations=true"])
+
+
+class _CountAttention(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the fused SDPA kernels that really run (a SAC cache hit does not reach this mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from yarnkit.train.speed import _attention_ops
+
+        self.calls += func in _attention_ops()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep, expected_runs", [(0, 2), (1, 3), (None, 4)])
+def test_keep_attention_checkpointing_saves_attention_and_keeps_grads(keep, expected_runs):
+    """2 layers: keep_attention everywhere runs SDPA once per layer (forward only), keep=1 recomputes one layer's
+    attention, full checkpointing (None) recomputes both; loss and gradients equal the uncheckpointed model's."""
+    from yarnkit.train.speed import keep_attention_checkpointing
+
+    ids = _ids(96)
+    plain, checked = tiny_model("llama", seed=4).train(), tiny_model("llama", seed=4).train()
+    if keep is None:
+        checked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        assert keep_attention_checkpointing(checked, keep=keep) == (keep or 2)
+    loss_a, grads_a = _loss_and_grads(plain, ids)
+    with _CountAttention() as counter:
+        loss_b, grads_b = _loss_and_grads(checked, ids)
+    assert counter.calls == expected_runs
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_unavailable_fusions_fall_back_loudly_or_fail_with_the_fix(capsys):
+    """Liger-Kernel needs CUDA and compiled layers are CUDA-only: on this CPU machine `auto` prints one line naming
+    what runs instead, an explicit request is a RecipeError naming the fix."""
+    from yarnkit.train.loss import fused_loss_missing
+    from yarnkit.train.speed import compile_missing, liger_missing, resolve_choice
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the fallbacks of a machine without CUDA")
+    model = tiny_model("llama")
+    assert "CUDA" in liger_missing(model) and "CUDA" in fused_loss_missing(model)
+    assert "CUDA" in compile_missing("cpu")
+    assert resolve_choice("model.kernels", "auto", liger_missing(model), "liger", "torch") is False
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["yarnkit: model.kernels=auto: Liger-Kernel's Triton kernels need a CUDA GPU; torch runs instead"]
+    with pytest.raises(RecipeError, match="model.kernels=liger cannot run here: .*CUDA.*set model.kernels=auto"):
+        resolve_choice("model.kernels", "liger", liger_missing(model), "liger", "torch")
+    with pytest.raises(RecipeError, match="model.compile_layers=true cannot run here"):
+        resolve_choice("model.compile_layers", "True", compile_missing("cpu"), "true", "false")
+    assert resolve_choice("train.loss_impl", "chunked", None, "liger", "chunked") is False  # asked for the plain path
+    assert resolve_choice("train.loss_impl", "auto", None, "liger", "chunked") is True  # available: taken silently
+    assert capsys.readouterr().out == ""
+
+
+def test_forced_liger_in_a_recipe_stops_before_training(tmp_path, capsys):
+    from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
+    from yarnkit.train.trainer import main
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the fallbacks of a machine without CUDA")
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = make_text_file(tmp_path / "data.txt.gz")
+    common = tiny_overrides(model_dir, data, tmp_path / "run", tmp_path / "cache", **{"train.max_steps": 1,
+                                                                                   "checkpoint.every": 0})
+    assert main(common + ["model.kernels=liger"]) == 2
+    assert "model.kernels=liger cannot run here" in capsys.readouterr().err
+    assert main(common + ["train.loss_impl=liger", "run_dir=" + str(tmp_path / "run2")]) == 2
+    assert "train.loss_impl=liger cannot run here" in capsys.readouterr().err
+
+
+def test_speed_key_values_are_checked():
+    with pytest.raises(RecipeError, match="model.kernels='triton' is unknown; choose one of auto, liger, torch"):
+        load_recipe(["model.kernels=triton"])
+    with pytest.raises(RecipeError, match="train.loss_impl='cce' is unknown"):
+        load_recipe(["train.loss_impl=cce"])
+    with pytest.raises(RecipeError, match="set model.gradient_checkpointing=true or model.checkpoint_policy=full"):
+        load_recipe(["model.gradient_checkpointing=false", "model.checkpoint_policy=keep_attention"])
+    with pytest.raises(RecipeError, match="offload_activations works with model.checkpoint_policy=full"):
+        load_recipe(["model.checkpoint_policy=keep_attention", "train.offload_activations=true"])
+    recipe = load_recipe(["model.compile_layers=true", "optim.fused=False"])  # YAML booleans are accepted
+    assert (recipe.model.compile_layers, recipe.optim.fused) == ("true", "false")
+
+
+def test_fused_adamw_takes_the_same_steps_as_foreach():
+    from yarnkit.train.optim import OptimArgs, build_optimizer
+
+    models = [tiny_model("llama", seed=5).train() for _ in range(2)]
+    ids = _ids(64)
+    for model, fused in zip(models, ("false", "true")):
+        optimizer, _ = build_optimizer(model.parameters(), OptimArgs(lr=1e-3, warmup_steps=0, fused=fused), 10)
+        assert optimizer.defaults["fused"] is (True if fused == "true" else None)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_prefetcher_serves_the_same_batches_in_order_or_out_of_it():
+    from yarnkit.train.loop import Prefetcher
+
+    built = []
+
+    def build(first):
+        built.append(first)
+        return {"input_ids": torch.full((2, 4), first), "position_ids": None, "attention_mask": None}
+
+    prefetch = Prefetcher(build, pin=False)
+    assert prefetch(0, 2)["input_ids"][0, 0] == 0
+    assert prefetch(2, 4)["input_ids"][0, 0] == 2  # the one built ahead
+    assert prefetch(8, None)["input_ids"][0, 0] == 8  # not the one ahead (4): built on the spot
+    prefetch.close()
+    assert built == [0, 2, 4, 8]
+
+
+def test_profile_summary_lists_operators_and_gaps():
+    from yarnkit.train.profiling import gaps, kind_of, step_profile, summary
+
+    assert gaps([(0, 2), (1, 3), (5, 6), (10, 11)]) == [2, 4]
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kind_of("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul"
+    assert kind_of("triton_poi_fused_add_mul_0") == "Inductor (compiled layers)"
+    assert kind_of("_rms_norm_forward_kernel") == "Liger-Kernel"
+    model, ids = tiny_model("llama").train(), _ids(64)
+    with step_profile(True) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    with step_profile(False) as nothing:
+        assert nothing is None
+    text = summary(prof, 0.5, "tiny step")
+    assert text.startswith("# tiny step") and "| top 15 kernels |" in text and "Host gaps:" in text
+    assert ("aten::" in text) != torch.cuda.is_available()  # CPU operators stand in for kernels here

@@ -8,13 +8,13 @@ into segments, so a multi-million-token stream needs O(cache) memory. Policies h
   dense      one growing cache; stops with a recorded reason at `--max-cache` tokens or out of GPU memory
   window     the last W KV entries; positions keep growing (StreamingLLM's window-attention baseline)
   recompute  each token scored by a fresh forward over the last W tokens (positions 0..W-1); no cache kept
-  sink       `yarnkit.runtime.policy:SinkPolicy(sinks, window)` from the streaming runtime (imported lazily)
-W counts the keys a token attends to, itself included. Tests: tests/test_eval_stream.py.
+  sink       `SinkPolicy`: the streaming runtime's engine (attention sinks + rolling window, positions in the cache)
+W (`--window`) is the whole KV cache, sinks included (one meaning across `eval stream`, `chat` and `serve`): the
+keys a token attends to, itself included. Tests: tests/test_eval_stream.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import resource
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from yarnkit.eval.ppl import safe_exp
+from yarnkit.runtime.engine import StreamingEngine, StreamOptions
 
 
 class StreamPolicy(Protocol):
@@ -149,26 +150,48 @@ class RecomputePolicy:
         return 0 if self.history is None else self.history.shape[1]
 
 
-POLICIES = {"dense": DensePolicy, "window": WindowPolicy, "recompute": RecomputePolicy,
-            "sink": "yarnkit.runtime.policy:SinkPolicy"}
+class SinkPolicy:
+    """Attention sinks + rolling window through the runtime's `StreamingEngine` (built lazily per model).
+
+    `window` is the whole cache, sinks included; `sinks=None` takes the runtime's default (`default_sinks`: 1 for a
+    model with a dedicated sink token, else 4). Other options are `StreamOptions`' (evict_batch, prefill_chunk,
+    sirllm_keep, sirllm_decay, decode). With `evict_batch=1` this is exactly StreamingLLM's `sinks + (W - sinks)`
+    cache; the default evicts in batches of `(W - sinks) // 16` (amortised re-rotation), so the cache then holds
+    between `W - evict_batch` and `W` tokens.
+    """
+
+    def __init__(self, sinks: int | None = None, window: int = 1024, **options):
+        self.options = StreamOptions(sinks=sinks, window=window, **options)
+        label = "auto" if sinks is None else sinks
+        self.name = f"sinks{label}+W{window}" + (f"+sir{self.options.sirllm_keep}" if self.options.sirllm_keep else "")
+        self.engine: StreamingEngine | None = None
+
+    def reset(self) -> None:
+        if self.engine is not None:
+            self.engine.reset()
+
+    def step(self, model, input_ids: torch.LongTensor) -> torch.Tensor:
+        if self.engine is None or self.engine.model is not model:
+            self.engine = StreamingEngine(model, self.options)
+        return self.engine.feed(input_ids)
+
+    def cache_tokens(self) -> int:
+        return 0 if self.engine is None else len(self.engine)
 
 
-def make_policy(name: str, window: int = 1024, sinks: int = 4, max_cache: int | None = None) -> StreamPolicy:
+POLICIES = {"dense": DensePolicy, "window": WindowPolicy, "recompute": RecomputePolicy, "sink": SinkPolicy}
+
+
+def make_policy(name: str, window: int = 1024, sinks: int | None = None, max_cache: int | None = None,
+                **sink_options) -> StreamPolicy:
+    """A policy by name; `window` is the whole cache (sinks included) for every policy but `dense`."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    factory = POLICIES[name]
-    if isinstance(factory, str):
-        module_name, _, class_name = factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as error:
-            raise RuntimeError(f"policy {name!r} needs {factory} from the streaming runtime, which is not "
-                               f"installed in this checkout ({error})") from error
     if name == "dense":
-        return factory(max_cache=max_cache)
+        return DensePolicy(max_cache=max_cache)
     if name == "sink":
-        return factory(sinks=sinks, window=window - sinks)
-    return factory(window=window)
+        return SinkPolicy(sinks=sinks, window=window, **sink_options)
+    return POLICIES[name](window=window)
 
 
 def token_stream(documents: Iterable[tuple[str, list[int]]], bos: int, sink: int | None = None) -> Iterator[int]:

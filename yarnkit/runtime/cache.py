@@ -23,6 +23,7 @@ Test: `python -m pytest tests/test_runtime_cache.py -q`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -50,6 +51,21 @@ def rotate_back(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     cos, sin = cos.float()[None, None], sin.float()[None, None]
     turned = k_rot * cos - rotate_half(k_rot) * sin
     return torch.cat((turned, k_pass), dim=-1).to(keys.dtype)
+
+
+def cache_argument(model, cache) -> dict:
+    """`{"cache": cache}` or `{"past_key_values": cache}`: the keyword this transformers version's forward takes.
+
+    transformers renamed `past_key_values` to `cache` (5.2x; the old name warns mid-reply); 5.17 knows only the
+    old one. The answer is looked up once per model class.
+    """
+    kind = type(model)
+    if kind not in _CACHE_KEYWORD:
+        _CACHE_KEYWORD[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {_CACHE_KEYWORD[kind]: cache}
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
 def model_rotary(model) -> Rotary:
@@ -80,6 +96,11 @@ class SinkCache(Cache):
         super().__init__(layer_class_to_replicate=DynamicLayer)
         self.rotary = rotary
         self.rerotations = 0  # how many batched re-rotations happened (for stats and benchmarks)
+
+    def clear(self) -> None:
+        """Forget every token (the next forward starts an empty cache)."""
+        self.layers = []
+        self.rerotations = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized

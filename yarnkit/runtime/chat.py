@@ -6,9 +6,11 @@ of context, and memory stays flat however long it goes.
   yarnkit chat model.gguf --prompt "Hi!"        # one reply, then exit (for scripts)
   printf 'Hi\\nAnd you?\\n' | yarnkit chat       # piped stdin: one user turn per line
 
-CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. Interactive commands: /reset (forget
-everything), /stats (tokens seen, cache size, memory), /quit. Ctrl-C stops the current reply; Ctrl-C or
-Ctrl-D at the prompt exits. `--prompt -` reads one (multi-line) message from stdin.
+CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. `--window` is the whole cache, sinks
+included (the same meaning in `chat`, `serve` and `eval stream`). Interactive commands (handled here, never
+sent to the model): /help, /reset (forget everything), /stats (tokens seen, cache size, memory), /quit.
+Ctrl-C stops the current reply; Ctrl-C or Ctrl-D at the prompt exits, and so does Ctrl-C while the model loads.
+`--prompt -` reads one (multi-line) message from stdin.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import threading
 from yarnkit.runtime.conversation import Conversation, load_chat_model
 from yarnkit.runtime.engine import StreamOptions
 
+COMMANDS = {"/help": "show these commands", "/reset": "forget the conversation (cache and history)",
+            "/stats": "tokens seen, cache size and memory (JSON)", "/quit": "leave (also /exit, Ctrl-D)"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", nargs="?", default="smollm2-135m", help="run dir, HF dir, .gguf, or smollm2-135m")
@@ -32,11 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `chat` and `serve`."""
-    parser.add_argument("--window", type=int, default=1020, help="recent tokens kept besides the sinks")
+    parser.add_argument("--window", type=int, default=1024,
+                        help="tokens the cache holds in all, sinks and a pinned system prompt included (default 1024)")
     parser.add_argument("--sinks", type=int, default=None, help="sink tokens (default: 1 with a sink token, else 4)")
     parser.add_argument("--evict-batch", type=int, default=None, help="tokens dropped per eviction (window//16)")
     parser.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"],
-                        help="decode path: auto = CUDA graph on a GPU (falls back loudly), eager growing cache on CPU")
+                        help="decode path: auto = CUDA graph on a GPU (falls back loudly), eager growing cache on CPU "
+                             "(serve: the batched static cache on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
+                             "a minute of compiling at start)")
     parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
     parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
     parser.add_argument("--compress-rate", type=float, default=None,
@@ -50,17 +60,30 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def build_conversation_factory(args):
-    """Load the model once; return `(model, tokenizer, new_conversation)`."""
-    model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
-    options = StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
-                            sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode)
+def stream_options(args) -> StreamOptions:
+    return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
+                         sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
+                         compile=args.compile)
+
+
+def load_for_cli(args):
+    """`(model, tokenizer)`, or None when Ctrl-C interrupted the loading (a clean exit, no traceback)."""
+    try:
+        return load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
+    except KeyboardInterrupt:
+        print("\ninterrupted while loading the model", file=sys.stderr)
+        return None
+
+
+def build_conversation_factory(model, tokenizer, args):
+    """`new_conversation()` over an already loaded model."""
+    options = stream_options(args)
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,
                             compress_over=args.compress_over)
 
-    return model, tokenizer, new_conversation
+    return new_conversation
 
 
 def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout) -> None:
@@ -101,15 +124,21 @@ def run(args) -> int:
         if not text.strip():
             print("error: empty prompt; pass some text with --prompt (or on stdin with --prompt -)", file=sys.stderr)
             return 2
-    _, _, new_conversation = build_conversation_factory(args)
-    conversation = new_conversation()
+    loaded = load_for_cli(args)
+    if loaded is None:
+        return 130
+    try:
+        conversation = build_conversation_factory(*loaded, args)()
+    except ValueError as error:  # e.g. a window the model cannot take
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     history = [{"role": "system", "content": args.system}] if args.system else []
     if text is not None:
         reply(conversation, history, text, args)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print("yarnkit chat: /reset, /stats, /quit; Ctrl-C stops a reply.", file=sys.stderr)
+        print("yarnkit chat: /help for commands; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -121,6 +150,9 @@ def run(args) -> int:
             continue
         if text in ("/quit", "/exit"):
             return 0
+        if text in ("/help", "/?"):
+            print("\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()), file=sys.stderr)
+            continue
         if text == "/reset":
             conversation.reset()
             history = history[:1] if args.system else []
@@ -128,5 +160,9 @@ def run(args) -> int:
             continue
         if text == "/stats":
             print(json.dumps(conversation.stats()), file=sys.stderr if interactive else sys.stdout)
+            continue
+        if text.startswith("/") and text.split()[0] not in COMMANDS and " " not in text:
+            print(f"unknown command {text}; /help lists them (a message starting with '/' needs a space)",
+                  file=sys.stderr)
             continue
         reply(conversation, history, line, args)

@@ -1,10 +1,14 @@
-"""`Conversation`: chat messages -> chat template -> incremental feeding of a streaming engine -> text pieces.
+"""`Conversation` and `Turn`: messages (or raw text) -> chat template -> incremental feeding -> text pieces.
 
-What it is: the layer shared by `yarnkit chat` and `yarnkit serve`. It renders the whole message list with the
-tokenizer's chat template and feeds only the text that is new since the last turn (the cache carries the rest);
-when the incoming history does not extend what was fed (an edited history, a client's own truncation) it
-starts over and re-feeds it in chunks. The system prompt (everything before the first user message) is pinned
-so it is never evicted. Also: checkpoint resolution for run dirs, and the no-template fallback.
+What it is: the layer shared by `yarnkit chat` and `yarnkit serve`. A conversation owns one streaming engine (a
+cache); `start(messages)` renders the whole history with the tokenizer's chat template and returns a `Turn`
+that feeds only the text that is new since the last turn (the cache carries the rest). When the history does
+not extend what was fed (an edited history, a client's own truncation) the turn starts over and re-feeds it in
+chunks. The system prompt (everything before the first user message) is pinned so it is never evicted. A `Turn`
+is driven step by step (`prefill_step`, `next_token`, `accept`, `take_text`, `close`), so the server's
+scheduler can interleave many of them and decode them in one batched step; `respond()` drives one turn alone
+(chat). `stop` strings, OpenAI roles (`developer` is rendered as `system`, `tool` as itself) and list-of-parts
+content are handled here. Also: checkpoint resolution for run dirs, and the no-template fallback.
 What it is not: a terminal UI or an HTTP server.
 
 Test: `python -m pytest tests/test_runtime_chat.py -q`.
@@ -13,7 +17,7 @@ Test: `python -m pytest tests/test_runtime_chat.py -q`.
 from __future__ import annotations
 
 import logging
-import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -23,7 +27,7 @@ from yarnkit.runtime.engine import StreamingEngine, StreamOptions, sample
 from yarnkit.train.checkpoint import model_location
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 _MARKER = "\u2063yarnkit-first-user\u2063"
 
 
@@ -38,41 +42,72 @@ def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):
     return load_model(resolve_checkpoint(ckpt), dtype=dtype, device=device)
 
 
-def check_messages(messages: list[dict]) -> None:
-    if not messages:
-        raise ValueError("no messages: send at least one user message")
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI chat messages -> `{"role", "content": str}`; errors name the offending field."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: send a non-empty list of messages, the last one from the user")
+    out = []
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}]: each message must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i}: unknown chat role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string")
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise ValueError("the last message must be a non-empty user message")
+            raise ValueError(f"messages[{i}].role: unknown chat role {role!r}; use one of {', '.join(ROLES)}")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                 "are supported")
+            content = "\n".join(part["text"] for part in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if out[-1]["role"] not in ("user", "tool") or not out[-1]["content"].strip():
+        raise ValueError("messages: the last message must be a non-empty user (or tool) message")
+    return out
+
+
+class PromptTooLong(ValueError):
+    """The prompt (as tokens) is longer than the configured limit; the message names the field."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 class Conversation:
-    """One chat session: engine (cache) + the messages and text fed so far. Not thread-safe: hold `lock`."""
+    """One session: engine (cache) + what was fed so far. Not thread-safe: one thread drives its turns."""
 
     def __init__(self, model, tokenizer, options: StreamOptions | None = None, pin_system: bool = True,
-                 compress_rate: float | None = None, compress_over: int = 512):
+                 compress_rate: float | None = None, compress_over: int = 512, pool=None):
         self.tokenizer = tokenizer
-        self.engine = StreamingEngine(model, options)
+        self.engine = StreamingEngine(model, options, pool=pool)
         self.pin_system = pin_system
         self.compress_rate, self.compress_over = compress_rate, compress_over
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         if not self.has_template:
             log.warning("the tokenizer has no chat template; falling back to a plain 'User:/Assistant:' format")
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.lock = threading.Lock()
         self.last_info: dict = {}
         self.reset()
 
     def reset(self) -> None:
         self.engine.reset()
+        self.mode = None                    # "chat" (messages) or "text" (completions) once something was fed
         self.messages: list[dict] = []      # the history as the caller sent it (plus our replies)
         self.fed_messages: list[dict] = []  # the same history as fed (long user messages maybe compressed)
         self.fed_text = ""
+        self.fed_tokens = 0                 # tokens fed since the reset (prompts and replies)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         if self.has_template:
@@ -81,102 +116,226 @@ class Conversation:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if generation_prompt else "")
 
-    def _feed_text(self, text: str) -> None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids:
-            self.engine.feed(torch.tensor([ids]))
-        self.fed_text += text
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _maybe_compress(self, messages: list[dict]) -> list[dict]:
+    def _maybe_compress(self, messages: list[dict], info: dict) -> list[dict]:
         last = messages[-1]["content"]
-        count = len(self.tokenizer(last, add_special_tokens=False)["input_ids"])
-        self.last_info.update(user_tokens=count)
-        if count > self.engine.options.window:
-            self.last_info["warning"] = (f"the message has {count} tokens, more than the {self.engine.options.window}"
-                                         "-token window: it was streamed through and only its end stays in context")
-        if self.compress_rate is None or count <= self.compress_over:
+        if self.compress_rate is None or len(last.encode()) <= self.compress_over:  # tokens <= bytes
+            return messages
+        count = self.count_tokens(last)
+        if count <= self.compress_over:
             return messages
         squeezed = compress_prompt(self.engine.model, self.tokenizer, last, rate=self.compress_rate)
-        self.last_info.update(compressed_tokens=squeezed.compressed_tokens, ratio=round(squeezed.ratio, 2))
+        info.update(compressed_tokens=squeezed.compressed_tokens, ratio=round(squeezed.ratio, 2))
         return messages[:-1] + [{"role": "user", "content": squeezed.text}]
 
-    def _prepare(self, messages: list[dict]) -> str:
-        """Bring the cache to `messages`; returns the text fed for them (with the generation prompt)."""
-        full = self.render(messages, generation_prompt=True)
-        known = self.fed_messages == messages[:len(self.fed_messages)] and full.startswith(self.fed_text)
-        if not known or not self.fed_text:
+    def _plan(self, messages: list[dict] | None, text: str | None, info: dict | None = None,
+              rendered: str | None = None):
+        """`(history, to_feed, full, reuse)`: what the cache must hold and whether it extends what was fed.
+        `rendered` is `messages` already rendered with the generation prompt (used when nothing is compressed)."""
+        if messages is None:
+            return None, None, text, self.mode == "text" and bool(self.fed_text) and text.startswith(self.fed_text)
+        known = len(self.messages)
+        to_feed = self.fed_messages[:known] + messages[known:] if self.messages == messages[:known] else messages
+        if info is not None:
+            to_feed = self._maybe_compress(to_feed, info)
+        same = rendered is not None and (self.compress_rate is None or to_feed == messages)
+        full = rendered if same else self.render(to_feed, generation_prompt=True)
+        reuse = (self.mode == "chat" and bool(self.fed_text) and full.startswith(self.fed_text)
+                 and self.fed_messages == to_feed[:len(self.fed_messages)])
+        return messages, to_feed, full, reuse
+
+    def reusable(self, messages: list[dict] | None = None, text: str | None = None,
+                 rendered: str | None = None) -> int:
+        """How many characters of the request this idle cache already holds (-1: none, it would start over)."""
+        if not self.fed_text:
+            return -1
+        return len(self.fed_text) if self._plan(messages, text, rendered=rendered)[3] else -1
+
+    def start(self, messages: list[dict] | None = None, text: str | None = None,
+              sampling: Sampling | None = None, rendered: str | None = None,
+              max_prompt_tokens: int | None = None) -> "Turn":
+        """A turn answering `messages` (normalized, see `normalize_messages`) or continuing raw `text`; raises
+        `PromptTooLong` (feeding nothing) when the whole prompt has more than `max_prompt_tokens` tokens."""
+        info: dict = {}
+        history, to_feed, full, reuse = self._plan(messages, text, info, rendered)
+        pieces = []
+        if not reuse:
             self.reset()
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            marked = messages[:first_user] + [{"role": "user", "content": _MARKER}]
-            prefix = self.render(marked, generation_prompt=False).split(_MARKER)[0]
-            if self.pin_system and prefix and full.startswith(prefix):
-                self._feed_text(prefix)
-                try:
-                    self.engine.pin()
-                except ValueError as error:  # a system prompt as long as the cache: stream it, do not pin it
-                    self.last_info["warning"] = f"system prompt not pinned: {error}"
-        self._feed_text(full[len(self.fed_text):])
-        return full
+            prefix = ""
+            if messages is not None and self.pin_system:
+                first_user = next(i for i, m in enumerate(to_feed) if m["role"] == "user")
+                marked = to_feed[:first_user] + [{"role": "user", "content": _MARKER}]
+                prefix = self.render(marked, generation_prompt=False).split(_MARKER)[0]
+                prefix = prefix if prefix and full.startswith(prefix) else ""
+            if prefix:
+                pieces.append((prefix, True))
+            pieces.append((full[len(prefix):], False))
+        elif len(full) > len(self.fed_text):
+            pieces.append((full[len(self.fed_text):], False))
+        turn = Turn(self, history, to_feed, full, pieces, sampling or Sampling(), info)
+        if max_prompt_tokens is not None and turn.prompt_tokens > max_prompt_tokens:
+            field = "messages" if messages is not None else "prompt"
+            raise PromptTooLong(f"{field}: the prompt has {turn.prompt_tokens} tokens, more than this server's limit "
+                                f"of {max_prompt_tokens} (--max-prompt-tokens)")
+        self.mode = "chat" if messages is not None else "text"
+        return turn
 
     def respond(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+                top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (the whole history, last one from the user) as text pieces.
 
         If the consumer stops early (Ctrl-C, a closed connection), what was generated so far is kept as the
         assistant's message, so the cache and the history stay consistent.
         """
-        check_messages(messages)
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        self.last_info = {}
-        known = len(self.messages)
-        if self.messages == messages[:known]:  # reuse the compressed versions of turns already fed
-            to_feed = self.fed_messages[:known] + messages[known:]
-        else:
-            to_feed = messages
-        to_feed = self._maybe_compress(to_feed)
-        seen_before = self.engine.tokens_seen
+        turn = self.start(normalize_messages(messages), sampling=Sampling(max_new_tokens, temperature, top_p,
+                                                                          seed, tuple(stop)))
         try:
-            self._prepare(to_feed)
-        except Exception:
-            self.reset()  # never leave a half-fed cache behind
-            raise
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        produced: list[int] = []
-        fed = 0
-        shown = ""
-        logits = self.engine.last_logits
-        self.last_info.update(prompt_tokens=self.engine.tokens_seen - seen_before, finish_reason="length")
-        try:
-            for _ in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, generator)
-                if token in self.stop_ids:
-                    self.last_info["finish_reason"] = "stop"
-                    break
-                produced.append(token)
-                text = self.tokenizer.decode(produced, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-                logits = self.engine.feed(torch.tensor([[token]]))[0, -1]
-                fed += 1
+            while turn.prefilling:
+                turn.prefill_step()
+            while (token := turn.next_token()) is not None:
+                piece = turn.take_text()
+                if piece:
+                    yield piece
+                turn.accept(self.engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1])
+            rest = turn.take_text()
+            if rest:
+                yield rest
         finally:
-            self._settle(messages, to_feed, produced, fed)
-
-    def _settle(self, messages: list[dict], to_feed: list[dict], produced: list[int], fed: int) -> None:
-        """After a reply (finished, interrupted or failed): make cache and history agree, or start over."""
-        if not self.engine.is_consistent():  # a forward was interrupted half-way: the cache cannot be trusted
-            self.reset()
-            return
-        if fed < len(produced):  # stopped between sampling and feeding
-            self.engine.feed(torch.tensor([produced[fed:]]))
-        answer = {"role": "assistant", "content": self.tokenizer.decode(produced, skip_special_tokens=True)}
-        self.messages, self.fed_messages = messages + [answer], to_feed + [answer]
-        self.fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
-        self.engine.end_round()
-        self.last_info["completion_tokens"] = len(produced)
+            turn.close()
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "messages": len(self.messages), **self.last_info}
+
+
+class Turn:
+    """One reply in the making: pending prompt pieces, sampling state, the text shown so far."""
+
+    def __init__(self, conversation: Conversation, history, to_feed, full: str, pieces: list[tuple[str, bool]],
+                 sampling: Sampling, info: dict):
+        self.conversation, self.engine = conversation, conversation.engine
+        self.history, self.to_feed, self.sampling, self.info = history, to_feed, sampling, info
+        self.tokenizer = conversation.tokenizer
+        self.pending = [(text, self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                         pin) for text, pin in pieces if text]
+        self.offset = 0                      # ids of pending[0] already fed
+        new = sum(len(ids) for _, ids, _ in self.pending)
+        self.prompt_tokens = conversation.fed_tokens + new  # the whole prompt as the model sees it
+        self.fed_prompt = 0
+        if new > self.engine.capacity:
+            info["warning"] = (f"the new text has {new} tokens, more than the {self.engine.capacity}-token cache: "
+                               "it was streamed through and only its end stays in context")
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.produced: list[int] = []
+        self.fed = 0
+        self.shown = ""
+        self.visible = ""
+        self.finish_reason: str | None = None
+        self.cut_text: str | None = None
+        self.logits = None if self.pending else self.engine.last_logits
+        self.closed = False
+        self.job, self.index = None, 0       # set by the server's scheduler: the request and choice it answers
+        info.update(prompt_tokens=self.prompt_tokens)
+
+    @property
+    def prefilling(self) -> bool:
+        return bool(self.pending)
+
+    def prefill_step(self, budget: int | None = None) -> None:
+        """Feed at most `budget` (default: one prefill chunk) prompt tokens; pins the system prompt when done."""
+        text, ids, pin = self.pending[0]
+        budget = budget or self.engine.options.prefill_chunk
+        chunk = ids[self.offset:self.offset + budget]
+        try:
+            if chunk:
+                self.engine.feed(torch.tensor([chunk]), all_logits=False)
+        except BaseException:
+            self.conversation.reset()  # never leave a half-fed cache behind
+            self.closed = True
+            raise
+        self.offset += len(chunk)
+        self.fed_prompt += len(chunk)
+        self.conversation.fed_tokens += len(chunk)
+        if self.offset >= len(ids):
+            self.conversation.fed_text += text
+            self.pending.pop(0)
+            self.offset = 0
+            if pin:
+                try:
+                    self.engine.pin()
+                except ValueError as error:  # a system prompt as long as the cache: stream it, do not pin it
+                    self.info["warning"] = f"system prompt not pinned: {error}"
+            if not self.pending:
+                self.logits = self.engine.last_logits
+
+    def next_token(self) -> int | None:
+        """Sample the next token (None when the reply is finished: stop token, stop string or length)."""
+        if self.finish_reason is not None:
+            return None
+        if len(self.produced) >= self.sampling.max_new_tokens:
+            return self._finish("length")
+        s = self.sampling
+        token = sample(self.logits, s.temperature, s.top_p, self.generator)
+        if token in self.conversation.stop_ids:
+            return self._finish("stop")
+        self.produced.append(token)
+        text = self.tokenizer.decode(self.produced, skip_special_tokens=True)
+        cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.cut_text = text[:cut]
+            return self._finish("stop")
+        hold = max((k for stop in s.stop for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), default=0)
+        visible = text[:len(text) - hold]
+        if not visible.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            self.visible = visible
+        return token
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.visible = self.reply_text()
+        return None
+
+    def reply_text(self) -> str:
+        """The reply as the caller sees it: cut before a stop string that was hit."""
+        if self.cut_text is not None:
+            return self.cut_text
+        return self.tokenizer.decode(self.produced, skip_special_tokens=True)
+
+    def accept(self, logits: torch.Tensor) -> None:
+        """The token from `next_token` was fed; `logits` predict the one after it."""
+        self.fed += 1
+        self.logits = logits
+
+    def take_text(self) -> str:
+        """Text that became visible since the last call (everything left once the reply is finished)."""
+        piece = self.visible[len(self.shown):] if self.visible.startswith(self.shown) else ""
+        self.shown += piece
+        return piece
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.produced)
+
+    def close(self) -> None:
+        """After a reply (finished, interrupted or failed): make cache and history agree, or start over."""
+        if self.closed:
+            return
+        self.closed = True
+        conversation, engine = self.conversation, self.engine
+        self.info.update(completion_tokens=len(self.produced), finish_reason=self.finish_reason or "length")
+        conversation.last_info = self.info
+        if self.pending or not engine.is_consistent():  # interrupted prefill or torn forward: start over
+            conversation.reset()
+            return
+        if self.fed < len(self.produced):  # stopped between sampling and feeding
+            engine.feed(torch.tensor([self.produced[self.fed:]]), all_logits=False)
+        conversation.fed_tokens += len(self.produced)
+        if self.history is not None:
+            answer = {"role": "assistant", "content": self.reply_text()}
+            conversation.messages, conversation.fed_messages = self.history + [answer], self.to_feed + [answer]
+        conversation.fed_text += self.tokenizer.decode(self.produced, skip_special_tokens=False)
+        engine.end_round()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -1,100 +1,130 @@
-"""`StreamingEngine`: feed tokens through a model with a `SinkCache`, evicting before each chunk; stream tokens out.
+"""`StreamingEngine`: feed tokens through a model with a sink cache, evicting before each chunk; stream tokens out.
 
 What it is: the prefill/decode split of the runtime. `feed(ids)` runs the model over new tokens in chunks that
-never exceed the window (a prompt longer than the window is never prefilled densely), evicting in batches of
-`evict_batch` tokens before a chunk would overflow `sinks + window`; `generate(ids)` yields sampled tokens and
-keeps evicting during long generations. Optional SirLLM retention keeps the tokens with the highest
-self-information (-log p, free from the forward pass) besides sinks and recent tokens, decayed by `decay` after
-each dialogue round (`end_round()`). What it is not: a chat template or a server (see `chat.py`, `serve.py`).
+never exceed the free cache (a prompt longer than the cache is never prefilled densely), evicting in batches of
+`evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens and keeps
+evicting during long generations; `decode_together(engines, tokens)` decodes many sessions in one batched step
+(continuous batching: each session keeps its own cache row and positions). Logits are computed only where they
+are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
+Optional SirLLM retention keeps the tokens with the highest self-information (-log p, free from the forward
+pass) besides sinks and recent tokens, decayed by `decay` after each dialogue round (`end_round()`). What it is
+not: a chat template or a server (see `conversation.py`, `serve.py`).
 
-Decode paths (`decode=`): `eager` grows a `SinkCache`; `static` / `graph` run the fixed-shape cache of
-`static.py` (graph: the 1-token step replayed as a CUDA graph); `auto` picks graph on CUDA, eager elsewhere.
+`window` is the whole cache: sinks (and a pinned system prompt) included, everywhere (`chat`, `serve`,
+`eval stream`). Decoders (`decoders.py`, one interface): `eager` grows a `SinkCache`; `static` / `graph` use a
+row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally `torch.compile`d); `auto` picks
+graph on CUDA, eager elsewhere.
 
-Sinks: 1 when the model's config records a dedicated sink token (`config.yarnkit_sink_token_id`; it is put in
-slot 0 automatically and never evicted), else 4. `pin()` also protects everything fed so far (a system prompt).
+Sinks: `default_sinks(config)`: 1 when the model's config records a dedicated sink token
+(`config.yarnkit_sink_token_id`; it is put in slot 0 automatically and never evicted), else 4. `pin()` also
+protects everything fed so far (a system prompt).
 
-Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py -q`.
+Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py tests/test_runtime_batch.py -q`.
 """
 
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
 
-from yarnkit.runtime.cache import SinkCache, model_rotary
-from yarnkit.runtime.static import StaticDecoder, StaticSinkCache
+from yarnkit.runtime.cache import model_rotary
+from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
+from yarnkit.runtime.static import SlotPool
 
-DEFAULT_SINKS = 4
 DECODE_PATHS = ("auto", "eager", "static", "graph")
+
+
+def default_sinks(config) -> int:
+    """The one home of the sink default: 1 for a model trained with a dedicated sink token, else 4 (StreamingLLM)."""
+    return 1 if getattr(config, "yarnkit_sink_token_id", None) is not None else 4
 
 
 @dataclass
 class StreamOptions:
     """Knobs of the streaming runtime; `None` means "derive from the model / the window"."""
 
-    sinks: int | None = None          # None: 1 if config.yarnkit_sink_token_id is set, else 4
-    window: int = 1020                # recent tokens kept besides the sinks (cache holds sinks + window)
-    evict_batch: int | None = None    # tokens dropped per eviction; None: max(1, window // 16)
-    prefill_chunk: int = 512          # longest single forward (clipped to the free window)
-    sirllm_keep: int = 0              # SirLLM: window slots reserved for high self-information tokens (0: off)
+    sinks: int | None = None          # None: default_sinks(config)
+    window: int = 1024                # tokens the cache holds in all, sinks and pinned tokens included
+    evict_batch: int | None = None    # tokens dropped per eviction; None: max(1, (window - sinks) // 16)
+    prefill_chunk: int = 512          # longest single forward (clipped to the free cache)
+    sirllm_keep: int = 0              # SirLLM: cache slots reserved for high self-information tokens (0: off)
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
     decode: str = "auto"              # eager | static | graph | auto (graph on CUDA, eager elsewhere)
+    compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
 
     def resolved(self, config) -> "StreamOptions":
-        sink_token = getattr(config, "yarnkit_sink_token_id", None)
-        sinks = self.sinks if self.sinks is not None else (1 if sink_token is not None else DEFAULT_SINKS)
-        if sinks < 0 or self.window < 1:
-            raise ValueError(f"need sinks >= 0 and window >= 1 (got sinks={sinks}, window={self.window})")
-        if not 0 <= self.sirllm_keep < self.window:
-            raise ValueError(f"sirllm_keep={self.sirllm_keep} must be in [0, window={self.window})")
+        sinks = self.sinks if self.sinks is not None else default_sinks(config)
+        if sinks < 0 or self.window <= sinks:
+            raise ValueError(f"need sinks >= 0 and window > sinks: the window counts the whole cache, sinks "
+                             f"included (got sinks={sinks}, window={self.window})")
+        recent = self.window - sinks
+        if not 0 <= self.sirllm_keep < recent:
+            raise ValueError(f"sirllm_keep={self.sirllm_keep} must be in [0, window - sinks = {recent})")
         if not 0.0 < self.sirllm_decay <= 1.0:
             raise ValueError(f"sirllm_decay={self.sirllm_decay} must be in (0, 1]")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"decode={self.decode!r}: choose one of {', '.join(DECODE_PATHS)}")
-        evict = self.evict_batch if self.evict_batch is not None else max(1, self.window // 16)
-        return StreamOptions(sinks, self.window, max(1, min(evict, self.window)), max(1, self.prefill_chunk),
-                             self.sirllm_keep, self.sirllm_decay, self.decode)
+        evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
+        return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
+                       prefill_chunk=max(1, self.prefill_chunk))
+
+
+def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
+    """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
+    options = options.resolved(model.config)
+    device = next(model.parameters()).device
+    decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
+    if decode == "eager":
+        raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
+    return SlotPool(model, options.window, model_rotary(model), rows, graph=decode == "graph",
+                    compiled=options.compile)
 
 
 class StreamingEngine:
-    """One conversation's cache over a shared model; batch size 1."""
+    """One conversation's cache over a shared model; batch size 1 per engine (see `decode_together`)."""
 
-    def __init__(self, model, options: StreamOptions | None = None, **overrides):
+    def __init__(self, model, options: StreamOptions | None = None, pool: SlotPool | None = None, **overrides):
         self.model = model
         base = options or StreamOptions()
-        self.options = StreamOptions(**{**base.__dict__, **overrides}).resolved(model.config)
-        check_supported(model.config, self.options.sinks, self.options.window)
+        self.options = replace(base, **overrides).resolved(model.config)
+        check_supported(model.config, self.options.window)
         self.sink_token_id = getattr(model.config, "yarnkit_sink_token_id", None)
-        self.rotary = model_rotary(model)
-        parameter = next(model.parameters())
-        self.device = parameter.device
+        self.device = next(model.parameters()).device
         decode = self.options.decode
         if decode == "auto":
             decode = "graph" if self.device.type == "cuda" else "eager"
-        self.decoder = None
-        if decode != "eager":
-            cache = StaticSinkCache(model.config, self.capacity, self.rotary, self.device, parameter.dtype)
-            self.decoder = StaticDecoder(model, cache, graph=decode == "graph")
+        if pool is not None:
+            if pool.capacity != self.capacity:
+                raise ValueError(f"the pool holds {pool.capacity} tokens per session, the options {self.capacity}")
+            self.decoder = PoolDecoder(pool)
+        elif decode == "eager":
+            self.decoder = EagerDecoder(model, model_rotary(model))
+        else:
+            self.decoder = PoolDecoder(make_pool(model, replace(self.options, decode=decode)))
         self.reset()
 
     @property
     def capacity(self) -> int:
-        return self.options.sinks + self.options.window
+        return self.options.window
+
+    @property
+    def cache(self):
+        return self.decoder.cache
 
     def reset(self) -> None:
-        if self.decoder is not None:
-            self.cache = self.decoder.cache
-            self.cache.clear()
-        else:
-            self.cache = SinkCache(self.rotary)
+        self.decoder.reset()
         self.cache_ids = torch.empty(0, dtype=torch.long)    # token id in each slot
         self.scores = torch.empty(0)                         # SirLLM self-information per slot
         self.pinned = 0
         self.tokens_seen = 0
         self.last_logits: torch.Tensor | None = None
+
+    def close(self) -> None:
+        """Give the cache (a pool row) back; the engine must not be used afterwards."""
+        self.decoder.release()
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -102,15 +132,11 @@ class StreamingEngine:
     @property
     def decode_path(self) -> str:
         """The decode path in use: eager (growing `SinkCache`), static, or graph (falls back to static loudly)."""
-        return self.decoder.path if self.decoder is not None else "eager"
+        return self.decoder.path
 
     def is_consistent(self) -> bool:
-        """False after a forward was interrupted half-way (some layers hold a chunk the others do not). The static
-        cache only counts a chunk once its forward completed, so it is always consistent."""
-        if self.decoder is not None:
-            return len(self) == len(self.cache_ids)
-        lengths = {layer.keys.shape[-2] for layer in self.cache.layers if layer.is_initialized}
-        return lengths <= {len(self.cache_ids)} and len(self.cache.layers) in (0, self.model.config.num_hidden_layers)
+        """False after a forward was interrupted half-way; the pooled caches only count a completed forward."""
+        return self.decoder.consistent(len(self.cache_ids))
 
     @property
     def protected(self) -> int:
@@ -165,10 +191,19 @@ class StreamingEngine:
             first = info.max() if info.numel() else torch.tensor(0.0)
         return torch.cat((first.reshape(1), info))
 
+    def _record(self, chunk: torch.Tensor, logits: torch.Tensor) -> None:
+        """Bookkeeping after a forward completed: slot ids, SirLLM scores, the logits that predict the next token."""
+        if self.options.sirllm_keep:
+            self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
+        self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
+        self.last_logits = logits[0, -1]
+        self.tokens_seen += chunk.shape[1]
+
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
         """Run new token ids `[1, n]` (or `[n]`) through the model; returns float32 logits `[1, n, vocab]` on the
-        model's device. `ids` may live on any device: the engine's token bookkeeping is on the host."""
+        model's device, or only the last row `[1, 1, vocab]` with `all_logits=False` (then no chunk computes more
+        logits than it needs). `ids` may live on any device: the engine's token bookkeeping is on the host."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).cpu()
         if ids.shape[1] == 0:
             raise ValueError("feed() got no tokens")
@@ -176,28 +211,40 @@ class StreamingEngine:
         if self.sink_token_id is not None and len(self) == 0 and int(ids[0, 0]) != self.sink_token_id:
             ids = torch.cat((torch.tensor([[self.sink_token_id]]), ids), dim=1)
             strip = 1
+        keep = 0 if all_logits or self.options.sirllm_keep else 1
         outputs = []
         start = 0
         while start < ids.shape[1]:
             room = self.capacity - self.protected
             chunk = ids[:, start:start + min(self.options.prefill_chunk, room)]
             self._make_room(chunk.shape[1])
-            logits = self._forward(chunk)  # float32, stays on the model's device
-            if self.options.sirllm_keep:
-                self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
-            self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
-            self.last_logits = logits[0, -1]
-            outputs.append(logits)
+            logits = self.decoder.forward(chunk, keep)  # float32, stays on the model's device
+            self._record(chunk, logits)
+            if all_logits:
+                outputs.append(logits)
             start += chunk.shape[1]
-        self.tokens_seen += ids.shape[1]
+        if not all_logits:
+            return self.last_logits.view(1, 1, -1)
         logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return logits[:, strip:] if strip else logits
 
-    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        if self.decoder is not None:
-            return self.decoder(chunk)
-        logits = self.model(input_ids=chunk.to(self.device), past_key_values=self.cache, use_cache=True).logits
-        return logits.float()
+    @staticmethod
+    @torch.no_grad()
+    def decode_together(engines: list["StreamingEngine"], tokens: list[int]) -> list[torch.Tensor]:
+        """Feed one token to each engine; returns each one's next-token logits `[vocab]`. Engines that share a
+        `SlotPool` run ONE batched step (each keeps its own cache and positions); others are fed one by one."""
+        pools = {id(engine.decoder.pool) for engine in engines}
+        if len(engines) == 1 or len(pools) > 1 or engines[0].decoder.pool is None:
+            return [engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
+                    for engine, token in zip(engines, tokens)]
+        for engine in engines:
+            if len(engine) == 0:
+                raise ValueError("decode_together() needs sessions that were fed a prompt")
+            engine._make_room(1)
+        logits = engines[0].decoder.pool.decode([engine.cache for engine in engines], tokens)
+        for engine, token, row in zip(engines, tokens, logits):
+            engine._record(torch.tensor([[token]]), row.view(1, 1, -1))
+        return list(logits)
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset(),
@@ -206,32 +253,31 @@ class StreamingEngine:
 
         Every yielded token except a final stop id is fed back, so eviction continues through long generations.
         """
-        logits = self.feed(prompt_ids)[0, -1]
+        logits = self.feed(prompt_ids, all_logits=False)[0, -1]
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, generator)
             yield token
             if token in stop_ids or step == max_new_tokens - 1:
                 return
-            logits = self.feed(torch.tensor([[token]]))[0, -1]
+            logits = self.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
 
     def stats(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "cache_tokens": len(self), "cache_capacity": self.capacity,
                 "sinks": self.options.sinks, "pinned": self.pinned, "cache_mib": round(self.cache.nbytes() / 2**20, 3),
                 "rerotations": self.cache.rerotations, "decode_path": self.decode_path,
-                "graph_fallback": self.decoder.fallback_reason if self.decoder is not None else None,
+                "graph_fallback": self.decoder.fallback_reason,
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def check_supported(config, sinks: int, window: int) -> None:
+def check_supported(config, window: int) -> None:
     """Hybrid sliding-window models keep per-layer windows of their own: not supported by this cache yet."""
     kinds = set(getattr(config, "layer_types", None) or [])
     if kinds - {"full_attention"}:
         raise ValueError(f"{config.model_type} has {sorted(kinds)} layers; the sink cache supports full-attention "
                          "models only (use plain generation for this model)")
     own = getattr(config, "sliding_window", None)
-    if own and sinks + window > own:
-        raise ValueError(f"sinks + window = {sinks + window} exceeds the model's own sliding_window={own}; "
-                         f"pass --window {own - sinks} or less")
+    if own and window > own:
+        raise ValueError(f"window = {window} exceeds the model's own sliding_window={own}; pass --window {own} or less")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

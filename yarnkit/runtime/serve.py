@@ -1,223 +1,290 @@
-"""Serve a model over an OpenAI-compatible HTTP API, with one streaming (sinks + rolling window) cache per session.
+"""Serve a model over an OpenAI-compatible HTTP API (FastAPI + uvicorn), streaming sink caches, batched decode.
 
-  yarnkit serve                              # bundled SmolLM2-135M on http://127.0.0.1:8000
-  yarnkit serve runs/yarn-64k --port 8080 --window 4092
+  yarnkit serve                                   # bundled SmolLM2-135M on http://127.0.0.1:8000/v1
+  yarnkit serve runs/yarn-64k --port 8080 --window 4096 --max-sessions 16
+  YARNKIT_API_KEY=secret yarnkit serve --host 0.0.0.0     # clients send 'Authorization: Bearer secret'
 
-Endpoints: `POST /v1/chat/completions` (OpenAI body; `stream: true` answers with server-sent events),
-`GET /v1/models`, `GET /health`, `DELETE /v1/sessions/ID`. A session is named by the `X-Session-Id` header, the
-body's `session_id`, or its `user` field (default: "default"). The client sends the whole history each time, as
-with OpenAI; when it extends the session's history only the new text is fed, otherwise the session restarts.
-A second request on a busy session gets 409; at most `--max-sessions` caches live (least recently used dropped).
-Binds 127.0.0.1 unless `--host` says otherwise. Uses only the standard library's `http.server`.
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+  client.chat.completions.create(model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}])
+
+Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as server-sent events),
+`GET /v1/models`, `GET /health` (no key needed), `DELETE /v1/sessions/ID`. Requests are stateless as with
+OpenAI: a request without a session id gets a cache of its own, or an idle one whose history is a prefix of it
+(only the new text is fed); it never gets a 409. `X-Session-Id: NAME` (or the body's `session_id`) keeps one
+conversation's cache between requests; a second concurrent request on a busy named session gets 409. At most
+`--max-sessions` caches live (one cache row each; the least recently used idle one is dropped). All sessions
+decode together in one batched step; a long prompt is prefilled a chunk at a time between decode steps.
+Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`) naming the field. Binds
+127.0.0.1 unless `--host` says otherwise; `--api-key` (or YARNKIT_API_KEY) is checked on every route but /health.
 """
 
-from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
 import json
+import logging
+import os
+import socket
 import sys
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from yarnkit.runtime.chat import add_stream_arguments, build_conversation_factory
+from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
+from yarnkit.runtime.chat import add_stream_arguments, load_for_cli, stream_options
+from yarnkit.runtime.conversation import Sampling
+from yarnkit.runtime.scheduler import Job, Scheduler, SessionBusy
 
-MAX_BODY = 16 * 2**20
+log = logging.getLogger("yarnkit.serve")
+API_KEY_ENV = "YARNKIT_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", nargs="?", default="smollm2-135m", help="run dir, HF dir, .gguf, or smollm2-135m")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
-    parser.add_argument("--max-sessions", type=int, default=8, help="conversation caches kept in memory")
+    parser.add_argument("--max-sessions", type=int, default=8, help="caches kept in memory = sessions decoded at once")
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    parser.add_argument("--max-prompt-tokens", type=int, default=65536, help="longest prompt accepted (tokens)")
+    parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint's name)")
     add_stream_arguments(parser)
 
 
-class Sessions:
-    """Session id -> Conversation, least recently used dropped beyond `limit` (idle sessions only)."""
+def create_app(service: Service, api_key: str | None = None):
+    """The FastAPI application over a `Service` (tests run it in-process with uvicorn)."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    def __init__(self, new_conversation, limit: int):
-        self.new_conversation, self.limit = new_conversation, limit
-        self.items: OrderedDict = OrderedDict()
-        self.guard = threading.Lock()
+    ChatRequest, CompletionRequest = request_models()
+    app = FastAPI(title="yarnkit", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def get(self, session_id: str):
-        with self.guard:
-            if session_id not in self.items:
-                for old in [k for k, c in self.items.items() if not c.lock.locked()]:
-                    if len(self.items) < self.limit:
-                        break
-                    del self.items[old]
-                self.items[session_id] = self.new_conversation()
-            self.items.move_to_end(session_id)
-            return self.items[session_id]
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
 
-    def drop(self, session_id: str) -> bool:
-        with self.guard:
-            return self.items.pop(session_id, None) is not None
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return JSONResponse(error_body(error.status, error.message, error.param, error.code, error.kind),
+                            status_code=error.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, error: RequestValidationError):
+        first = error.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(400, f"body is not valid JSON: {first.get('msg')}"), status_code=400)
+        param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
+        for union_tag in ("str", "list[TextPart]", "list[str]", "function-after", "int", "bool", "float"):
+            param = param.replace(f".{union_tag}", "")
+        return JSONResponse(error_body(400, f"{param}: {first.get('msg')}", param), status_code=400)
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error):
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else str(
+            error.detail)
+        return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def crashed(request, error):
+        log.exception("unexpected error")
+        return JSONResponse(error_body(500, f"internal error: {type(error).__name__}", kind="server_error"),
+                            status_code=500)
 
-def make_server(new_conversation, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                max_sessions: int = 8, defaults: dict | None = None) -> ThreadingHTTPServer:
-    sessions = Sessions(new_conversation, max_sessions)
-    model_lock = threading.Lock()  # one forward at a time; streams of different sessions interleave per token
-    defaults = defaults or {}
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):  # one JSON line per request, never contents
+        start = time.perf_counter()
+        response = await call_next(request)
+        print(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": request.url.path,
+                          "status": response.status_code, "ms": round(1000 * (time.perf_counter() - start), 1)}),
+              file=sys.stderr, flush=True)
+        return response
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **service.scheduler.stats()}
 
-        def log_message(self, fmt, *args):  # one JSON line per request on stderr, no message contents
-            print(json.dumps({"time": round(time.time(), 3), "request": fmt % args}), file=sys.stderr)
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "yarnkit"}]}
 
-        def send_json(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    @app.delete("/v1/sessions/{session}", dependencies=[Depends(authorize)])
+    async def delete_session(session: str):
+        if not service.scheduler.drop_session(session):
+            raise ApiError(404, f"no idle session {session!r}", "session", "session_not_found")
+        return {"id": session, "object": "session", "deleted": True}
 
-        def send_error_json(self, status: int, message: str) -> None:
-            self.send_json(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatRequest, request: Request):
+        session = request.headers.get("x-session-id") or body.session_id
+        jobs = await run_in_threadpool(service.chat_jobs, body, session)
+        return await answer(request, jobs, body, "chat.completion")
 
-        def do_GET(self):
-            if self.path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [
-                    {"id": model_name, "object": "model", "created": 0, "owned_by": "yarnkit"}]})
-            elif self.path == "/health":
-                self.send_json(200, {"status": "ok", "sessions": len(sessions.items)})
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        session = request.headers.get("x-session-id") or body.session_id
+        jobs = await run_in_threadpool(service.completion_jobs, body, session)
+        return await answer(request, jobs, body, "text_completion")
+
+    async def answer(request: Request, jobs: list[Job], body, kind: str):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        offsets = [i * body.n for i in range(len(jobs))]
+        for job, offset in zip(jobs, offsets):
+            job.emit = lambda what, index, payload, offset=offset: loop.call_soon_threadsafe(
+                events.put_nowait, (what, offset + index, payload))
+        try:
+            for job in jobs:
+                service.scheduler.submit(job)
+        except SessionBusy as busy:
+            raise ApiError(409, f"session {str(busy)!r} is busy with another request; retry when it finishes or "
+                                "send no session id", "session_id", "session_busy") from None
+        total = sum(job.choices for job in jobs)
+        early, started = [], 0
+        try:
+            while started < total:  # every prompt tokenized and within the limit: only then 200 (or a 4xx)
+                what, index, payload = await events.get()
+                if what == "started":
+                    started += 1
+                elif what == "error":
+                    raise ApiError(payload["status"], payload["message"], payload.get("param"), payload.get("code"),
+                                   "invalid_request_error" if payload["status"] < 500 else "server_error")
+                else:
+                    early.append((what, index, payload))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        for item in early:
+            events.put_nowait(item)
+        ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        base = {"id": ident, "created": int(time.time()), "model": service.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(events, jobs, total, base, kind, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, done, error = [""] * total, {}, None
+        try:
+            while len(done) < total and error is None:
+                try:
+                    what, index, payload = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if what == "text":
+                    texts[index] += payload
+                elif what == "done":
+                    done[index] = payload
+                elif what == "error":
+                    error = payload["message"]
+        finally:
+            for job in jobs:
+                job.cancel()  # no-op for finished jobs; a vanished client stops generating
+        if error is not None:
+            raise RuntimeError(error)
+        choices = []
+        for index in range(total):
+            finish = done[index]["finish_reason"]
+            if kind == "chat.completion":
+                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
+                                "finish_reason": finish, "logprobs": None})
             else:
-                self.send_error_json(404, f"no route GET {self.path}; try /v1/models")
+                choices.append({"index": index, "text": texts[index], "finish_reason": finish, "logprobs": None})
+        return {**base, "object": kind, "choices": choices, "usage": usage(done, jobs)}
 
-        def do_DELETE(self):
-            prefix = "/v1/sessions/"
-            if self.path.startswith(prefix) and sessions.drop(self.path[len(prefix):]):
-                self.send_json(200, {"deleted": self.path[len(prefix):]})
-            else:
-                self.send_error_json(404, f"no session at {self.path}")
+    async def stream(events, jobs, total, base, kind, include_usage):
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
-        def do_POST(self):
-            if self.path != "/v1/chat/completions":
-                self.send_error_json(404, f"no route POST {self.path}; use /v1/chat/completions")
-                return
-            try:
-                request = self.read_request()
-                conversation = sessions.get(request["session"])
-            except ApiError as error:
-                self.send_error_json(error.status, str(error))
-                return
-            if not conversation.lock.acquire(blocking=False):
-                self.send_error_json(409, f"session {request['session']!r} is busy with another request; retry "
-                                          "when it finishes or use another session id")
-                return
-            try:
-                self.answer(conversation, request)
-            finally:
-                conversation.lock.release()
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps({**base, 'object': chunk_kind, **payload})}\n\n"
 
-        def read_request(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise ApiError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-            except json.JSONDecodeError as error:
-                raise ApiError(400, f"body is not valid JSON: {error}") from None
-            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-                raise ApiError(400, "body must be a JSON object with a 'messages' list")
-            session = self.headers.get("X-Session-Id") or body.get("session_id") or body.get("user") or "default"
-            return {"session": str(session), "messages": body["messages"], "stream": bool(body.get("stream")),
-                    "max_new_tokens": int(body.get("max_completion_tokens") or body.get("max_tokens")
-                                          or defaults.get("max_new_tokens", 256)),
-                    "temperature": float(body.get("temperature", defaults.get("temperature", 0.0))),
-                    "top_p": float(body.get("top_p", defaults.get("top_p", 1.0))), "seed": body.get("seed")}
+        def choice(index, text=None, finish=None, first=False):
+            if kind == "chat.completion":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
 
-        def answer(self, conversation, request: dict) -> None:
-            pieces = conversation.respond(request["messages"], request["max_new_tokens"], request["temperature"],
-                                          request["top_p"], request["seed"])
-            ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            try:
-                with model_lock:
-                    first = next(pieces, None)  # validates the messages and prefills before any header
-            except ValueError as error:
-                self.send_error_json(400, str(error))
-                return
-            except Exception as error:  # noqa: BLE001 - answer 500 instead of dropping the connection
-                self.send_error_json(500, f"{type(error).__name__}: {error}")
-                return
-            base = {"id": ident, "created": created, "model": model_name}
-            if not request["stream"]:
-                text = "" if first is None else first + "".join(self.locked(pieces, model_lock))
-                info = conversation.last_info
-                self.send_json(200, {**base, "object": "chat.completion", "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": text},
-                    "finish_reason": info.get("finish_reason")}],
-                    "usage": {"prompt_tokens": info.get("prompt_tokens"),
-                              "completion_tokens": info.get("completion_tokens"),
-                              "total_tokens": (info.get("prompt_tokens") or 0) + (info.get("completion_tokens") or 0)},
-                    "yarnkit": conversation.stats()})
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-
-            def event(delta: dict, finish=None) -> None:
-                chunk = {**base, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-
-            try:
-                event({"role": "assistant", "content": ""})
-                if first is not None:
-                    event({"content": first})
-                    for piece in self.locked(pieces, model_lock):
-                        event({"content": piece})
-                event({}, conversation.last_info.get("finish_reason"))
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left: the generator's finally keeps the session's cache and history consistent
-            finally:
-                with model_lock:
-                    pieces.close()
-
-        @staticmethod
-        def locked(pieces, lock):
-            while True:
-                with lock:
-                    piece = next(pieces, None)
-                if piece is None:
+        done = {}
+        try:
+            if kind == "chat.completion":
+                for index in range(total):
+                    yield event({"choices": [choice(index, first=True)]})
+            while len(done) < total:
+                what, index, payload = await events.get()
+                if what == "text":
+                    yield event({"choices": [choice(index, payload)]})
+                elif what == "done":
+                    done[index] = payload
+                    yield event({"choices": [choice(index, finish=payload["finish_reason"])]})
+                elif what == "error":
+                    yield f"data: {json.dumps(error_body(500, payload['message'], kind='server_error'))}\n\n"
                     return
-                yield piece
+            if include_usage:
+                yield event({"choices": [], "usage": usage(done, jobs)})
+            yield "data: [DONE]\n\n"
+        finally:
+            for job in jobs:
+                job.cancel()  # a client that left mid-stream: the scheduler keeps what was generated
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return app
+
+
+def build_service(args, model, tokenizer) -> Service:
+    options = stream_options(args)
+    scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens)
+    name = args.model_name or str(getattr(model.config, "_name_or_path", "") or args.ckpt)
+    defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    return Service(scheduler, tokenizer, name, defaults, args.max_prompt_tokens, args.max_tokens_limit)
 
 
 def run(args) -> int:
-    model, _, new_conversation = build_conversation_factory(args)
-    name = str(getattr(model.config, "_name_or_path", "") or args.ckpt)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can use the model", file=sys.stderr)
-    server = make_server(new_conversation, name, args.host, args.port, args.max_sessions,
-                         {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p})
-    host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1", flush=True)
+    import uvicorn
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.max_sessions < 1 or args.max_prompt_tokens < 1 or args.max_tokens_limit < 1:
+        print("error: --max-sessions, --max-prompt-tokens and --max-tokens-limit must be >= 1", file=sys.stderr)
+        return 2
+    loaded = load_for_cli(args)
+    if loaded is None:
+        return 130
+    model, tokenizer = loaded
     try:
-        server.serve_forever()
+        service = build_service(args, model, tokenizer)
+    except ValueError as error:  # e.g. a window the model cannot take
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use the model "
+              f"(pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as error:
+        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror}; pick another --port",
+              file=sys.stderr)
+        return 2
+    sock.listen(128)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=2))
+    print(f"serving {service.model_name} on http://{host}:{port}/v1", flush=True)
+    try:
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        service.scheduler.close()
+        sock.close()
     return 0

@@ -1,22 +1,29 @@
-"""Static-shape sink cache and decode step: fixed K/V buffers, a slot mask, device positions, an optional CUDA graph.
+"""Static-shape sink caches for many sessions: one pool of fixed K/V buffers, a slot mask, a batched decode step.
 
-What it is: the fast decode path of the streaming runtime. `StaticSinkCache` preallocates ONE key and ONE value
-buffer `[layers, 1, kv_heads, capacity, head_dim]` for all layers (capacity = sinks + window); a forward writes
-its tokens into slots `positions` (a device tensor) with `index_copy_`, and attention sees the whole buffer
-through a boolean mask `slot <= position`, so no tensor ever changes shape or address. The host keeps the number
-of filled slots as a Python int (no `.item()`, no `len()` over GPU tensors). `StaticDecoder.forward_static(ids,
-positions)` is the single function that runs the model: the engine calls it eagerly for prefill chunks and
-single tokens (CPU, `decode="static"`), and on CUDA (`decode="graph"`) the 1-token call of that same function is
-captured once in a `torch.cuda.CUDAGraph` and replayed. If capture fails, the decoder logs the reason and keeps
-running the same function eagerly. What it is not: an eviction policy (the engine chooses which slots to keep).
+What it is: the fast decode path of the streaming runtime, and the home of continuous batching. `SlotPool`
+preallocates ONE key and ONE value buffer `[layers, rows, kv_heads, capacity + 1, head_dim]`: each session
+(`RowCache`, one per `StreamingEngine`) owns a row, slots `0..capacity-1` hold its tokens and the last slot is a
+scratch slot that idle rows of a batched step write to. Every forward goes through one function,
+`SlotPool.forward_rows(first, ids [B, n], positions [B, n])`: rows `first..first+B-1` write their new K/V at their
+own positions (`scatter_`) and attend through a boolean mask `slot <= position`, so no tensor ever changes shape
+or address and each row keeps its own cache-relative positions. The host keeps each row's filled length as a
+Python int (no `.item()` inside a step).
 
-Eviction (`keep(indices)`) runs outside the graph, in place: kept slot indices are strictly increasing, so the
-tokens that move form a suffix; that suffix of all layers is gathered with one `index_select`, rotated back by
-each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to the front of the same buffers
-— a handful of kernels for all 30 layers, however many layers the model has. The plan of an eviction is
-memoised; in graph mode a plan that repeats is captured at its second (eager) run and replayed afterwards.
+- prefill / a chunk: `forward_rows` on the session's row alone (eager);
+- decode: `SlotPool.decode(rows, tokens)` runs ONE step for rows `0..B-1` (B = the highest active row + 1,
+  rounded up to a power of two; rows not decoding write to the scratch slot and their output is dropped). On
+  CUDA with `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed; `compiled=True`
+  first wraps the step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is
+  logged and the same function keeps running eagerly. A lone session decodes through the same call with B = 1.
 
-Test: `python -m pytest tests/test_runtime_static.py -q` (CPU; graph capture itself runs only on CUDA).
+Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
+are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
+`index_select`, rotated back by each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to
+the front of the same row. Re-rotation happens only on eviction. Eviction plans are memoised; in graph mode a
+plan that repeats is captured at its second run and replayed afterwards.
+
+Test: `python -m pytest tests/test_runtime_static.py tests/test_runtime_batch.py -q` (CPU; graphs need CUDA:
+tests/test_runtime_gpu.py).
 """
 
 from __future__ import annotations
@@ -28,78 +35,222 @@ import torch
 from transformers.cache_utils import Cache
 
 from yarnkit import rope
-from yarnkit.runtime.cache import Rotary, rotate_back
+from yarnkit.runtime.cache import Rotary, cache_argument, rotate_back
 
 log = logging.getLogger(__name__)
 
 
-class StaticSlots:
-    """One layer's view of the shared buffers, shaped like a `DynamicLayer` (`keys`/`values` = filled slots)."""
+class SlotPool(Cache):
+    """Fixed-capacity K/V rows for up to `rows` sessions over one model; also the `Cache` every forward sees."""
 
-    is_sliding = False
-    is_compileable = True
-    is_initialized = True
-    supports_early_init = False
-
-    def __init__(self, cache: "StaticSinkCache", index: int):
-        self.cache, self.index = cache, index
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.cache.key_buffer[self.index][..., :self.cache.length, :]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.cache.value_buffer[self.index][..., :self.cache.length, :]
-
-
-class StaticSinkCache(Cache):
-    """Fixed-capacity K/V for every layer; `write_positions` says where the current forward's tokens go."""
-
-    def __init__(self, config, capacity: int, rotary: Rotary, device, dtype):
-        heads = config.num_key_value_heads
-        head_dim = rope.head_dim(config)
+    def __init__(self, model, capacity: int, rotary: Rotary, rows: int = 1, graph: bool = False,
+                 compiled: bool = False):
+        config = model.config
+        parameter = next(model.parameters())
+        self.model, self.capacity, self.rotary = model, capacity, rotary
+        self.device, self.dtype = parameter.device, parameter.dtype
+        if graph and self.device.type != "cuda":
+            raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
+                             "use decode='static' or 'auto'")
         layers = config.num_hidden_layers
-        super().__init__(layers=[StaticSlots(self, i) for i in range(layers)])
-        shape = (layers, 1, heads, capacity, head_dim)
-        self.key_buffer = torch.zeros(shape, device=device, dtype=dtype)
-        self.value_buffer = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots = torch.arange(capacity, device=device)
-        self.capacity = capacity
-        self.rotary = rotary
-        self.length = 0                # filled slots, host side: advanced by the decoder after a forward completes
-        self.rerotations = 0
-        self.write_positions = self.slots[:0]
-        self._plans: dict[bytes, MovePlan] = {}
-        self.graph_moves = False       # set by a graph decoder: capture each eviction plan after its first run
-        self._move_pool = None
+        super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
+        shape = (layers, rows, config.num_key_value_heads, capacity + 1, rope.head_dim(config))
+        self.key_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.value_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.slots = torch.arange(capacity + 1, device=self.device)
+        self.rows = rows
+        self.free = list(range(rows))
+        self.first, self.count = 0, 1                   # the row range of the forward in flight
+        self.positions = self.slots[None, :0]            # [B, n] write positions of the forward in flight
+        self.use_graph, self.compiled = graph, compiled and self.device.type == "cuda"
+        self.graph_moves = graph
+        self.fallback_reason: str | None = None
+        self._graphs: dict[int, DecodeGraph] = {}
+        self._graph_pool = None
+        self._cache_keyword = cache_argument(model, self)  # looked up here, not inside a traced step
+        self._step = self.forward_rows
+        if self.compiled:
+            self._step = torch.compile(self.forward_rows, dynamic=False)
 
-    def clear(self) -> None:
-        """Forget every token; buffers (and any captured graph that uses them) stay valid."""
-        self.length, self.rerotations = 0, 0
-
+    # -- the transformers Cache interface, for the forward in flight ---------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return 0  # positions are always passed explicitly
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.capacity, 0
-
-    def nbytes(self) -> int:
-        return 2 * self.key_buffer.numel() * self.key_buffer.element_size()
+        return self.capacity + 1, 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if key_states.shape[-1] != self.key_buffer.shape[-1] or key_states.shape[1] != self.key_buffer.shape[2]:
             raise ValueError(f"key states {tuple(key_states.shape)} do not fit the static cache "
                              f"{tuple(self.key_buffer.shape[1:])}: config head_dim / num_key_value_heads disagree "
                              "with the attention module; use decode='eager' for this model")
-        keys, values = self.key_buffer[layer_idx], self.value_buffer[layer_idx]
-        keys.index_copy_(2, self.write_positions, key_states.to(keys.dtype))
-        values.index_copy_(2, self.write_positions, value_states.to(values.dtype))
+        rows = slice(self.first, self.first + self.count)
+        keys, values = self.key_buffer[layer_idx, rows], self.value_buffer[layer_idx, rows]
+        index = self.positions[:, None, :, None].expand_as(key_states)
+        keys.scatter_(2, index, key_states.to(keys.dtype))
+        values.scatter_(2, index, value_states.to(values.dtype))
         return keys, values
 
-    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """`[1, 1, n, capacity]` bool: a query at position p sees slots 0..p (older tokens and its own chunk)."""
-        return (self.slots[None, :] <= positions[:, None])[None, None]
+    # -- sessions -------------------------------------------------------------------------------------------------
+    def acquire(self) -> "RowCache":
+        if not self.free:
+            raise RuntimeError(f"all {self.rows} cache rows are in use")
+        return RowCache(self, self.free.pop(0))
+
+    def release(self, cache: "RowCache") -> None:
+        cache.length = 0
+        if cache.row not in self.free:
+            self.free.append(cache.row)
+            self.free.sort()
+
+    def nbytes_per_row(self) -> int:
+        return 2 * self.key_buffer[:, 0].numel() * self.key_buffer.element_size()
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+    def forward_rows(self, first: int, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0):
+        """THE forward: rows `first..first+B-1` take `ids [B, n]` at device `positions [B, n]` -> float32 logits."""
+        self.first, self.count, self.positions = first, ids.shape[0], positions
+        mask = (self.slots[None, None, None, :] <= positions[:, None, :, None])
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         logits_to_keep=logits_to_keep, **self._cache_keyword)
+        return out.logits.float()
+
+    def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Feed `ids [1, n]` into the row's next free slots (the caller made room)."""
+        start, count = cache.length, ids.shape[1]
+        if start + count > self.capacity:
+            raise ValueError(f"{count} tokens do not fit after {start} in a cache of {self.capacity}")
+        positions = torch.arange(start, start + count, device=self.device)[None]
+        logits = self.forward_rows(cache.row, ids.to(self.device, non_blocking=True), positions, logits_to_keep)
+        cache.length = start + count
+        return logits
+
+    def decode(self, caches: list["RowCache"], tokens: list[int]) -> torch.Tensor:
+        """One batched step: each cache takes one token at its own next position -> float32 logits `[len, vocab]`."""
+        rows = [cache.row for cache in caches]
+        if len(set(rows)) != len(rows):
+            raise ValueError("decode() got the same session twice")
+        for cache in caches:
+            if cache.pool is not self or cache.length >= self.capacity:
+                raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
+        width = 1 << max(rows).bit_length()  # highest row + 1, rounded up to a power of two (one graph each)
+        width = min(width, self.rows)
+        ids = torch.zeros(width, 1, dtype=torch.long)
+        positions = torch.full((width, 1), self.capacity, dtype=torch.long)  # idle rows: the scratch slot
+        for cache, token in zip(caches, tokens):
+            ids[cache.row, 0], positions[cache.row, 0] = token, cache.length
+        if self.use_graph:
+            logits = self._replay(width, ids, positions)
+        else:
+            logits = self._step(0, ids.to(self.device), positions.to(self.device), 1)
+        for cache in caches:
+            cache.length += 1
+        return logits[rows, -1]
+
+    def _replay(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        graph = self._graphs.get(width)
+        if graph is None:
+            try:
+                graph = self._capture(width, ids, positions)
+            except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
+                self.use_graph = self.graph_moves = False
+                self.fallback_reason = f"{type(error).__name__}: {error}"
+                log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
+                            "(same function, no graph): %s", self.fallback_reason)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return self._step(0, ids.to(self.device), positions.to(self.device), 1)
+        graph.ids.copy_(ids, non_blocking=True)
+        graph.positions.copy_(positions, non_blocking=True)
+        graph.graph.replay()
+        return graph.logits.clone()
+
+    def _capture(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> "DecodeGraph":
+        """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1. Warm-up and capture
+        write only the slots these very tokens are about to fill (or the scratch slot)."""
+        static_ids, static_positions = ids.to(self.device), positions.to(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(0, static_ids, static_positions, 1)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            logits = self._step(0, static_ids, static_positions, 1)
+        self._graph_pool = graph.pool()
+        self._graphs[width] = DecodeGraph(graph, static_ids, static_positions, logits)
+        return self._graphs[width]
+
+
+@dataclass
+class DecodeGraph:
+    graph: "torch.cuda.CUDAGraph"
+    ids: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+class PoolLayer:
+    """Layer `index` of the forward in flight, shaped like a `DynamicLayer` for transformers' bookkeeping."""
+
+    is_sliding = False
+    is_compileable = True
+    is_initialized = True
+    supports_early_init = False
+
+    def __init__(self, pool: SlotPool, index: int):
+        self.pool, self.index = pool, index
+
+    @property
+    def keys(self) -> torch.Tensor:
+        p = self.pool
+        return p.key_buffer[self.index, p.first:p.first + p.count]
+
+    @property
+    def values(self) -> torch.Tensor:
+        p = self.pool
+        return p.value_buffer[self.index, p.first:p.first + p.count]
+
+
+class RowSlots:
+    """One layer of one session's row: `keys` / `values` are its filled slots `[1, kv_heads, length, head_dim]`."""
+
+    def __init__(self, cache: "RowCache", index: int):
+        self.cache, self.index = cache, index
+
+    @property
+    def keys(self) -> torch.Tensor:
+        c = self.cache
+        return c.pool.key_buffer[self.index, c.row:c.row + 1, :, :c.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        c = self.cache
+        return c.pool.value_buffer[self.index, c.row:c.row + 1, :, :c.length]
+
+
+class RowCache:
+    """One session's row of a `SlotPool`: its length (host int), eviction in place, per-layer views."""
+
+    def __init__(self, pool: SlotPool, row: int):
+        self.pool, self.row = pool, row
+        self.length = 0
+        self.rerotations = 0
+        self.rotary = pool.rotary
+        self.layers = [RowSlots(self, i) for i in range(len(pool.layers))]
+        self._plans: dict[bytes, MovePlan] = {}
+        self._move_pool = None
+
+    def clear(self) -> None:
+        """Forget every token; the row's buffers (and any captured graph that uses them) stay valid."""
+        self.length, self.rerotations = 0, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return self.pool.nbytes_per_row()
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only the tokens at sorted slot `indices`; each moves to slot `j` and is rotated back by `old - j`."""
@@ -121,32 +272,32 @@ class StaticSinkCache(Cache):
             else:
                 self._move(plan)
                 plan.runs += 1
-                if self.graph_moves and plan.runs == 2:  # a repeated eviction (not SirLLM's ever-new ones): capture
+                if self.pool.graph_moves and plan.runs == 2:  # a repeated eviction (not SirLLM's ever-new ones)
                     self._capture_move(plan)
             self.rerotations += 1
         self.length = kept
 
     def _move(self, plan: "MovePlan") -> None:
-        """Gather the moved suffix of all layers, rotate its keys back by the deltas, write it to the front."""
+        """Gather the moved suffix of all layers of this row, rotate its keys back, write it to the front."""
         end = plan.first + plan.source.numel()
-        keys = self.key_buffer.index_select(3, plan.source)                  # [layers, 1, heads, moved, dim]
-        self.key_buffer[..., plan.first:end, :] = rotate_back(keys, plan.cos, plan.sin)
-        self.value_buffer[..., plan.first:end, :] = self.value_buffer.index_select(3, plan.source)
+        keys, values = self.pool.key_buffer[:, self.row], self.pool.value_buffer[:, self.row]  # [layers, h, S, d]
+        keys[:, :, plan.first:end] = rotate_back(keys.index_select(2, plan.source), plan.cos, plan.sin)
+        values[:, :, plan.first:end] = values.index_select(2, plan.source)
 
     def _capture_move(self, plan: "MovePlan") -> None:
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._move_pool, capture_error_mode="thread_local"):
                 self._move(plan)
-            plan.graph, self._move_pool = graph, graph.pool()  # eviction graphs share one memory pool
+            plan.graph, self._move_pool = graph, graph.pool()
         except Exception as error:  # noqa: BLE001 - keep evicting eagerly, say why
-            self.graph_moves = False
+            self.pool.graph_moves = False
             log.warning("CUDA graph capture of the eviction failed, evicting eagerly: %s: %s",
                         type(error).__name__, error)
 
     def _move_plan(self, indices: torch.Tensor) -> "MovePlan | None":
-        """The device side of an eviction, memoised: a stream repeats the same eviction (same length, same drop)
-        over and over, so a repeat needs no host-to-device copy, no rotary call (and, on CUDA, replays a graph)."""
+        """The device side of an eviction, memoised: a stream repeats the same eviction (same length, same drop),
+        so a repeat needs no host-to-device copy, no rotary call (and, on CUDA, replays a graph)."""
         key = indices.numpy().tobytes()
         if key not in self._plans:
             deltas = indices - torch.arange(indices.numel())
@@ -154,7 +305,7 @@ class StaticSinkCache(Cache):
             if not moved.any():
                 return None
             first = int(moved.long().argmax())
-            device = self.key_buffer.device
+            device = self.pool.device
             cos, sin = self.rotary(deltas[first:])
             if len(self._plans) >= 8:
                 self._plans.pop(next(iter(self._plans)))
@@ -168,78 +319,5 @@ class MovePlan:
     source: torch.Tensor       # device slots the moved tokens come from
     cos: torch.Tensor          # pure rotation by each token's delta
     sin: torch.Tensor
-    graph: torch.cuda.CUDAGraph | None = None
+    graph: "torch.cuda.CUDAGraph | None" = None
     runs: int = 0              # eager runs so far; captured (graph mode) at the second
-
-
-class StaticDecoder:
-    """Runs the model over a `StaticSinkCache`; `graph=True` replays a captured 1-token step on CUDA."""
-
-    def __init__(self, model, cache: StaticSinkCache, graph: bool):
-        self.model, self.cache = model, cache
-        self.device = cache.key_buffer.device
-        if graph and self.device.type != "cuda":
-            raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
-                             "use decode='static' or 'auto'")
-        self.use_graph = graph
-        cache.graph_moves = graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.fallback_reason: str | None = None
-
-    @property
-    def path(self) -> str:
-        return "graph" if self.use_graph else "static"
-
-    def forward_static(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """THE step: ids `[1, n]` at device `positions [n]` -> float32 logits `[1, n, vocab]`. No host sync inside."""
-        self.cache.write_positions = positions
-        mask = self.cache.attention_mask(positions)
-        out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask, past_key_values=self.cache,
-                         use_cache=True)
-        return out.logits.float()
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed `ids [1, n]` into the next free slots (the caller made room); returns float32 logits."""
-        start, count = self.cache.length, ids.shape[1]
-        if start + count > self.cache.capacity:
-            raise ValueError(f"{count} tokens do not fit after {start} in a cache of {self.cache.capacity}")
-        ids = ids.to(self.device, non_blocking=True)
-        if count == 1 and self.use_graph:
-            logits = self._replay(ids, start)
-        else:
-            logits = self.forward_static(ids, torch.arange(start, start + count, device=self.device))
-        self.cache.length = start + count
-        return logits
-
-    def _replay(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if self.graph is None:
-            try:
-                self._capture(ids, start)
-            except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
-                self.use_graph, self.graph, self.cache.graph_moves = False, None, False
-                self.fallback_reason = f"{type(error).__name__}: {error}"
-                log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
-                            "(same function, no graph): %s", self.fallback_reason)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                return self.forward_static(ids, torch.arange(start, start + 1, device=self.device))
-        self.static_ids.copy_(ids)
-        self.static_positions.fill_(start)
-        self.graph.replay()
-        return self.static_logits.clone()
-
-    def _capture(self, ids: torch.Tensor, start: int) -> None:
-        """Warm up on a side stream, then capture `forward_static` for one token. The warm-up and capture write
-        slot `start`, the slot this very token is about to fill, so no cached token is disturbed."""
-        self.static_ids = ids.clone()
-        self.static_positions = torch.full((1,), start, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.forward_static(self.static_ids, self.static_positions)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # serve's other threads may sync
-            self.static_logits = self.forward_static(self.static_ids, self.static_positions)
-        self.graph = graph

@@ -25,18 +25,32 @@ def flops_per_token(n_params: int, layers: int, heads: int, head_dim: int, seq_l
     return 6.0 * n_params + 6.0 * layers * heads * head_dim * seq_len
 
 
-def parameter_counts(recipe, config) -> tuple[int, int]:
-    """`(total, trainable)` from a weightless (meta) instance of the scaled config."""
+def meta_model(config):
+    """A weightless (meta) instance of `config`'s causal LM."""
     from transformers import AutoModelForCausalLM
 
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     with torch.device("meta"):  # the class itself, not from_config: that would start ZeRO-3 init under DeepSpeed
-        model = model_class(config)
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
+        return model_class(config)
+
+
+def count_parameters(model) -> int:
+    """Parameters of `model`, tied weights counted once."""
+    return sum(param.numel() for param in {id(p): p for p in model.parameters()}.values())
+
+
+def model_flops(config, seq_len: int) -> tuple[float, int]:
+    """`(causal training FLOPs per token at seq_len, parameters)` of `config`'s model, without weights."""
+    text = config.get_text_config()
+    head_dim = rope.head_dim(text)
+    total = count_parameters(meta_model(config))
+    return flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim, seq_len), total
+
+
+def parameter_counts(recipe, config) -> tuple[int, int]:
+    """`(total, trainable)` from a weightless (meta) instance of the scaled config."""
+    model = meta_model(config)
+    total = count_parameters(model)
     if not recipe.lora.enabled:
         return total, total
     trainable = sum(recipe.lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
@@ -66,6 +80,8 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
     if recipe.model.gradient_checkpointing:
         kept = min(recipe.model.checkpoint_layers or layers, layers)  # checkpointed layers; the rest keep all
         stash = 0 if recipe.train.offload_activations else kept * tokens * hidden * 2
+        if recipe.model.checkpoint_policy == "keep_attention":  # + each keeping layer's bf16 attention output
+            stash += min(recipe.model.keep_attention_layers or kept, kept) * tokens * hidden * 2
         activations = stash + (layers - kept) * full_layer + (16 * tokens * hidden + mlp_work) * 2
     else:
         activations = layers * full_layer

@@ -1,15 +1,18 @@
 """One launch's training mechanics: the Accelerator (single process, DDP or DeepSpeed ZeRO-2/3, with DeepSpeed
 Ulysses under `train.sp_size > 1`) and one micro-batch's loss.
 
-`TrainArgs` is the loop's section of the recipe: steps, batch shape, precision, clipping, logging and the
-sequence-parallel degree. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every
-process (`global_batch` derives `grad_accum`). It is not the run itself (`yarnkit.train.trainer`). Tested by
-`python -m pytest tests/test_trainer.py tests/test_seq_parallel.py`.
+`TrainArgs` is the loop's section of the recipe: steps, batch shape, precision, clipping, logging, the loss kernel
+and the sequence-parallel degree. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on
+every process (`global_batch` derives `grad_accum`). `Prefetcher` builds the next micro-batch (in pinned memory)
+on a worker thread while the GPU runs the current one; the batches and their order are the same as without it.
+It is not the run itself (`yarnkit.train.trainer`). Tested by `python -m pytest tests/test_trainer.py
+tests/test_seq_parallel.py tests/test_speed.py`.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +29,8 @@ class TrainArgs:
     global_batch: int = 0  # if > 0: chunks per optimizer step; sets grad_accum = global / (micro x processes)
     mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (weights stay fp32 masters; DeepSpeed keeps bf16 copies)
     clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
-    loss_chunk_tokens: int = 4096  # positions per output-head + cross-entropy chunk
+    loss_impl: str = "auto"  # auto (Liger's fused linear cross-entropy on CUDA if installed) | liger | chunked
+    loss_chunk_tokens: int = 4096  # chunked loss: positions per output-head + cross-entropy chunk
     seed: int = 42
     log_every: int = 1
     tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
@@ -34,6 +38,7 @@ class TrainArgs:
     memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
     sp_size: int = 1  # sequence parallelism: GPUs sharing one sequence (DeepSpeed Ulysses); 1 = off
     offload_activations: bool = False  # checkpointed layer inputs wait in pinned CPU memory (needs checkpointing)
+    profile_step: int = 0  # > 0: torch.profiler over that step; RUN/profile.md lists top kernels and host gaps
 
 
 def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
@@ -84,12 +89,45 @@ def zero_stage(accelerator) -> int:
 def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
     """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
     if sp == 1:
-        extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch[k] is not None}
-        return wrapper(batch["input_ids"].to(device), **extra)
+        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attention_mask")
+                 if batch[k] is not None}
+        return wrapper(batch["input_ids"].to(device, non_blocking=True), **extra)
     # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
     shard = {k: v.to(device) for k, v in shard_batch(batch["input_ids"], batch["position_ids"], sp_rank, sp).items()}
     local = wrapper(shard["input_ids"], position_ids=shard["position_ids"], labels=shard["labels"])
     return combine_loss(local, (shard["labels"] != -100).sum(), sp_group)
+
+
+class Prefetcher:
+    """`prefetcher(first, following)` returns `build(first)` and starts building `build(following)` on a worker
+    thread (None: nothing follows). Tensors are pinned when `pin`, so `.to(device, non_blocking=True)` overlaps."""
+
+    TENSORS = ("input_ids", "position_ids", "attention_mask")
+
+    def __init__(self, build, pin: bool):
+        self.build, self.pin = build, pin
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="yarnkit-batches")
+        self.ahead = None  # (first sample, future)
+
+    def _make(self, first: int) -> dict:
+        batch = self.build(first)
+        if self.pin:
+            batch.update({k: batch[k].pin_memory() for k in self.TENSORS if batch.get(k) is not None})
+        return batch
+
+    def __call__(self, first: int, following: int | None) -> dict:
+        ahead, self.ahead = self.ahead, None
+        batch = ahead[1].result() if ahead is not None and ahead[0] == first else None
+        if batch is None:
+            if ahead is not None:
+                ahead[1].result()  # one build at a time: the sample order object is not thread-safe
+            batch = self._make(first)
+        if following is not None:
+            self.ahead = (following, self.pool.submit(self._make, following))
+        return batch
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sequence_parallel_group():

@@ -6,8 +6,10 @@ peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `em
 builds random weights from the named model's config reshaped by `model.scratch` (its tokenizer is kept), for
 pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink.py); under LoRA its
 embedding row is trained through peft's `trainable_token_indices` (tied heads included) unless `embed_tokens` is
-already fully trained via `lora.trainable_extra`. This module does not train; `yarnkit.train.trainer` does.
-Tested by `python -m pytest tests/test_trainer.py`.
+already fully trained via `lora.trainable_extra`. The speed keys (`model.kernels`, `checkpoint_policy`,
+`compile_layers`) are applied in that order through `yarnkit.train.speed`; `model.yarnkit_speed` records what
+runs. This module does not train; `yarnkit.train.trainer` does. Tested by `python -m pytest tests/test_trainer.py
+tests/test_speed.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from yarnkit.models import load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
 from yarnkit.sink import add_sink_token, register_sink_token
 from yarnkit.train.errors import RecipeError
-from yarnkit.train.speed import check_attention, compile_layers, tile_mlps, use_sdpa_kernel
+from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
+                                 keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps,
+                                 use_sdpa_kernel)
 
 
 @dataclass
@@ -47,7 +51,10 @@ class ModelArgs:
     sdpa_kernel: str = "auto"  # with sdpa: auto (torch decides) | cudnn (fastest on Hopper) | flash | efficient | math
     gradient_checkpointing: bool = True  # recompute each layer in backward: activations ~ layers x seq x hidden
     checkpoint_layers: int = 0  # with gradient_checkpointing: 0 = every layer, N = only the first N (faster, more memory)
-    compile_layers: bool = False  # torch.compile each decoder layer (first steps pay the compile time)
+    checkpoint_policy: str = "full"  # full: recompute whole layers | keep_attention: keep SDPA outputs, redo the rest
+    keep_attention_layers: int = 0  # with keep_attention: 0 = every checkpointed layer keeps it, N = only the first N
+    kernels: str = "auto"  # RMSNorm/SwiGLU/RoPE: auto (Liger-Kernel on CUDA if installed) | liger | torch
+    compile_layers: str = "false"  # torch.compile each decoder layer: auto (on CUDA) | true | false
     tiled_mlp: bool = False  # DeepSpeed ALST TiledMLP: MLP over seq/hidden shards, recomputed in backward
     random_init: bool = False  # random weights from name_or_path's config.json (benchmarks of model shapes)
     trust_remote_code: bool = False
@@ -107,7 +114,6 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     `init_device`: where `random_init` weights are drawn (a GPU is much faster than the CPU for 1B parameters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     check_attention(model_args.attn_implementation, model_args.sdpa_kernel)
     use_sdpa_kernel(model_args.sdpa_kernel)
     location = local_hf_dir(model_args.name_or_path)
@@ -125,20 +131,36 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     if model_args.sink_token:
         add_sink_token(model, tokenizer, model_args.sink_token_text, model_args.sink_token_init)
     model.config.use_cache = False
+    runs = {"attention": model_args.attn_implementation + (f"/{model_args.sdpa_kernel}"
+                                                           if model_args.attn_implementation == "sdpa" else "")}
+    liger = resolve_choice("model.kernels", model_args.kernels, liger_missing(model), "liger", "torch")
+    if liger:
+        apply_liger(model)  # before peft: Liger patches the plain norm/MLP modules
+    runs["norm_swiglu_rope"] = "liger" if liger else "torch"
     if lora.enabled:
         sink = getattr(model.config, "yarnkit_sink_token_id", None) if model_args.sink_token else None
         model = add_lora(model, lora, train_token_ids=[sink] if sink is not None else [])
-    if model_args.gradient_checkpointing:
+    runs["checkpointing"] = "off"
+    if model_args.gradient_checkpointing and model_args.checkpoint_policy == "keep_attention":
+        kept = keep_attention_checkpointing(model, model_args.checkpoint_layers, model_args.keep_attention_layers)
+        runs["checkpointing"] = f"keep_attention in {kept} layers"
+    elif model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_args.checkpoint_layers:
             for layer in model.get_decoder().layers[model_args.checkpoint_layers:]:
                 layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this flag
         if lora.enabled:
             model.enable_input_require_grads()
+        runs["checkpointing"] = f"full in {model_args.checkpoint_layers or 'all'} layers"
     if model_args.tiled_mlp:
         tile_mlps(model)
-    if model_args.compile_layers:
+    device = init_device or ("cuda" if torch.cuda.is_available() else "cpu")  # where training runs
+    compiled = resolve_choice("model.compile_layers", model_args.compile_layers, compile_missing(device), "true",
+                              "false")
+    if compiled:
         compile_layers(model)
+    runs["decoder_layers"] = "compiled" if compiled else "eager"
+    model.yarnkit_speed = runs  # what runs, for the run log (the trainer prints it)
     model.train()
     return model, tokenizer
 

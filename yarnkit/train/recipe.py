@@ -26,7 +26,7 @@ from yarnkit.train.loop import TrainArgs
 from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
 from yarnkit.train.optim import OptimArgs
 from yarnkit.train.pose import PoseArgs
-from yarnkit.train.speed import check_attention
+from yarnkit.train.speed import check_attention, check_speed_keys
 
 
 @dataclass
@@ -168,6 +168,7 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("train.offload_activations offloads checkpointed layer inputs; set "
                           "model.gradient_checkpointing=true or train.offload_activations=false")
     check_attention(recipe.model.attn_implementation, recipe.model.sdpa_kernel)
+    check_speed_keys(recipe.model, train, recipe.optim)
     if recipe.lora.enabled and recipe.lora.r < 1:
         raise RecipeError(f"lora.r={recipe.lora.r}; use a rank >= 1 when lora.enabled")
 

@@ -1,27 +1,40 @@
-"""Speed and memory knobs for long-sequence training: attention backend, SDPA kernel, compiled decoder layers,
-DeepSpeed ALST's TiledMLP and activation-checkpoint offload.
+"""Speed and memory knobs for long-sequence training: attention backend, SDPA kernel, Liger-Kernel's fused
+RMSNorm/SwiGLU/RoPE, compiled decoder layers, selective activation checkpointing, DeepSpeed ALST's TiledMLP and
+activation-checkpoint offload.
 
 - `check_attention(attn, sdpa_kernel)`: the backend is one transformers knows and is installed, else a
   `RecipeError` naming the package to install (flash-attn is optional: `pip install flash-attn` /
-  `flash-attn-3` / `flash-attn-4`).
+  `flash-attn-3` / `flash-attn-4`). `check_speed_keys(model, train, optim)`: every speed key's value is known.
 - `use_sdpa_kernel("cudnn" | "flash" | "efficient" | "math")`: re-registers transformers' `sdpa` attention with a
   function that calls `F.scaled_dot_product_attention` under `torch.nn.attention.sdpa_kernel` with that kernel
-  first (the others stay as fall-backs). cuDNN gets grouped-query K/V expanded to all heads (its kernel does not
-  take `enable_gqa`). Process-global, like every transformers attention registration; "auto" leaves torch's
-  own choice. DeepSpeed Ulysses wraps whatever `sdpa` is registered when it is set up, so this composes with SP.
+  first (the others stay as fall-backs). cuDNN gets grouped-query K/V expanded to all heads unless this torch's
+  cuDNN kernel takes `enable_gqa` (probed once on the GPU). Process-global, like every transformers attention
+  registration; "auto" leaves torch's own choice. DeepSpeed Ulysses wraps whatever `sdpa` is registered when it
+  is set up, so this composes with SP.
+- `resolve_choice(key, asked, missing, ...)`: `auto` takes a fused path when it can run here and otherwise says
+  in one line what runs instead; an explicit request that cannot run is a `RecipeError` naming the fix.
+  `liger_missing()` / `compile_missing()` say why Liger-Kernel / `torch.compile` cannot run (None: they can).
+- `apply_liger(model)`: Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE on a transformers model instance (Triton:
+  CUDA only). The loss side (fused linear cross-entropy) is `yarnkit.train.loss`.
 - `compile_layers(model)`: `torch.compile` each decoder layer in place (regional compilation).
+- `keep_attention_checkpointing(model, layers, keep)`: non-reentrant checkpointing of each decoder layer whose
+  selective policy saves the SDPA kernel's outputs (attention output + log-sum-exp, so the attention forward is
+  never recomputed) and recomputes the rest (norms, projections, RoPE, MLP) in backward.
 - `tile_mlps(model)`: each Llama-style MLP (gate/up/down projections) runs through `deepspeed`'s `TiledMLP`
   over `ceil(seq / hidden)` sequence shards: intermediate activations of one shard at a time, forward
   recomputed in backward.
 - `activation_offload()`: DeepSpeed's context that moves checkpointed layer inputs to pinned CPU memory
   during forward and back in backward (needs gradient checkpointing).
 
-Not the training loop (yarnkit.train.trainer). Tested on CPU by `python -m pytest tests/test_speed.py`.
+Not the training loop (yarnkit.train.trainer). Tested on CPU by `python -m pytest tests/test_speed.py`; the Liger
+path's numerics on a GPU by `python -m pytest -m gpu tests/test_speed_gpu.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import math
 import types
 
@@ -32,6 +45,9 @@ from yarnkit.train.errors import RecipeError
 
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 SDPA_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+CHOICES = {"kernels": ("auto", "liger", "torch"), "compile_layers": ("auto", "true", "false"),
+           "checkpoint_policy": ("full", "keep_attention"), "loss_impl": ("auto", "liger", "chunked"),
+           "fused": ("auto", "true", "false")}
 FLASH_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn-3 (Hopper build of flash-attn)",
                   "flash_attention_4": "flash-attn-4"}
 
@@ -60,6 +76,78 @@ def check_attention(attn: str, sdpa_kernel: str = "auto") -> None:
             raise RecipeError("model.attn_implementation=flex_attention needs torch >= 2.5; use sdpa")
 
 
+def check_speed_keys(model, train, optim) -> None:
+    """Normalise (a YAML `true` arrives as "True") and check the speed keys of the model/train/optim sections."""
+    for section, key in ((model, "kernels"), (model, "compile_layers"), (model, "checkpoint_policy"),
+                         (train, "loss_impl"), (optim, "fused")):
+        value = str(getattr(section, key)).lower()
+        setattr(section, key, value)
+        if value not in CHOICES[key]:
+            name = {id(model): "model", id(train): "train", id(optim): "optim"}[id(section)]
+            raise RecipeError(f"{name}.{key}={value!r} is unknown; choose one of {', '.join(CHOICES[key])}")
+    if model.checkpoint_policy != "full" and not model.gradient_checkpointing:
+        raise RecipeError(f"model.checkpoint_policy={model.checkpoint_policy} chooses what checkpointing keeps; set "
+                          f"model.gradient_checkpointing=true or model.checkpoint_policy=full")
+    if model.keep_attention_layers < 0:
+        raise RecipeError(f"model.keep_attention_layers={model.keep_attention_layers}; use 0 (all) or a count")
+    if train.offload_activations and model.checkpoint_policy != "full":
+        raise RecipeError("train.offload_activations works with model.checkpoint_policy=full only; set one of them "
+                          "back (offload=false keeps attention outputs on the GPU)")
+
+
+def resolve_choice(key: str, asked: str, missing: str | None, fused: str, plain: str) -> bool:
+    """True if the fused path runs. `asked` is auto|true|<fused name>|false|<plain name>; `missing` is why the fused
+    path cannot run here (None: it can). auto falls back with one line; an explicit request fails with the fix."""
+    asked = str(asked).lower()
+    if asked in ("false", plain):
+        return False
+    if missing is None:
+        return True
+    if asked == "auto":
+        print(f"yarnkit: {key}=auto: {missing}; {plain} runs instead", flush=True)
+        return False
+    raise RecipeError(f"{key}={asked} cannot run here: {missing}; fix that, or set {key}=auto to fall back to "
+                      f"{plain}")
+
+
+def liger_missing(model=None) -> str | None:
+    """Why Liger-Kernel cannot run here (None: it can): no CUDA, not installed, or `model`'s type unsupported."""
+    if not torch.cuda.is_available():
+        return "Liger-Kernel's Triton kernels need a CUDA GPU"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'yarnkit[liger]')"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as err:  # a broken install (e.g. no triton) must not stop training  # noqa: BLE001
+        return f"liger-kernel does not import ({str(err).splitlines()[0][:160]})"
+    model_type = getattr(getattr(model, "config", None), "model_type", None) if model is not None else None
+    if model is not None and model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"Liger-Kernel has no kernels for model type {model_type!r}"
+    return None
+
+
+def apply_liger(model) -> None:
+    """Liger-Kernel's RMSNorm, SwiGLU and RoPE on `model` (a transformers model, before any peft wrapping).
+    Like Liger itself this also swaps the modeling module's classes/RoPE function for models built later."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type](model=model, rope=True, rms_norm=True, swiglu=True,
+                                                          cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def compile_missing(device: str) -> str | None:
+    """Why `torch.compile` (Inductor) cannot compile for `device` here (None: it can)."""
+    if not str(device).startswith("cuda"):
+        return "compiled layers are used on CUDA only (on CPU the compile time outweighs the gain)"
+    from torch.utils._triton import has_triton
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported by this Python/torch build"
+    if not has_triton():
+        return "Inductor needs triton for this GPU, which is not installed or does not support it"
+    return None
+
+
 def _backend_order(kernel: str) -> list:
     from torch.nn.attention import SDPBackend
 
@@ -74,6 +162,7 @@ def kernel_sdpa(kernel: str):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     order = _backend_order(kernel)
+    expand_gqa = kernel == "cudnn" and not _cudnn_takes_gqa()
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -85,7 +174,7 @@ def kernel_sdpa(kernel: str):
                                               scaling=scaling, is_causal=is_causal, **kwargs)
             groups = query.shape[1] // key.shape[1]
             extra = {}
-            if groups > 1 and kernel == "cudnn":
+            if groups > 1 and expand_gqa:
                 key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
             elif groups > 1:
                 extra["enable_gqa"] = True
@@ -98,6 +187,23 @@ def kernel_sdpa(kernel: str):
     checked = []  # the first CUDA call says (in the log) whether the asked-for kernel takes these inputs
     attention.yarnkit_kernel = kernel
     return attention
+
+
+@functools.cache
+def _cudnn_takes_gqa() -> bool:
+    """Whether this torch's cuDNN SDPA runs grouped-query K/V itself (`enable_gqa`): then they are not expanded."""
+    if not torch.cuda.is_available():
+        return False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.zeros(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _report_kernel(kernel: str, backend, query, key, value, dropout, scaling, extra) -> bool:
@@ -131,6 +237,53 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+@functools.cache
+def _attention_ops() -> frozenset:
+    names = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    ops = {getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)}
+    flash_attn = getattr(torch.ops, "flash_attn", None)  # flash-attn's custom ops, when that package is loaded
+    for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
+        if flash_attn is not None and hasattr(flash_attn, name):
+            ops.add(getattr(flash_attn, name).default)
+    return frozenset(ops)
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    # no_grad calls (the kernel probe of kernel_sdpa) are not backward inputs: never cache them
+    if op in _attention_ops() and torch.is_grad_enabled():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+
+    if not (self.training and torch.is_grad_enabled()):
+        return self._yarnkit_forward(*args, **kwargs)
+    context = (functools.partial(create_selective_checkpoint_contexts, _keep_attention_policy)
+               if self._yarnkit_keep_attention else noop_context_fn)
+    for name in ("cache", "past_key_values", "past_key_value"):  # a cache updated twice would differ in backward
+        if kwargs.get(name) is not None:
+            kwargs[name] = None
+    return checkpoint(self._yarnkit_forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+
+def keep_attention_checkpointing(model, layers: int = 0, keep: int = 0) -> int:
+    """Checkpoint the first `layers` decoder layers (0 = all); the first `keep` of them (0 = all) save their SDPA
+    outputs and recompute only the rest in backward, the others recompute everything. Returns how many keep.
+    Call before `compile_layers`: the compiled region then holds the checkpoint and Inductor applies the policy."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpointed = lm.get_decoder().layers[:layers or None]
+    keep = len(checkpointed) if keep == 0 else min(keep, len(checkpointed))
+    for index, layer in enumerate(checkpointed):
+        layer._yarnkit_forward, layer._yarnkit_keep_attention = layer.forward, index < keep
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+    return keep
 
 
 def _tiled_forward(self, x):

@@ -4,10 +4,15 @@
     accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
-chunked cross-entropy of `yarnkit.train.loss`; gradients are clipped to `train.clip` and the logged `grad_norm`
-is the norm *before* clipping. Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto`
-reproduces an uninterrupted run exactly. It is not the recipe parser (`yarnkit.train.recipe`) nor the data
-builder (`yarnkit.train.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
+cross-entropy of `yarnkit.train.loss` (fused or chunked, `train.loss_impl`); gradients are clipped to `train.clip`
+and the logged `grad_norm` is the norm *before* clipping. The loop never waits for the GPU inside a step: the next
+micro-batch is built on a worker thread (`loop.Prefetcher`) and step k's loss is read (one sync) only after
+step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seconds` is the time between CUDA
+events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
+Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
+exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser
+(`yarnkit.train.recipe`) nor the data builder (`yarnkit.train.data`). Tested by `python -m pytest
+tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ from yarnkit.train.checkpoint import (is_complete, latest_checkpoint, list_check
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import DataError, RecipeError
 from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
-from yarnkit.train.loop import forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group, zero_stage
-from yarnkit.train.loss import CausalLMLoss
+from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
+                                zero_stage)
+from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
 from yarnkit.train.metrics import MetricsLog
 from yarnkit.train.model import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
 from yarnkit.train.recipe import check_context, load_recipe, recipe_from_file, recipe_to_yaml, save_recipe
 from yarnkit.train.seq_parallel import check_sequence_parallel
-from yarnkit.train.speed import activation_offload
+from yarnkit.train.profiling import step_profile, summary
+from yarnkit.train.speed import activation_offload, resolve_choice
 
 
 @dataclass
@@ -86,6 +93,8 @@ def train(recipe) -> TrainResult:
     from tqdm.auto import tqdm
 
     args, run_dir = recipe.train, Path(recipe.run_dir)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak_memory_gb is this run's, also when a process runs several
     accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
     rank, world = accelerator.process_index, accelerator.num_processes
     sp = args.sp_size  # an SP group of `sp` consecutive ranks is one data-parallel replica
@@ -106,11 +115,19 @@ def train(recipe) -> TrainResult:
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
-        dataset = build_dataset(recipe.data, tokenizer, sink_id)
+        dataset = build_dataset(recipe.data, tokenizer, sink_id).with_format("numpy")  # rows as arrays, not lists
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
-    wrapper = CausalLMLoss(model, args.loss_chunk_tokens)
+    fused_loss = resolve_choice("train.loss_impl", args.loss_impl, fused_loss_missing(model, zero_stage(accelerator)),
+                                "liger", "chunked")
+    speed = {**getattr(model, "yarnkit_speed", {}), "loss": "liger fused linear cross-entropy" if fused_loss
+             else f"chunked ({args.loss_chunk_tokens} tokens)"}
+    wrapper = CausalLMLoss(model, args.loss_chunk_tokens, fused=fused_loss)
     optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps)
+    speed["optimizer"] = "AdamW " + ("fused" if optimizer.defaults.get("fused") else "foreach")
+    if accelerator.is_main_process:
+        print("yarnkit: speed: " + ", ".join(f"{key}={value}" for key, value in speed.items()), flush=True)
+        (run_dir / "speed.json").write_text(json.dumps(speed, indent=1))
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
     sp_group = sequence_parallel_group() if sp > 1 else None
 
@@ -132,51 +149,95 @@ def train(recipe) -> TrainResult:
                desc="train", unit="step", dynamic_ncols=True)
     ds_engine = zero_stage(accelerator) > 0
     offload = activation_offload(args.offload_activations)  # one instance: its pinned buffers are reused
-    for step in range(state["step"], args.max_steps):
-        started = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
-        for micro in range(args.grad_accum):
-            first = state["samples_seen"] + micro * dp_world * args.micro_batch_size
-            batch = micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size, pose_target,
-                                recipe.data.seed, sink_first=sink_id is not None)
-            result.samples.extend(batch["samples"])
-            with accelerator.accumulate(wrapper), offload:
-                loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and not ds_engine:
-                    grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach() / args.grad_accum
-        if ds_engine:
-            grad_norm = wrapper.get_global_grad_norm()
-        scheduler.step()
-        state["step"] = step + 1
-        state["samples_seen"] += per_step
-        state["tokens_seen"] += per_step * recipe.data.seq_len
-        step_loss = accelerator.reduce(loss_sum, reduction="mean").item()
-        result.losses[step + 1], result.last_step = step_loss, step + 1
-        seconds = time.perf_counter() - started
+    prefetch = Prefetcher(lambda first: micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size,
+                                                    pose_target, recipe.data.seed, sink_first=sink_id is not None),
+                          pin=accelerator.device.type == "cuda")
+    stride = dp_world * args.micro_batch_size  # samples between this rank's consecutive micro-batches
+    cuda = accelerator.device.type == "cuda"
+    clock = {"last": _mark(cuda)}  # GPU: an event at the end of the previous step; the step time is between two
+
+    def finish(done: dict) -> None:
+        """Read step `done`'s loss (waits for that step only) and log it."""
+        step_loss = done["loss"].item()
+        seconds = done["seconds"] or clock["last"].elapsed_time(done["end"]) / 1e3
+        clock["last"] = done["end"]
+        number = done["step"]
+        result.losses[number], result.last_step = step_loss, number
         tokens_per_s = per_step * recipe.data.seq_len / seconds
-        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            log.write(dict(step=step + 1, loss=step_loss, lr=lr, grad_norm=float(grad_norm or 0.0),
+        if number % args.log_every == 0 or number == args.max_steps:
+            log.write(dict(step=number, loss=step_loss, lr=done["lr"], grad_norm=float(done["grad_norm"] or 0.0),
                            tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / world,
                            mfu=tokens_per_s / world * flops_token / (args.peak_tflops * 1e12),
-                           step_seconds=seconds, tokens_seen=state["tokens_seen"], world_size=world,
+                           step_seconds=seconds, tokens_seen=done["tokens_seen"], world_size=world,
                            peak_memory_gb=peak_memory_gb()))
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(1)
+
+    pending = None
+    for step in range(state["step"], args.max_steps):
+        profiled = step + 1 == args.profile_step
+        if profiled and cuda:
+            torch.cuda.synchronize()  # the profile holds this step's kernels only
+        with step_profile(profiled) as prof:
+            started = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
+            for micro in range(args.grad_accum):
+                first = state["samples_seen"] + micro * stride
+                last = step + 1 == args.max_steps and micro + 1 == args.grad_accum
+                batch = prefetch(first, None if last else first + stride)
+                result.samples.extend(batch["samples"])
+                with accelerator.accumulate(wrapper), offload:
+                    loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and not ds_engine:
+                        grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                loss_sum += loss.detach() / args.grad_accum
+            if ds_engine:
+                grad_norm = wrapper.get_global_grad_norm()
+            scheduler.step()
+            if profiled and cuda:
+                torch.cuda.synchronize()
+        state["step"] = step + 1
+        state["samples_seen"] += per_step
+        state["tokens_seen"] += per_step * recipe.data.seq_len
+        done = {"step": step + 1, "loss": accelerator.reduce(loss_sum, reduction="mean"), "lr": lr,
+                "grad_norm": grad_norm, "tokens_seen": state["tokens_seen"], "end": _mark(cuda),
+                "seconds": None if cuda and not profiled else time.perf_counter() - started}  # CPU: synchronous
+        if pending is not None:
+            finish(pending)  # the previous step's numbers: this step is already queued behind them
+        pending = done
+        if profiled:
+            if accelerator.is_main_process:
+                (run_dir / "profile.md").write_text(summary(prof, pending["seconds"], f"step {step + 1} of "
+                                                            f"{recipe.run_dir}: {recipe.data.seq_len} tokens x "
+                                                            f"{args.micro_batch_size}"))
         every = recipe.checkpoint.every
-        if (every and (step + 1) % every == 0) or (step + 1 == args.max_steps and recipe.checkpoint.save_final):
+        save = (every and (step + 1) % every == 0) or (step + 1 == args.max_steps and recipe.checkpoint.save_final)
+        if save or step + 1 == args.max_steps:
+            finish(pending)
+            pending = None
+        if save:
             save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
                             recipe.checkpoint.keep_last)
+    prefetch.close()
     bar.close()
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result.model = accelerator.unwrap_model(wrapper).model
     return result
+
+
+def _mark(cuda: bool):
+    """A recorded CUDA event (timing enabled), or None on CPU."""
+    if not cuda:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def add_arguments(parser) -> None:

@@ -1,11 +1,9 @@
-"""The eval suite's `SinkPolicy`, SirLLM retention and LLMLingua-style compression, on tiny random models.
+"""SirLLM retention and LLMLingua-style compression, on tiny random models (`SinkPolicy`: test_eval_stream.py).
 
-Run: `python -m pytest tests/test_runtime_policy.py -q`
+Run: `python -m pytest tests/test_runtime_retention.py -q`
 """
 
 from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
 
 import pytest
 import torch
@@ -13,49 +11,15 @@ from conftest import tiny_model
 
 from yarnkit.runtime.compress import compress_context, compress_prompt, split_prompt, token_self_information
 from yarnkit.runtime.engine import StreamingEngine
-from yarnkit.runtime.policy import SinkPolicy
-
-
-@runtime_checkable
-class StreamPolicy(Protocol):  # the eval suite's protocol, copied verbatim
-    name: str
-
-    def reset(self) -> None: ...
-
-    def step(self, model, input_ids: torch.LongTensor) -> torch.Tensor: ...
-
-    def cache_tokens(self) -> int: ...
 
 
 def stream(n, seed=0):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_sink_policy_follows_the_protocol_and_bounds_the_cache():
-    model = tiny_model("llama")
-    policy = SinkPolicy(sinks=4, window=20, evict_batch=1)
-    assert isinstance(policy, StreamPolicy) and policy.name == "sinks4+20"
-    policy.reset()
-    assert policy.cache_tokens() == 0
-    ids = stream(60)
-    outs = [policy.step(model, ids[:, i:i + 1]) for i in range(60)]
-    assert all(o.shape == (1, 1, 128) for o in outs)
-    assert policy.cache_tokens() == 24  # evict_batch=1: exactly StreamingLLM's 4 + 20
-    policy.reset()
-    assert policy.cache_tokens() == 0
-
-
-def test_sink_policy_within_window_equals_dense_forward():
-    model = tiny_model("llama")
-    policy = SinkPolicy(window=1020)
-    ids = stream(50)
-    first, second = policy.step(model, ids[:, :30]), policy.step(model, ids[:, 30:])
-    torch.testing.assert_close(torch.cat((first, second), 1), model(ids).logits, atol=1e-5, rtol=0)
-
-
 def test_sirllm_keeps_highest_self_information_tokens_and_decays():
     model = tiny_model("llama")
-    engine = StreamingEngine(model, sinks=2, window=30, evict_batch=10, sirllm_keep=8, prefill_chunk=1)
+    engine = StreamingEngine(model, sinks=2, window=32, evict_batch=10, sirllm_keep=8, prefill_chunk=1)
     ids = stream(33)
     for i in range(33):  # one token at a time; the self-information is recomputed independently below
         engine.feed(ids[:, i:i + 1])

