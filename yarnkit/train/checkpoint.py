@@ -106,6 +106,7 @@ def save_checkpoint(accelerator, wrapper, tokenizer, run_dir: str | Path, step: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / STATE_DIR))
+    accelerator.wait_for_everyone()  # every process's files (RNG state, ZeRO shard) are in tmp before the rename
     full_state = accelerator.get_state_dict(wrapper)  # gathers ZeRO-3 shards (collective)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(wrapper).model
