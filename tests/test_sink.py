@@ -53,8 +53,10 @@ def test_resize_when_vocab_is_full_and_refusals():
     model, tokenizer = tiny_model("llama", seed=0, vocab_size=99, tie_word_embeddings=True), char_tokenizer()
     old = model.get_input_embeddings().weight.detach().clone()
     sink = add_sink_token(model, tokenizer, "<|sink|>", init="mean")
-    assert sink == 99 and model.get_input_embeddings().weight.shape[0] == 100 and model.config.vocab_size == 100
-    assert model.get_output_embeddings().weight.shape[0] == 100  # tied: both grew
+    # 100 rows needed, padded to a multiple of 64 (tensor-core aligned head); the padding rows are the mean too
+    assert sink == 99 and model.get_input_embeddings().weight.shape[0] == 128 and model.config.vocab_size == 128
+    assert model.get_output_embeddings().weight.shape[0] == 128  # tied: both grew
+    torch.testing.assert_close(model.get_input_embeddings().weight[100:], old.mean(0).expand(28, -1))
     torch.testing.assert_close(model.get_input_embeddings().weight[sink], old.mean(0))
     assert add_sink_token(model, tokenizer, "<|sink|>") == sink  # recorded sink: reused, not re-initialised
     with pytest.raises(SinkTokenError, match="pick a new text"):
@@ -200,3 +202,35 @@ def test_lora_trains_the_tied_sink_row_only_through_trainable_tokens():
     assert not torch.allclose(weight[sink], before[sink])  # trained
     torch.testing.assert_close(weight[:sink], before[:sink])  # other rows untouched
     assert weight.data_ptr() == head.data_ptr()  # still tied after the merge
+
+
+@pytest.mark.parametrize("saved, asked", [(True, False), (False, True)])
+def test_resuming_across_a_sink_token_change_is_refused(assets, saved, asked, capsys):
+    from yarnkit.train.trainer import main
+
+    run = f"resume-{saved}"
+    train(load_recipe(sink_overrides(assets, run, **{"model.sink_token": saved, "train.max_steps": 1})))
+    items = sink_overrides(assets, run, **{"model.sink_token": asked, "resume": "auto"})
+    with pytest.raises(RecipeError, match="model.init/sink_token"):
+        train(load_recipe(items))
+    capsys.readouterr()
+    assert main(items) == 2  # the CLI: one line naming the setting and the fix, no traceback
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "sink_token" in error[0] and "resume=none" in error[0]
+
+
+def test_streaming_sinks_rule_and_the_zero_sink_warning():
+    import warnings
+
+    from transformers import LlamaConfig
+
+    from yarnkit.sink import SinkTokenWarning, streaming_sinks
+
+    plain, trained = LlamaConfig(), LlamaConfig(yarnkit_sink_token_id=7)
+    assert streaming_sinks(plain) == 4 and streaming_sinks(trained) == 1
+    assert streaming_sinks(trained, 2) == 2
+    with pytest.warns(SinkTokenWarning, match="--sinks 0 lets it be evicted"):
+        assert streaming_sinks(trained, 0) == 0  # allowed, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert streaming_sinks(plain, 0) == 0  # no sink token: nothing to warn about

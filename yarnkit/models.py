@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.patch import register_rope_types
+from yarnkit.sink import read_gguf_sink_token
 
 # name -> (python package that ships the file, file name inside it)
 BUNDLED_MODELS = {
@@ -101,6 +102,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    read_gguf_sink_token(model.config, Path(source.path) / source.gguf_file)  # transformers skips yarnkit's key
     # The tensors are already de-quantized; drop the GGUF marker so the model saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False

@@ -1,3 +1,3 @@
 """Evaluation suite: perplexity vs length (`ppl`), passkey/needle retrieval grids (`passkey`), streaming
-perplexity through KV-cache policies (`stream`), plots and a markdown report. CLI: `yarnkit eval --help`.
+perplexity through KV-cache policies (`stream`), attention sinks (`sinks`), plots and a markdown report. CLI: `yarnkit eval --help`.
 """

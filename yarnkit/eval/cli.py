@@ -168,10 +168,10 @@ def run_task(args) -> dict:
                                        args.max_length, args.max_new_tokens))
     else:
         from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
-        from yarnkit.runtime.engine import default_sinks
+        from yarnkit.sink import streaming_sinks
 
         sink = getattr(model.config, "yarnkit_sink_token_id", None)  # a sink-token model sees it first, as trained
-        sinks = args.sinks if args.sinks is not None else default_sinks(model.config)
+        sinks = streaming_sinks(model.config, args.sinks)
         policy = make_policy(args.policy, window=args.window, sinks=sinks, max_cache=args.max_cache)
         if not args.label:  # several policies of one model must not overwrite each other's files
             result["label"] += f" {args.policy}" + ("" if args.policy == "dense" else f" W{args.window}")

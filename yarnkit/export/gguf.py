@@ -28,6 +28,7 @@ import torch
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError
 from yarnkit.rope import head_dim as config_head_dim, yarn_attention_factor, yarn_get_mscale
+from yarnkit.sink import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
@@ -192,7 +193,7 @@ def _add_hparams(writer, config, rope: dict, name: str, gguf_type: str) -> None:
         raise ExportError(f"--gguf: rope_type {rope['rope_type']!r} has no llama.cpp Llama equivalent here")
     sink = getattr(config, "yarnkit_sink_token_id", None)
     if sink is not None:
-        writer.add_uint32("yarnkit.sink_token_id", int(sink))
+        writer.add_uint32(GGUF_SINK_KEY, int(sink))
 
 
 def write_gguf(folder: Path, model, tokenizer, path: Path, gguf_type: str = "f16", pre: str | None = None) -> list[str]:

@@ -15,7 +15,7 @@ not: a chat template or a server (see `conversation.py`, `serve.py`).
 row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally `torch.compile`d); `auto` picks
 graph on CUDA, eager elsewhere.
 
-Sinks: `default_sinks(config)`: 1 when the model's config records a dedicated sink token
+Sinks: `yarnkit.sink.streaming_sinks(config)`: 1 when the model's config records a dedicated sink token
 (`config.yarnkit_sink_token_id`; it is put in slot 0 automatically and never evicted), else 4. `pin()` also
 protects everything fed so far (a system prompt).
 
@@ -33,20 +33,16 @@ import torch
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.static import SlotPool
+from yarnkit.sink import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
-
-
-def default_sinks(config) -> int:
-    """The one home of the sink default: 1 for a model trained with a dedicated sink token, else 4 (StreamingLLM)."""
-    return 1 if getattr(config, "yarnkit_sink_token_id", None) is not None else 4
 
 
 @dataclass
 class StreamOptions:
     """Knobs of the streaming runtime; `None` means "derive from the model / the window"."""
 
-    sinks: int | None = None          # None: default_sinks(config)
+    sinks: int | None = None          # None: yarnkit.sink.streaming_sinks(config)
     window: int = 1024                # tokens the cache holds in all, sinks and pinned tokens included
     evict_batch: int | None = None    # tokens dropped per eviction; None: max(1, (window - sinks) // 16)
     prefill_chunk: int = 512          # longest single forward (clipped to the free cache)
@@ -56,7 +52,7 @@ class StreamOptions:
     compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
 
     def resolved(self, config) -> "StreamOptions":
-        sinks = self.sinks if self.sinks is not None else default_sinks(config)
+        sinks = streaming_sinks(config, self.sinks)  # 1 with a sink token, else 4; 0 there warns
         if sinks < 0 or self.window <= sinks:
             raise ValueError(f"need sinks >= 0 and window > sinks: the window counts the whole cache, sinks "
                              f"included (got sinks={sinks}, window={self.window})")

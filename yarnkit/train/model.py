@@ -20,7 +20,7 @@ import torch
 
 from yarnkit.models import load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
-from yarnkit.sink import add_sink_token, register_sink_token
+from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
                                  keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps,
@@ -123,7 +123,7 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     if model_args.init == "scratch" or model_args.random_init:
         if model_args.sink_token:  # in the vocabulary before the weights exist: its row is initialised like any other
             config.yarnkit_sink_token_id, _ = register_sink_token(tokenizer, config, model_args.sink_token_text)
-            config.vocab_size = max(config.vocab_size, len(tokenizer))
+            config.vocab_size = max(config.vocab_size, padded_vocab_size(len(tokenizer)))
         with torch.device(init_device or "cpu"):
             model = AutoModelForCausalLM.from_config(config, **options)
     else:
