@@ -48,19 +48,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.bench import REPO, run_compare, write_model_dir
+from yarnkit.train.metrics import read_metrics
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes == 1:
-        return launch + ["--config_file", str(REPO / "recipes/accelerate/single.yaml")]
-    config = REPO / f"recipes/accelerate/zero{zero}.yaml" if zero else REPO / "recipes/accelerate/ddp.yaml"
+        return launch + ["--config_file", str(accelerate_config("single"))]
+    config = accelerate_config(f"zero{zero}" if zero else "ddp")
     return launch + ["--config_file", str(config), "--num_processes", str(processes)]
 
 
 def summarize(run_dir: Path, warmup: int) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     timed = [r for r in rows if r["step"] > warmup] or rows
     return {
         "steps": len(rows), "timed_steps": len(timed), "world_size": rows[-1]["world_size"],

@@ -30,12 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from yarnkit.cli import main as _yarnkit_cli
+from yarnkit.eval.cli import result_path
+from yarnkit.eval.report import load_results, markdown_report
+from yarnkit.recipes import accelerate_config
+from yarnkit.train.metrics import read_metrics
+from eval_baselines import CONFIGS as BASELINES, selected_books  # scripts/eval_baselines.py
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's yarnkit, even if another is installed
-from yarnkit.cli import main as _yarnkit_cli  # noqa: E402
-from yarnkit.eval.cli import result_path  # noqa: E402
-from yarnkit.eval.report import load_results, markdown_report  # noqa: E402
-from eval_baselines import CONFIGS as BASELINES, selected_books  # noqa: E402  (scripts/eval_baselines.py)
 
 STAGES = ("train", "baselines", "eval", "export", "stream")
 
@@ -56,15 +58,15 @@ def gpu_count() -> int:
 def train(args, out: Path) -> dict:
     """`accelerate launch scripts/train.py` over every visible GPU (DDP when several), or one CPU process."""
     gpus = gpu_count()
-    config = "ddp.yaml" if gpus > 1 else "single.yaml"
+    config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate" / config), "--num_processes", str(max(gpus, 1)),
+               str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
                str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
                *([f"data.source={args.train_data}"] if args.train_data else []), *args.overrides]
     print("+", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
-    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_metrics(out / "run")
     steps = [m for m in metrics if "loss" in m]
     return {"seconds": round(time.perf_counter() - started, 1), "gpus": gpus, "steps": len(steps),
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,

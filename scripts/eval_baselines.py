@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's yarnkit, even if another is installed
-from yarnkit.cli import main as yarnkit  # noqa: E402
+from yarnkit.cli import main as yarnkit
 
 CONFIGS = [  # (label suffix, extra arguments)
     ("base", []),

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from yarnkit.eval.sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
     stream_documents, stream_table, uniform_mass
-from yarnkit.train.checkpoint import MODEL_DIR, latest_checkpoint
-from yarnkit.train.metrics import METRICS_FILE
+from yarnkit.train.checkpoint import latest_checkpoint, model_location
+from yarnkit.train.metrics import METRICS_FILE, read_metrics
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -91,8 +91,7 @@ def train_to(args, name: str, steps: int, every: int) -> float:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
 
 
 def make_plan(args, out: Path) -> dict:
@@ -218,7 +217,7 @@ def main(argv=None) -> int:
     plan["seconds"] = seconds
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
 
-    model, tokenizer = load_checkpoint_model(str(latest_checkpoint(out / "vanilla") / MODEL_DIR), device)
+    model, tokenizer = load_checkpoint_model(model_location(str(out / "vanilla")), device)
     window, parameters = model.config.max_position_embeddings, sum(p.numel() for p in model.parameters())
     documents = stream_documents(args.books, tokenizer, args.stream_tokens)
     sequences_for = windows_for(documents, tokenizer.bos_token_id, window, args.attention_windows)
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
     stream = {}
     for name in RUNS:
         print(f"== stream {name} (W={window})", flush=True)
-        model, tokenizer = load_checkpoint_model(str(latest_checkpoint(out / name) / MODEL_DIR), device)
+        model, tokenizer = load_checkpoint_model(model_location(str(out / name)), device)
         table = stream_table(model, tokenizer, documents, window, SINKS, args.stream_tokens, args.chunk)
         stream[name] = {k: row["ppl"] for k, row in table.items()}
         print("  " + ", ".join(f"{k}+{window - k}: {ppl:.3f}" for k, ppl in stream[name].items()), flush=True)

@@ -68,6 +68,7 @@ def make_run(root: Path, model=None, tokenizer=None, lora: bool = False, base_di
     for folder in (run, model_dir.parent):
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (model_dir.parent / "state").mkdir()
+    (model_dir.parent / "state" / "trainer_state.json").write_text(json.dumps({"step": step}))  # written last
     if lora:
         from peft import LoraConfig, get_peft_model
 

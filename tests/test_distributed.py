@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -81,7 +82,7 @@ def test_two_process_deepspeed_zero_on_cpu(setup, stage):
     pytest.importorskip("deepspeed")
     assets, single = setup
     name = f"zero{stage}"
-    ranks = launch(assets, ["--config_file", str(REPO / "recipes" / "accelerate" / f"{name}.yaml"),
+    ranks = launch(assets, ["--config_file", str(accelerate_config(name)),
                             "--num_processes", "2"], name)
     check_distributed(ranks, single, "DEEPSPEED", assets["root"] / name, zero3=stage == 3)
     shards = assets["root"] / name / "checkpoints" / "step_000002" / "state" / "pytorch_model"

@@ -107,6 +107,8 @@ def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
 
     for step in ("step_000100", "step_000200"):
         shutil.copytree(model_dir, tmp_path / "run" / "checkpoints" / step / "model")
+        (tmp_path / "run" / "checkpoints" / step / "state").mkdir()
+        (tmp_path / "run" / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
     assert resolve_model(str(tmp_path / "run")).endswith("step_000200/model")
     assert resolve_model("smollm2-135m") == "smollm2-135m"
 

@@ -23,7 +23,7 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 
 from yarnkit.export import rope_keys, verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
-from yarnkit.export.source import ExportError, resolve_source  # noqa: E402
+from yarnkit.export.source import ExportError, find_export_source  # noqa: E402
 from yarnkit.models import user_umask  # noqa: E402
 
 
@@ -177,7 +177,7 @@ def test_lora_without_a_base_model_is_refused(tmp_path, tokenizer):
     adapter_config = run / "checkpoints/step_000400/model/adapter_config.json"
     adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": None}))
     with pytest.raises(ExportError, match="no base model is named.*model.name_or_path"):
-        resolve_source(run)
+        find_export_source(run)
 
 
 @pytest.fixture
@@ -191,13 +191,13 @@ def test_newest_complete_checkpoint_is_chosen(small_run):
     import shutil
 
     shutil.copytree(small_run / "checkpoints" / "step_000400", newer)
-    assert resolve_source(small_run).model_dir == newer / "model"
+    assert find_export_source(small_run).model_dir == newer / "model"
 
 
 def test_run_without_a_finished_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ExportError, match="without a finished checkpoint"):
-        resolve_source(tmp_path / "run")
+        find_export_source(tmp_path / "run")
 
 
 def test_truncated_and_missing_weights_name_the_file(small_run):
@@ -205,12 +205,12 @@ def test_truncated_and_missing_weights_name_the_file(small_run):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ExportError, match=f"truncated weights {weights}"):
-        resolve_source(small_run)
+        find_export_source(small_run)
     weights.unlink()
     (weights.parent / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(ExportError, match="missing weight shard .*model-00001-of-00002.safetensors"):
-        resolve_source(small_run)
+        find_export_source(small_run)
 
 
 def test_existing_output_needs_overwrite_and_failures_leave_nothing(small_run, tmp_path, monkeypatch):
@@ -244,7 +244,7 @@ def test_raw_deepspeed_checkpoint_without_deepspeed_fails_clearly(small_run, mon
     (model_dir / "model.safetensors").unlink()
     (model_dir / "global_step400").mkdir()
     (model_dir / "global_step400" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    source = resolve_source(small_run)
+    source = find_export_source(small_run)
     assert source.deepspeed_dir == model_dir
     monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # import fails
     from yarnkit.export.hf import load_for_export

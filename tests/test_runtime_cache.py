@@ -20,8 +20,9 @@ import torch
 from conftest import tiny_model
 
 from yarnkit.models import cache_argument
+from yarnkit.patch import rotary_module
 from yarnkit.rope import compute_inv_freq
-from yarnkit.runtime.cache import find_rotary_module, model_rotary, rotate_back
+from yarnkit.runtime.cache import model_rotary, rotate_back
 from yarnkit.runtime.engine import StreamingEngine
 
 DECODES = pytest.mark.parametrize("decode", ["eager", "static"])  # growing SinkCache / static buffers + mask
@@ -30,7 +31,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 def yarn_llama(layers=2):
     model = tiny_model("llama", num_hidden_layers=layers, rope_parameters=dict(YARN), max_position_embeddings=1024)
-    assert abs(find_rotary_module(model).attention_scaling - 1.0) > 0.1  # the factor must matter in these tests
+    assert abs(rotary_module(model).attention_scaling - 1.0) > 0.1  # the factor must matter in these tests
     return model
 
 
@@ -94,7 +95,7 @@ def test_attention_factor_applied_twice_is_caught(decode):
     """Negative control: re-rotating with the module's raw cos/sin (which carry YaRN's mscale) must fail."""
     model = yarn_llama(layers=1)
     engine = StreamingEngine(model, sinks=4, window=32, evict_batch=4, prefill_chunk=5, decode=decode)
-    module = find_rotary_module(model)
+    module = rotary_module(model)
     engine.cache.rotary = lambda pos: tuple(t[0] for t in module(torch.zeros(1), pos[None]))
     engine.feed(tokens(80, seed=1))
     reference = getattr(model(engine.cache_ids[None], use_cache=True), cache_argument()).layers[0].keys

@@ -136,6 +136,8 @@ def test_no_chat_template_falls_back_with_warning(model, tokenizer, caplog):
 def test_run_dir_resolves_to_newest_complete_checkpoint(tmp_path):
     for step in ("step_000100", "step_000200"):
         (tmp_path / "checkpoints" / step / "model").mkdir(parents=True)
+        (tmp_path / "checkpoints" / step / "state").mkdir()
+        (tmp_path / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "step_000300.tmp").mkdir()
     assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_000200" / "model")
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)

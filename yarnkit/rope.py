@@ -26,8 +26,14 @@ import math
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn")
+SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "dynamic_yarn")  # what `yarnkit.patch` applies
+ROPE_TYPES = ("default", *SCALING_TYPES)  # what `compute_inv_freq` computes
 YARN_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+
+
+def head_dim(config) -> int:
+    """Channels per attention head: `config.head_dim` when set, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:

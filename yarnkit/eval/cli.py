@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from yarnkit.errors import BadValue, NotFound, UserError
+from yarnkit.rope import SCALING_TYPES
+from yarnkit.train.checkpoint import model_location
 
 TASKS = {  # task -> (description, example)
     "ppl": ("perplexity vs context length: one window of L tokens per document (YaRN paper protocol), or sliding "
@@ -63,7 +65,7 @@ def add_arguments(parser) -> None:
         p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
         p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
         p.add_argument("--label", help="name in plots and tables (default: model + rope setting)")
-        p.add_argument("--rope-type", choices=["yarn", "dynamic", "linear", "ntk", "dynamic_yarn"],
+        p.add_argument("--rope-type", choices=SCALING_TYPES,
                        help="apply this RoPE scaling to the loaded model (needs --factor)")
         p.add_argument("--factor", type=float, help="RoPE scaling factor s")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -113,15 +115,8 @@ def add_arguments(parser) -> None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A training run directory (RUN/checkpoints/step_*/model) resolves to its latest complete checkpoint."""
-    run = Path(name_or_path).expanduser()
-    steps = sorted(run.glob("checkpoints/step_*/model")) if run.is_dir() else []
-    if steps:
-        if (steps[-1] / "adapter_config.json").is_file() or not (steps[-1] / "config.json").is_file():
-            raise NotFound(f"{steps[-1]} has no config.json (a LoRA checkpoint?)",
-                           f"export it to full weights first: yarnkit export {run} --out DIR --merge-lora")
-        return str(steps[-1])
-    return name_or_path
+    """A training run directory resolves to its newest complete checkpoint's model/ (`yarnkit.train.checkpoint`)."""
+    return model_location(name_or_path)
 
 
 def _positive(args, *names: str) -> None:

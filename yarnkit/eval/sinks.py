@@ -79,10 +79,10 @@ def measure_run(run_dir: str | Path, sequences_for, device: str, done: set[int] 
 def stream_documents(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """Tokenised books (a folder, file or glob; sorted) until `limit` tokens (BOS included) are collected."""
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
-    from yarnkit.train.data import local_paths, resolve_source
+    from yarnkit.train.data import expand_alias, local_paths
 
     documents, total = [], 0
-    for path in local_paths(resolve_source(books)):
+    for path in local_paths(expand_alias(books)):
         for doc in iter_eval_documents(str(path)):
             kept, _ = tokenize_documents([doc], tokenizer, max_tokens=limit - total)
             documents += kept

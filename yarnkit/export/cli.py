@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from yarnkit.export import card, hf, verify
-from yarnkit.export.source import ExportError, ExportSource, resolve_source
+from yarnkit.export.source import ExportError, ExportSource, find_export_source
 from yarnkit.models import check_device, make_temp_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces
@@ -126,7 +126,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         raise ExportError("--gguf needs the `gguf` package (llama.cpp's writer)", "pip install gguf")
     if run_checks:
         check_device(device)
-    source = resolve_source(source_path)
+    source = find_export_source(source_path)
     check_out_dir(out, overwrite, source, Path(source_path).expanduser())
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")

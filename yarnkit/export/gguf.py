@@ -27,7 +27,7 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError
-from yarnkit.rope import yarn_attention_factor, yarn_get_mscale
+from yarnkit.rope import head_dim as config_head_dim, yarn_attention_factor, yarn_get_mscale
 from yarnkit.sink import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -164,7 +164,7 @@ def _file_type(gguf_type: str) -> int:
 def _add_hparams(writer, config, rope: dict, name: str, gguf_type: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

@@ -16,6 +16,7 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError, ExportSource
+from yarnkit.patch import rebuild_rotary_modules, register_rope_types
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -37,9 +38,9 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import yarnkit.patch  # noqa: F401  (registers dynamic_yarn, so checkpoints trained with it load)
     from yarnkit.models import local_hf_dir
 
+    register_rope_types()  # checkpoints trained with dynamic_yarn load (prepare_for_inference makes it static)
     notes: list[str] = []
     if source.is_lora:
         if not merge_lora:
@@ -120,14 +121,6 @@ def _gather_deepspeed(source: ExportSource, dtype: str | None):
     return model.to(_torch_dtype(dtype, config))
 
 
-def rebuild_rotary(model) -> None:
-    """Rebuild every rotary-embedding module from the model's (edited) config, as transformers would on load."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "config"):
-                setattr(parent, name, type(child)(config=child.config))
-
-
 def prepare_for_inference(model) -> list[str]:
     """Rewrite `model.config` for serving: stock-loader RoPE (dynamic_yarn → yarn), max_position_embeddings =
     factor × original for yarn, the KV cache back on (trainers turn it off); the rotary modules are rebuilt so the
@@ -141,7 +134,7 @@ def prepare_for_inference(model) -> list[str]:
     notes += rope_notes
     if exported != config.rope_parameters:
         config.rope_parameters = exported
-        rebuild_rotary(model)
+        rebuild_rotary_modules(model)
     scaled = rope_keys.scaled_max_positions(exported)
     if scaled is not None and config.max_position_embeddings != scaled:
         notes.append(f"max_position_embeddings set to factor × original = {scaled} "

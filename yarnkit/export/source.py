@@ -1,6 +1,6 @@
 """Find what to export: a training RUN dir, one checkpoint dir, or a plain HF model dir, checked for damage.
 
-`resolve_source(path)` returns an `ExportSource` naming the weights folder, the recipe (if any), the run folder
+`find_export_source(path)` returns an `ExportSource` naming the weights folder, the recipe (if any), the run folder
 (for its eval results) and, for LoRA runs, the base model. It only reads small files (JSON/YAML headers and
 safetensors headers); it never loads weights. Bad input (no finished checkpoint, missing or truncated
 safetensors, LoRA without a base model, a raw DeepSpeed folder) raises `ExportError` naming the path and the fix.
@@ -11,7 +11,6 @@ Tested by tests/test_export.py (`python -m pytest tests/test_export.py -q`).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import yaml
 
 from yarnkit import models
 from yarnkit.errors import BadModel, UserError
-
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+from yarnkit.train.checkpoint import CheckpointError, find_checkpoint
 
 
 class ExportError(UserError, RuntimeError):
@@ -45,15 +43,12 @@ class ExportSource:
         return yaml.safe_load(self.recipe_path.read_text()) or {}
 
 
-def newest_checkpoint(run_dir: Path) -> Path:
-    """The highest-step complete `checkpoints/step_*` dir (temp dirs being written do not match the pattern)."""
-    folder = run_dir / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*")
-                   if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name)))
-    if not steps:
-        raise ExportError(f"{run_dir} is a run dir without a finished checkpoint (no {folder}/step_NNNNNN/); "
-                          "train until the first save, or pass a checkpoint or model dir")
-    return steps[-1][1]
+def newest_checkpoint(path: Path) -> Path | None:
+    """The checkpoint `path` names (a RUN dir: its newest complete one), by `yarnkit.train.checkpoint`."""
+    try:
+        return find_checkpoint(path)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
 
 
 def check_safetensors(model_dir: Path) -> None:
@@ -89,15 +84,14 @@ def _deepspeed_dir(folder: Path) -> Path | None:
     return None
 
 
-def resolve_source(path: str | Path) -> ExportSource:
+def find_export_source(path: str | Path) -> ExportSource:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ExportError(f"export source not found: {path} (pass a RUN dir, a checkpoint dir or an HF model dir)")
     run_dir = None
-    if (path / "checkpoints").is_dir():
-        run_dir, path = path, newest_checkpoint(path)
-    elif CHECKPOINT_PATTERN.match(path.name) and path.parent.name == "checkpoints":
-        run_dir = path.parent.parent
+    checkpoint = newest_checkpoint(path)
+    if checkpoint is not None:
+        run_dir, path = checkpoint.parent.parent, checkpoint
     model_dir = path / "model" if (path / "model").is_dir() else path
     recipe_path = _find_recipe(path, run_dir)
     has_weights = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()

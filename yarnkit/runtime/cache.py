@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from yarnkit.patch import rotary_module
+
 Rotary = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -50,13 +52,6 @@ def rotate_back(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return torch.cat((turned, k_pass), dim=-1).to(keys.dtype)
 
 
-def find_rotary_module(model) -> torch.nn.Module:
-    """The model's (possibly YaRN-patched) rotary embedding module: the first submodule with `inv_freq`."""
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no rotary embedding module (a module with `inv_freq` and "
-                     "`attention_scaling`); the sink cache only supports RoPE models")
 
 
 def model_rotary(model) -> Rotary:
@@ -65,7 +60,7 @@ def model_rotary(model) -> Rotary:
     The module's forward multiplies cos/sin by `attention_scaling` (YaRN's mscale); re-rotating a stored key must
     not apply that factor again, so it is divided out here. Frequencies (YaRN-interpolated) are the module's own.
     """
-    module = find_rotary_module(model)
+    module = rotary_module(model)
 
     def rotary(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.zeros(1, dtype=torch.float32, device=module.inv_freq.device)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from yarnkit.runtime.compress import compress_prompt
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions, sample
+from yarnkit.train.checkpoint import model_location
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -32,16 +32,8 @@ _MARKER = "\u2063yarnkit-first-user\u2063"
 
 
 def resolve_checkpoint(ckpt: str) -> str:
-    """A run dir -> its newest `checkpoints/step_*/model`; anything else (HF dir, .gguf, bundled name) unchanged."""
-    path = Path(ckpt).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "model").is_dir())
-        if not steps:
-            raise FileNotFoundError(f"run dir {path} has no complete checkpoints/step_*/model yet")
-        path = steps[-1] / "model"
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise ValueError(f"{path} holds a LoRA adapter only; merge it into full weights first (yarnkit export)")
-    return str(path) if path.exists() else ckpt
+    """A run dir -> its newest complete checkpoint's model/ (`yarnkit.train.checkpoint`); else unchanged."""
+    return model_location(ckpt)
 
 
 def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):

@@ -34,14 +34,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from yarnkit import rope
 from yarnkit.models import cache_kwargs
 from yarnkit.runtime.cache import Rotary, rotate_back
 
 log = logging.getLogger(__name__)
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class SlotPool(Cache):
@@ -58,7 +55,7 @@ class SlotPool(Cache):
                              "use decode='static' or 'auto'")
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
-        shape = (layers, rows, config.num_key_value_heads, capacity + 1, head_dim_of(config))
+        shape = (layers, rows, config.num_key_value_heads, capacity + 1, rope.head_dim(config))
         self.key_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.value_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.slots = torch.arange(capacity + 1, device=self.device)

@@ -1,6 +1,6 @@
 """The training side of yarnkit, one module per stage, imports going one way down this list:
 
-    errors        RecipeError, DataError (a leaf)
+    errors        RecipeError, DataError, CheckpointError (a leaf)
     corpus        read documents: .txt/.gz files, folders, .jsonl fields
     pose          PoSE position skipping (PoseArgs; pure)
     data          documents -> BOS/EOS tokens -> seq_len chunks (DataArgs; cached); resumable sample order
@@ -10,8 +10,8 @@
     seq_parallel  DeepSpeed Ulysses sequence parallelism: checks, sharding, loss
     loss          Liger fused or chunked cross-entropy (training) and per-token NLL (evaluation)
     optim         AdamW + warmup/linear schedule (OptimArgs)
-    checkpoint    atomic step_NNNNNN checkpoints, keep-last-N, exact resume (CheckpointArgs)
-    metrics       metrics.jsonl (+ TensorBoard)
+    checkpoint    atomic step_NNNNNN checkpoints, keep-last-N, exact resume (CheckpointArgs); the one resolver
+    metrics       metrics.jsonl writer and reader (+ TensorBoard)
     loop          one launch's accelerator and one micro-batch's loss (TrainArgs)
     recipe        Recipe = every section's *Args; defaults < YAML < key=value; strict keys and cross-checks
     estimate      FLOPs/memory/time estimates for --dry-run and the pre-flight memory check

@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 import yarnkit
+from yarnkit.recipes import accelerate_config
 from yarnkit.train.estimate import model_flops
+from yarnkit.train.metrics import read_metrics
 
 REPO = Path(yarnkit.__file__).resolve().parent.parent
 NATIVE_SMOLLM2 = 8192
@@ -186,7 +188,7 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
     launch = [sys.executable, str(REPO / "scripts/train.py")]
     if sp > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "recipes/accelerate/zero2.yaml"), "--num_processes", str(sp),
+                  str(accelerate_config("zero2")), "--num_processes", str(sp),
                   str(REPO / "scripts/train.py")]
     return launch + argv, argv
 
@@ -197,7 +199,7 @@ def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
         run = json.loads((out / "runs" / f"{name}.json").read_text())
         return run["steps"], run["config"]
     run_dir = out / "runs" / name
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(run_dir)
     from yarnkit.train.recipe import recipe_from_file
 
     recipe = recipe_from_file(run_dir / "recipe.yaml")

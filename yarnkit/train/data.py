@@ -54,7 +54,8 @@ class DataArgs:
     num_proc: int = 1  # processes for tokenization
 
 
-def resolve_source(source: str) -> str:
+def expand_alias(source: str) -> str:
+    """`bundled:NAME` -> the bundled book's path, `python-stdlib` -> the standard library folder; else unchanged."""
     if source == PYTHON_STDLIB:
         import sysconfig
 
@@ -71,7 +72,7 @@ def source_parts(source: str) -> list[str]:
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, without its tests, IDLE, lib2to3 and any installed packages."""
-    root = Path(resolve_source(PYTHON_STDLIB))
+    root = Path(expand_alias(PYTHON_STDLIB))
     return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts[:-1]))
 
 
@@ -79,14 +80,14 @@ def local_files(part: str) -> list[Path]:
     """Every file one local source part reads (folders expanded), for fingerprints."""
     if part == PYTHON_STDLIB:
         return stdlib_files()
-    return [f for path in local_paths(resolve_source(part))
+    return [f for path in local_paths(expand_alias(part))
             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
 
 
 def local_documents(part: str, field: str) -> list[str]:
     if part == PYTHON_STDLIB:
         return [read_text(f) for f in stdlib_files()]
-    return [text for p in local_paths(resolve_source(part)) for _, text in iter_documents(p, field=field)]
+    return [text for p in local_paths(expand_alias(part)) for _, text in iter_documents(p, field=field)]
 
 
 def local_paths(source: str) -> list[Path]:
@@ -108,12 +109,12 @@ def _raw_dataset(args: DataArgs, workdir: str):
     """A `datasets.Dataset` with a `text` column, or an `input_ids` column for pre-tokenized sources."""
     import datasets
 
-    source = resolve_source(args.source)
+    source = expand_alias(args.source)
     if source.startswith("hf:"):
         ds = datasets.load_dataset(source[3:], split=args.split)
     else:
         parts = source_parts(args.source)
-        paths = [p for part in parts if part != PYTHON_STDLIB for p in local_paths(resolve_source(part))]
+        paths = [p for part in parts if part != PYTHON_STDLIB for p in local_paths(expand_alias(part))]
         parquet = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.parquet")))
                    if f.suffix == ".parquet"]
         if not parquet:
@@ -136,7 +137,7 @@ def _raw_dataset(args: DataArgs, workdir: str):
 
 
 def source_fingerprint(args: DataArgs) -> list:
-    source = resolve_source(args.source)
+    source = expand_alias(args.source)
     if source.startswith("hf:"):
         return [source, args.split]
     files = [f for part in source_parts(args.source) for f in local_files(part)]

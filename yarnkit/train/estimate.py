@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from yarnkit import rope
 from yarnkit.train.errors import MemoryBudgetError
 from yarnkit.train.model import scaled_config
 from yarnkit.train.recipe import check_context
@@ -42,7 +43,7 @@ def count_parameters(model) -> int:
 def model_flops(config, seq_len: int) -> tuple[float, int]:
     """`(causal training FLOPs per token at seq_len, parameters)` of `config`'s model, without weights."""
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     total = count_parameters(meta_model(config))
     return flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim, seq_len), total
 
@@ -93,7 +94,7 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
 def estimate(recipe, config, world: int, zero: int) -> dict:
     text = config.get_text_config()
     total, trainable = parameter_counts(recipe, config)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     per_token = flops_per_token(total, text.num_hidden_layers, text.num_attention_heads, head_dim,
                                 recipe.data.seq_len)
     tokens_per_device = (recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.data.seq_len
@@ -119,8 +120,8 @@ def check_memory(recipe, config, world: int, zero: int, device_bytes: int) -> No
         raise MemoryBudgetError(
             f"estimated {need / 2**30:.1f} GiB per device > {device_bytes / 2**30:.1f} GiB available "
             f"(ZeRO stage {zero}, {world} processes, seq_len {recipe.data.seq_len}); use more GPUs, ZeRO-3 "
-            f"(recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a shorter "
-            f"data.seq_len; train.memory_check=false skips this check")
+            f"(yarnkit/recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a "
+            f"shorter data.seq_len; train.memory_check=false skips this check")
 
 
 def dry_run(recipe, world: int) -> dict:

@@ -1,8 +1,8 @@
 """Training metrics: one JSON object per logged step in `RUN/metrics.jsonl` (rank 0), optionally TensorBoard.
 
 On resume, rows after the resumed step (written by the interrupted process) are dropped first, so the file
-always describes one consistent run. Not a progress bar (the trainer's tqdm is). Read it with
-`[json.loads(l) for l in open("RUN/metrics.jsonl")]`.
+always describes one consistent run. Not a progress bar (the trainer's tqdm is). `read_metrics(RUN)` is its
+reader (benchmarks, e2e, plots): the rows as dicts, oldest first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The logged rows of `RUN/metrics.jsonl`, oldest first (one dict per logged step)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the run has not logged a step yet (or run_dir is wrong)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, truncate_after: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
@@ -20,8 +28,7 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
-            if self.path.is_file() else []
+        rows = read_metrics(run_dir) if self.path.is_file() else []
         kept = [row for row in rows if row.get("step", 0) <= truncate_after]
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         if tensorboard:

@@ -63,7 +63,7 @@ class ModelArgs:
 
 @dataclass
 class YarnArgs:
-    rope_type: str = "yarn"  # yarn | dynamic_yarn | linear | ntk | dynamic (see yarnkit.patch)
+    rope_type: str = "yarn"  # one of yarnkit.rope.SCALING_TYPES (yarn, dynamic_yarn, linear, ntk, dynamic)
     factor: float = 1.0  # context multiplier s; 1 = no scaling
     original_max_position_embeddings: int = 0  # 0 = the checkpoint's native context
     replace: bool = False  # re-scale a checkpoint that already has a scaling (e.g. 64k -> 128k continuation)

@@ -1,4 +1,5 @@
-"""Typed training recipes: dataclass defaults < `recipes/<name>.yaml` < command-line `key=value` overrides.
+"""Typed training recipes: dataclass defaults < a shipped recipe (`yarnkit/recipes/<name>.yaml`) or any YAML file
+< command-line `key=value` overrides.
 
 `load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
 owned by each subsystem (model, pose, data, optim, loop, checkpoint). Loading is strict: an unknown
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from yarnkit.errors import NotFound
+from yarnkit.recipes import recipe_file
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
 from yarnkit.train.data import DataArgs
 from yarnkit.train.errors import RecipeError
@@ -29,8 +31,6 @@ from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
 from yarnkit.train.optim import OptimArgs
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention, check_speed_keys
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass
@@ -49,20 +49,13 @@ class Recipe:
 
 
 def recipe_path(name: str) -> Path:
-    """`tiny` -> recipes/tiny.yaml (searched recursively); a path to a .yaml file is used as is."""
+    """`tiny` -> the shipped yarnkit/recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise NotFound(f"recipe file not found: {path}", "check the path, or name a bundled recipe (recipe=tiny)")
         return path
-    matches = sorted(RECIPES_DIR.rglob(f"{name}.yaml")) if RECIPES_DIR.is_dir() else []
-    matches = [m for m in matches if "accelerate" not in m.parts]
-    if not matches:
-        known = sorted(p.stem for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
-        hint = difflib.get_close_matches(name, known, n=1)
-        raise NotFound(f"no recipe named {name!r} under {RECIPES_DIR}",
-                       f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(known)}")
-    return matches[0]
+    return recipe_file(name)
 
 
 def _check_keys(node: dict, cls, prefix: str = "") -> None:

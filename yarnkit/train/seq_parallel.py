@@ -35,8 +35,8 @@ def check_sequence_parallel(sp_size: int, world: int, text_config, seq_len: int,
     if sp_size == 1:
         return
     if not deepspeed:
-        raise RecipeError(f"train.sp_size={sp_size} needs a DeepSpeed launch (Ulysses is DeepSpeed's): "
-                     f"accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes {sp_size} ...")
+        raise RecipeError(f"train.sp_size={sp_size} needs a DeepSpeed launch (Ulysses is DeepSpeed's): accelerate "
+                          f"launch --config_file yarnkit/recipes/accelerate/zero2.yaml --num_processes {sp_size} ...")
     if world % sp_size:
         raise RecipeError(f"train.sp_size={sp_size} does not divide the {world} processes; use a divisor of {world} "
                      f"or launch a multiple of {sp_size} processes")

@@ -1,7 +1,7 @@
 """The training run: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
 
     python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
-    accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
+    accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
 cross-entropy of `yarnkit.train.loss` (fused or chunked, `train.loss_impl`); gradients are clipped to `train.clip`
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from yarnkit import rope
 from yarnkit.errors import AlreadyExists, NotFound
-from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from yarnkit import rope
+from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
@@ -61,13 +63,13 @@ def _resume_point(recipe, run_dir: Path):
     if recipe.resume == "auto":
         return latest_checkpoint(run_dir)
     if recipe.resume in ("none", ""):
-        if list_checkpoints(run_dir):
+        if has_step_dirs(run_dir):
             raise AlreadyExists(f"resume={recipe.resume} but {run_dir} already has checkpoints",
                               "continue them with resume=auto, or pick a new run_dir=...")
         return None
     path = Path(recipe.resume)
-    if not (path / "state").is_dir():
-        raise NotFound(f"resume={path} is not a checkpoint directory (no state/ inside)",
+    if not is_complete(path):
+        raise NotFound(f"resume={path} is not a complete checkpoint (no model/ and state/trainer_state.json inside)",
                        "pass a RUN/checkpoints/step_NNNNNN folder, or resume=auto")
     return path
 
@@ -138,7 +140,7 @@ def train(recipe) -> TrainResult:
     pose_target = (recipe.pose.target_len or config.max_position_embeddings) if recipe.pose.enabled else 0
     per_step = args.micro_batch_size * args.grad_accum * dp_world
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = rope.head_dim(text)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
     flops_token = flops_per_token(n_params, text.num_hidden_layers,
                                   text.num_attention_heads, head_dim, recipe.data.seq_len)

@@ -1,0 +1,92 @@
+"""The one checkpoint resolver (`yarnkit.train.checkpoint`): what "complete" means, numeric step order, and every
+entry point (train's resume, export, eval, chat/serve) choosing the same checkpoint of a run directory.
+
+Run: python -m pytest tests/test_checkpoint.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from yarnkit.train.checkpoint import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
+from yarnkit.train.errors import CheckpointError
+
+
+def fake_checkpoint(run: Path, name: str, model: bool = True, trainer_state: bool = True) -> Path:
+    """A checkpoint folder as the trainer leaves it (only the files the resolver looks at)."""
+    folder = run / "checkpoints" / name
+    (folder / "state").mkdir(parents=True)
+    if model:
+        (folder / "model").mkdir()
+        (folder / "model" / "config.json").write_text("{}")
+    if trainer_state:
+        (folder / "state" / "trainer_state.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """Two complete checkpoints whose names sort the other way round, plus three that are not complete."""
+    run = tmp_path / "run"
+    fake_checkpoint(run, "step_999999")
+    fake_checkpoint(run, "step_1000000")  # newest by step number; alphabetically "step_1..." < "step_9..."
+    fake_checkpoint(run, ".tmp-step_2000000")  # a save still being written (every file already there)
+    fake_checkpoint(run, "step_3000000", trainer_state=False)
+    fake_checkpoint(run, "step_4000000", model=False)
+    return run
+
+
+def test_complete_means_a_step_name_model_and_trainer_state(run):
+    folder = run / "checkpoints"
+    assert [is_complete(folder / name) for name in ("step_999999", "step_1000000", ".tmp-step_2000000",
+                                                    "step_3000000", "step_4000000")] == [True, True, False, False, False]
+    assert [step for step, _ in list_checkpoints(run)] == [999999, 1000000]
+    assert latest_checkpoint(run) == folder / "step_1000000"
+
+
+def test_every_entry_point_picks_the_same_checkpoint(run):
+    from yarnkit.eval.cli import resolve_model
+    from yarnkit.export.source import newest_checkpoint
+    from yarnkit.runtime.conversation import resolve_checkpoint
+    from yarnkit.train.trainer import _resume_point
+
+    newest = run / "checkpoints" / "step_1000000"
+    assert _resume_point(SimpleNamespace(resume="auto"), run) == newest
+    assert newest_checkpoint(run) == newest
+    assert resolve_model(str(run)) == resolve_checkpoint(str(run)) == model_location(str(run)) == str(newest / "model")
+
+
+def test_paths_that_are_not_runs(run, tmp_path):
+    checkpoint = run / "checkpoints" / "step_999999"
+    assert find_checkpoint(checkpoint) == checkpoint  # named explicitly: used as given
+    assert model_location(str(checkpoint)) == str(checkpoint / "model")
+    for other in ("smollm2-135m", "some-org/some-model", str(tmp_path / "model.gguf"), str(tmp_path)):
+        assert find_checkpoint(other) is None and model_location(other) == other
+
+
+def test_a_run_without_a_complete_checkpoint_names_the_fix(tmp_path):
+    from yarnkit.export.source import ExportError, newest_checkpoint
+
+    fake_checkpoint(tmp_path / "run", "step_000100", trainer_state=False)
+    with pytest.raises(CheckpointError, match="without a finished checkpoint: no complete .*train until the first"):
+        model_location(str(tmp_path / "run"))
+    with pytest.raises(ExportError, match="without a finished checkpoint"):
+        newest_checkpoint(tmp_path / "run")
+
+
+def test_lora_adapters_are_refused_by_model_loaders(tmp_path):
+    folder = fake_checkpoint(tmp_path / "run", "step_000100")
+    (folder / "model" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="LoRA adapter, not full weights; merge it first: yarnkit export"):
+        model_location(str(tmp_path / "run"))
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(run):
+    from yarnkit.train.trainer import _resume_point
+
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        _resume_point(SimpleNamespace(resume=str(run / "checkpoints" / "step_3000000")), run)
+    assert _resume_point(SimpleNamespace(resume=str(run / "checkpoints" / "step_999999")), run).name == "step_999999"

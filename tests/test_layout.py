@@ -1,0 +1,157 @@
+"""The house keeps its shape (issue 17): the static import graph of yarnkit/ has no cycle (and yarnkit/train/ imports
+go one way down README's list), README's layout section names exactly the files that exist, and scripts import
+only `yarnkit` (no sys.path edits, no script importing another script). Reads source files with `ast`; imports
+nothing of yarnkit.
+
+Run: python -m pytest tests/test_layout.py -q   (< 1 s)
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "yarnkit"
+SCRIPTS = sorted((REPO / "scripts").glob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the yarnkit modules it imports anywhere in its file (function bodies too), with their packages."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                            for a in node.names}
+        edges = set()
+        for target in (t for t in targets if t.split(".")[0] == "yarnkit"):
+            parts = target.split(".")
+            edges |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(modules)  # packages run first
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert "yarnkit.train.trainer" in graph and "yarnkit.train.checkpoint" in graph["yarnkit.export.source"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_train_modules_import_only_those_above_them_in_readme():
+    """README lists yarnkit/train/ "imports going one way down this list": each module imports only earlier ones."""
+    order = [name.removesuffix(".py") for name in readme_tree()["yarnkit/train/"]]
+    graph = import_graph()
+    for i, name in enumerate(order):
+        used = {dep.rsplit(".", 1)[1] for dep in graph[f"yarnkit.train.{name}"] if dep.startswith("yarnkit.train.")}
+        later = sorted(used - set(order[:i]))
+        assert not later, f"yarnkit/train/{name}.py imports {later}, which README lists below it"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def readme_tree() -> dict[str, list[str]]:
+    """folder (relative path, '' = root) -> the entries README's layout block lists in it, in order."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"^## Layout.*?^```\n(.*?)^```", text, re.S | re.M).group(1)
+    tree: dict[str, list[str]] = {"": []}
+    parents = [""]
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S+)(?:\s{2,}|$)", line)
+        if not match or len(match.group(1)) >= 20:  # a description's continuation line
+            continue
+        depth, name = len(match.group(1)) // 2, match.group(2)
+        del parents[depth + 1:]
+        folder = parents[depth]
+        tree.setdefault(folder, []).append(name)
+        if name.endswith("/"):
+            parents.append(f"{folder}{name}")
+            tree.setdefault(f"{folder}{name}", [])
+    return tree
+
+
+def listed_in_folder(folder: Path) -> set[str]:
+    """What a folder's listing must name: its Python files (not __init__.py) and its subfolders."""
+    return ({p.name for p in folder.glob("*.py") if p.name != "__init__.py"}
+            | {f"{p.name}/" for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"})
+
+
+def test_readme_layout_matches_the_tree():
+    tree = readme_tree()
+    assert {"scripts/", "yarnkit/", "yarnkit/train/", "yarnkit/recipes/"} <= set(tree)
+    for folder, names in tree.items():
+        for name in names:
+            assert (REPO / folder / name).exists(), f"README's layout names {folder}{name}, which does not exist"
+        if folder and names:  # a folder whose contents are listed lists all of them
+            assert set(names) == listed_in_folder(REPO / folder), f"README's layout of {folder} is out of date"
+
+
+def test_readme_tree_parser_reads_nesting():
+    assert readme_tree()["yarnkit/train/"][0] == "errors.py"
+    assert "accelerate/" in readme_tree()["yarnkit/recipes/"]
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_no_script_edits_sys_path(script):
+    for node in ast.walk(ast.parse(script.read_text(), str(script))):
+        assert not (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"), f"{script.name}:{node.lineno} touches sys.path"
+
+
+PENDING = pytest.mark.xfail(strict=True, reason="issue 17.4: eval_baselines' configurations move into yarnkit/eval "
+                                                "(the retrieval helper's part); drop this mark then")
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=PENDING) if s.name == "e2e.py" else s for s in SCRIPTS],
+                         ids=lambda p: p.name)
+def test_no_script_imports_another_script(script):
+    others = {s.stem for s in SCRIPTS} - {script.stem}
+    assert not imports_of(script) & others, f"{script.name} imports {sorted(imports_of(script) & others)}"

@@ -1,0 +1,61 @@
+"""The wheel ships the whole package, recipes included: build it offline, list it, install it elsewhere and resolve
+`recipe=tiny` from an unrelated folder (issue 17.6). The build runs on a copy of the sources, so the checkout gets
+no build/ or egg-info folders.
+
+Run: python -m pytest tests/test_packaging.py -q   (~15 s; needs setuptools, from the [dev] extra)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "yarnkit", source / "yarnkit", ignore=SKIP)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(root / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (found,) = (root / "dist").glob("yarnkit-*.whl")
+    return found
+
+
+def test_the_wheel_holds_every_file_of_the_package(wheel):
+    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("yarnkit/")}
+    in_checkout = {path.relative_to(REPO).as_posix() for path in (REPO / "yarnkit").rglob("*")
+                   if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
+    assert packaged == in_checkout
+    assert {"yarnkit/recipes/tiny.yaml", "yarnkit/recipes/accelerate/zero2.yaml",
+            "yarnkit/recipes/accelerate/zero2.json"} <= packaged
+
+
+def test_installed_wheel_resolves_recipes_from_any_folder(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import yarnkit; from yarnkit.recipes import accelerate_config; "
+             "from yarnkit.train.recipe import load_recipe, recipe_path; "
+             "print(yarnkit.__file__); print(recipe_path('tiny')); print(accelerate_config('zero3')); "
+             "print(load_recipe(['recipe=tiny']).train.max_steps)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    package, recipe, launcher, steps = done.stdout.split()
+    assert all(Path(p).is_relative_to(site) for p in (package, recipe, launcher)), done.stdout
+    assert Path(recipe).name == "tiny.yaml" and steps == "10"
