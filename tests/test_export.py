@@ -253,6 +253,22 @@ def test_raw_deepspeed_checkpoint_without_deepspeed_fails_clearly(small_run, mon
         load_for_export(source)
 
 
+def test_zero_shards_need_a_deepspeed_checkpoint_and_strip_the_trainer_wrapper(small_run):
+    from yarnkit.export.hf import _without_wrapper_prefix
+
+    with pytest.raises(ExportError, match="--zero-shards needs a yarnkit checkpoint of a DeepSpeed ZeRO run"):
+        find_export_source(small_run, zero_shards=True)
+    state = small_run / "checkpoints/step_000400/state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "latest").write_text("pytorch_model")  # where accelerate.save_state puts DeepSpeed's shards
+    assert find_export_source(small_run, zero_shards=True).deepspeed_dir == state
+    expected = {"model.embed_tokens.weight", "lm_head.weight"}
+    wrapped = {"model.model.embed_tokens.weight": 1, "model.lm_head.weight": 2}  # CausalLMLoss around the LM
+    assert _without_wrapper_prefix(wrapped, expected) == {"model.embed_tokens.weight": 1, "lm_head.weight": 2}
+    plain = {"model.embed_tokens.weight": 1, "lm_head.weight": 2}  # another trainer's folder: unchanged
+    assert _without_wrapper_prefix(plain, expected) is plain
+
+
 def test_dynamic_yarn_becomes_static_yarn_at_the_trained_factor():
     params, notes = rope_keys.export_rope_parameters({**YARN, "rope_type": "dynamic_yarn", "finetuned": True})
     assert params == YARN and "static yarn at its trained factor 4.0" in notes[0]

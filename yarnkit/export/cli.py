@@ -2,6 +2,7 @@
 
   yarnkit export RUN --out DIR                    # newest complete RUN/checkpoints/step_* -> DIR (HF safetensors)
   yarnkit export RUN --out DIR --gguf --gguf-type q8_0
+  yarnkit export RUN --out DIR --zero-shards --dtype float32   # a ZeRO run's fp32 masters from state/ shards
   yarnkit export CKPT --out DIR --merge-lora --push-to-hub you/model --private
   yarnkit export DIR --push-only --push-to-hub you/model     # upload (or resume uploading) a finished export
 
@@ -46,6 +47,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype to write (auto: the checkpoint's)")
     parser.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
+    parser.add_argument("--zero-shards", action="store_true",
+                        help="gather the weights from the checkpoint's DeepSpeed ZeRO shards (state/, deepspeed's "
+                             "zero_to_fp32) instead of model/: the fp32 masters of a bf16 ZeRO run (with --dtype "
+                             "float32); needs deepspeed")
     parser.add_argument("--gguf", action="store_true", help="also write a llama.cpp GGUF (Llama architecture)")
     parser.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="GGUF weight type (default f16; q8_0 is ~half the size, slightly less exact)")
@@ -119,14 +124,14 @@ def default_verify_tokens(config) -> int:
 
 def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",
            gguf_pre=None, verify_tokens=None, run_checks=True, max_shard_size="2GB", hub_repo=None,
-           device="cpu") -> dict:
+           device="cpu", zero_shards=False) -> dict:
     """Write the export to `out` atomically and return the report (also saved as export_report.json)."""
     out = Path(out).expanduser().resolve()
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ExportError("--gguf needs the `gguf` package (llama.cpp's writer)", "pip install gguf")
     if run_checks:
         check_device(device)
-    source = find_export_source(source_path)
+    source = find_export_source(source_path, zero_shards=zero_shards)
     check_out_dir(out, overwrite, source, Path(source_path).expanduser())
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
@@ -195,7 +200,8 @@ def run(args) -> int:
         report = export(args.source, out, overwrite=args.overwrite, dtype=args.dtype, merge_lora=args.merge_lora,
                         gguf=args.gguf, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
                         verify_tokens=args.verify_tokens, run_checks=not args.no_verify,
-                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub, device=args.device)
+                        max_shard_size=args.max_shard_size, hub_repo=args.push_to_hub, device=args.device,
+                        zero_shards=args.zero_shards)
         print(json.dumps({k: report[k] for k in ("notes", "config_check", "hf_check", "gguf_check") if k in report},
                          indent=2, default=str))
         print(f"exported to {out.resolve()}")

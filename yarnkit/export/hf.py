@@ -113,12 +113,23 @@ def _gather_deepspeed(source: ExportSource, dtype: str | None):
     config = AutoConfig.from_pretrained(source.model_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(str(source.deepspeed_dir))
     model = AutoModelForCausalLM.from_config(config)
+    state = _without_wrapper_prefix(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", ())]
     if missing or unexpected:
         raise ExportError(f"DeepSpeed state in {source.deepspeed_dir} does not match config.json: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     return model.to(_torch_dtype(dtype, config))
+
+
+def _without_wrapper_prefix(state: dict, expected: set[str], prefix: str = "model.") -> dict:
+    """yarnkit's trainer hands DeepSpeed its loss wrapper (`yarnkit.train.loss.CausalLMLoss`, the LM under
+    `.model`), so its shards name `model.model.layers...`, `model.lm_head...`: drop that one prefix when every key
+    has it and the stripped names are the model's. Folders from other trainers pass through unchanged."""
+    if set(state) <= expected or not all(key.startswith(prefix) for key in state):
+        return state
+    stripped = {key.removeprefix(prefix): value for key, value in state.items()}
+    return stripped if set(stripped) <= expected else state
 
 
 def prepare_for_inference(model) -> list[str]:

@@ -4,6 +4,9 @@
 (for its eval results) and, for LoRA runs, the base model. It only reads small files (JSON/YAML headers and
 safetensors headers); it never loads weights. Bad input (no finished checkpoint, missing or truncated
 safetensors, LoRA without a base model, a raw DeepSpeed folder) raises `ExportError` naming the path and the fix.
+`zero_shards=True` (`yarnkit export --zero-shards`) names the DeepSpeed ZeRO shards of a yarnkit checkpoint
+(`step_N/state/`, where `accelerator.save_state` puts them) as the weights to gather instead of `model/`: under
+bf16 ZeRO the trainer's `model/` holds 16-bit copies, the shards the fp32 master weights.
 
 Tested by tests/test_export.py (`python -m pytest tests/test_export.py -q`).
 """
@@ -84,7 +87,23 @@ def _deepspeed_dir(folder: Path) -> Path | None:
     return None
 
 
-def find_export_source(path: str | Path) -> ExportSource:
+def _zero_shards_source(path: Path, checkpoint: Path | None, model_dir: Path, recipe_path: Path | None,
+                        run_dir: Path | None) -> ExportSource:
+    """The checkpoint's own ZeRO shards (`step_N/state/`, a DeepSpeed folder with a `latest` tag) as the source."""
+    shards = _deepspeed_dir(checkpoint / "state") if checkpoint is not None else None
+    if shards is None:
+        raise ExportError(f"--zero-shards needs a yarnkit checkpoint of a DeepSpeed ZeRO run; {path} has no "
+                          "checkpoints/step_N/state/latest", "drop --zero-shards to export its model/ folder")
+    if (model_dir / "adapter_config.json").is_file():
+        raise ExportError(f"--zero-shards: {checkpoint} holds a LoRA adapter, whose shards are not a full model",
+                          "drop --zero-shards and export with --merge-lora")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"--zero-shards: no config.json in {model_dir} to rebuild the model from; the checkpoint "
+                          "is partial")
+    return ExportSource(model_dir, recipe_path, run_dir, None, deepspeed_dir=shards)
+
+
+def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSource:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ExportError(f"export source not found: {path} (pass a RUN dir, a checkpoint dir or an HF model dir)")
@@ -94,9 +113,11 @@ def find_export_source(path: str | Path) -> ExportSource:
         run_dir, path = checkpoint.parent.parent, checkpoint
     model_dir = path / "model" if (path / "model").is_dir() else path
     recipe_path = _find_recipe(path, run_dir)
+    if zero_shards:
+        return _zero_shards_source(path, checkpoint, model_dir, recipe_path, run_dir)
     has_weights = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()
     if not has_weights and not (model_dir / "adapter_config.json").is_file():
-        ds_dir = _deepspeed_dir(model_dir) or _deepspeed_dir(path)
+        ds_dir = _deepspeed_dir(model_dir) or _deepspeed_dir(path) or _deepspeed_dir(path / "state")
         if ds_dir is not None:
             if not (model_dir / "config.json").is_file():
                 raise ExportError(f"raw DeepSpeed checkpoint {ds_dir} has no config.json beside it in {model_dir}")
