@@ -42,7 +42,7 @@ def recipe_file(name: str) -> Path:
 
 
 def accelerate_config(name: str) -> Path:
-    """The launcher config `name` (single, ddp, zero2, zero3) for `accelerate launch --config_file`."""
+    """The launcher config `name` (single, ddp, zero2, zero3, zero3_offload) for `accelerate launch --config_file`."""
     path = ACCELERATE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise NotFound(f"no launcher config {name!r} in {ACCELERATE_DIR}",
