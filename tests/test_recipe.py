@@ -41,7 +41,8 @@ def test_launcher_config_points_at_existing_deepspeed_json(path):
     if config["distributed_type"] == "DEEPSPEED":
         ds_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
         ds = json.loads((REPO / ds_file).read_text())  # relative to the repository root, where one launches
-        assert ds["zero_optimization"]["stage"] == int(path.stem[-1])
+        assert ds["zero_optimization"]["stage"] == int(path.stem.removeprefix("zero")[0])  # zero3_offload: 3
+        assert ds_file.stem == path.stem  # zero3_offload.yaml -> zero3_offload.json
 
 
 def test_paper_recipe_values():
