@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 from yarnkit.recipes import accelerate_config
-from yarnkit.train.bench import REPO, run_compare, write_model_dir
+from yarnkit.train.bench import REPO, run_compare, run_dry, write_model_dir
 from yarnkit.train.metrics import read_metrics
 
 
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="", help="compare mode: text source (default: the bundled novel, "
                                                    "repeated as needed for the longest sequence)")
     parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compare mode: print and save (OUT/dry-run.json) each yarnkit case's memory and time "
+                             "estimate for its launch shape; runs nothing, needs no GPU")
     args = parser.parse_args(argv)
     if args.write_model_dir:
         write_model_dir(Path(args.write_model_dir))
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         parser.error("--out is required")
     if args.cases:
-        return run_compare(args)
+        return run_dry(args) if args.dry_run else run_compare(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

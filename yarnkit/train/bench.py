@@ -10,7 +10,11 @@ A case is `MODEL@SHAPE@VARIANT`.
 - VARIANT: a peer from `scripts/bench_hf_baseline.py` (PEERS: plain transformers with or without gradient
   checkpointing and Liger-Kernel), or yarnkit's trainer: `yarnkit` = the recipe's own speed keys
   (`smollm2-yarn-64k`, or `smollm2-yarn-64k-pose` for a PoSE shape), other VARIANTS = the recipe plus overrides
-  (ablations, the memory-capped setting). `-spN` runs a yarnkit variant under ZeRO-2 on N GPUs, `train.sp_size=N`.
+  (ablations, the memory-capped setting, `alst`: the ALST memory keys for the longest sequences). `-spN` runs a
+  yarnkit variant under DeepSpeed ZeRO-2 on N GPUs with `train.sp_size=N` (`-sp1`: ZeRO-2 on one GPU, the same
+  engine and bf16 numerics: the reference of the `-spN` rows of its model and shape). Those rows add their
+  largest relative loss and grad-norm differences to `-sp1` over the steps (targets: bf16 noise, `SP_LOSS_TOL`,
+  and `SP_GRAD_TOL`) and the scaling efficiency, tokens/s/GPU against `-sp1`'s (the same tokens per step).
 
 Every case trains the same batches (`yarnkit.train.data` builds them for the peers too) from the same seed, with
 AdamW lr 1e-5 constant, betas (0.9, 0.95), clip 1.0: the losses of the first steps must agree to bf16 noise
@@ -71,17 +75,21 @@ VARIANTS = {
     "foreach-adamw": {"optim.fused": "false"},
     "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
                "optim.fused": "false"},  # the recipe's speed keys as they were before issue 14
+    "alst": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full", "model.tiled_mlp": True,
+             "train.offload_activations": True},  # + the tiled (chunked or Liger-fused) loss: longest sequences
 }
+SP_LOSS_TOL, SP_GRAD_TOL = 2**-8, 1e-2  # -spN vs -sp1: relative; 2^-8 is one bf16 rounding step
 SPEED_KEYS = ("attn_implementation", "sdpa_kernel", "gradient_checkpointing", "checkpoint_layers",
               "checkpoint_policy", "keep_attention_layers", "kernels", "compile_layers", "tiled_mlp")
 
 
 def parse_variant(name: str) -> tuple[str, int]:
+    """`(base, sp)`: `keep-attention-sp2` -> ('keep-attention', 2); without `-spN` sp is 0 (one plain process)."""
     base, _, sp = name.partition("-sp")
-    if base not in PEERS and base not in VARIANTS:
+    if base not in PEERS and base not in VARIANTS or (sp and (base in PEERS or not sp.isdigit() or int(sp) < 1)):
         raise SystemExit(f"unknown variant {name!r}; choose one of {sorted(PEERS) + sorted(VARIANTS)} "
-                         f"(yarnkit variants optionally with -sp2, -sp4)")
-    return base, int(sp) if sp else 1
+                         f"(yarnkit variants optionally with -sp1, -sp2, -sp4)")
+    return base, int(sp) if sp else 0
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -180,13 +188,13 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
                  "data.seq_len": seq, "data.cache_dir": out / "cache", "pose.enabled": bool(pose),
                  "pose.target_len": pose, "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.schedule": "constant",
                  "train.max_steps": steps, "train.micro_batch_size": batch, "train.grad_accum": 1,
-                 "train.global_batch": 0, "train.memory_check": False, "train.sp_size": sp, "checkpoint.every": 0,
+                 "train.global_batch": 0, "train.memory_check": False, "train.sp_size": max(sp, 1), "checkpoint.every": 0,
                  "checkpoint.save_final": False, **({"train.profile_step": steps} if profile else {}),
                  **({"train.mixed_precision": "fp32", "model.compile_layers": "false"} if args.cpu else {}),
                  **VARIANTS[base]}
     argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
     launch = [sys.executable, str(REPO / "scripts/train.py")]
-    if sp > 1:
+    if sp:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(accelerate_config("zero2")), "--num_processes", str(sp),
                   str(REPO / "scripts/train.py")]
@@ -208,7 +216,7 @@ def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
                    "optim.fused": recipe.optim.fused, "train.mixed_precision": recipe.train.mixed_precision,
                    "runs": json.loads((run_dir / "speed.json").read_text())})
     steps = [{"loss": r["loss"], "step_seconds": r["step_seconds"], "tokens_per_s": r["tokens_per_s_per_device"],
-              "peak_memory_gb": r["peak_memory_gb"]} for r in rows]
+              "peak_memory_gb": r["peak_memory_gb"], "grad_norm": r.get("grad_norm")} for r in rows]
     return steps, config
 
 
@@ -238,7 +246,7 @@ def _launch(command: list[str], log: Path, timeout: float) -> int | None:
 def new_row(model: str, shape: str, variant: str) -> dict:
     batch, seq, pose = parse_shape(shape)
     return {"case": f"{model}@{shape}@{variant}", "model": model, "shape": shape, "batch": batch, "seq_len": seq,
-            "pose_target": pose, "variant": variant, "gpus": parse_variant(variant)[1], "status": "pending"}
+            "pose_target": pose, "variant": variant, "gpus": max(parse_variant(variant)[1], 1), "status": "pending"}
 
 
 def group_of(row: dict) -> str:
@@ -247,7 +255,7 @@ def group_of(row: dict) -> str:
     base, sp = parse_variant(row["variant"])
     if base in PEERS:
         return "peers-liger" if "--liger" in PEERS[base] else "peers"
-    if sp > 1:
+    if sp:
         return row["case"]
     return "yarnkit-torch-kernels" if VARIANTS[base].get("model.kernels") == "torch" else "yarnkit"
 
@@ -305,6 +313,7 @@ def collect(args, out: Path, row: dict, log_text: str) -> None:
     tokens = statistics.median(s["tokens_per_s"] for s in timed)
     row.update(tokens_per_s_per_gpu=tokens, step_seconds=statistics.median(s["step_seconds"] for s in timed),
                peak_memory_gb=max(s["peak_memory_gb"] for s in steps_done), losses=[s["loss"] for s in steps_done],
+               grad_norms=[s.get("grad_norm") for s in steps_done],
                n_params=n_params, flops_per_token=flops, achieved_tflops=tokens * flops / 1e12,
                first_step_seconds=steps_done[0]["step_seconds"],
                fallbacks=[line for line in log_text.splitlines() if line.startswith("yarnkit:")])
@@ -357,6 +366,22 @@ def add_ratios(rows: list[dict], peak: float, measured: float) -> None:
             pairs = list(zip(r["losses"], reference["losses"]))
             r["loss_reference"] = reference["variant"]
             r["loss_vs_ref"] = max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
+        base, sp = parse_variant(r["variant"])
+        if sp > 1 and f"{base}-sp1" in group:
+            r["vs_sp1"] = compare_sp(r, group[f"{base}-sp1"])
+
+
+def compare_sp(row: dict, sp1: dict) -> dict:
+    """A `-spN` row against `-sp1` of the same model and shape: largest relative loss and grad-norm differences
+    over the steps both ran, each against its bf16-noise target, and tokens/s/GPU against one GPU's."""
+    def worst(key: str) -> float | None:
+        pairs = [(a, b) for a, b in zip(row.get(key) or [], sp1.get(key) or []) if a is not None and b]
+        return max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
+
+    loss, grad = worst("losses"), worst("grad_norms")
+    return {"loss": loss, "grad_norm": grad, "steps": min(len(row["losses"]), len(sp1["losses"])),
+            "equal": None if loss is None or grad is None else loss <= SP_LOSS_TOL and grad <= SP_GRAD_TOL,
+            "efficiency": row["tokens_per_s_per_gpu"] / sp1["tokens_per_s_per_gpu"]}
 
 
 def markdown(summary: dict) -> str:
@@ -374,10 +399,60 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['case']} | ok | {r['tokens_per_s_per_gpu']:,.0f} | {ratio['hf-liger']} | "
                      f"{ratio['hf-liger-ckpt']} | {r['step_seconds']:.3f} | {r['peak_memory_gb']:.1f} | "
                      f"{r['mfu']:.1%} | {r['mfu_vs_measured_peak']:.1%} | {diff} |")
+    sp_rows = [r for r in summary["cases"] if r.get("vs_sp1")]
+    if sp_rows:
+        lines += ["", f"sequence parallel vs `-sp1` (ZeRO-2, one GPU, same batches); equal = loss within "
+                      f"{SP_LOSS_TOL:.1e} and grad norm within {SP_GRAD_TOL:.0e} relative at every step", "",
+                  "| case | GPUs | tokens/s/GPU | efficiency vs 1 GPU | loss diff | grad-norm diff | equal | peak GB | MFU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sp_rows:
+            v = r["vs_sp1"]
+            lines.append(f"| {r['case']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {v['efficiency']:.1%} | "
+                         f"{v['loss'] if v['loss'] is None else format(v['loss'], '.1e')} | "
+                         f"{v['grad_norm'] if v['grad_norm'] is None else format(v['grad_norm'], '.1e')} | "
+                         f"{'-' if v['equal'] is None else 'yes' if v['equal'] else 'no'} | "
+                         f"{r['peak_memory_gb']:.1f} | {r['mfu']:.1%} |")
     for m in summary["max_len"]:
         lines.append(f"\nlongest trained sequence, {m['model']} @ {m['variant']}: {m['longest_ok'] or 'none'} "
                      f"(tried {', '.join(f'{t[0]}: {t[1]}' for t in m['tried'])})")
     return "\n".join(lines) + "\n"
+
+
+def run_dry(args) -> int:
+    """`--dry-run`: each yarnkit case's memory and time estimate (`yarnkit.train.estimate.dry_run`) for the launch
+    it would run (GPUs, ZeRO-2 under `-spN`), without a GPU; a length search lists each length. Peers are skipped."""
+    from yarnkit.train.estimate import ASSUMED_MFU, dry_run
+    from yarnkit.train.recipe import load_recipe
+
+    out = Path(args.out)
+    rows, saved = [], {key: os.environ.get(key) for key in ("WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE")}
+    for spec in args.cases:
+        model, shapes, variant = spec.split("@")
+        base, sp = parse_variant(variant)
+        if base in PEERS:
+            continue
+        for shape in shapes.split(","):
+            row = new_row(model, shape, variant)
+            _, argv = case_command(args, out, row["case"], model, shape, variant, args.steps)
+            os.environ.update(WORLD_SIZE=str(row["gpus"]), ACCELERATE_DEEPSPEED_ZERO_STAGE="2" if sp else "0")
+            try:
+                recipe = load_recipe(argv)
+                report = dry_run(recipe, row["gpus"])
+            finally:
+                for key, value in saved.items():
+                    os.environ.pop(key) if value is None else os.environ.update({key: value})
+            memory = report["memory_gib_per_device"]
+            rows.append({**row, "status": "estimate", "estimate": report, "tokens_per_s_per_gpu":
+                         recipe.train.peak_tflops * 1e12 * ASSUMED_MFU / report["flops_per_token"]})
+            print(f"{row['case']}: {memory['total']:.1f} GiB/GPU (states {memory['model_states']:.1f}, activations "
+                  f"{memory['activations']:.1f}, loss {memory['loss']:.1f}; host {memory['host_offload']:.1f}), "
+                  f"{report['seconds_per_step']:.2f} s/step, {rows[-1]['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
+                  f"at {report['assumption']}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dry-run.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                  "command": " ".join(sys.argv), "cases": rows}, indent=1))
+    print(f"wrote {out / 'dry-run.json'}")
+    return 0
 
 
 def run_compare(args) -> int:
