@@ -9,8 +9,15 @@ One command does the whole sequence and writes everything under OUT:
     OUT/summary.json            timings, training throughput, the targets and whether each was met
     OUT/results.md              the tables (`yarnkit eval report`) and the targets
 
-GPU (1 to 4 GPUs; training is data-parallel over all visible GPUs; about 9 minutes on one H200):
+GPU (1 to 4 GPUs; training is data-parallel (DDP) over `--gpus` GPUs, default all visible, keeping the recipe's
+global batch: micro-batch / N per GPU, the same samples per step and the same targets as on one GPU; about 9
+minutes on one H200):
     python scripts/e2e.py --train-data '/data/books/train_*.txt.gz' --books /data/books --out runs/e2e
+Scaling (issue 20): train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
+baselines then run after training, not beside it on the same GPUs); summary.json's train.scaling holds the
+speed-up and efficiency (throughput and wall time) against the reference:
+    python scripts/e2e.py --stages train --gpus 1 --out runs/e2e-1gpu --train-data ...
+    python scripts/e2e.py --gpus 4 --serial --reference runs/e2e-1gpu/summary.json --out runs/e2e-4gpu --train-data ...
 CPU smoke of the same path (the `tiny` recipe, tiny lengths; CI runs it, a few minutes):
     python scripts/e2e.py --smoke --out /tmp/e2e
 On a GPU the baselines (base, dynamic NTK x8, YaRN x8 zero-shot) are evaluated in a second process while the
@@ -34,7 +41,7 @@ from yarnkit.cli import main as _yarnkit_cli
 from yarnkit.eval.cli import result_path
 from yarnkit.eval.report import load_results, markdown_report
 from yarnkit.recipes import accelerate_config
-from yarnkit.train.metrics import read_metrics
+from yarnkit.train.metrics import read_metrics, scaling
 from eval_baselines import CONFIGS as BASELINES, selected_books  # scripts/eval_baselines.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +62,33 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def train_gpus(args) -> int:
+    visible = gpu_count()
+    if args.gpus and args.gpus > max(visible, 1):
+        raise SystemExit(f"--gpus {args.gpus} but this machine has {visible} visible GPU(s)")
+    return args.gpus or visible
+
+
+def same_global_batch(args, gpus: int) -> list[str]:
+    """Overrides that keep the recipe's chunks per optimizer step on `gpus` processes (micro-batch / gpus)."""
+    from yarnkit.train.recipe import load_recipe
+
+    if gpus <= 1:
+        return []
+    recipe = load_recipe([f"recipe={args.recipe}", *args.overrides]).train
+    chunks = recipe.global_batch or recipe.micro_batch_size * recipe.grad_accum
+    return [f"train.global_batch={chunks}", f"train.micro_batch_size={max(1, recipe.micro_batch_size // gpus)}"]
+
+
 def train(args, out: Path) -> dict:
-    """`accelerate launch scripts/train.py` over every visible GPU (DDP when several), or one CPU process."""
-    gpus = gpu_count()
+    """`accelerate launch scripts/train.py` over `--gpus` GPUs (DDP when several), or one CPU process."""
+    gpus = train_gpus(args)
     config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
                str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
-               *([f"data.source={args.train_data}"] if args.train_data else []), *args.overrides]
+               *([f"data.source={args.train_data}"] if args.train_data else []), *same_global_batch(args, gpus),
+               *args.overrides]
     print("+", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -168,12 +194,15 @@ def run(args) -> int:
         if stages == ["baselines"]:  # the child process started below
             evaluate(args, out, books, baselines)
             return 0
-        overlap = "train" in stages and "baselines" in stages and gpu_count() > 0
+        overlap = "train" in stages and "baselines" in stages and gpu_count() > 0 and not args.serial
         if overlap:  # the base-model evals need no training: run them beside it on the same GPU(s)
             child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *_with_stages(sys.argv[1:])])
         if "train" in stages:
             _stamp(f"train: recipe {args.recipe}")
             summary["train"] = train(args, out)
+            if args.reference:
+                one = json.loads(Path(args.reference).read_text())["train"]
+                summary["train"]["scaling"] = {"reference": args.reference, **scaling(one, summary["train"])}
         if overlap:
             if child.wait():
                 raise SystemExit(f"the baseline evaluation failed (exit code {child.returncode})")
@@ -243,6 +272,11 @@ def parse(argv=None):
     parser.add_argument("--books", default=str(ROOT / "yarnkit" / "assets"), help="evaluation books (PG-19 test)")
     parser.add_argument("--pattern", default="test_*", help="which files of --books to use (default test_*)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    parser.add_argument("--gpus", type=int, default=0, help="training GPUs (default: all visible); N > 1 keeps the "
+                                                           "recipe's global batch (micro-batch / N per GPU)")
+    parser.add_argument("--reference", help="a 1-GPU run's summary.json: report the training stage's scaling against it")
+    parser.add_argument("--serial", action="store_true",
+                        help="evaluate the baselines after training instead of beside it (a clean training time)")
     parser.add_argument("--model", default="smollm2-135m", help="the base model (as the recipe's)")
     parser.add_argument("--label", default="SmolLM2-135M")
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536")

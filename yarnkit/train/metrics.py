@@ -2,7 +2,8 @@
 
 On resume, rows after the resumed step (written by the interrupted process) are dropped first, so the file
 always describes one consistent run. Not a progress bar (the trainer's tqdm is). `read_metrics(RUN)` is its
-reader (benchmarks, e2e, plots): the rows as dicts, oldest first.
+reader (benchmarks, e2e, plots): the rows as dicts, oldest first. `scaling(one, many)` compares two runs of the
+same training (the same tokens per step) on 1 and N GPUs.
 """
 
 from __future__ import annotations
@@ -52,3 +53,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def scaling(one: dict, many: dict, target: float = 0.85) -> dict:
+    """Strong scaling of a training stage from `one` (1 GPU) to `many` (N GPUs), each a dict with `gpus`,
+    `seconds` (the stage's wall time: start-up, tokenization and steps) and `tokens_per_s` (steady-state, all
+    GPUs). Efficiency = speed-up / N, from the throughput (the target's measure) and from the wall time."""
+    gpus = many["gpus"]
+    throughput = many["tokens_per_s"] / (gpus * one["tokens_per_s"])
+    return {"gpus": gpus, "reference_gpus": one["gpus"], "reference_seconds": one["seconds"],
+            "seconds": many["seconds"], "speedup_wall": one["seconds"] / many["seconds"],
+            "efficiency_wall": one["seconds"] / (gpus * many["seconds"]), "efficiency_throughput": throughput,
+            "target": f"efficiency (throughput) >= {target:.0%}", "met": throughput >= target}

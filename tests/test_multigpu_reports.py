@@ -1,8 +1,9 @@
-"""The training benchmark's sequence-parallel rows (`yarnkit/train/bench.py`): `-spN` variants, the comparison
-with `-sp1` (loss and grad-norm differences against bf16 noise, scaling efficiency) and `--dry-run` estimates.
-The GPU runs themselves are docs/results.md §6; here only the bookkeeping, on synthetic rows and a tiny model.
+"""The bookkeeping of the multi-GPU runs (docs/results.md §6), on synthetic rows and a tiny model: the training
+benchmark's sequence-parallel rows (`yarnkit/train/bench.py`: `-spN` variants, the comparison with `-sp1` against
+bf16 noise, scaling efficiency, `--dry-run` estimates) and scripts/e2e.py's scaling report
+(`yarnkit.train.metrics.scaling`). The GPU runs themselves are not here.
 
-Run: python -m pytest tests/test_bench_sp.py -q
+Run: python -m pytest tests/test_multigpu_reports.py -q
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from yarnkit.train import bench
+from yarnkit.train.metrics import scaling
 
 
 def test_sp_variants_parse_and_launch_under_deepspeed():
@@ -58,3 +60,12 @@ def test_dry_run_estimates_each_case_for_its_launch(tmp_path):
     sp2, alst = rows[0]["estimate"], rows[2]["estimate"]
     assert sp2["processes"] == 2 and sp2["zero_stage"] == 2 and sp2["sp_size"] == 2 and sp2["tokens_per_step"] == 256
     assert alst["memory_gib_per_device"]["host_offload"] == 0.03  # offloaded inputs: 2 layers x 65536 x 64 x 4 B (fp32)
+
+
+def test_e2e_scaling_against_one_gpu():
+    one = {"gpus": 1, "seconds": 120.0, "tokens_per_s": 140_000.0}
+    four = {"gpus": 4, "seconds": 45.0, "tokens_per_s": 490_000.0}  # 30 s of start-up does not scale
+    report = scaling(one, four)
+    assert report["efficiency_throughput"] == pytest.approx(0.875) and report["met"] is True
+    assert report["speedup_wall"] == pytest.approx(120 / 45) and report["efficiency_wall"] == pytest.approx(120 / 180)
+    assert scaling(one, {**four, "tokens_per_s": 460_000.0})["met"] is False  # 82%
