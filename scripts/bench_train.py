@@ -23,6 +23,12 @@
        python scripts/bench_train.py --out out/speed --model-dir out/smollm2-shape --cases ...   # there
        # CPU smoke test (a tiny random Llama):
        python scripts/bench_train.py --out /tmp/speed --cpu --steps 2 --warmup 1 --cases tiny@128@hf tiny@128@yarnkit
+       # sequence parallelism (issue 19): -sp1 is ZeRO-2 on one GPU, the reference of the -spN rows (loss and
+       # grad-norm differences against bf16 noise, efficiency = tokens/s/GPU against -sp1's)
+       python scripts/bench_train.py --out out/sp --steps 5 --warmup 2 --cases llama-1b@131072@keep-attention-sp1 \
+           llama-1b@131072@keep-attention-sp2 llama-1b@131072@keep-attention-sp4
+       # the same cases' memory and time estimates, without a GPU (OUT/dry-run.json)
+       python scripts/bench_train.py --dry-run --out /tmp/sp-estimate --cases llama-1b@1048576@alst-sp4
 
 2. `--gpus 1,2,4` (process-count scaling of one recipe), below.
 
