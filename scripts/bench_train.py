@@ -1,4 +1,4 @@
-"""Training throughput benchmark. Two modes:
+r"""Training throughput benchmark. Two modes:
 
 1. `--cases MODEL@SHAPE@VARIANT ...` (issue 14): yarnkit's recipe defaults against the peers a user would pick,
    each case its own process on the same GPU, same data, same initial weights (`yarnkit/train/bench.py` has the
