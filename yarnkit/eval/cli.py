@@ -4,6 +4,8 @@
   yarnkit eval passkey MODEL [--lengths ...] [--depths 0,0.25,...] [--trials N]
   yarnkit eval needle MODEL [--haystack BOOK]        (passkey with real book text as filler)
   yarnkit eval stream MODEL --data BOOKS --policy dense|window|recompute|sink [--window W] [--max-tokens N]
+  yarnkit eval retrieval MODEL --haystack BOOKS [--tasks niah,multikey,multivalue,multiquery,vt,chat]
+                                  (RULER-style tasks: one JSON + PNG per task, e.g. OUT/niah-LABEL.json)
   yarnkit eval plot RESULTS... --out PNG             (several results of one task on one chart)
   yarnkit eval report RESULTS... --markdown          (tables for docs/results.md)
 
@@ -21,7 +23,6 @@ from pathlib import Path
 import torch
 
 
-
 def _ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item]
 
@@ -32,7 +33,7 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    for task in ("ppl", "passkey", "needle", "stream"):
+    for task in ("ppl", "passkey", "needle", "stream", "retrieval"):
         p = sub.add_parser(task, help=f"run the {task} evaluation")
         p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
         p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
@@ -44,6 +45,10 @@ def add_arguments(parser) -> None:
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
+        if task == "retrieval":
+            p.epilog = ("examples:\n  yarnkit eval retrieval runs/e2e/run --haystack books/test --tasks niah,chat\n"
+                        "  yarnkit eval retrieval smollm2-135m --rope-type yarn --factor 8 --lengths 2048,65536 "
+                        "--depths 0,0.5,1 --trials 2")
         if task in ("ppl", "stream"):
             p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
             p.add_argument("--field", default="text", help="text field of .jsonl / datasets records")
@@ -62,6 +67,25 @@ def add_arguments(parser) -> None:
             p.add_argument("--max-new-tokens", type=int, default=10)
         if task == "needle":
             p.add_argument("--haystack", help="filler book (default: the bundled eval sample)")
+        if task == "retrieval":
+            from yarnkit.eval.retrieval import TASKS, TaskOptions
+
+            defaults = TaskOptions()
+            p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
+            p.add_argument("--haystack", help="a book or a folder of books (default: the bundled eval sample)")
+            p.add_argument("--haystack-books", type=int, default=10, help="books of the folder to use (default 10)")
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
+            p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+            p.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell (default 4)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--templates", default=",".join(defaults.templates),
+                           help="evaluation templates that take turns in niah, multikey and chat (default "
+                                f"{','.join(defaults.templates)}; all: magic,archive,passkey)")
+            for name in ("distractors", "values", "queries", "hops", "batch"):
+                p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+            p.add_argument("--max-new-tokens", type=int, default=0, help="0: the task's own (12 per value, 40 chat)")
+            p.add_argument("--beyond-context", action="store_true",
+                           help="evaluate lengths above the model's context instead of refusing them")
         if task == "stream":
             p.add_argument("--policy", default="sink", help="dense, window, recompute or sink (default sink)")
             p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
@@ -130,6 +154,7 @@ def save_result(result: dict, out: str) -> Path:
 
 def _plot(results: list[dict], path) -> Path:
     from yarnkit.eval import plots
+    from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
 
     task = results[0]["task"]
     if any(result["task"] != task for result in results):
@@ -138,6 +163,10 @@ def _plot(results: list[dict], path) -> Path:
         return plots.plot_ppl(results, path)
     if task == "stream":
         return plots.plot_stream(results, path)
+    if task in RETRIEVAL_TASKS:
+        if len(results) != 1:
+            raise SystemExit("a retrieval heatmap shows one result; plot them one at a time")
+        return plots.plot_retrieval(results[0], path)
     if len(results) != 1:
         raise SystemExit("a passkey/needle heatmap shows one result; plot them one at a time")
     return plots.plot_passkey(results[0], path)
@@ -198,7 +227,81 @@ def _lazy_tokenized(documents, tokenizer, skipped: list):
         yield from kept
 
 
+def model_context(meta: dict) -> int | None:
+    """Tokens the model is meant to handle: a dynamic scaling's factor x original, else max_position_embeddings."""
+    rope = meta.get("rope") or {}
+    if "dynamic" in str(rope.get("rope_type", "")) and rope.get("factor"):
+        return int(rope["factor"] * (rope.get("original_max_position_embeddings") or meta["native_context"]))
+    return meta.get("max_position_embeddings")
+
+
+def check_retrieval_args(args) -> None:
+    from yarnkit.eval.retrieval import TASKS, eval_template
+
+    bad = [depth for depth in args.depths if not 0.0 <= depth <= 1.0]
+    if bad:
+        raise SystemExit(f"error: depth {bad[0]} is outside [0, 1]; pass depths such as --depths 0,0.25,0.5,0.75,1")
+    unknown = [task for task in args.tasks.split(",") if task not in TASKS]
+    if unknown:
+        raise SystemExit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    for name in args.templates.split(","):
+        try:
+            eval_template(name)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    if args.trials < 1 or min(args.lengths, default=0) < 1:
+        raise SystemExit("error: --trials and --lengths must be positive")
+
+
+def run_retrieval(args) -> list[dict]:
+    """Every task of `--tasks` on one loaded model: a result per task."""
+    from yarnkit.assets import sample_path
+    from yarnkit.eval.haystack import Haystack, RetrievalError
+    from yarnkit.eval.retrieval import TaskOptions, evaluate_retrieval
+
+    check_retrieval_args(args)
+    model, tokenizer, meta = load_for_eval(args)
+    context = model_context(meta)
+    scored = [n for n in args.lengths if args.max_length is None or n <= args.max_length]
+    too_long = [n for n in scored if context and n > context]
+    if too_long and not args.beyond_context:
+        raise SystemExit(f"error: length {too_long[0]} is above the model's context {context}; lower --lengths, "
+                         f"skip it with --max-length {context}, scale the model (--rope-type yarn --factor S), or "
+                         "pass --beyond-context to measure it anyway")
+    options = TaskOptions(templates=tuple(args.templates.split(",")), distractors=args.distractors,
+                          values=args.values, queries=args.queries, hops=args.hops, batch=args.batch,
+                          max_new_tokens=args.max_new_tokens)
+    settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out")}
+    results = []
+    try:
+        haystack = Haystack.from_books(args.haystack or sample_path("eval"), tokenizer, max(scored, default=1),
+                                       args.haystack_books)
+        for task in args.tasks.split(","):
+            result = {"task": task, **meta, "settings": settings, "haystack": haystack.source,
+                      "haystack_books": haystack.names, "context": context,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            result.update(evaluate_retrieval(model, tokenizer, haystack, task, args.lengths, args.depths,
+                                             args.trials, args.seed, options, args.max_length))
+            results.append(result)
+            _finish(result, args.out)
+    except RetrievalError as error:
+        raise SystemExit(f"error: {error}") from None
+    return results
+
+
+def _finish(result: dict, out: str, compare: list[dict] = ()) -> Path:
+    """Draw the result's PNG (with `compare` results on the same chart) and save its JSON beside it."""
+    result["plot"] = str(result_path(result, out).with_suffix(".png"))
+    _plot([result, *compare], result["plot"])
+    path = save_result(result, out)
+    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
+    return path
+
+
 def run(args) -> int:
+    if args.task == "retrieval":
+        run_retrieval(args)
+        return 0
     if args.task == "report":
         from yarnkit.eval.report import load_results, markdown_report
 
@@ -215,9 +318,5 @@ def run(args) -> int:
     from yarnkit.eval.report import load_results
 
     result = run_task(args)
-    extra = load_results(args.compare) if args.task == "ppl" else []
-    result["plot"] = str(result_path(result, args.out).with_suffix(".png"))
-    _plot([result, *extra], result["plot"])
-    path = save_result(result, args.out)
-    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
+    _finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
     return 0
