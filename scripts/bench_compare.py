@@ -74,7 +74,7 @@ def model_source(out: Path, model: str, max_len: int) -> tuple[str, bool]:
 def bench_text(out: Path, max_len: int) -> str:
     """The bundled novel (~330k SmolLM2 tokens), repeated so that one sequence of `max_len` tokens fits."""
     from yarnkit.assets import sample_path
-    from yarnkit.corpus import read_text
+    from yarnkit.train.corpus import read_text
 
     repeats = math.ceil(max_len * 1.1 / 300_000)
     if repeats <= 1:
@@ -90,7 +90,7 @@ def bench_text(out: Path, max_len: int) -> str:
 def flops_per_token(source: str, seq_len: int) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM
 
-    from yarnkit.estimate import flops_per_token as causal_flops
+    from yarnkit.train.estimate import flops_per_token as causal_flops
     from yarnkit.models import load_config
 
     config = load_config(source)

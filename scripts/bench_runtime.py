@@ -87,7 +87,7 @@ def sync(device):
 
 
 def load_tokens(tokenizer, books, limit):
-    from yarnkit.corpus import iter_documents
+    from yarnkit.train.corpus import iter_documents
 
     ids: list[int] = []
     for book in books:

@@ -139,7 +139,7 @@ def check_targets(base_ppl: dict | None, tuned_ppl: dict | None, tuned_passkey: 
 
 
 def recipe_factor(args) -> float:
-    from yarnkit.recipe import load_recipe
+    from yarnkit.train.recipe import load_recipe
 
     return load_recipe([f"recipe={args.recipe}", *args.overrides]).yarn.factor
 

@@ -83,9 +83,9 @@ def continued_overrides(args, name: str, sink: bool) -> list[str]:
 
 def train_run(overrides: list[str]) -> tuple[str, dict]:
     """Train one recipe; returns (final checkpoint model dir, summary)."""
-    from yarnkit.checkpoint import latest_checkpoint
-    from yarnkit.recipe import load_recipe
-    from yarnkit.trainer import train
+    from yarnkit.train.checkpoint import latest_checkpoint
+    from yarnkit.train.recipe import load_recipe
+    from yarnkit.train.trainer import train
 
     recipe = load_recipe(overrides)
     started = time.perf_counter()
@@ -100,7 +100,7 @@ def train_run(overrides: list[str]) -> tuple[str, dict]:
 
 def load_stream_docs(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """Tokenised test books in sorted order (a glob is allowed) until `limit` tokens are collected."""
-    from yarnkit.data import local_paths, resolve_source
+    from yarnkit.train.data import local_paths, resolve_source
     from yarnkit.eval.data import iter_eval_documents, tokenize_documents
 
     documents, total = [], 0

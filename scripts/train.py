@@ -11,7 +11,7 @@ Overrides are `key=value` (see docs/recipes.md); `resume=auto` (the default) con
 
 import sys
 
-from yarnkit.trainer import main
+from yarnkit.train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from yarnkit.recipe import load_recipe
-from yarnkit.trainer import train
+from yarnkit.train.recipe import load_recipe
+from yarnkit.train.trainer import train
 
 if __name__ == "__main__":
     result = train(load_recipe(sys.argv[1:]))

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipe import load_recipe
-from yarnkit.trainer import train
+from yarnkit.train.recipe import load_recipe
+from yarnkit.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

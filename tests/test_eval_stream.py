@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from yarnkit.loss import token_nll
+from yarnkit.train.loss import token_nll
 from yarnkit.eval.stream import (POLICIES, DensePolicy, RecomputePolicy, WindowPolicy, evaluate_stream, make_policy)
 
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yarnkit.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
+from yarnkit.train.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
 
 RECIPE_FILES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.relative_to(RECIPES_DIR).parts)
 LAUNCHER_FILES = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
@@ -105,7 +105,7 @@ def test_saved_recipe_round_trips(tmp_path):
 
 
 def test_flops_formula_and_dry_run_estimate():
-    from yarnkit.estimate import dry_run, flops_per_token
+    from yarnkit.train.estimate import dry_run, flops_per_token
     from yarnkit.models import load_config
 
     # Llama-2-7B at 64k, causal convention (reference/training.md table: 92.0 GFLOP/token with N = 6.74e9)
@@ -122,15 +122,15 @@ def test_flops_formula_and_dry_run_estimate():
 
 
 def test_dry_run_rejects_seq_len_beyond_scaled_context():
-    from yarnkit.estimate import dry_run
+    from yarnkit.train.estimate import dry_run
 
     with pytest.raises(RecipeError, match="exceeds the model context 16384"):
         dry_run(load_recipe(["recipe=tiny", "data.seq_len=20000"]), world=1)
 
 
 def test_memory_check_fails_before_loading_with_advice():
-    from yarnkit.estimate import check_memory
-    from yarnkit.model_setup import scaled_config
+    from yarnkit.train.estimate import check_memory
+    from yarnkit.train.model import scaled_config
 
     recipe = load_recipe(["recipe=smollm2-yarn-64k", "model.gradient_checkpointing=false"])
     config = scaled_config(recipe.model, recipe.yarn)

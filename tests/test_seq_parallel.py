@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipe import RecipeError, load_recipe
-from yarnkit.seq_parallel import check_sequence_parallel, shard_batch
+from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.train.seq_parallel import check_sequence_parallel, shard_batch
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = {"train.max_steps": 2, "train.micro_batch_size": 1, "train.grad_accum": 1, "train.clip": 0.0,
@@ -71,7 +71,7 @@ def test_kv_heads_must_divide_or_be_divided():
 
 
 def test_single_process_without_deepspeed_refuses_sp():
-    from yarnkit.trainer import make_accelerator
+    from yarnkit.train.loop import make_accelerator
 
     recipe = load_recipe(["train.sp_size=2"])
     with pytest.raises(RecipeError, match="needs a DeepSpeed launch"):
@@ -82,7 +82,7 @@ def test_single_process_without_deepspeed_refuses_sp():
 def test_sp2_matches_one_process_loss_gradients_and_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from yarnkit.trainer import train
+    from yarnkit.train.trainer import train
 
     model, data, cache = make_tiny_model_dir(tmp_path / "model"), make_text_file(tmp_path / "d.txt.gz"), tmp_path / "c"
     single = train(load_recipe(tiny_overrides(model, data, tmp_path / "sp1", cache, **STEPS)))

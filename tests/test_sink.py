@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from trainer_helpers import char_tokenizer, make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.data import DataArgs, SampleOrder, build_dataset, chunk_tokens, micro_batch
-from yarnkit.recipe import RecipeError, load_recipe
+from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, chunk_tokens, micro_batch
+from yarnkit.train.recipe import RecipeError, load_recipe
 from yarnkit.sink import SinkTokenError, add_sink_token
-from yarnkit.trainer import train
+from yarnkit.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_pat
 def test_lora_trains_the_tied_sink_row_only_through_trainable_tokens():
     from conftest import tiny_model
 
-    from yarnkit.model_setup import LoraArgs, add_lora
+    from yarnkit.train.model import LoraArgs, add_lora
 
     model = tiny_model("llama", seed=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, vocab_size=99)
     sink = add_sink_token(model, char_tokenizer())

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
-from yarnkit.recipe import RecipeError, load_recipe
-from yarnkit.trainer import train
+from yarnkit.train.checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
+from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def straight_run(assets):
 def test_chunked_loss_and_grads_match_transformers():
     from conftest import tiny_model
 
-    from yarnkit.loss import CausalLMLoss
+    from yarnkit.train.loss import CausalLMLoss
 
     model = tiny_model("llama", seed=1).train()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def _reference_first_step(assets, clip: float, eps: float):
     """One optimizer step by hand: same batches, mean of micro-batch losses, clip_grad_norm_, AdamW."""
     from transformers import AutoModelForCausalLM
 
-    from yarnkit.data import DataArgs, SampleOrder, build_dataset, micro_batch
+    from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
     from yarnkit.models import load_tokenizer
     from yarnkit.patch import apply_rope_scaling
 
@@ -208,7 +208,7 @@ def test_pose_batches_keep_attention_across_the_skip(assets):
     """PoSE's position jump must not be read as a packed-document boundary: the second part attends to the first."""
     from conftest import tiny_model
 
-    from yarnkit.data import DataArgs, SampleOrder, build_dataset, micro_batch
+    from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
     from yarnkit.models import load_tokenizer
 
     dataset = build_dataset(DataArgs(source=str(assets["data"]), seq_len=64, cache_dir=str(assets["cache"])),

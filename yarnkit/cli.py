@@ -13,7 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
-    "train": ("yarnkit.trainer", "fine-tune with a recipe: yarnkit train recipe=tiny [key=value ...] [--dry-run]"),
+    "train": ("yarnkit.train.trainer", "fine-tune with a recipe: yarnkit train recipe=tiny [key=value ...] [--dry-run]"),
     "export": ("yarnkit.export.cli", "export a run/checkpoint for transformers, vLLM, llama.cpp (GGUF) and the Hub"),
     "chat": ("yarnkit.runtime.chat", "chat in the terminal with a streaming sinks + rolling-window cache"),
     "serve": ("yarnkit.runtime.serve", "OpenAI-compatible HTTP server with one streaming cache per session"),

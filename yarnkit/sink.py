@@ -13,7 +13,7 @@ the vocabulary before the model is built).
 A tokenizer that already has the token text is reused only when the model's config records that id as its sink
 (continuing a sink-token checkpoint); any other existing token is refused, because it also occurs inside text and
 would not be a dedicated position-0 token. The data side (prepending to every chunk, PoSE positions) lives in
-yarnkit/data.py. Tested by `python -m pytest tests/test_sink.py -q`.
+yarnkit/train/data.py. Tested by `python -m pytest tests/test_sink.py -q`.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def run_task(args) -> dict:
         filler = None
         if args.task == "needle":
             from yarnkit.assets import sample_path
-            from yarnkit.corpus import read_text
+            from yarnkit.train.corpus import read_text
 
             filler = read_text(args.haystack or sample_path("eval"))
         result.update(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed, filler,

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from yarnkit.loss import token_nll
+from yarnkit.train.loss import token_nll
 
 
 def bos_token_id(tokenizer) -> int:

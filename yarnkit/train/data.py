@@ -30,15 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yarnkit.pose import pose_generator, pose_position_ids
+from yarnkit.assets import sample_path
+from yarnkit.train.corpus import iter_documents, read_text
+from yarnkit.train.errors import DataError
+from yarnkit.train.pose import pose_generator, pose_position_ids
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
 PYTHON_STDLIB = "python-stdlib"
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-
-
-class DataError(ValueError):
-    """Data that cannot make one training sequence; the message names the source and the fix."""
 
 
 @dataclass
@@ -60,8 +59,6 @@ def resolve_source(source: str) -> str:
 
         return sysconfig.get_paths()["stdlib"]
     if source.startswith("bundled:"):
-        from yarnkit.assets import sample_path
-
         return str(sample_path(source.split(":", 1)[1]))
     return source
 
@@ -87,11 +84,7 @@ def local_files(part: str) -> list[Path]:
 
 def local_documents(part: str, field: str) -> list[str]:
     if part == PYTHON_STDLIB:
-        from yarnkit.corpus import read_text
-
         return [read_text(f) for f in stdlib_files()]
-    from yarnkit.corpus import iter_documents
-
     return [text for p in local_paths(resolve_source(part)) for _, text in iter_documents(p, field=field)]
 
 

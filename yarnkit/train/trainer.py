@@ -1,13 +1,13 @@
-"""The training loop: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
+"""The training run: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
 
     python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
     accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
-chunked cross-entropy of `yarnkit.loss`; gradients are clipped to `train.clip` and the logged `grad_norm` is
-the norm *before* clipping. Checkpoints (`yarnkit.checkpoint`) hold the full state, so `resume=auto`
-reproduces an uninterrupted run exactly. It is not the recipe parser (`yarnkit.recipe`) nor the data builder
-(`yarnkit.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
+chunked cross-entropy of `yarnkit.train.loss`; gradients are clipped to `train.clip` and the logged `grad_norm`
+is the norm *before* clipping. Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto`
+reproduces an uninterrupted run exactly. It is not the recipe parser (`yarnkit.train.recipe`) nor the data
+builder (`yarnkit.train.data`). Tested by `python -m pytest tests/test_trainer.py tests/test_distributed.py`.
 """
 
 from __future__ import annotations
@@ -15,29 +15,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-
-@dataclass
-class TrainArgs:
-    max_steps: int = 400  # optimizer steps
-    micro_batch_size: int = 1  # chunks per process per forward
-    grad_accum: int = 8  # micro-batches per optimizer step; global batch = micro x accum x processes
-    global_batch: int = 0  # if > 0: chunks per optimizer step; sets grad_accum = global / (micro x processes)
-    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (weights stay fp32 masters; DeepSpeed keeps bf16 copies)
-    clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
-    loss_chunk_tokens: int = 4096  # positions per output-head + cross-entropy chunk
-    seed: int = 42
-    log_every: int = 1
-    tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
-    peak_tflops: float = 989.0  # dense bf16 peak per device (H100/H200) for MFU and dry-run time estimates
-    memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
-    sp_size: int = 1  # sequence parallelism: GPUs sharing one sequence (DeepSpeed Ulysses); 1 = off
-    offload_activations: bool = False  # checkpointed layer inputs wait in pinned CPU memory (needs checkpointing)
+from yarnkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
+from yarnkit.train.errors import DataError, RecipeError
+from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
+from yarnkit.train.loop import forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group, zero_stage
+from yarnkit.train.loss import CausalLMLoss
+from yarnkit.train.metrics import MetricsLog
+from yarnkit.train.model import build_model, scaled_config
+from yarnkit.train.optim import build_optimizer
+from yarnkit.train.recipe import check_context, load_recipe, recipe_from_file, recipe_to_yaml, save_recipe
+from yarnkit.train.seq_parallel import check_sequence_parallel
+from yarnkit.train.speed import activation_offload
 
 
 @dataclass
@@ -53,58 +49,7 @@ class TrainResult:
     model: object = None  # the trained model (peft or transformers), unwrapped; full weights only without ZeRO-3
 
 
-def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
-    from yarnkit.recipe import RecipeError
-
-    if not train_args.global_batch:
-        return train_args.grad_accum
-    per_pass = train_args.micro_batch_size * world // max(train_args.sp_size, 1)  # an SP group is one replica
-    if train_args.global_batch % per_pass:
-        raise RecipeError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
-                         f"data-parallel replicas = {per_pass}; change the batch or the number of processes")
-    return train_args.global_batch // per_pass
-
-
-def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"):
-    """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place. With
-    `train_args.sp_size > 1` it carries accelerate's ParallelismConfig for DeepSpeed Ulysses over `seq_len`."""
-    from accelerate import Accelerator, PartialState
-
-    from yarnkit.seq_parallel import check_sequence_parallel, parallelism_config
-
-    # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
-    # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = not torch.cuda.is_available() and not deepspeed
-    extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
-    world = PartialState(cpu=cpu, **extra).num_processes
-    train_args.grad_accum = resolve_grad_accum(train_args, world)
-    parallel = {}
-    if train_args.sp_size != 1:
-        check_sequence_parallel(train_args.sp_size, world, None, seq_len, attn, deepspeed=deepspeed)
-        parallel["parallelism_config"] = parallelism_config(train_args.sp_size, world, seq_len, attn)
-    precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
-                              gradient_accumulation_steps=train_args.grad_accum,
-                              step_scheduler_with_optimizer=False, **parallel)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:  # fill DeepSpeed's batch/clip fields from the recipe (no dataloader to infer them)
-        config = plugin.deepspeed_config
-        config["train_micro_batch_size_per_gpu"] = train_args.micro_batch_size
-        config["gradient_accumulation_steps"] = train_args.grad_accum
-        config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accum x world
-        config["gradient_clipping"] = train_args.clip
-    return accelerator
-
-
-def zero_stage(accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage) if plugin is not None else 0
-
-
 def _resume_point(recipe, run_dir: Path):
-    from yarnkit.checkpoint import latest_checkpoint, list_checkpoints
-
     if recipe.resume == "auto":
         return latest_checkpoint(run_dir)
     if recipe.resume in ("none", ""):
@@ -120,8 +65,6 @@ def _resume_point(recipe, run_dir: Path):
 
 def check_resumable(recipe, checkpoint: Path) -> None:
     """Refuse to continue a checkpoint whose model, scaling, adapters or sequence length differ from the recipe."""
-    from yarnkit.recipe import RecipeError, recipe_from_file
-
     saved = recipe_from_file(checkpoint / "recipe.yaml")
     pairs = {"model.name_or_path": (saved.model.name_or_path, recipe.model.name_or_path),
              "model.init/sink_token": ((saved.model.init, saved.model.scratch, saved.model.sink_token),
@@ -138,17 +81,6 @@ def train(recipe) -> TrainResult:
     """Run (or continue) the recipe's training; returns what this process did."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-
-    from yarnkit.checkpoint import load_checkpoint, save_checkpoint
-    from yarnkit.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
-    from yarnkit.estimate import check_memory, flops_per_token
-    from yarnkit.kernels import activation_offload
-    from yarnkit.loss import CausalLMLoss
-    from yarnkit.model_setup import build_model, scaled_config
-    from yarnkit.optim import build_optimizer
-    from yarnkit.recipe import recipe_to_yaml, save_recipe
-    from yarnkit.seq_parallel import check_sequence_parallel
-    from yarnkit.train_log import MetricsLog
 
     args, run_dir = recipe.train, Path(recipe.run_dir)
     accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
@@ -244,48 +176,6 @@ def train(recipe) -> TrainResult:
     return result
 
 
-def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
-    """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
-    if sp == 1:
-        extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch[k] is not None}
-        return wrapper(batch["input_ids"].to(device), **extra)
-    from yarnkit.seq_parallel import combine_loss, shard_batch
-
-    # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
-    shard = {k: v.to(device) for k, v in shard_batch(batch["input_ids"], batch["position_ids"], sp_rank, sp).items()}
-    local = wrapper(shard["input_ids"], position_ids=shard["position_ids"], labels=shard["labels"])
-    return combine_loss(local, (shard["labels"] != -100).sum(), sp_group)
-
-
-def sequence_parallel_group():
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp
-
-    return parallel_state_sp.get_sequence_parallel_group()
-
-
-def check_context(recipe, config) -> None:
-    """seq_len and PoSE targets must fit the (scaled) model context; raises before weights load."""
-    from yarnkit.recipe import RecipeError
-
-    context = config.max_position_embeddings
-    if recipe.data.seq_len > context:
-        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
-                         f"(after yarn.factor={recipe.yarn.factor}); raise yarn.factor or lower data.seq_len")
-    if recipe.pose.enabled and recipe.pose.target_len > context:
-        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
-                         f"raise yarn.factor or lower pose.target_len")
-    if recipe.pose.enabled and (recipe.pose.target_len or context) <= recipe.data.seq_len:
-        raise RecipeError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: host RSS
-
-
 def add_arguments(parser) -> None:
     """`yarnkit train recipe=tiny key=value ...` (the CLI's entry; same as scripts/train.py)."""
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME, then recipe overrides")
@@ -298,11 +188,6 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`scripts/train.py` and `yarnkit train`: parse `key=value` overrides, then dry-run or train."""
-    import sys
-
-    from yarnkit.data import DataError
-    from yarnkit.recipe import RecipeError, load_recipe
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -311,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(argv)
         if recipe.dry_run:
-            from yarnkit.estimate import dry_run
-            from yarnkit.recipe import recipe_to_yaml
-
             print(recipe_to_yaml(recipe))
             print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
             return 0

@@ -1,7 +1,7 @@
 """Typed training recipes: dataclass defaults < `recipes/<name>.yaml` < command-line `key=value` overrides.
 
 `load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
-owned by each subsystem (model_setup, pose, data, optim, trainer, checkpoint). Loading is strict: an unknown
+owned by each subsystem (model, pose, data, optim, loop, checkpoint). Loading is strict: an unknown
 key fails and names the closest valid key, a wrong type fails naming the key, and `validate_recipe` rejects
 settings that cannot work together (e.g. a sequence longer than the YaRN context) before any model is loaded.
 It is not the trainer: it only reads, checks and writes recipes. Tested by `python -m pytest tests/test_recipe.py`.
@@ -17,19 +17,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from yarnkit.checkpoint import CheckpointArgs
-from yarnkit.data import DataArgs
-from yarnkit.model_setup import LoraArgs, ModelArgs, YarnArgs
-from yarnkit.optim import OptimArgs
-from yarnkit.pose import PoseArgs
-from yarnkit.trainer import TrainArgs
+from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
+from yarnkit.train.data import DataArgs
+from yarnkit.train.errors import RecipeError
+from yarnkit.train.loop import TrainArgs
+from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
+from yarnkit.train.optim import OptimArgs
+from yarnkit.train.pose import PoseArgs
+from yarnkit.train.speed import check_attention
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-RECIPE_FILE = "recipe.yaml"
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be loaded or cannot work; the message names the key and the fix."""
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass
@@ -177,8 +174,19 @@ def validate_recipe(recipe: Recipe) -> None:
     if train.offload_activations and not recipe.model.gradient_checkpointing:
         raise RecipeError("train.offload_activations offloads checkpointed layer inputs; set "
                           "model.gradient_checkpointing=true or train.offload_activations=false")
-    from yarnkit.kernels import check_attention
-
     check_attention(recipe.model.attn_implementation, recipe.model.sdpa_kernel)
     if recipe.lora.enabled and recipe.lora.r < 1:
         raise RecipeError(f"lora.r={recipe.lora.r}; use a rank >= 1 when lora.enabled")
+
+
+def check_context(recipe, config) -> None:
+    """seq_len and PoSE targets must fit the (scaled) model context; raises before weights load."""
+    context = config.max_position_embeddings
+    if recipe.data.seq_len > context:
+        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
+                         f"(after yarn.factor={recipe.yarn.factor}); raise yarn.factor or lower data.seq_len")
+    if recipe.pose.enabled and recipe.pose.target_len > context:
+        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
+                         f"raise yarn.factor or lower pose.target_len")
+    if recipe.pose.enabled and (recipe.pose.target_len or context) <= recipe.data.seq_len:
+        raise RecipeError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")

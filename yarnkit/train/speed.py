@@ -16,7 +16,7 @@ DeepSpeed ALST's TiledMLP and activation-checkpoint offload.
 - `activation_offload()`: DeepSpeed's context that moves checkpointed layer inputs to pinned CPU memory
   during forward and back in backward (needs gradient checkpointing).
 
-Not the training loop (yarnkit.trainer). Tested on CPU by `python -m pytest tests/test_kernels.py`.
+Not the training loop (yarnkit.train.trainer). Tested on CPU by `python -m pytest tests/test_speed.py`.
 """
 
 from __future__ import annotations
@@ -28,40 +28,36 @@ import types
 import torch
 import torch.nn.functional as F
 
+from yarnkit.train.errors import RecipeError
+
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 SDPA_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 FLASH_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn-3 (Hopper build of flash-attn)",
                   "flash_attention_4": "flash-attn-4"}
 
 
-def _recipe_error(message: str):
-    from yarnkit.recipe import RecipeError
-
-    return RecipeError(message)
-
-
 def check_attention(attn: str, sdpa_kernel: str = "auto") -> None:
     """Raise a RecipeError if `attn` is unknown or its package is missing, or `sdpa_kernel` does not apply."""
     if attn not in ATTENTION:
-        raise _recipe_error(f"model.attn_implementation={attn!r} is unknown; choose one of {', '.join(ATTENTION)}")
+        raise RecipeError(f"model.attn_implementation={attn!r} is unknown; choose one of {', '.join(ATTENTION)}")
     if sdpa_kernel not in SDPA_KERNELS:
-        raise _recipe_error(f"model.sdpa_kernel={sdpa_kernel!r} is unknown; choose one of {', '.join(SDPA_KERNELS)}")
+        raise RecipeError(f"model.sdpa_kernel={sdpa_kernel!r} is unknown; choose one of {', '.join(SDPA_KERNELS)}")
     if sdpa_kernel != "auto" and attn != "sdpa":
-        raise _recipe_error(f"model.sdpa_kernel={sdpa_kernel} only applies to attn_implementation=sdpa "
+        raise RecipeError(f"model.sdpa_kernel={sdpa_kernel} only applies to attn_implementation=sdpa "
                             f"(got {attn}); set model.sdpa_kernel=auto or model.attn_implementation=sdpa")
     if attn in FLASH_PACKAGES:
         from transformers.utils import import_utils
 
         available = getattr(import_utils, f"is_{attn.replace('attention', 'attn')}_available", None)
         if available is None or not available():  # an older transformers may not know the variant at all
-            raise _recipe_error(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package on a "
+            raise RecipeError(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package on a "
                                 f"CUDA machine, which is not installed here; install it or use "
                                 f"model.attn_implementation=sdpa model.sdpa_kernel=cudnn (or flex_attention)")
     if attn == "flex_attention":
         from transformers.utils import is_torch_flex_attn_available
 
         if not is_torch_flex_attn_available():
-            raise _recipe_error("model.attn_implementation=flex_attention needs torch >= 2.5; use sdpa")
+            raise RecipeError("model.attn_implementation=flex_attention needs torch >= 2.5; use sdpa")
 
 
 def _backend_order(kernel: str) -> list:
@@ -157,7 +153,7 @@ def tile_mlps(model) -> int:
             module.forward = types.MethodType(_tiled_forward, module)
             patched += 1
     if not patched:
-        raise _recipe_error("model.tiled_mlp=true found no gated MLP (gate_proj/up_proj/down_proj) to tile in "
+        raise RecipeError("model.tiled_mlp=true found no gated MLP (gate_proj/up_proj/down_proj) to tile in "
                             f"{type(model).__name__}; set model.tiled_mlp=false")
     return patched
 

@@ -1,4 +1,4 @@
-"""Speed/memory knobs on CPU (yarnkit/kernels.py, model_setup's checkpoint_layers), each against the plain path.
+"""Speed/memory knobs on CPU (yarnkit/train/speed.py, yarnkit/train/model.py's checkpoint_layers), each against the plain path.
 
 - `use_sdpa_kernel("cudnn" | "flash")`: transformers' `sdpa` re-registered to prefer a kernel. On CPU those
   kernels do not exist, so torch falls back to its next choice: what is checked here is that the wrapper
@@ -9,7 +9,7 @@
 - `checkpoint_layers`: only the first N decoder layers keep transformers' checkpointing flag.
 - A backend that is not installed or a knob that does not apply is a RecipeError naming the fix.
 
-Run: python -m pytest tests/test_kernels.py -q
+Run: python -m pytest tests/test_speed.py -q
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from yarnkit.kernels import activation_offload, check_attention, tile_mlps, use_sdpa_kernel
-from yarnkit.recipe import RecipeError, load_recipe
+from yarnkit.train.speed import activation_offload, check_attention, tile_mlps, use_sdpa_kernel
+from yarnkit.train.recipe import RecipeError, load_recipe
 
 
 def _loss_and_grads(model, ids):
@@ -71,7 +71,7 @@ def test_activation_offload_keeps_loss_and_grads():
 
 
 def test_checkpoint_layers_keeps_the_first_n(tmp_path):
-    from yarnkit.model_setup import LoraArgs, ModelArgs, build_model, scaled_config, YarnArgs
+    from yarnkit.train.model import LoraArgs, ModelArgs, build_model, scaled_config, YarnArgs
 
     tiny_model("llama", seed=0).save_pretrained(tmp_path)
     from trainer_helpers import char_tokenizer

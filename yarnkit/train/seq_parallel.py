@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from yarnkit.train.errors import RecipeError
+
 ULYSSES_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
-
-
-def _error(message: str):
-    from yarnkit.recipe import RecipeError
-
-    return RecipeError(message)
 
 
 def check_sequence_parallel(sp_size: int, world: int, text_config, seq_len: int, attn: str, packing: bool = False,
@@ -35,32 +31,32 @@ def check_sequence_parallel(sp_size: int, world: int, text_config, seq_len: int,
     """Raise a RecipeError naming the constraint and the fix when `sp_size` cannot work; sp_size=1 always can.
     `text_config=None` skips the head checks (the config is read after the launch is set up)."""
     if sp_size < 1:
-        raise _error(f"train.sp_size={sp_size}; use 1 (off) or the number of GPUs sharing one sequence")
+        raise RecipeError(f"train.sp_size={sp_size}; use 1 (off) or the number of GPUs sharing one sequence")
     if sp_size == 1:
         return
     if not deepspeed:
-        raise _error(f"train.sp_size={sp_size} needs a DeepSpeed launch (Ulysses is DeepSpeed's): "
+        raise RecipeError(f"train.sp_size={sp_size} needs a DeepSpeed launch (Ulysses is DeepSpeed's): "
                      f"accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes {sp_size} ...")
     if world % sp_size:
-        raise _error(f"train.sp_size={sp_size} does not divide the {world} processes; use a divisor of {world} "
+        raise RecipeError(f"train.sp_size={sp_size} does not divide the {world} processes; use a divisor of {world} "
                      f"or launch a multiple of {sp_size} processes")
     if text_config is not None:  # None: the launch-time check, before the config is read
         heads = text_config.num_attention_heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
         if heads % sp_size:
-            raise _error(f"train.sp_size={sp_size} does not divide the model's {heads} attention heads (Ulysses "
+            raise RecipeError(f"train.sp_size={sp_size} does not divide the model's {heads} attention heads (Ulysses "
                          f"gives each rank heads/sp_size heads); use a divisor of {heads}")
         if kv_heads % sp_size and sp_size % kv_heads:
-            raise _error(f"train.sp_size={sp_size} and the model's {kv_heads} KV heads must divide one another "
+            raise RecipeError(f"train.sp_size={sp_size} and the model's {kv_heads} KV heads must divide one another "
                          f"(Ulysses splits or replicates KV heads); use a divisor or multiple of {kv_heads}")
     if seq_len % sp_size:
-        raise _error(f"data.seq_len={seq_len} is not divisible by train.sp_size={sp_size}; use a multiple of "
+        raise RecipeError(f"data.seq_len={seq_len} is not divisible by train.sp_size={sp_size}; use a multiple of "
                      f"{sp_size} (a multiple of {256 * sp_size} keeps matmuls efficient)")
     if attn not in ULYSSES_ATTENTION:
-        raise _error(f"model.attn_implementation={attn} does not work with Ulysses sequence parallelism; use one of "
+        raise RecipeError(f"model.attn_implementation={attn} does not work with Ulysses sequence parallelism; use one of "
                      f"{', '.join(ULYSSES_ATTENTION)}")
     if packing and attn == "sdpa":
-        raise _error("data.packing=true with sdpa cannot run under sequence parallelism (DeepSpeed would need an "
+        raise RecipeError("data.packing=true with sdpa cannot run under sequence parallelism (DeepSpeed would need an "
                      "O(seq^2) document mask); use model.attn_implementation=flash_attention_2 or data.packing=false")
 
 
@@ -80,7 +76,7 @@ def shard_batch(input_ids: torch.Tensor, position_ids: torch.Tensor | None, sp_r
     global position ids, each [B, L / sp_size]."""
     batch, length = input_ids.shape
     if length % sp_size:
-        raise _error(f"a batch of {length} tokens cannot be split over train.sp_size={sp_size}; "
+        raise RecipeError(f"a batch of {length} tokens cannot be split over train.sp_size={sp_size}; "
                      f"use a data.seq_len divisible by {sp_size}")
     labels = torch.cat([input_ids[:, 1:], input_ids.new_full((batch, 1), -100)], dim=1)
     if position_ids is None:

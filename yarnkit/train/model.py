@@ -6,7 +6,8 @@ peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `em
 builds random weights from the named model's config reshaped by `model.scratch` (its tokenizer is kept), for
 pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink.py); under LoRA its
 embedding row is trained through peft's `trainable_token_indices` (tied heads included) unless `embed_tokens` is
-already fully trained via `lora.trainable_extra`. This module does not train; `yarnkit.trainer` does. Tested by `python -m pytest tests/test_trainer.py`.
+already fully trained via `lora.trainable_extra`. This module does not train; `yarnkit.train.trainer` does.
+Tested by `python -m pytest tests/test_trainer.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from yarnkit.models import load_config, local_hf_dir
+from yarnkit.patch import apply_rope_scaling
+from yarnkit.sink import add_sink_token, register_sink_token
+from yarnkit.train.errors import RecipeError
+from yarnkit.train.speed import check_attention, compile_layers, tile_mlps, use_sdpa_kernel
 
 
 @dataclass
@@ -69,9 +76,6 @@ class LoraArgs:
 
 def scaled_config(model: ModelArgs, yarn: YarnArgs):
     """The checkpoint's config with the recipe's RoPE scaling applied (no weights loaded)."""
-    from yarnkit.models import load_config
-    from yarnkit.patch import apply_rope_scaling
-
     config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
     if model.init == "scratch":
         reshape_for_scratch(config, model.scratch)
@@ -85,8 +89,6 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
 
 def reshape_for_scratch(config, shape: ScratchArgs) -> None:
     """Give `config` (in place) the from-scratch shape; head_dim = hidden / heads."""
-    from yarnkit.recipe import RecipeError
-
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise RecipeError(f"model.scratch: hidden={shape.hidden} must divide by heads={shape.heads} and heads by "
                           f"kv_heads={shape.kv_heads}")
@@ -105,9 +107,6 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
     `init_device`: where `random_init` weights are drawn (a GPU is much faster than the CPU for 1B parameters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from yarnkit.kernels import check_attention, compile_layers, tile_mlps, use_sdpa_kernel
-    from yarnkit.models import local_hf_dir
-    from yarnkit.sink import add_sink_token, register_sink_token
 
     check_attention(model_args.attn_implementation, model_args.sdpa_kernel)
     use_sdpa_kernel(model_args.sdpa_kernel)

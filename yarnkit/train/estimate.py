@@ -10,7 +10,12 @@ Run: `python scripts/train.py recipe=yarn-64k --dry-run`. Tested by `python -m p
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from yarnkit.train.model import scaled_config
+from yarnkit.train.recipe import check_context
 
 ASSUMED_MFU = 0.4  # typical of published long-context fine-tuning runs (see docs/training.md)
 
@@ -103,11 +108,6 @@ def check_memory(recipe, config, world: int, zero: int, device_bytes: int) -> No
 
 def dry_run(recipe, world: int) -> dict:
     """Estimate without loading weights (`zero` is read from the accelerate env when launched with one)."""
-    import os
-
-    from yarnkit.model_setup import scaled_config
-    from yarnkit.trainer import check_context
-
     config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
     zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)

@@ -1,0 +1,106 @@
+"""One launch's training mechanics: the Accelerator (single process, DDP or DeepSpeed ZeRO-2/3, with DeepSpeed
+Ulysses under `train.sp_size > 1`) and one micro-batch's loss.
+
+`TrainArgs` is the loop's section of the recipe: steps, batch shape, precision, clipping, logging and the
+sequence-parallel degree. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every
+process (`global_batch` derives `grad_accum`). It is not the run itself (`yarnkit.train.trainer`). Tested by
+`python -m pytest tests/test_trainer.py tests/test_seq_parallel.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from yarnkit.train.errors import RecipeError
+from yarnkit.train.seq_parallel import check_sequence_parallel, combine_loss, parallelism_config, shard_batch
+
+
+@dataclass
+class TrainArgs:
+    max_steps: int = 400  # optimizer steps
+    micro_batch_size: int = 1  # chunks per process per forward
+    grad_accum: int = 8  # micro-batches per optimizer step; global batch = micro x accum x processes
+    global_batch: int = 0  # if > 0: chunks per optimizer step; sets grad_accum = global / (micro x processes)
+    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (weights stay fp32 masters; DeepSpeed keeps bf16 copies)
+    clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    loss_chunk_tokens: int = 4096  # positions per output-head + cross-entropy chunk
+    seed: int = 42
+    log_every: int = 1
+    tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
+    peak_tflops: float = 989.0  # dense bf16 peak per device (H100/H200) for MFU and dry-run time estimates
+    memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
+    sp_size: int = 1  # sequence parallelism: GPUs sharing one sequence (DeepSpeed Ulysses); 1 = off
+    offload_activations: bool = False  # checkpointed layer inputs wait in pinned CPU memory (needs checkpointing)
+
+
+def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
+    if not train_args.global_batch:
+        return train_args.grad_accum
+    per_pass = train_args.micro_batch_size * world // max(train_args.sp_size, 1)  # an SP group is one replica
+    if train_args.global_batch % per_pass:
+        raise RecipeError(f"train.global_batch={train_args.global_batch} is not a multiple of micro_batch_size x "
+                         f"data-parallel replicas = {per_pass}; change the batch or the number of processes")
+    return train_args.global_batch // per_pass
+
+
+def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"):
+    """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place. With
+    `train_args.sp_size > 1` it carries accelerate's ParallelismConfig for DeepSpeed Ulysses over `seq_len`."""
+    from accelerate import Accelerator, PartialState
+
+    # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
+    # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed
+    extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    world = PartialState(cpu=cpu, **extra).num_processes
+    train_args.grad_accum = resolve_grad_accum(train_args, world)
+    parallel = {}
+    if train_args.sp_size != 1:
+        check_sequence_parallel(train_args.sp_size, world, None, seq_len, attn, deepspeed=deepspeed)
+        parallel["parallelism_config"] = parallelism_config(train_args.sp_size, world, seq_len, attn)
+    precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
+                              gradient_accumulation_steps=train_args.grad_accum,
+                              step_scheduler_with_optimizer=False, **parallel)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # fill DeepSpeed's batch/clip fields from the recipe (no dataloader to infer them)
+        config = plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = train_args.micro_batch_size
+        config["gradient_accumulation_steps"] = train_args.grad_accum
+        config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accum x world
+        config["gradient_clipping"] = train_args.clip
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
+    """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
+    if sp == 1:
+        extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch[k] is not None}
+        return wrapper(batch["input_ids"].to(device), **extra)
+    # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
+    shard = {k: v.to(device) for k, v in shard_batch(batch["input_ids"], batch["position_ids"], sp_rank, sp).items()}
+    local = wrapper(shard["input_ids"], position_ids=shard["position_ids"], labels=shard["labels"])
+    return combine_loss(local, (shard["labels"] != -100).sum(), sp_group)
+
+
+def sequence_parallel_group():
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    return parallel_state_sp.get_sequence_parallel_group()
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: host RSS
