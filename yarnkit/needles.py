@@ -1,4 +1,5 @@
-"""Needle templates for retrieval, in one registry split into what evaluation asks and what training may teach.
+"""Needle templates for retrieval, in one registry split into what evaluation asks and what training may teach;
+and where needles go in a token haystack (shared by the evaluation and the synthetic training data).
 
 A `Template` is one way of stating a fact about a key ("One of the special magic numbers for {key} is: {value}.")
 and of asking for it (question, answer prefix, and the plural forms for several values or keys). A `ChainTemplate`
@@ -11,14 +12,23 @@ attribute nouns, key names and intros below. The key-name vocabularies are split
 would use (the registry's and any from a recipe): a training template collides with an evaluation template when
 one of its sentences, once normalised (lower case, punctuation dropped, slots blanked), equals one of the
 evaluation template's, or when it contains one of the evaluation template's marker phrases (its attribute noun
-and its distinctive wording, e.g. "special magic" or "mentioned in the provided text"). Tests:
-tests/test_needles.py.
+and its distinctive wording, e.g. "special magic" or "mentioned in the provided text").
+
+Placement: `insertion_point(depth, n, cuts)` puts a needle at depth d of an n-token haystack right after the
+sentence end (see `sentence_ends`) nearest to `round(d x n)` within `SNAP` tokens, else exactly there; depth 0 is
+the first token and 1 the end. `splice` inserts token pieces at such points, keeping the given order for equal
+points. Tests: tests/test_needles.py, tests/test_eval_retrieval.py.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
+
+import numpy as np
+
+SNAP = 48  # tokens a needle may move to sit right after a sentence end
 
 
 class TemplateError(ValueError):
@@ -193,24 +203,34 @@ def train_templates() -> list[Template]:
                   question, answer) for q, (question, answer) in enumerate(TRAIN_QUESTIONS_ALL)]
 
 
+@functools.lru_cache(maxsize=1)
+def _eval_signatures() -> tuple:
+    """(evaluation template, its normalised sentences, its marker stems), computed once."""
+    return tuple((t, {_normalise(text) for _, text in _sentences(t)}, tuple((m, f" {_stems(m)} ") for m in t.markers))
+                 for t in eval_templates())
+
+
 def check_train_template(template, attributes=TRAIN_ATTRIBUTES) -> None:
     """Raise `TemplateCollision` if `template` (a training Template/ChainTemplate, {attr} filled from `attributes`)
     matches an evaluation template's sentence or contains one of its marker phrases."""
-    texts = []
     for part, text in _sentences(template):
-        filled = [text.replace("{attr}", attr) for attr in attributes] if "{attr}" in text else [text]
-        texts += [(part, value) for value in filled]
-    for evaluation in eval_templates():
-        own = {_normalise(text) for _, text in _sentences(evaluation)}
-        for part, text in texts:
-            plain = _normalise(text)
-            clash = next((m for m in evaluation.markers if f" {_stems(m)} " in f" {_stems(text)} "), None)
-            if plain in own or clash:
-                why = f"contains the phrase {clash!r}" if clash else "is the same sentence"
-                raise TemplateCollision(
-                    f"training template {template.name!r} collides with evaluation template {evaluation.name!r}: its "
-                    f"{part} {text!r} {why}; rephrase it or leave it out of training (evaluation templates stay "
-                    f"unseen)")
+        for filled in ([text.replace("{attr}", attr) for attr in attributes] if "{attr}" in text else [text]):
+            plain, stems = _normalise(filled), f" {_stems(filled)} "
+            for evaluation, own, markers in _eval_signatures():
+                clash = next((marker for marker, stem in markers if stem in stems), None)
+                if plain in own or clash:
+                    why = f"contains the phrase {clash!r}" if clash else "is the same sentence"
+                    raise TemplateCollision(
+                        f"training template {template.name!r} collides with evaluation template {evaluation.name!r}: "
+                        f"its {part} {filled!r} {why}; rephrase it or leave it out of training (evaluation templates "
+                        "stay unseen)")
+
+
+def check_registry(attributes=TRAIN_ATTRIBUTES) -> None:
+    """Every training template and attribute of the registry against every evaluation template."""
+    check_attributes(attributes)
+    for template in train_templates() + list(TRAIN_CHAINS):
+        check_train_template(template, attributes)
 
 
 def check_attributes(attributes) -> None:
@@ -227,3 +247,36 @@ def parse_template(text: str, name: str = "custom") -> Template:
         raise TemplateError(f"training template {text!r} must read 'FACT | QUESTION | ANSWER' with {{key}} and "
                                 "{value} in the fact and {key} in the question")
     return Template(name, "train", *parts)
+
+
+def sentence_ends(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """bool per token of `ids`: it ends a sentence (its text ends in . ! ? before any closing quote, or holds a
+    blank line, a paragraph break). Each distinct token is decoded once."""
+    distinct, inverse = np.unique(np.asarray(ids), return_inverse=True)
+    ends = np.zeros(len(distinct), dtype=bool)
+    for index, token_id in enumerate(distinct.tolist()):
+        text = tokenizer.decode([token_id])
+        ends[index] = "\n\n" in text or text.rstrip(" ").rstrip("\"'’”)").endswith((".", "!", "?"))
+    return ends[inverse.reshape(-1)]
+
+
+def insertion_point(depth: float, n: int, cuts: np.ndarray) -> int:
+    """Where a needle at `depth` goes in an n-token haystack whose sentence ends are at `cuts` (the insertion
+    points right after them, sorted)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth {depth} is outside [0, 1]; pass depths such as 0,0.25,0.5,0.75,1")
+    target = round(depth * n)
+    if 0 < target < n and len(cuts):
+        nearest = int(cuts[np.abs(cuts - target).argmin()])
+        if abs(nearest - target) <= SNAP and nearest <= n:
+            return nearest
+    return target
+
+
+def splice(ids, points: list[int], pieces: list[list[int]]) -> list[int]:
+    """`ids` with `pieces[i]` inserted before token `points[i]`; equal points keep the order of `pieces`."""
+    out, last = [], 0
+    for i in sorted(range(len(pieces)), key=lambda i: (points[i], i)):
+        out += list(ids[last:points[i]]) + list(pieces[i])
+        last = points[i]
+    return out + list(ids[last:])

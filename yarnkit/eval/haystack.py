@@ -3,9 +3,9 @@
 `Haystack.from_books(PATH, tokenizer, max_tokens)` tokenises each book (only the first `max_tokens` + a margin of
 it) and joins them, each book starting on a new line, into one stream; trial windows start at a book's first token
 and run on into the next books when one is too short (the stream wraps around). Needles are token pieces placed by
-`place_needles`: a needle at depth d goes after the sentence end (a token ending in . ! ? or holding a newline)
-nearest to `round(d x window)` within `SNAP` tokens, else exactly there; depth 0 is the window's first token and 1
-its end. The placed depths are returned, so results record where each needle really sat. A stream shorter than a
+`place_needles`: a needle at depth d goes after the sentence end (a token ending in . ! ? or holding a blank line)
+nearest to `round(d x window)` within `yarnkit.needles.SNAP` tokens, else exactly there; depth 0 is the window's
+first token and 1 its end. The placed depths are returned, so results record where each needle really sat. A stream shorter than a
 requested window is a `RetrievalError` naming the tokens needed and available. Tests: tests/test_eval_retrieval.py.
 """
 
@@ -16,22 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-SNAP = 48  # tokens a needle may move to sit at a sentence end
+from yarnkit.needles import insertion_point, sentence_ends, splice
+from yarnkit.train.corpus import iter_documents
 
 
 class RetrievalError(ValueError):
     """Input a retrieval evaluation cannot use; the message names the value and the fix."""
-
-
-def sentence_ends(tokenizer, ids: np.ndarray) -> np.ndarray:
-    """bool per token of `ids`: it ends a sentence (its text ends in . ! ? before any closing quote, or has a
-    newline). Each distinct token is decoded once."""
-    distinct, inverse = np.unique(ids, return_inverse=True)
-    ends = np.zeros(len(distinct), dtype=bool)
-    for index, token_id in enumerate(distinct.tolist()):
-        text = tokenizer.decode([token_id])
-        ends[index] = "\n" in text or text.rstrip().rstrip("\"'’”)").endswith((".", "!", "?"))
-    return ends[inverse.reshape(-1)]
 
 
 @dataclass
@@ -44,8 +34,6 @@ class Haystack:
 
     @classmethod
     def from_books(cls, path, tokenizer, max_tokens: int, max_books: int = 10) -> Haystack:
-        from yarnkit.corpus import iter_documents
-
         path = Path(path).expanduser()
         if not path.exists():
             raise RetrievalError(f"haystack not found: {path}; pass --haystack a book file or a folder of books")
@@ -82,25 +70,14 @@ class Haystack:
 
 
 def place_needles(ids: np.ndarray, ends_sentence: np.ndarray, needles: list[tuple[float, list[int]]]):
-    """Insert each `(depth, token ids)` needle into the haystack window `ids`; returns `(token ids, depths)` with
-    the depth each needle was placed at (its insertion point / window length), in the order given. Needles with
-    equal insertion points keep their order (chains stay in order)."""
+    """Insert each `(depth, token ids)` needle into the haystack window `ids` (see `yarnkit.needles.splice`);
+    returns `(token ids, depths)` with the depth each needle was placed at (its insertion point / window
+    length), in the order given. Needles with equal insertion points keep their order (chains stay in order)."""
     n = len(ids)
-    cuts = np.flatnonzero(ends_sentence) + 1  # insertion points right after a sentence end
-    points = []
-    for depth, _ in needles:
-        if not 0.0 <= depth <= 1.0:
-            raise RetrievalError(f"depth {depth} is outside [0, 1]; pass depths such as 0,0.25,0.5,0.75,1")
-        target = round(depth * n)
-        if 0 < target < n and len(cuts):
-            nearest = cuts[np.abs(cuts - target).argmin()]
-            target = int(nearest) if abs(int(nearest) - target) <= SNAP and nearest < n else target
-        points.append(target)
-    order = sorted(range(len(needles)), key=lambda i: (points[i], i))
-    out, last = [], 0
-    for i in order:
-        out.append(ids[last:points[i]].tolist())
-        out.append(list(needles[i][1]))
-        last = points[i]
-    out.append(ids[last:].tolist())
-    return [token for piece in out for token in piece], [points[i] / n if n else 0.0 for i in range(len(needles))]
+    cuts = np.flatnonzero(ends_sentence) + 1
+    try:
+        points = [insertion_point(depth, n, cuts) for depth, _ in needles]
+    except ValueError as error:
+        raise RetrievalError(str(error)) from None
+    out = splice(ids.tolist(), points, [list(piece) for _, piece in needles])
+    return out, [point / n if n else 0.0 for point in points]

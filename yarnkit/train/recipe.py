@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
-from yarnkit.train.data import DataArgs
+from yarnkit.train.data import DataArgs, check_mix
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.loop import TrainArgs
 from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
@@ -135,6 +135,7 @@ def validate_recipe(recipe: Recipe) -> None:
     data, yarn, pose, train = recipe.data, recipe.yarn, recipe.pose, recipe.train
     if data.seq_len < 2:
         raise RecipeError(f"data.seq_len={data.seq_len} is too short; use at least 2 tokens")
+    check_mix(data)  # source names, weights, and training templates that must not collide with evaluation ones
     if yarn.factor < 1.0:
         raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
     if yarn.original_max_position_embeddings:
