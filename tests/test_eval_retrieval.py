@@ -100,7 +100,7 @@ class Oracle(torch.nn.Module):
 @pytest.mark.parametrize("newline_first", [False, True])
 def test_oracle_scores_perfectly_and_a_format_failure_keeps_teacher_forced_accuracy(tokenizer, haystack,
                                                                                     newline_first):
-    builder, options = Builder(tokenizer), TaskOptions(batch=2)
+    builder, options = Builder(tokenizer), TaskOptions(batch_tokens=1000)  # batches of 1-3
     lengths, depths, trials = [300, 600], [0.0, 1.0], 3
     for task in TASKS:  # the oracle is given the prompts the grid will build (same seeds)
         samples = []

@@ -45,6 +45,8 @@ def add_arguments(parser) -> None:
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
+            p.add_argument("--sdpa-kernel", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"],
+                           help="attention kernel tried first (cudnn is the fastest prefill on an H200; auto: torch's)")
         if task == "retrieval":
             p.epilog = ("examples:\n  yarnkit eval retrieval runs/e2e/run --haystack books/test --tasks niah,chat\n"
                         "  yarnkit eval retrieval smollm2-135m --rope-type yarn --factor 8 --lengths 2048,65536 "
@@ -81,9 +83,12 @@ def add_arguments(parser) -> None:
             p.add_argument("--templates", default=",".join(defaults.templates),
                            help="evaluation templates that take turns in niah, multikey and chat (default "
                                 f"{','.join(defaults.templates)}; all: magic,archive,passkey)")
-            for name in ("distractors", "values", "queries", "hops", "batch"):
+            for name in ("distractors", "values", "queries", "hops"):
                 p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-            p.add_argument("--max-new-tokens", type=int, default=0, help="0: the task's own (12 per value, 40 chat)")
+            p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens,
+                           help="prompt tokens per forward (default 655360: ten 64k prompts at once)")
+            p.add_argument("--max-new-tokens", type=int, default=0,
+                           help="0: the task's own (12 for one value, 9 per value, 40 for chat)")
             p.add_argument("--beyond-context", action="store_true",
                            help="evaluate lengths above the model's context instead of refusing them")
         if task == "stream":
@@ -126,6 +131,10 @@ def load_for_eval(args):
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     location = resolve_model(args.model)
     model, tokenizer = load_model(location, dtype=dtype, device=device)
+    if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
+        from yarnkit.train.speed import use_sdpa_kernel
+
+        use_sdpa_kernel(args.sdpa_kernel)
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
     if args.rope_type:
         try:
@@ -269,7 +278,7 @@ def run_retrieval(args) -> list[dict]:
                          f"skip it with --max-length {context}, scale the model (--rope-type yarn --factor S), or "
                          "pass --beyond-context to measure it anyway")
     options = TaskOptions(templates=tuple(args.templates.split(",")), distractors=args.distractors,
-                          values=args.values, queries=args.queries, hops=args.hops, batch=args.batch,
+                          values=args.values, queries=args.queries, hops=args.hops, batch_tokens=args.batch_tokens,
                           max_new_tokens=args.max_new_tokens)
     settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out")}
     results = []

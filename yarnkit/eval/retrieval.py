@@ -14,8 +14,9 @@ evaluation-only words (yarnkit/needles.py); a value or chain variable that occur
 again. Each cell draws from its own seeded generator, so every model sees the same prompts.
 
 Scoring, both per trial and from one forward pass over prompt + reference answer:
-- `correct` (exact match of the generated answer): greedy decoding; for one-answer tasks the first number of the
-  answer must be the value; for several answers, the share of expected values that appear as whole words.
+- `correct` (exact match of the generated answer): greedy decoding (a completion stops at a line break after
+  text, or a blank line for the list tasks); for one-answer tasks the first number of the answer must be the
+  value; for several answers, the share of expected values that appear as whole words.
 - `tf_correct` (teacher forcing): every token of every expected value is the argmax given the reference before it
   (for `chat` after the template's answer prefix). High teacher-forced accuracy with low exact match is a format
   failure; both low is a retrieval failure.
@@ -49,8 +50,8 @@ class TaskOptions:
     values: int = 4
     queries: int = 4
     hops: int = 4
-    max_new_tokens: int = 0  # 0 = the task's own (12 per value, 40 for chat)
-    batch: int = 4  # trials of a cell scored in one forward
+    max_new_tokens: int = 0  # 0 = the task's own (12 for one value, 9 per value, 6 per chain name, 40 for chat)
+    batch_tokens: int = 655_360  # prompt tokens scored in one forward (64k prompts: 10 at a time)
 
 
 @dataclass
@@ -234,7 +235,8 @@ def score_batch(model, tokenizer, samples: list[Sample], max_new_tokens: int, si
                 continue
             generated[row].append(token)
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            if (single and COMPLETE_INTEGER.search(text)) or (samples[row].plain and "\n" in text and text.strip()):
+            ended = "\n" in text.strip() if single else "\n\n" in text.strip()  # a list may go one per line
+            if (single and COMPLETE_INTEGER.search(text)) or (samples[row].plain and ended):
                 done[row] = True
         if all(done):
             break
@@ -250,7 +252,9 @@ def score_batch(model, tokenizer, samples: list[Sample], max_new_tokens: int, si
 def evaluate_retrieval(model, tokenizer, haystack: Haystack, task: str, lengths: list[int], depths: list[float],
                        trials: int, seed: int = 0, options: TaskOptions | None = None,
                        max_length: int | None = None) -> dict:
-    """The task's grid: `cells` (length, depth, accuracy, tf_accuracy, trials), `skipped`, and summaries."""
+    """The task's grid: `cells` (length, depth, accuracy, tf_accuracy, trials), `skipped`, and summaries. All
+    prompts of one length (every depth, every trial) have that length, so they are scored together in batches of
+    up to `options.batch_tokens / length` prompts (halved on running out of GPU memory)."""
     options = options or TaskOptions()
     builder = Builder(tokenizer)
     for depth in depths:
@@ -260,36 +264,51 @@ def evaluate_retrieval(model, tokenizer, haystack: Haystack, task: str, lengths:
     if scored:
         haystack.require(max(scored), f"length {max(scored):,}")
     single = task in SINGLE_ANSWER
-    new_tokens = options.max_new_tokens or (40 if task == "chat" else
-                                            12 * (options.hops + 1 if task == "vt" else
-                                                  options.values if task == "multivalue" else
-                                                  options.queries if task == "multiquery" else 1))
+    per_value = {"vt": 6 * (options.hops + 1), "multivalue": 9 * options.values, "multiquery": 9 * options.queries}
+    new_tokens = options.max_new_tokens or (40 if task == "chat" else per_value.get(task, 8) + 4)
     templates = ("vt",) if task == "vt" else options.templates
     cells, skipped = [], []
-    grid = [(length, depth) for length in lengths for depth in depths]
-    for cell_index, (length, depth) in enumerate(tqdm(grid, desc=f"{task} grid")):
+    for length in tqdm(lengths, desc=f"{task} lengths"):
         if max_length is not None and length > max_length:
-            skipped.append({"length": length, "depth": depth, "reason": f"length {length} > --max-length {max_length}"})
+            skipped += [{"length": length, "depth": d, "reason": f"length {length} > --max-length {max_length}"}
+                        for d in depths]
             continue
-        rng = random.Random(f"{seed}:{task}:{length}:{depth}")
-        started = time.perf_counter()
-        samples = [build_sample(task, builder, haystack, length, depth, rng, cell_index + t, options,
-                                templates[t % len(templates)]) for t in range(trials)]
+        started, samples = time.perf_counter(), []
+        for index, depth in enumerate(depths):
+            rng = random.Random(f"{seed}:{task}:{length}:{depth}")
+            cell = lengths.index(length) * len(depths) + index
+            samples += [(depth, build_sample(task, builder, haystack, length, depth, rng, cell + t, options,
+                                             templates[t % len(templates)])) for t in range(trials)]
+        results = _score_all(model, tokenizer, [s for _, s in samples], new_tokens, single,
+                             max(1, options.batch_tokens // length))
+        if results is None:
+            skipped += [{"length": length, "depth": d, "reason": f"out of GPU memory at length {length}"}
+                        for d in depths]
+            continue
+        seconds = round((time.perf_counter() - started) / len(depths), 3)
+        for depth in depths:
+            records = [{"template": s.template, "expected": s.expected, **s.record, "needle_depths": s.needle_depths,
+                        "prompt_tokens": len(s.prompt_ids), **r} for (d, s), r in zip(samples, results) if d == depth]
+            cells.append({"length": length, "depth": depth, "accuracy": _mean(r["score"] for r in records),
+                          "tf_accuracy": _mean(r["tf_score"] for r in records), "trials": records,
+                          "seconds": seconds})
+    return {"retrieval_task": task, "cells": cells, "skipped": skipped, **summarise(cells)}
+
+
+def _score_all(model, tokenizer, samples: list[Sample], new_tokens: int, single: bool, batch: int):
+    """`score_batch` over `samples` in batches of `batch`, halving the batch when GPU memory runs out; None if even
+    one prompt does not fit."""
+    results, first = [], 0
+    while first < len(samples):
         try:
-            results = []
-            for first in range(0, trials, options.batch):
-                chunk = samples[first: first + options.batch]
-                results += score_batch(model, tokenizer, chunk, new_tokens, single)
+            results += score_batch(model, tokenizer, samples[first: first + batch], new_tokens, single)
+            first += batch
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            skipped.append({"length": length, "depth": depth, "reason": f"out of GPU memory at length {length}"})
-            continue
-        records = [{"template": s.template, "expected": s.expected, **s.record, "needle_depths": s.needle_depths,
-                    "prompt_tokens": len(s.prompt_ids), **r} for s, r in zip(samples, results)]
-        cells.append({"length": length, "depth": depth, "accuracy": _mean(r["score"] for r in records),
-                      "tf_accuracy": _mean(r["tf_score"] for r in records), "trials": records,
-                      "seconds": round(time.perf_counter() - started, 3)})
-    return {"retrieval_task": task, "cells": cells, "skipped": skipped, **summarise(cells)}
+            if batch == 1:
+                return None
+            batch = max(1, batch // 2)
+    return results
 
 
 def _mean(values) -> float | None:

@@ -30,7 +30,7 @@ VALUE_FORMATS = (("seven", 0.5), ("digits", 0.2), ("grouped", 0.1), ("code", 0.1
 
 @dataclass
 class SyntheticArgs:
-    facts: int = 16  # facts per 8k tokens of row (scaled with the row's length; each row draws 0.5x to 1.5x)
+    facts: int = 16  # facts per 8k tokens of row (scaled with the row's length, at least 2; each row 0.5x-1.5x)
     questions: int = 8  # questions per row (at most one per fact)
     interleave: float = 0.4  # share of plain rows whose questions sit in the text after their facts
     multi: float = 0.2  # share of questions that ask for several values (of one key, or of several keys)
@@ -114,7 +114,7 @@ class RowMaker:
         """Facts [(key, attribute, value, text)] and questions [(question, answer, fact indices)]."""
         attributes = rng.sample(self.attributes, rng.randint(1, 3))
         kind = rng.choices([k for k, _ in VALUE_FORMATS], [w for _, w in VALUE_FORMATS])[0]
-        count = max(2, round(self.args.facts * max(1.0, length / 8192) * rng.uniform(0.5, 1.5)))
+        count = max(2, round(self.args.facts * length / 8192 * rng.uniform(0.5, 1.5)))
         one_frame = rng.choice(self.facts) if rng.random() < 0.5 else None
         keys, facts = [], []
         while len(facts) < count:
