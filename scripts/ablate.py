@@ -83,7 +83,7 @@ def variant_row(out: Path, name: str) -> dict | None:
 def markdown(rows: list[dict]) -> str:
     ppl_lengths = sorted({n for r in rows for n in r["ppl"]})
     task_lengths = sorted({n for r in rows for n in r["niah"]["by_length"]})
-    k = lambda n: f"{int(n) // 1024}k"  # noqa: E731
+    k = lambda n: f"{int(n) // 1024}k" if int(n) % 1024 == 0 else str(n)  # noqa: E731
     header = ["variant", *[f"ppl {k(n)}" for n in ppl_lengths], *[f"niah {k(n)}" for n in task_lengths],
               *[f"multi-key {k(n)}" for n in task_lengths], "score", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
