@@ -59,7 +59,7 @@ def e2e_command(args, name: str) -> list[str]:
             "--retrieval-tasks", "niah,multikey", "--docs", str(args.docs), "--sdpa-kernel", args.sdpa_kernel,
             *(["--train-data", args.train_data] if args.train_data else []), *(["--smoke"] if args.smoke else []),
             "--", *VARIANTS[name], f"train.max_steps={args.steps}", f"optim.warmup_steps={max(1, args.steps // 10)}",
-            "checkpoint.every=0"]
+            "checkpoint.every=0", *args.extra]
 
 
 def variant_row(out: Path, name: str) -> dict | None:
@@ -113,8 +113,10 @@ def run(args) -> int:
         raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     started, running = time.perf_counter(), []
     pending = [n for n in names if variant_row(out, n) is None]
-    if pending:
+    if pending or args.prepare_only:
         prepare_data(args)
+    if args.prepare_only:
+        return 0
     while pending or running:
         while pending and len(running) < args.parallel and time.perf_counter() - started < args.budget_s:
             name = pending.pop(0)
@@ -160,6 +162,8 @@ def parse(argv=None):
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
     parser.add_argument("--sdpa-kernel", default="auto")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke: tiny recipe and lengths, 2 steps")
+    parser.add_argument("--prepare-only", action="store_true", help="only tokenise and cache the training data")
+    parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides for every variant")
     args = parser.parse_args(argv)
     if args.smoke:
         args.recipe, args.steps, args.lengths, args.retrieval_lengths = "tiny", 2, "256,512", "256,512"

@@ -115,15 +115,16 @@ def evaluate(args, out: Path, books: str, models: list[tuple[str, str, list[str]
         limit = ["--max-length", str(args.native)] if native_only and max(lengths) > args.native else []
         groups = [([t for t in tasks if t in TARGET_TASKS], args.trials), ([t for t in tasks if t not in TARGET_TASKS],
                                                                             args.side_trials)]
+        depths = args.depths
         if baseline:
-            groups = [(tasks, args.side_trials)]
+            groups, depths = [(tasks, args.side_trials)], args.baseline_depths or args.depths
         for group, trials in groups:
             missing = [t for t in group if args.fresh or not _result(out, t, label)]
             if not missing:
                 continue
             _stamp(f"retrieval {','.join(missing)}: {label}")
             yarnkit(["eval", "retrieval", model, "--haystack", books, "--tasks", ",".join(missing), "--lengths",
-                     args.retrieval_lengths, "--depths", args.depths, "--trials", str(trials), *limit, *kernel, *extra,
+                     args.retrieval_lengths, "--depths", depths, "--trials", str(trials), *limit, *kernel, *extra,
                      "--max-new-tokens", str(args.max_new_tokens),
                      "--label", label, "--out", str(out / "eval")])
 
@@ -263,6 +264,7 @@ def parse(argv=None):
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--trials", type=int, default=4, help="keys per cell: niah, multikey, chat of the fine-tuned")
     parser.add_argument("--side-trials", type=int, default=1, help="keys per cell: other tasks, and the baselines")
+    parser.add_argument("--baseline-depths", help="depths of the baselines' retrieval tasks (default: --depths)")
     parser.add_argument("--retrieval-tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks to run")
     parser.add_argument("--sdpa-kernel", default="auto", help="evaluation attention kernel (cudnn is fastest on "
                         "an H200; auto: torch's choice)")
