@@ -45,7 +45,7 @@ from yarnkit.eval.targets import context_targets, targets_markdown
 from yarnkit.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("train", "baselines", "eval", "export", "stream")
+STAGES = ("train", "baselines", "eval", "export", "stream", "report")  # report: only rewrite summary and tables
 TARGET_TASKS = ("niah", "multikey", "chat")  # the tasks with targets: --trials keys per cell
 
 
@@ -168,8 +168,9 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    summary.update(date=time.strftime("%Y-%m-%d"), recipe=args.recipe, overrides=args.overrides,
-                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), gpus=gpu_count(), device=_device())
+    if stages != ["report"]:  # a report keeps the run's own date, command and device
+        summary.update(date=time.strftime("%Y-%m-%d"), recipe=args.recipe, overrides=args.overrides,
+                       command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), gpus=gpu_count(), device=_device())
     label, factor = args.label, recipe_factor(args)
     tuned = f"yarn x{factor:g} fine-tuned"
     with tempfile.TemporaryDirectory() as links:
@@ -184,13 +185,16 @@ def run(args) -> int:
         if "train" in stages:
             _stamp(f"train: recipe {args.recipe}")
             summary["train"] = train(args, out)
+            write_summary(args, out, summary, tuned)
         if overlap:
             if child.wait():
                 raise SystemExit(f"the baseline evaluation failed (exit code {child.returncode})")
         elif "baselines" in stages:
             evaluate(args, out, books, baselines)
+        write_summary(args, out, summary, tuned)
         if "eval" in stages:
             evaluate(args, out, books, [(f"{label} {tuned}", str(out / "run"), [], False)])
+            write_summary(args, out, summary, tuned)
         if "export" in stages:
             _stamp("export: HF (verified) + GGUF")
             summary["export_seconds"] = export(args, out)
@@ -208,8 +212,27 @@ def run(args) -> int:
     ppl_files = sorted(str(path) for path in (out / "eval").glob("ppl-*.json"))
     if ppl_files:
         yarnkit(["eval", "plot", *ppl_files, "--out", str(out / "eval" / "ppl-compare.png")])
-    summary["seconds"] = round(time.perf_counter() - STARTED, 1)
-    roles = {"base": f"{label} base", "tuned": f"{label} {tuned}"}
+    if stages != ["report"]:
+        summary["seconds"] = round(time.perf_counter() - STARTED, 1)
+    write_summary(args, out, summary, tuned)
+    print(json.dumps({key: summary.get(key) for key in ("train", "export_seconds", "export_checks", "stream",
+                                                          "seconds")}, indent=1))
+    for target in summary["targets"]:
+        print(f"{'met' if target['met'] else 'NOT met' if target['met'] is False else '-':8s} {target['target']}: "
+              f"{target['measured'] or '-'}")
+    return 0
+
+
+def write_summary(args, out: Path, summary: dict, tuned: str) -> None:
+    """summary.json (with the targets measured so far) and results.md, rewritten after every stage: a run cut
+    short still leaves what it measured."""
+    if "train" not in summary and _steps(out / "run" / "metrics.jsonl"):  # trained by an earlier invocation
+        steps = _steps(out / "run" / "metrics.jsonl")
+        summary["train"] = {"steps": len(steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+                            "tokens_per_s": _mean_after_warmup(steps, "tokens_per_s"),
+                            "step_seconds_sum": round(sum(m.get("step_seconds", 0) for m in steps), 1),
+                            "peak_memory_gb": max(m.get("peak_memory_gb") or 0 for m in steps)}
+    roles = {"base": f"{args.label} base", "tuned": f"{args.label} {tuned}"}
     results = {(task, role): _result(out, task, name) for task in ("ppl", *RETRIEVAL_TASKS)
                for role, name in roles.items()}
     summary["targets"] = context_targets(results, [int(n) for n in args.retrieval_lengths.split(",")],
@@ -219,12 +242,6 @@ def run(args) -> int:
     files = sorted(str(p) for p in (out / "eval").glob("*.json"))
     tables = markdown_report(load_results(files)) if files else ""
     (out / "results.md").write_text(tables + "\n" + targets_markdown(summary["targets"]))
-    print(json.dumps({key: summary.get(key) for key in ("train", "export_seconds", "export_checks", "stream",
-                                                          "seconds")}, indent=1))
-    for target in summary["targets"]:
-        print(f"{'met' if target['met'] else 'NOT met' if target['met'] is False else '-':8s} {target['target']}: "
-              f"{target['measured'] or '-'}")
-    return 0
 
 
 def _with_stages(argv: list[str], stages: str = "baselines") -> list[str]:

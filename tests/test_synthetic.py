@@ -75,7 +75,7 @@ def test_rows_are_deterministic_and_never_use_evaluation_wording(maker, tokenize
 
 def test_a_row_too_short_for_its_facts_fails_clearly(tokenizer, book):
     with pytest.raises(DataError, match="raise data.seq_len or lower data.synthetic.facts"):
-        RowMaker(tokenizer, SyntheticArgs(facts=40)).make(book, random.Random(0), 300)
+        RowMaker(tokenizer, SyntheticArgs(facts=2000)).make(book, random.Random(0), 300)  # ~70 facts
 
 
 @pytest.fixture(scope="module")
