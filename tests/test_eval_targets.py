@@ -1,4 +1,6 @@
-"""Issue 13's targets read from result dicts (yarnkit/eval/targets.py). Run: python -m pytest tests/test_eval_targets.py"""
+"""Issue 13's targets read from result dicts (yarnkit/eval/targets.py).
+Run: python -m pytest tests/test_eval_targets.py
+"""
 
 from yarnkit.eval.targets import context_targets, targets_markdown
 

@@ -15,6 +15,7 @@ Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -34,7 +35,7 @@ def _floats(text: str) -> list[float]:
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     for task in ("ppl", "passkey", "needle", "stream", "retrieval"):
-        p = sub.add_parser(task, help=f"run the {task} evaluation")
+        p = sub.add_parser(task, help=f"run the {task} evaluation", formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("model", help="model name/dir/.gguf, or a training run directory")
         p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
         p.add_argument("--label", help="name in plots and tables (default: model + rope setting)")

@@ -5,8 +5,9 @@ it) and joins them, each book starting on a new line, into one stream; trial win
 and run on into the next books when one is too short (the stream wraps around). Needles are token pieces placed by
 `place_needles`: a needle at depth d goes after the sentence end (a token ending in . ! ? or holding a blank line)
 nearest to `round(d x window)` within `yarnkit.needles.SNAP` tokens, else exactly there; depth 0 is the window's
-first token and 1 its end. The placed depths are returned, so results record where each needle really sat. A stream shorter than a
-requested window is a `RetrievalError` naming the tokens needed and available. Tests: tests/test_eval_retrieval.py.
+first token and 1 its end. The placed depths are returned, so results record where each needle really sat. A
+stream shorter than a requested window is a `RetrievalError` naming the tokens needed and available.
+Tests: tests/test_eval_retrieval.py.
 """
 
 from __future__ import annotations

@@ -300,6 +300,7 @@ class MixedData:
     def row(self, k: int, order: SampleOrder, chunks: int) -> np.ndarray:
         """Sample k as `chunks` consecutive chunks of its source (a synthetic row built on book chunks)."""
         source = self.source(k)
+        # code chunks are spread by a fixed prime stride (their own order); book chunks follow `order`
         table, first = (self.code, k * 7919) if source == "code" else (self.books, order[k])
         ids = table[[(first + i) % len(table) for i in range(chunks)]]["input_ids"]
         tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
@@ -314,9 +315,10 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
     Returns `input_ids` [size, seq_len] (a mix's long micro-batch: [1, size x seq_len]), `position_ids` and
-    `attention_mask` (or None), and `samples` (global sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink at position 0 and skips
-    positions only among the text tokens after it. PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
-    position ids as the start of a packed document and would block attention across the skip."""
+    `attention_mask` (or None), and `samples` (global sample numbers). With `sink_first` (rows start with a sink
+    token), PoSE keeps the sink at position 0 and skips positions only among the text tokens after it. PoSE
+    batches carry an all-ones attention mask: without one, transformers reads a jump in position ids as the start
+    of a packed document and would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
     batch = {"samples": samples, "position_ids": None, "attention_mask": None}
     if isinstance(dataset, MixedData):
