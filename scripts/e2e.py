@@ -3,14 +3,16 @@
 One command does the whole sequence and writes everything under OUT:
 
     OUT/run/                    the training run (recipe.yaml, metrics.jsonl, checkpoints/)
-    OUT/eval/                   ppl-*.json|png and passkey-*.json|png for every model, ppl-compare.png
+    OUT/eval/                   for every model (base, dynamic NTK xS, zero-shot YaRN xS, fine-tuned): ppl-*.json|png
+                                and the retrieval tasks niah-, multikey-, multivalue-, multiquery-, vt-, chat-*.json|png
+                                (issue 13: RULER-style, book haystacks); ppl-compare.png
     OUT/export/                 the HF export (verified in a fresh process) and model.gguf
     OUT/eval/stream-*.json|png  the exported model streamed through the runtime (sinks + rolling cache)
-    OUT/summary.json            timings, training throughput, the targets and whether each was met
+    OUT/summary.json            timings, training throughput, `targets` (each with its measured value, met or not)
     OUT/results.md              the tables (`yarnkit eval report`) and the targets
 
 GPU (1 to 4 GPUs; training is data-parallel (DDP) over `--gpus` GPUs, default all visible, keeping the recipe's
-global batch: micro-batch / N per GPU, the same samples per step and the same targets as on one GPU; about 9
+global batch: micro-batch / N per GPU, the same samples per step and the same targets as on one GPU; about 7
 minutes on one H200):
     python scripts/e2e.py --train-data '/data/books/train_*.txt.gz' --books /data/books --out runs/e2e
 Scaling (issue 20): train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
@@ -20,10 +22,14 @@ speed-up and efficiency (throughput and wall time) against the reference:
     python scripts/e2e.py --gpus 4 --serial --reference runs/e2e-1gpu/summary.json --out runs/e2e-4gpu --train-data ...
 CPU smoke of the same path (the `tiny` recipe, tiny lengths; CI runs it, a few minutes):
     python scripts/e2e.py --smoke --out /tmp/e2e
-On a GPU the baselines (base, dynamic NTK x8, YaRN x8 zero-shot) are evaluated in a second process while the
-model trains. Stages can be picked (`--stages train,eval` skips the baselines); extra `key=value`
-arguments after `--` override the recipe (e.g. `-- train.max_steps=100`). Nothing here asserts numbers: the
-targets are checked and reported, met or not (docs/results.md).
+On a GPU the baselines are evaluated in a second process while the model trains. Stages can be picked
+(`--stages train,eval` skips the baselines); extra `key=value` arguments after `--` override the recipe (e.g.
+`-- train.max_steps=100`). Resumable: run the same command again and training continues from its last checkpoint
+(or is skipped once finished) and evaluations whose result JSON exists are kept (`--fresh` redoes them). The
+fine-tuned model gets `--trials` keys per cell for niah, multikey and chat and `--side-trials` for the other
+tasks; the baselines get `--side-trials` for every task, and the unscaled model stops at its native context.
+Nothing here asserts numbers: the targets are checked and reported, met or not (docs/results.md).
+Run from a checkout with yarnkit installed (`pip install -e .`) or on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -38,15 +44,19 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as _yarnkit_cli
+from yarnkit.eval.baselines import baseline_configs, selected_books
 from yarnkit.eval.cli import result_path
 from yarnkit.eval.report import load_results, markdown_report
+from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
+from yarnkit.eval.targets import context_targets, targets_markdown
 from yarnkit.recipes import accelerate_config
-from yarnkit.train.metrics import read_metrics, scaling
-from eval_baselines import CONFIGS as BASELINES, selected_books  # scripts/eval_baselines.py
+from yarnkit.train.checkpoint import latest_checkpoint
+from yarnkit.train.metrics import METRICS_FILE, read_metrics, scaling
+from yarnkit.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-STAGES = ("train", "baselines", "eval", "export", "stream")
+STAGES = ("train", "baselines", "eval", "export", "stream", "report")  # report: only rewrite summary and tables
+TARGET_TASKS = ("niah", "multikey", "chat")  # the tasks with targets: --trials keys per cell
 
 
 def yarnkit(argv: list[str]) -> None:
@@ -71,8 +81,6 @@ def train_gpus(args) -> int:
 
 def same_global_batch(args, gpus: int) -> list[str]:
     """Overrides that keep the recipe's chunks per optimizer step on `gpus` processes (micro-batch / gpus)."""
-    from yarnkit.train.recipe import load_recipe
-
     if gpus <= 1:
         return []
     recipe = load_recipe([f"recipe={args.recipe}", *args.overrides]).train
@@ -81,7 +89,8 @@ def same_global_batch(args, gpus: int) -> list[str]:
 
 
 def train(args, out: Path) -> dict:
-    """`accelerate launch scripts/train.py` over `--gpus` GPUs (DDP when several), or one CPU process."""
+    """`accelerate launch scripts/train.py` over `--gpus` GPUs (DDP when several), or one CPU process; a run
+    that already reached its last step is not launched again."""
     gpus = train_gpus(args)
     config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -89,11 +98,16 @@ def train(args, out: Path) -> dict:
                str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
                *([f"data.source={args.train_data}"] if args.train_data else []), *same_global_batch(args, gpus),
                *args.overrides]
-    print("+", " ".join(command), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
-    metrics = read_metrics(out / "run")
-    steps = [m for m in metrics if "loss" in m]
+    run_dir = out / "run"
+    steps_wanted = load_recipe([f"recipe={args.recipe}", *args.overrides]).train.max_steps
+    done = _steps(run_dir)
+    if not (done and done[-1]["step"] >= steps_wanted and latest_checkpoint(run_dir) is not None):
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    else:
+        _stamp(f"train: {run_dir} already reached step {steps_wanted}; kept")
+    steps = _steps(run_dir)
     return {"seconds": round(time.perf_counter() - started, 1), "gpus": gpus, "steps": len(steps),
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
             "tokens_per_s": _mean_after_warmup(steps, "tokens_per_s"),
@@ -102,18 +116,45 @@ def train(args, out: Path) -> dict:
             "peak_memory_gb": max((m.get("peak_memory_gb") or 0 for m in steps), default=None)}
 
 
+def _steps(run_dir: Path) -> list[dict]:
+    """The run's logged optimizer steps (none before its first log line)."""
+    if not (run_dir / METRICS_FILE).is_file():
+        return []
+    return [m for m in read_metrics(run_dir) if "loss" in m]
+
+
 def _mean_after_warmup(steps: list[dict], key: str) -> float | None:
     values = [m[key] for m in steps[1:] if m.get(key)] or [m[key] for m in steps if m.get(key)]
     return round(sum(values) / len(values), 4) if values else None
 
 
-def evaluate(args, out: Path, books: str, models: list[tuple[str, str, list[str]]]) -> None:
-    """`yarnkit eval ppl` and `yarnkit eval passkey` for each (label, model, extra arguments)."""
-    for label, model, extra in models:
-        for task in (["ppl", model, "--data", books, "--lengths", args.lengths, "--docs", args.docs],
-                     ["passkey", model, "--lengths", args.lengths, "--depths", args.depths, "--trials", args.trials]):
-            _stamp(f"{task[0]}: {label}")
-            yarnkit(["eval", *map(str, task), *extra, "--label", label, "--out", str(out / "eval")])
+def evaluate(args, out: Path, books: str, models: list[tuple[str, str, list[str], bool]]) -> None:
+    """For each (label, model, extra arguments, is a baseline): `yarnkit eval ppl` and the retrieval tasks; an
+    evaluation whose result JSON exists is kept unless --fresh."""
+    lengths = [int(n) for n in args.retrieval_lengths.split(",")]
+    tasks = [t for t in args.retrieval_tasks.split(",") if t]
+    for label, model, extra, baseline in models:
+        kernel = ["--sdpa-kernel", args.sdpa_kernel] if args.sdpa_kernel != "auto" else []
+        if args.fresh or not _result(out, "ppl", label):
+            _stamp(f"ppl: {label}")
+            yarnkit(["eval", "ppl", model, "--data", books, "--lengths", args.lengths, "--docs", str(args.docs),
+                     *kernel, *extra, "--label", label, "--out", str(out / "eval")])
+        native_only = extra == [] and baseline  # the unscaled model: its own context only
+        limit = ["--max-length", str(args.native)] if native_only and max(lengths) > args.native else []
+        groups = [([t for t in tasks if t in TARGET_TASKS], args.trials), ([t for t in tasks if t not in TARGET_TASKS],
+                                                                            args.side_trials)]
+        depths = args.depths
+        if baseline:
+            groups, depths = [(tasks, args.side_trials)], args.baseline_depths or args.depths
+        for group, trials in groups:
+            missing = [t for t in group if args.fresh or not _result(out, t, label)]
+            if not missing:
+                continue
+            _stamp(f"retrieval {','.join(missing)}: {label}")
+            yarnkit(["eval", "retrieval", model, "--haystack", books, "--tasks", ",".join(missing), "--lengths",
+                     args.retrieval_lengths, "--depths", depths, "--trials", str(trials), *limit, *kernel, *extra,
+                     "--max-new-tokens", str(args.max_new_tokens),
+                     "--label", label, "--out", str(out / "eval")])
 
 
 def export(args, out: Path) -> float:
@@ -139,36 +180,7 @@ def _result(out: Path, task: str, label: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def ppl_at(result: dict | None, length: int) -> float | None:
-    rows = (result or {}).get("rows") or []
-    return next((row["ppl"] for row in rows if row["length"] == length), None)
-
-
-def check_targets(base_ppl: dict | None, tuned_ppl: dict | None, tuned_passkey: dict | None,
-                  long_length: int, native: int, short_length: int) -> list[dict]:
-    """The issue's three targets for the fine-tuned model, each with the measured values and met/not met."""
-    targets = []
-    cells = (tuned_passkey or {}).get("cells") or []
-    worst = min(cells, key=lambda cell: cell["accuracy"]) if cells else None
-    targets.append({"target": "passkey >= 95% at every length and depth",
-                    "measured": None if worst is None else
-                    f"worst cell {worst['accuracy']:.0%} at {worst['length']} tokens, depth {worst['depth']}",
-                    "met": None if worst is None else all(cell["accuracy"] >= 0.95 for cell in cells)})
-    long_ppl, base_native = ppl_at(tuned_ppl, long_length), ppl_at(base_ppl, native)
-    targets.append({"target": f"ppl at {long_length} <= base ppl at {native}",
-                    "measured": None if None in (long_ppl, base_native) else f"{long_ppl:.2f} vs {base_native:.2f}",
-                    "met": None if None in (long_ppl, base_native) else long_ppl <= base_native})
-    short_ppl, base_short = ppl_at(tuned_ppl, short_length), ppl_at(base_ppl, short_length)
-    targets.append({"target": f"ppl at {short_length} <= 1.03 x base",
-                    "measured": None if None in (short_ppl, base_short) else
-                    f"{short_ppl:.2f} vs {base_short:.2f} ({short_ppl / base_short - 1:+.1%})",
-                    "met": None if None in (short_ppl, base_short) else short_ppl <= 1.03 * base_short})
-    return targets
-
-
 def recipe_factor(args) -> float:
-    from yarnkit.train.recipe import load_recipe
-
     return load_recipe([f"recipe={args.recipe}", *args.overrides]).yarn.factor
 
 
@@ -184,13 +196,14 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    summary.update(date=time.strftime("%Y-%m-%d"), recipe=args.recipe, overrides=args.overrides,
-                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), gpus=gpu_count(), device=_device())
-    label = args.label
-    tuned = f"yarn x{recipe_factor(args):g} fine-tuned"
+    if stages != ["report"]:  # a report keeps the run's own date, command and device
+        summary.update(date=time.strftime("%Y-%m-%d"), recipe=args.recipe, overrides=args.overrides,
+                       command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), gpus=gpu_count(), device=_device())
+    label, factor = args.label, recipe_factor(args)
+    tuned = f"yarn x{factor:g} fine-tuned"
     with tempfile.TemporaryDirectory() as links:
         books = str(selected_books(Path(args.books), args.pattern, Path(links)))
-        baselines = [(f"{label} {suffix}", args.model, extra) for suffix, extra in BASELINES]
+        baselines = [(f"{label} {suffix}", args.model, extra, True) for suffix, extra, _ in baseline_configs(factor)]
         if stages == ["baselines"]:  # the child process started below
             evaluate(args, out, books, baselines)
             return 0
@@ -203,13 +216,16 @@ def run(args) -> int:
             if args.reference:
                 one = json.loads(Path(args.reference).read_text())["train"]
                 summary["train"]["scaling"] = {"reference": args.reference, **scaling(one, summary["train"])}
+            write_summary(args, out, summary, tuned)
         if overlap:
             if child.wait():
                 raise SystemExit(f"the baseline evaluation failed (exit code {child.returncode})")
         elif "baselines" in stages:
             evaluate(args, out, books, baselines)
+        write_summary(args, out, summary, tuned)
         if "eval" in stages:
-            evaluate(args, out, books, [(f"{label} {tuned}", str(out / "run"), [])])
+            evaluate(args, out, books, [(f"{label} {tuned}", str(out / "run"), [], False)])
+            write_summary(args, out, summary, tuned)
         if "export" in stages:
             _stamp("export: HF (verified) + GGUF")
             summary["export_seconds"] = export(args, out)
@@ -227,22 +243,36 @@ def run(args) -> int:
     ppl_files = sorted(str(path) for path in (out / "eval").glob("ppl-*.json"))
     if ppl_files:
         yarnkit(["eval", "plot", *ppl_files, "--out", str(out / "eval" / "ppl-compare.png")])
-    summary["seconds"] = round(time.perf_counter() - STARTED, 1)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    summary["targets"] = check_targets(_result(out, "ppl", f"{label} base"), _result(out, "ppl", f"{label} {tuned}"),
-                                       _result(out, "passkey", f"{label} {tuned}"), max(lengths), args.native,
-                                       min(lengths))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    results = sorted(str(p) for p in (out / "eval").glob("*.json"))
-    tables = markdown_report(load_results(results)) if results else ""
-    (out / "results.md").write_text(tables + "\n| target | measured | met |\n|---|---|---|\n" + "".join(
-        f"| {t['target']} | {t['measured']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |\n"
-        for t in summary["targets"]))
+    if stages != ["report"]:
+        summary["seconds"] = round(time.perf_counter() - STARTED, 1)
+    write_summary(args, out, summary, tuned)
     print(json.dumps({key: summary.get(key) for key in ("train", "export_seconds", "export_checks", "stream",
                                                           "seconds")}, indent=1))
     for target in summary["targets"]:
-        print(f"{target['target']:45s} {target['measured'] or '-':45s} met={target['met']}")
+        print(f"{'met' if target['met'] else 'NOT met' if target['met'] is False else '-':8s} {target['target']}: "
+              f"{target['measured'] or '-'}")
     return 0
+
+
+def write_summary(args, out: Path, summary: dict, tuned: str) -> None:
+    """summary.json (with the targets measured so far) and results.md, rewritten after every stage: a run cut
+    short still leaves what it measured."""
+    if "train" not in summary and _steps(out / "run"):  # trained by an earlier invocation
+        steps = _steps(out / "run")
+        summary["train"] = {"steps": len(steps), "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+                            "tokens_per_s": _mean_after_warmup(steps, "tokens_per_s"),
+                            "step_seconds_sum": round(sum(m.get("step_seconds", 0) for m in steps), 1),
+                            "peak_memory_gb": max(m.get("peak_memory_gb") or 0 for m in steps)}
+    roles = {"base": f"{args.label} base", "tuned": f"{args.label} {tuned}"}
+    results = {(task, role): _result(out, task, name) for task in ("ppl", *RETRIEVAL_TASKS)
+               for role, name in roles.items()}
+    summary["targets"] = context_targets(results, [int(n) for n in args.retrieval_lengths.split(",")],
+                                         [float(d) for d in args.depths.split(",")], args.native,
+                                         [int(n) for n in args.lengths.split(",")])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    files = sorted(str(p) for p in (out / "eval").glob("*.json"))
+    tables = markdown_report(load_results(files)) if files else ""
+    (out / "results.md").write_text(tables + "\n" + targets_markdown(summary["targets"]))
 
 
 def _with_stages(argv: list[str], stages: str = "baselines") -> list[str]:
@@ -259,15 +289,16 @@ def _device() -> str:
     return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
 
 
-SMOKE = {"recipe": "tiny", "lengths": "256,512", "docs": 1, "trials": 1, "depths": "0.5", "native": 256,
-         "stream_tokens": 1024, "verify_tokens": 512, "stream_window": 256, "stream_chunk": 64, "stream_segment": 256}
+SMOKE = {"recipe": "tiny", "lengths": "256,512", "docs": 1, "trials": 1, "side_trials": 1, "depths": "0.5",
+         "native": 256, "retrieval_tasks": "niah,multikey,chat", "max_new_tokens": 4, "stream_tokens": 1024,
+         "verify_tokens": 512, "stream_window": 256, "stream_chunk": 64, "stream_segment": 256}
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides (after --)")
     parser.add_argument("--out", default="runs/e2e")
-    parser.add_argument("--recipe", default="smollm2-yarn-64k-pose")
+    parser.add_argument("--recipe", default="smollm2-yarn-64k-retrieval")
     parser.add_argument("--train-data", help="data.source for training (default: the recipe's)")
     parser.add_argument("--books", default=str(ROOT / "yarnkit" / "assets"), help="evaluation books (PG-19 test)")
     parser.add_argument("--pattern", default="test_*", help="which files of --books to use (default test_*)")
@@ -280,10 +311,18 @@ def parse(argv=None):
     parser.add_argument("--model", default="smollm2-135m", help="the base model (as the recipe's)")
     parser.add_argument("--label", default="SmolLM2-135M")
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--retrieval-lengths", help="lengths of the retrieval tasks (default: --lengths)")
     parser.add_argument("--native", type=int, default=8192, help="the base model's context (for the ppl target)")
     parser.add_argument("--docs", type=int, default=10, help="books per perplexity length")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--trials", type=int, default=4, help="passkeys per (length, depth) cell")
+    parser.add_argument("--trials", type=int, default=4, help="keys per cell: niah, multikey, chat of the fine-tuned")
+    parser.add_argument("--side-trials", type=int, default=1, help="keys per cell: other tasks, and the baselines")
+    parser.add_argument("--baseline-depths", help="depths of the baselines' retrieval tasks (default: --depths)")
+    parser.add_argument("--retrieval-tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks to run")
+    parser.add_argument("--sdpa-kernel", default="auto", help="evaluation attention kernel (cudnn is fastest on "
+                        "an H200; auto: torch's choice)")
+    parser.add_argument("--fresh", action="store_true", help="redo evaluations whose results exist")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="retrieval answers' length (0: each task's)")
     parser.add_argument("--stream-tokens", type=int, default=262144)
     parser.add_argument("--stream-window", type=int, default=32768)
     parser.add_argument("--stream-chunk", type=int, default=1024)
@@ -294,6 +333,8 @@ def parse(argv=None):
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
+    if args.smoke or not args.retrieval_lengths:
+        args.retrieval_lengths = args.lengths
     return args
 
 

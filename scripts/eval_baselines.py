@@ -1,16 +1,18 @@
 """Zero-shot long-context baselines for SmolLM2-135M: no scaling, dynamic NTK x8, YaRN x8 (GPU run for the lead).
 
-For each configuration it runs `yarnkit eval ppl` (PG-19 test books, one window per book per length) and
-`yarnkit eval passkey` (lengths x depths x trials), then writes a merged ppl plot and the markdown tables:
+For each configuration (yarnkit.eval.baselines) it runs `yarnkit eval ppl` (PG-19 test books, one window per
+book per length) and `yarnkit eval passkey` (lengths x depths x trials), then writes a merged ppl plot and the
+markdown tables:
 
     OUT/ppl-<label>.json|png, OUT/passkey-<label>.json|png, OUT/ppl-compare.png, OUT/results.md
 
-GPU command (one H100/H200, bf16; sized to finish in about 8 minutes, see docs/eval.md for the estimate):
+GPU command (one H100/H200, bf16; about 4 minutes, see docs/eval.md):
     python scripts/eval_baselines.py /path/to/books --pattern 'test_*' --out runs/eval-baselines
 CPU smoke run (tiny sizes, a few minutes):
     python scripts/eval_baselines.py yarnkit/assets --pattern 'test_*' --out /tmp/baselines \
         --lengths 256,512 --docs 1 --trials 1 --depths 0.5
-Not a test: nothing here asserts numbers; the JSONs record per-row/cell `seconds` for timing.
+The retrieval tasks of issue 13 run in scripts/e2e.py. Run from a checkout with yarnkit installed
+(`pip install -e .`) or on PYTHONPATH. Not a test: nothing here asserts numbers.
 """
 
 from __future__ import annotations
@@ -22,26 +24,7 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as yarnkit
-
-CONFIGS = [  # (label suffix, extra arguments)
-    ("base", []),
-    ("dynamic-ntk x8", ["--rope-type", "dynamic", "--factor", "8"]),
-    ("yarn x8", ["--rope-type", "yarn", "--factor", "8"]),
-]
-
-
-def selected_books(books: Path, pattern: str, folder: Path) -> Path:
-    """A folder of links to the books matching `pattern` (the shared books folder mixes test and train)."""
-    if books.is_file():
-        return books
-    if not books.is_dir():
-        raise SystemExit(f"no such book file or folder: {books}")
-    matches = sorted(books.glob(pattern))
-    if not matches:
-        raise SystemExit(f"no files match {pattern!r} in {books}")
-    for book in matches:
-        (folder / book.name).symlink_to(book.resolve())
-    return folder
+from yarnkit.eval.baselines import baseline_configs, selected_books
 
 
 def run(args) -> int:
@@ -49,7 +32,7 @@ def run(args) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as links:
         data = selected_books(Path(args.books), args.pattern, Path(links))
-        for suffix, extra in CONFIGS:
+        for suffix, extra, _ in baseline_configs(args.factor):
             label = f"{args.label} {suffix}"
             for command in (["ppl", args.model, "--data", data, "--lengths", args.lengths, "--docs", args.docs],
                             ["passkey", args.model, "--lengths", args.lengths, "--depths", args.depths,
@@ -71,6 +54,7 @@ def parse(argv=None):
     parser.add_argument("--out", default="runs/eval-baselines")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--label", default="SmolLM2-135M")
+    parser.add_argument("--factor", type=float, default=8.0, help="scale of the dynamic NTK and YaRN baselines")
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536")
     parser.add_argument("--docs", type=int, default=10, help="books per length (default 10, as in the YaRN paper)")
     parser.add_argument("--trials", type=int, default=4, help="passkeys per (length, depth) cell (default 4)")

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from yarnkit.train.checkpoint import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
 from yarnkit.train.errors import CheckpointError
@@ -47,16 +49,31 @@ def test_complete_means_a_step_name_model_and_trainer_state(run):
     assert latest_checkpoint(run) == folder / "step_1000000"
 
 
-def test_every_entry_point_picks_the_same_checkpoint(run):
-    from yarnkit.eval.cli import resolve_model
-    from yarnkit.export.source import newest_checkpoint
-    from yarnkit.runtime.conversation import resolve_checkpoint
+class Opened(Exception):
+    """Raised by the stand-in loader once it has seen which folder an entry point opens."""
+
+
+def test_every_entry_point_picks_the_same_checkpoint(run, monkeypatch):
+    from yarnkit.eval.cli import load_for_eval
+    from yarnkit.export.source import find_export_source
+    from yarnkit.runtime.conversation import load_chat_model
     from yarnkit.train.trainer import _resume_point
 
+    def loader(location, **options):
+        raise Opened(location)
+
+    monkeypatch.setattr("yarnkit.models.load_model", loader)
     newest = run / "checkpoints" / "step_1000000"
+    save_file({"weight": torch.zeros(1)}, str(newest / "model" / "model.safetensors"))  # export reads its header
     assert _resume_point(SimpleNamespace(resume="auto"), run) == newest
-    assert newest_checkpoint(run) == newest
-    assert resolve_model(str(run)) == resolve_checkpoint(str(run)) == model_location(str(run)) == str(newest / "model")
+    assert find_export_source(run).model_dir == newest / "model"
+    opened = []
+    for open_model in (lambda: load_chat_model(str(run)),
+                       lambda: load_for_eval(SimpleNamespace(model=str(run), device="cpu", dtype="float32"))):
+        with pytest.raises(Opened) as seen:
+            open_model()
+        opened.append(str(seen.value))
+    assert opened == [str(newest / "model")] * 2 == [model_location(str(run))] * 2
 
 
 def test_paths_that_are_not_runs(run, tmp_path):
@@ -68,13 +85,13 @@ def test_paths_that_are_not_runs(run, tmp_path):
 
 
 def test_a_run_without_a_complete_checkpoint_names_the_fix(tmp_path):
-    from yarnkit.export.source import ExportError, newest_checkpoint
+    from yarnkit.export.source import find_export_source
 
     fake_checkpoint(tmp_path / "run", "step_000100", trainer_state=False)
     with pytest.raises(CheckpointError, match="without a finished checkpoint: no complete .*train until the first"):
         model_location(str(tmp_path / "run"))
-    with pytest.raises(ExportError, match="without a finished checkpoint"):
-        newest_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="without a finished checkpoint"):
+        find_export_source(tmp_path / "run")
 
 
 def test_lora_adapters_are_refused_by_model_loaders(tmp_path):

@@ -2,6 +2,7 @@
 Run: python -m pytest tests/test_eval_cli.py -q
 """
 
+import argparse
 import json
 import shutil
 
@@ -103,14 +104,15 @@ def test_rope_scaling_options_patch_the_loaded_model(model_dir, tmp_path):
 
 
 def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
-    from yarnkit.eval.cli import resolve_model
+    from yarnkit.eval.cli import load_for_eval
 
     for step in ("step_000100", "step_000200"):
         shutil.copytree(model_dir, tmp_path / "run" / "checkpoints" / step / "model")
         (tmp_path / "run" / "checkpoints" / step / "state").mkdir()
         (tmp_path / "run" / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
-    assert resolve_model(str(tmp_path / "run")).endswith("step_000200/model")
-    assert resolve_model("smollm2-135m") == "smollm2-135m"
+    args = argparse.Namespace(model=str(tmp_path / "run"), device="cpu", dtype="float32", rope_type=None, label=None)
+    _, _, meta = load_for_eval(args)
+    assert meta["model"].endswith("step_000200/model")
 
 
 def test_bad_arguments_fail_clearly(model_dir, tmp_path, capsys):

@@ -195,8 +195,10 @@ def test_newest_complete_checkpoint_is_chosen(small_run):
 
 
 def test_run_without_a_finished_checkpoint(tmp_path):
+    from yarnkit.train.errors import CheckpointError
+
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ExportError, match="without a finished checkpoint"):
+    with pytest.raises(CheckpointError, match="without a finished checkpoint"):
         find_export_source(tmp_path / "run")
 
 

@@ -146,12 +146,7 @@ def test_no_script_edits_sys_path(script):
                     and node.value.id == "sys"), f"{script.name}:{node.lineno} touches sys.path"
 
 
-PENDING = pytest.mark.xfail(strict=True, reason="issue 17.4: eval_baselines' configurations move into yarnkit/eval "
-                                                "(the retrieval helper's part); drop this mark then")
-
-
-@pytest.mark.parametrize("script", [pytest.param(s, marks=PENDING) if s.name == "e2e.py" else s for s in SCRIPTS],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_no_script_imports_another_script(script):
     others = {s.stem for s in SCRIPTS} - {script.stem}
     assert not imports_of(script) & others, f"{script.name} imports {sorted(imports_of(script) & others)}"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from yarnkit.runtime.conversation import Conversation, resolve_checkpoint
+from yarnkit.runtime.conversation import Conversation
 from yarnkit.runtime.engine import StreamOptions
 
 
@@ -131,19 +131,6 @@ def test_no_chat_template_falls_back_with_warning(model, tokenizer, caplog):
     assert "no chat template" in caplog.text
     collect(chat, [{"role": "user", "content": "hi"}], max_new_tokens=2)
     assert chat.fed_text.startswith("User: hi\nAssistant:")
-
-
-def test_run_dir_resolves_to_newest_complete_checkpoint(tmp_path):
-    for step in ("step_000100", "step_000200"):
-        (tmp_path / "checkpoints" / step / "model").mkdir(parents=True)
-        (tmp_path / "checkpoints" / step / "state").mkdir()
-        (tmp_path / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoints" / "step_000300.tmp").mkdir()
-    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_000200" / "model")
-    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no complete"):
-        resolve_checkpoint(str(tmp_path / "empty_run"))
-    assert resolve_checkpoint("smollm2-135m") == "smollm2-135m"
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,8 @@
   yarnkit eval passkey MODEL [--lengths ...] [--depths 0,0.25,...] [--trials N]
   yarnkit eval needle MODEL [--haystack BOOK]        (passkey with real book text as filler)
   yarnkit eval stream MODEL --data BOOKS --policy dense|window|recompute|sink [--window W] [--max-tokens N]
+  yarnkit eval retrieval MODEL --haystack BOOKS [--tasks niah,multikey,multivalue,multiquery,vt,chat]
+                                  (RULER-style tasks: one JSON + PNG per task, e.g. OUT/niah-LABEL.json)
   yarnkit eval plot RESULTS... --out PNG             (several results of one task on one chart)
   yarnkit eval report RESULTS... --markdown          (tables for docs/results.md)
 
@@ -41,9 +43,13 @@ TASKS = {  # task -> (description, example)
     "stream": ("streaming perplexity through a KV-cache policy (dense, window, recompute, sink) over one long token "
                "stream: ppl, latency and memory per segment",
                "yarnkit eval stream smollm2-135m --data books/ --policy sink --window 1024 --max-tokens 65536"),
+    "retrieval": ("RULER-style use of context on book haystacks: niah, multikey, multivalue, multiquery, vt (variable "
+                  "tracking) and chat, scored by exact match and teacher-forced; one JSON + heatmap PNG per task "
+                  "(e.g. OUT/niah-LABEL.json)",
+                  "yarnkit eval retrieval smollm2-135m --rope-type yarn --factor 8 --haystack books/test "
+                  "--tasks niah,multikey --lengths 2048,65536 --depths 0,0.5,1 --trials 2"),
 }
 STREAM_POLICIES = ("dense", "window", "recompute", "sink")
-
 
 def _ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item]
@@ -72,6 +78,8 @@ def add_arguments(parser) -> None:
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
+            p.add_argument("--sdpa-kernel", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"],
+                           help="attention kernel tried first (cudnn is the fastest prefill on an H200; auto: torch's)")
         if task in ("ppl", "stream"):
             p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
             p.add_argument("--field", default="text", help="text field of .jsonl / datasets records")
@@ -94,6 +102,36 @@ def add_arguments(parser) -> None:
             p.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens generated (default 10)")
         if task == "needle":
             p.add_argument("--haystack", help="filler book (default: the bundled eval sample)")
+        if task == "retrieval":
+            from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
+            from yarnkit.eval.retrieval import TaskOptions
+
+            defaults = TaskOptions()
+            p.add_argument("--tasks", default=",".join(RETRIEVAL_TASKS),
+                           help=f"comma list of {', '.join(RETRIEVAL_TASKS)} (default all)")
+            p.add_argument("--haystack", help="a book or a folder of books (default: the bundled eval sample)")
+            p.add_argument("--haystack-books", type=int, default=10, help="books of the folder to use (default 10)")
+            p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536],
+                           help="comma-separated prompt lengths in tokens (default 2048,...,65536)")
+            p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                           help="comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+            p.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell (default 4)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the values and the haystack windows (default 0)")
+            p.add_argument("--templates", default=",".join(defaults.templates),
+                           help="evaluation templates that take turns in niah, multikey and chat (default "
+                                f"{','.join(defaults.templates)}; all: magic,archive,passkey)")
+            for name, what in (("distractors", "multikey: needles of the same form under other keys"),
+                               ("values", "multivalue: values stored under the one key"),
+                               ("queries", "multiquery: keys asked for at once"),
+                               ("hops", "vt: assignments in the variable chain")):
+                p.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
+                               help=f"{what} (default {getattr(defaults, name)})")
+            p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens,
+                           help="prompt tokens per forward (default 655360: ten 64k prompts at once)")
+            p.add_argument("--max-new-tokens", type=int, default=0,
+                           help="0: the task's own (12 for one value, 9 per value, 40 for chat)")
+            p.add_argument("--beyond-context", action="store_true",
+                           help="evaluate lengths above the model's context instead of refusing them")
         if task == "stream":
             p.add_argument("--policy", default="sink", choices=STREAM_POLICIES, help="KV-cache policy (default sink)")
             p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
@@ -112,11 +150,6 @@ def add_arguments(parser) -> None:
     report.add_argument("results", nargs="+", help="result JSONs written by yarnkit eval")
     report.add_argument("--markdown", action="store_true", help="print markdown (the only format; kept explicit)")
     report.add_argument("--output", help="also write the markdown to this file")
-
-
-def resolve_model(name_or_path: str) -> str:
-    """A training run directory resolves to its newest complete checkpoint's model/ (`yarnkit.train.checkpoint`)."""
-    return model_location(name_or_path)
 
 
 def _positive(args, *names: str) -> None:
@@ -161,8 +194,12 @@ def load_for_eval(args):
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
-    location = resolve_model(args.model)
+    location = model_location(args.model)  # a training run: its newest complete checkpoint's model/
     model, tokenizer = load_model(location, dtype=dtype, device=device)
+    if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
+        from yarnkit.train.speed import use_sdpa_kernel
+
+        use_sdpa_kernel(args.sdpa_kernel)
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
     if args.rope_type:
         rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor).describe()
@@ -187,6 +224,7 @@ def save_result(result: dict, out: str) -> Path:
 
 def _plot(results: list[dict], path) -> Path:
     from yarnkit.eval import plots
+    from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
 
     task = results[0]["task"]
     if any(result["task"] != task for result in results):
@@ -199,6 +237,10 @@ def _plot(results: list[dict], path) -> Path:
         return plots.plot_ppl(results, path)
     if task == "stream":
         return plots.plot_stream(results, path)
+    if task in RETRIEVAL_TASKS:
+        if len(results) != 1:
+            raise BadValue("a retrieval heatmap shows one result", "plot them one at a time")
+        return plots.plot_retrieval(results[0], path)
     if len(results) != 1:
         raise BadValue("a passkey/needle heatmap shows one result", "plot them one at a time")
     return plots.plot_passkey(results[0], path)
@@ -211,7 +253,7 @@ def ppl_documents(args) -> tuple[list, list]:
 
     limit = None if args.stride else max(args.lengths)
     documents, empty = tokenize_documents(iter_eval_documents(args.data, args.field, args.split),
-                                          load_tokenizer(resolve_model(args.model)), max_tokens=limit)
+                                          load_tokenizer(model_location(args.model)), max_tokens=limit)
     if not documents:
         raise BadValue(f"--data {args.data} holds no text ({len(empty)} empty document(s))",
                        "point --data at text files, a folder of them, or a .jsonl with --field")
@@ -294,7 +336,80 @@ def _lazy_tokenized(documents, tokenizer, skipped: list):
         yield from kept
 
 
+def model_context(meta: dict) -> int | None:
+    """Tokens the model is meant to handle: a dynamic scaling's factor x original, else max_position_embeddings."""
+    rope = meta.get("rope") or {}
+    if "dynamic" in str(rope.get("rope_type", "")) and rope.get("factor"):
+        return int(rope["factor"] * (rope.get("original_max_position_embeddings") or meta["native_context"]))
+    return meta.get("max_position_embeddings")
+
+
+def check_retrieval_args(args) -> None:
+    from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
+    from yarnkit.eval.retrieval import eval_template
+
+    bad = [depth for depth in args.depths if not 0.0 <= depth <= 1.0]
+    if bad:
+        raise BadValue(f"depth {bad[0]} is outside [0, 1]", "pass depths such as --depths 0,0.25,0.5,0.75,1")
+    unknown = [task for task in args.tasks.split(",") if task not in RETRIEVAL_TASKS]
+    if unknown:
+        raise BadValue(f"unknown task {unknown[0]!r}", f"choose from {', '.join(RETRIEVAL_TASKS)}")
+    for name in args.templates.split(","):
+        try:
+            eval_template(name)
+        except ValueError as error:
+            raise BadValue(str(error)) from None
+    if args.trials < 1 or min(args.lengths, default=0) < 1:
+        raise BadValue(f"--trials {args.trials} / --lengths {args.lengths}: both must be positive",
+                       "e.g. --trials 4 --lengths 2048,8192")
+
+
+def run_retrieval(args) -> list[dict]:
+    """Every task of `--tasks` on one loaded model: a result per task."""
+    from yarnkit.assets import sample_path
+    from yarnkit.eval.haystack import Haystack
+    from yarnkit.eval.retrieval import TaskOptions, evaluate_retrieval
+
+    check_retrieval_args(args)
+    model, tokenizer, meta = load_for_eval(args)
+    context = model_context(meta)
+    scored = [n for n in args.lengths if args.max_length is None or n <= args.max_length]
+    too_long = [n for n in scored if context and n > context]
+    if too_long and not args.beyond_context:
+        raise BadValue(f"length {too_long[0]} is above the model's context {context}",
+                       f"lower --lengths, skip it with --max-length {context}, scale the model (--rope-type yarn "
+                       "--factor S), or pass --beyond-context to measure it anyway")
+    options = TaskOptions(templates=tuple(args.templates.split(",")), distractors=args.distractors,
+                          values=args.values, queries=args.queries, hops=args.hops, batch_tokens=args.batch_tokens,
+                          max_new_tokens=args.max_new_tokens)
+    settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out")}
+    results = []
+    haystack = Haystack.from_books(args.haystack or sample_path("eval"), tokenizer, max(scored, default=1),
+                                   args.haystack_books)
+    for task in args.tasks.split(","):
+        result = {"task": task, **meta, "settings": settings, "haystack": haystack.source,
+                  "haystack_books": haystack.names, "context": context,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        result.update(evaluate_retrieval(model, tokenizer, haystack, task, args.lengths, args.depths,
+                                         args.trials, args.seed, options, args.max_length))
+        results.append(result)
+        _finish(result, args.out)
+    return results
+
+
+def _finish(result: dict, out: str, compare: list[dict] = ()) -> Path:
+    """Draw the result's PNG (with `compare` results on the same chart) and save its JSON beside it."""
+    result["plot"] = str(result_path(result, out).with_suffix(".png"))
+    _plot([result, *compare], result["plot"])
+    path = save_result(result, out)
+    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
+    return path
+
+
 def run(args) -> int:
+    if args.task == "retrieval":
+        run_retrieval(args)
+        return 0
     if args.task == "report":
         from yarnkit.eval.report import load_results, markdown_report
 
@@ -314,9 +429,5 @@ def run(args) -> int:
     from yarnkit.eval.report import load_results
 
     result = run_task(args)
-    extra = load_results(args.compare) if args.task == "ppl" else []
-    result["plot"] = str(result_path(result, args.out).with_suffix(".png"))
-    _plot([result, *extra], result["plot"])
-    path = save_result(result, args.out)
-    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
+    _finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
     return 0

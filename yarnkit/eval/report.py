@@ -2,7 +2,9 @@
 
 One table per task: `ppl` (rows: labels, columns: lengths, cells: mean ppl with last-quarter ppl in
 parentheses), `passkey`/`needle` (accuracy per length, averaged over depths), `stream` (ppl, latency, memory,
-stop reason). Skipped lengths show as "skipped". CLI: `yarnkit eval report RESULTS... --markdown`.
+stop reason), and for the retrieval tasks (niah, multikey, ...) exact match with teacher-forced accuracy in
+parentheses, by length and by depth (the depth curve). Skipped lengths show as "skipped".
+CLI: `yarnkit eval report RESULTS... --markdown`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def load_results(paths) -> list[dict]:
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BadValue(f"{path} is not JSON ({error})", "pass JSON files written by yarnkit eval") from error
-        if not isinstance(result, dict) or result.get("task") not in TABLES:
-            raise BadValue(f"{path} is not a yarnkit eval result (no 'task' field naming one of {', '.join(TABLES)})",
+        known = [*TABLES, *RETRIEVAL_CAPTIONS]
+        if not isinstance(result, dict) or result.get("task") not in known:
+            raise BadValue(f"{path} is not a yarnkit eval result (no 'task' field naming one of {', '.join(known)})",
                            "pass JSON files written by yarnkit eval")
         results.append(result)
     return results
@@ -74,11 +77,31 @@ def stream_table(results: list[dict]) -> str:
     return _table(["model", "policy", "tokens", "ppl", "ms/token", "peak memory", "stopped because"], rows)
 
 
+def _pair(cells: list[dict]) -> str:
+    if not cells:
+        return "skipped"
+    exact = sum(c["accuracy"] for c in cells) / len(cells)
+    forced = sum(c["tf_accuracy"] for c in cells) / len(cells)
+    return f"{100 * exact:.0f}% ({100 * forced:.0f}%)"
+
+
+def retrieval_table(results: list[dict], by: str = "length") -> str:
+    """Exact match (teacher-forced) of one retrieval task per result, by length or by depth."""
+    keys = sorted({cell[by] for result in results for cell in result["cells"] + result["skipped"]})
+    rows = [[result["label"], *[_pair([c for c in result["cells"] if c[by] == key]) for key in keys],
+             _pair(result["cells"])] for result in results]
+    names = [f"{key // 1024}k" if by == "length" and key % 1024 == 0 else str(key) for key in keys]
+    return _table(["model", *[f"{by} {name}" if by == "depth" else name for name in names], "all"], rows)
+
+
 TABLES = {"ppl": ppl_table, "passkey": passkey_table, "needle": passkey_table, "stream": stream_table}
 CAPTIONS = {"ppl": "Perplexity vs context length: mean (last quarter), token-weighted",
             "passkey": "Passkey retrieval accuracy (mean over depths)",
             "needle": "Needle-in-a-book retrieval accuracy (mean over depths)",
             "stream": "Streaming perplexity"}
+RETRIEVAL_CAPTIONS = {"niah": "single needle", "multikey": "multi-key (distractors of the same form)",
+                      "multivalue": "multi-value", "multiquery": "multi-query", "vt": "variable tracking",
+                      "chat": "single needle through the chat template"}
 
 
 def markdown_report(results: list[dict]) -> str:
@@ -87,4 +110,10 @@ def markdown_report(results: list[dict]) -> str:
         chosen = [result for result in results if result["task"] == task]
         if chosen:
             sections.append(f"**{CAPTIONS[task]}**\n\n{make_table(chosen)}\n")
+    for task, caption in RETRIEVAL_CAPTIONS.items():
+        chosen = [result for result in results if result["task"] == task]
+        if chosen:
+            sections.append(f"**Retrieval, {caption} ({task}): exact match (teacher-forced), by length**\n\n"
+                            f"{retrieval_table(chosen)}\n\n*by depth (0 = start of the context)*\n\n"
+                            f"{retrieval_table(chosen, 'depth')}\n")
     return "\n".join(sections)

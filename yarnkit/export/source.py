@@ -21,7 +21,7 @@ import yaml
 
 from yarnkit import models
 from yarnkit.errors import BadModel, UserError
-from yarnkit.train.checkpoint import CheckpointError, find_checkpoint
+from yarnkit.train.checkpoint import find_checkpoint
 
 
 class ExportError(UserError, RuntimeError):
@@ -44,14 +44,6 @@ class ExportSource:
         if self.recipe_path is None:
             return {}
         return yaml.safe_load(self.recipe_path.read_text()) or {}
-
-
-def newest_checkpoint(path: Path) -> Path | None:
-    """The checkpoint `path` names (a RUN dir: its newest complete one), by `yarnkit.train.checkpoint`."""
-    try:
-        return find_checkpoint(path)
-    except CheckpointError as error:
-        raise ExportError(str(error)) from error
 
 
 def check_safetensors(model_dir: Path) -> None:
@@ -108,7 +100,7 @@ def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSou
     if not path.is_dir():
         raise ExportError(f"export source not found: {path} (pass a RUN dir, a checkpoint dir or an HF model dir)")
     run_dir = None
-    checkpoint = newest_checkpoint(path)
+    checkpoint = find_checkpoint(path)  # a RUN dir: its newest complete checkpoint
     if checkpoint is not None:
         run_dir, path = checkpoint.parent.parent, checkpoint
     model_dir = path / "model" if (path / "model").is_dir() else path

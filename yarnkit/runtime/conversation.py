@@ -31,15 +31,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 _MARKER = "\u2063yarnkit-first-user\u2063"
 
 
-def resolve_checkpoint(ckpt: str) -> str:
-    """A run dir -> its newest complete checkpoint's model/ (`yarnkit.train.checkpoint`); else unchanged."""
-    return model_location(ckpt)
-
-
 def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):
     from yarnkit.models import load_model
 
-    return load_model(resolve_checkpoint(ckpt), dtype=dtype, device=device)
+    return load_model(model_location(ckpt), dtype=dtype, device=device)  # a run dir: its newest checkpoint
 
 
 def normalize_messages(messages) -> list[dict]:

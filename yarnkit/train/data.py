@@ -14,6 +14,15 @@ tokenizer, the source files (path, size, mtime), seq_len and packing; writes are
 
 `SampleOrder` maps the k-th sample of the global stream to a chunk (a fresh seeded permutation per epoch);
 ranks take interleaved slices, so the data position is one integer (samples consumed) saved in checkpoints.
+
+A data mix (`data.mix`, weights over `MIX_SOURCES`) draws the source of sample k from a generator seeded by
+(data.seed, k): `books` is the chunk of `data.source` as above, `code` a chunk of `data.code_source` (by default
+the standard library, whose sorted files put a package's modules, which import each other, side by side),
+`retrieval` and `chat` a synthetic retrieval row (yarnkit/train/synthetic.py) built on the sample's book chunk,
+plain or in the chat template. With `data.long_share`, that share of micro-batches (drawn per micro-batch from
+the seed) is one contiguous row of `micro_batch_size x seq_len` tokens instead: consecutive chunks of one source
+(the same book, the same package) with true positions, no PoSE; the tokens per step stay the same. All of it is a
+function of the sample number, so a resumed run sees the same rows.
 Tested by `python -m pytest tests/test_data.py`.
 """
 
@@ -22,9 +31,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +45,12 @@ from yarnkit.errors import NotFound
 from yarnkit.train.corpus import iter_documents, read_text
 from yarnkit.train.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
+from yarnkit.train.synthetic import RowMaker, SyntheticArgs, training_phrasings
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
 PYTHON_STDLIB = "python-stdlib"
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+MIX_SOURCES = ("books", "code", "retrieval", "chat")
 
 
 @dataclass
@@ -52,6 +64,28 @@ class DataArgs:
     seed: int = 42
     cache_dir: str = ""  # "" = $YARNKIT_CACHE/data
     num_proc: int = 1  # processes for tokenization
+    mix: dict[str, float] = field(default_factory=dict)  # {} = `source` alone; else weights of MIX_SOURCES
+    code_source: str = PYTHON_STDLIB  # the `code` part of a mix
+    long_share: float = 0.0  # share of micro-batches given as one contiguous micro_batch_size x seq_len row
+    synthetic: SyntheticArgs = field(default_factory=SyntheticArgs)  # the `retrieval` and `chat` rows
+
+
+def check_mix(args: DataArgs) -> None:
+    """A mix names known sources with weights >= 0 (not all 0), and its synthetic templates stay train-only."""
+    unknown = sorted(set(args.mix) - set(MIX_SOURCES))
+    if unknown:
+        raise DataError(f"data.mix has unknown source(s) {unknown}; choose from {', '.join(MIX_SOURCES)}")
+    if args.mix and (min(args.mix.values()) < 0 or sum(args.mix.values()) <= 0):
+        raise DataError(f"data.mix weights must be >= 0 and not all 0, got {dict(args.mix)}")
+    if not 0.0 <= args.long_share <= 1.0:
+        raise DataError(f"data.long_share={args.long_share} is outside [0, 1]; it is the share of long micro-batches")
+    if (args.long_share or args.mix) and args.packing:
+        raise DataError("data.mix / data.long_share cannot be combined with data.packing; set data.packing=false")
+    if args.synthetic.questions < 1 or args.synthetic.facts < 1:
+        raise DataError("data.synthetic.facts and data.synthetic.questions must be >= 1")
+    synthetic = args.synthetic
+    if args.mix.get("retrieval") or args.mix.get("chat") or synthetic.templates or synthetic.attributes:
+        training_phrasings(synthetic)  # a template that collides with an evaluation one fails here
 
 
 def expand_alias(source: str) -> str:
@@ -195,7 +229,22 @@ def _tokenize(ds, tokenizer, args: DataArgs):
 
 def build_dataset(args: DataArgs, tokenizer, sink_token_id: int | None = None):
     """The chunked dataset (columns `input_ids`, and `position_ids` with packing), built once then cached.
-    With `sink_token_id`, every row starts with that token (see `chunk_tokens`)."""
+    With `sink_token_id`, every row starts with that token (see `chunk_tokens`). With a mix or long rows, a
+    `MixedData` over the chunks of each source instead."""
+    if not args.mix and not args.long_share:
+        return _chunks(args, tokenizer, sink_token_id)
+    check_mix(args)
+    if sink_token_id is not None:
+        raise DataError("data.mix / data.long_share cannot be combined with model.sink_token; turn one off")
+    weights = dict(args.mix) or {"books": 1.0}
+    books = _chunks(args, tokenizer)
+    code = _chunks(DataArgs(source=args.code_source, seq_len=args.seq_len, cache_dir=args.cache_dir,
+                            num_proc=args.num_proc), tokenizer) if weights.get("code") else None
+    maker = RowMaker(tokenizer, args.synthetic) if weights.get("retrieval") or weights.get("chat") else None
+    return MixedData(args, weights, books, code, maker)
+
+
+def _chunks(args: DataArgs, tokenizer, sink_token_id: int | None = None):
     import datasets
 
     root = Path(args.cache_dir or Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit")) / "data")
@@ -237,20 +286,56 @@ class SampleOrder:
         return self._perm[offset]
 
 
+class MixedData:
+    """The chunks of each source of a mix; `len()` is the number of book chunks (what `SampleOrder` permutes)."""
+
+    def __init__(self, args: DataArgs, weights: dict, books, code, maker: RowMaker | None):
+        self.args, self.books, self.code, self.maker = args, books, code, maker
+        self.names, self.weights = list(weights), list(weights.values())
+
+    def __len__(self) -> int:
+        return len(self.books)
+
+    def source(self, k: int) -> str:
+        return random.Random(f"{self.args.seed}:source:{k}").choices(self.names, self.weights)[0]
+
+    def is_long(self, first_sample: int) -> bool:
+        return random.Random(f"{self.args.seed}:long:{first_sample}").random() < self.args.long_share
+
+    def row(self, k: int, order: SampleOrder, chunks: int) -> np.ndarray:
+        """Sample k as `chunks` consecutive chunks of its source (a synthetic row built on book chunks)."""
+        source = self.source(k)
+        # code chunks are spread by a fixed prime stride (their own order); book chunks follow `order`
+        table, first = (self.code, k * 7919) if source == "code" else (self.books, order[k])
+        ids = table[[(first + i) % len(table) for i in range(chunks)]]["input_ids"]
+        tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+        if source in ("retrieval", "chat"):
+            rng = random.Random(f"{self.args.seed}:row:{k}")
+            return self.maker.make(tokens, rng, len(tokens), chat=source == "chat")
+        return tokens
+
+
 def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
                 pose_target: int = 0, pose_seed: int = 0, sink_first: bool = False) -> dict:
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
-    Returns `input_ids` [size, seq_len], `position_ids` and `attention_mask` (or None), and `samples` (global
-    sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink at position 0 and skips
-    positions only among the text tokens after it. PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in
-    position ids as the start of a packed document and would block attention across the skip."""
+    Returns `input_ids` [size, seq_len] (a mix's long micro-batch: [1, size x seq_len]), `position_ids` and
+    `attention_mask` (or None), and `samples` (global sample numbers). With `sink_first` (rows start with a sink
+    token), PoSE keeps the sink at position 0 and skips positions only among the text tokens after it. PoSE
+    batches carry an all-ones attention mask: without one, transformers reads a jump in position ids as the start
+    of a packed document and would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
-    rows = dataset[[order[k] for k in samples]]
-    batch = {"input_ids": torch.tensor(rows["input_ids"], dtype=torch.long), "samples": samples,
-             "position_ids": None, "attention_mask": None}
-    if "position_ids" in rows:
-        batch["position_ids"] = torch.tensor(rows["position_ids"], dtype=torch.long)
+    batch = {"samples": samples, "position_ids": None, "attention_mask": None}
+    if isinstance(dataset, MixedData):
+        if dataset.is_long(first_sample):  # one true long row: positions 0..L-1, no PoSE
+            batch["input_ids"] = torch.from_numpy(dataset.row(samples[0], order, size))[None]
+            return batch
+        batch["input_ids"] = torch.from_numpy(np.stack([dataset.row(k, order, 1) for k in samples]))
+    else:
+        rows = dataset[[order[k] for k in samples]]
+        batch["input_ids"] = torch.tensor(rows["input_ids"], dtype=torch.long)
+        if "position_ids" in rows:
+            batch["position_ids"] = torch.tensor(rows["position_ids"], dtype=torch.long)
     if pose_target:
         seq_len = batch["input_ids"].shape[1]
         fixed = 1 if sink_first else 0  # the sink stays at position 0; PoSE spreads the rest over 1..target-1

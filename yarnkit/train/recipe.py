@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yarnkit.errors import NotFound
 from yarnkit.recipes import recipe_file
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
-from yarnkit.train.data import DataArgs
+from yarnkit.train.data import DataArgs, check_mix
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.loop import TrainArgs
 from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
@@ -98,10 +98,10 @@ def _load_yaml(path: Path):
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise RecipeError(f"{where} is not valid YAML ({_first_line(err)})",
-                          "fix the file (compare it with recipes/tiny.yaml)") from err
+                          "fix the file (compare it with yarnkit/recipes/tiny.yaml)") from err
     if not isinstance(layer, DictConfig):
         raise RecipeError(f"{path} holds a YAML {type(layer).__name__}, not a mapping of recipe sections",
-                          "write `section:` blocks of `key: value` lines (see recipes/tiny.yaml)")
+                          "write `section:` blocks of `key: value` lines (see yarnkit/recipes/tiny.yaml)")
     return layer
 
 
@@ -194,6 +194,7 @@ def validate_recipe(recipe: Recipe) -> None:
     data, yarn, pose, train = recipe.data, recipe.yarn, recipe.pose, recipe.train
     if data.seq_len < 2:
         raise RecipeError(f"data.seq_len={data.seq_len} is too short; use at least 2 tokens")
+    check_mix(data)  # source names, weights, and training templates that must not collide with evaluation ones
     if yarn.factor < 1.0:
         raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
     if yarn.original_max_position_embeddings:
