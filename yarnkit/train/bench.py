@@ -21,7 +21,8 @@ AdamW lr 1e-5 constant, betas (0.9, 0.95), clip 1.0: the losses of the first ste
 (`loss_vs_ref`: largest relative difference to the shape's reference peer). Each row records the case's exact
 configuration (peer flags; yarnkit's resolved speed keys and RUN/speed.json, what ran after fallbacks), tokens/s,
 peak memory and causal MFU (`yarnkit.train.estimate.model_flops`) against `--peak-tflops` and against a bf16
-matmul peak measured at the start of the same run. Out-of-memory is a result (`oom`). Not a test: the numbers
+matmul peak measured at the start of the same run. Out-of-memory is a result (`oom`). `run_dry` (`--dry-run`)
+writes each case's `yarnkit.train.estimate` for its launch instead, without a GPU. Not a test: the numbers
 depend on the machine.
 """
 
