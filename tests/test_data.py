@@ -62,6 +62,30 @@ def test_jsonl_source_bookends_and_cache(tmp_path):
     assert cache_key(args, tok) != cached[0].name
 
 
+def test_two_runs_building_one_cache_key_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two launches sharing a cache (a reference run beside a resumed one) may both miss the cache and tokenize;
+    the second rename then meets the first's finished folder and must use it, not fail."""
+    import shutil
+
+    import yarnkit.train.data as data
+
+    tok = char_tokenizer()
+    source = write_docs(tmp_path / "docs.jsonl", ["abcdefg", "hijkl"])
+    args = DataArgs(source=str(source), text_field="body", seq_len=4, cache_dir=str(tmp_path / "cache"))
+    first = build_dataset(args, tok)["input_ids"]
+    target = tmp_path / "cache" / cache_key(args, tok)
+    shutil.move(target, tmp_path / "other")
+    tokenize = data._tokenize
+
+    def other_run_finishes_meanwhile(*a, **kw):
+        shutil.copytree(tmp_path / "other", target)  # after this run's cache check, before its rename
+        return tokenize(*a, **kw)
+
+    monkeypatch.setattr(data, "_tokenize", other_run_finishes_meanwhile)
+    assert build_dataset(args, tok)["input_ids"] == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [target.name]  # its temp dir is gone
+
+
 def test_parquet_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -62,6 +62,7 @@ def rank_process(launcher: subprocess.Popen, rank: int, deadline: float):
     import psutil
 
     while time.time() < deadline:
+        assert launcher.poll() is None, f"the launcher exited ({launcher.returncode}): {launcher.stderr.read()[-3000:]}"
         for child in psutil.Process(launcher.pid).children(recursive=True):
             try:
                 if child.environ().get("RANK") == str(rank) and "dist_probe.py" in " ".join(child.cmdline()):

@@ -263,7 +263,11 @@ def _chunks(args: DataArgs, tokenizer, sink_token_id: int | None = None):
             raise DataError(f"data {args.source} has {total} tokens, fewer than one sequence of "
                              f"data.seq_len={args.seq_len}; lower data.seq_len or add documents")
         chunks.save_to_disk(os.path.join(workdir, "final"))
-        os.replace(os.path.join(workdir, "final"), target)
+        try:
+            os.replace(os.path.join(workdir, "final"), target)
+        except OSError:  # two runs sharing a cache built the same key at once: the first rename won
+            if not (target / "dataset_info.json").is_file():
+                raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return datasets.load_from_disk(str(target))
