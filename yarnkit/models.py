@@ -170,10 +170,21 @@ def make_temp_dir(target: Path) -> Path:
     return tmp
 
 
+def rename_into_place(tmp: Path, target: Path, marker: str) -> None:
+    """Rename the finished folder `tmp` onto `target`. Processes building the same cache entry at once each write
+    their own `tmp`; the first rename wins, and a later one that meets a complete copy (it holds `marker`) drops
+    its own and keeps that one. Any other failure is raised."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (Path(target) / marker).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _convert_gguf(source: ModelSource, target: Path) -> None:
     """De-quantize a GGUF once into an HF safetensors folder, written atomically (temp dir + rename). Processes
-    converting at the same time (training beside evaluation) each write their own temp dir; the first rename
-    wins and the others keep its complete copy."""
+    converting at the same time (training beside evaluation) each write their own temp dir (`rename_into_place`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -186,12 +197,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not another process's finished copy: a real failure
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        rename_into_place(tmp, target, marker="config.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

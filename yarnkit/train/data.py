@@ -42,6 +42,7 @@ import torch
 
 from yarnkit.assets import sample_path
 from yarnkit.errors import NotFound
+from yarnkit.models import rename_into_place
 from yarnkit.train.corpus import iter_documents, read_text
 from yarnkit.train.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
@@ -263,11 +264,7 @@ def _chunks(args: DataArgs, tokenizer, sink_token_id: int | None = None):
             raise DataError(f"data {args.source} has {total} tokens, fewer than one sequence of "
                              f"data.seq_len={args.seq_len}; lower data.seq_len or add documents")
         chunks.save_to_disk(os.path.join(workdir, "final"))
-        try:
-            os.replace(os.path.join(workdir, "final"), target)
-        except OSError:  # two runs sharing a cache built the same key at once: the first rename won
-            if not (target / "dataset_info.json").is_file():
-                raise
+        rename_into_place(Path(workdir) / "final", target, marker="dataset_info.json")  # runs may share a cache
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return datasets.load_from_disk(str(target))
