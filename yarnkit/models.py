@@ -146,6 +146,7 @@ def check_safetensors_file(path: Path) -> None:
 
 
 def cache_dir() -> Path:
+    """yarnkit's cache root: `$YARNKIT_CACHE`, else ~/.cache/yarnkit (converted GGUFs; the data cache's `data/`)."""
     return Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit"))
 
 

@@ -42,7 +42,7 @@ import torch
 
 from yarnkit.assets import sample_path
 from yarnkit.errors import NotFound
-from yarnkit.models import rename_into_place
+from yarnkit.models import cache_dir, rename_into_place
 from yarnkit.train.corpus import iter_documents, read_text
 from yarnkit.train.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
@@ -248,7 +248,7 @@ def build_dataset(args: DataArgs, tokenizer, sink_token_id: int | None = None):
 def _chunks(args: DataArgs, tokenizer, sink_token_id: int | None = None):
     import datasets
 
-    root = Path(args.cache_dir or Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit")) / "data")
+    root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "data"
     target = root / cache_key(args, tokenizer, sink_token_id)
     if (target / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(target))
