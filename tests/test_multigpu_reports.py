@@ -46,7 +46,7 @@ def test_sp_rows_compare_with_sp1_and_report_efficiency():
     assert four["equal"] is False and four["loss"] == pytest.approx(0.1 / 10.8)  # 9.3e-3 > 2^-8
     assert "vs_sp1" not in rows[0]
     table = bench_table.markdown({"matmul_peak_tflops": 771.0, "device": "x", "peak_tflops": 989.0, "cases": rows,
-                            "max_len": []})
+                                  "max_len": []})
     assert "| llama-1b@131072@keep-attention-sp4 | 4 | 8,000 | 80.0% | 9.3e-03 | 0.0e+00 | no |" in table
 
 
