@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_model
 
 from yarnkit.runtime.conversation import Conversation

@@ -187,7 +187,7 @@ def run(args) -> int:
     if args.push_only:
         if not args.push_to_hub or not (Path(args.source) / REPORT_FILE).is_file():
             raise ExportError(f"--push-only needs --push-to-hub REPO and a finished export folder (with {REPORT_FILE}) "
-                              "as the source", f"e.g. yarnkit export exports/tiny --push-only --push-to-hub you/model")
+                              "as the source", "e.g. yarnkit export exports/tiny --push-only --push-to-hub you/model")
         out = Path(args.source)
     else:
         if not args.out:

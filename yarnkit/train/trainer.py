@@ -28,7 +28,6 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import AlreadyExists, NotFound
-from yarnkit import rope
 from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import RecipeError
@@ -150,11 +149,11 @@ def train(recipe) -> TrainResult:
                desc="train", unit="step", dynamic_ncols=True)
     ds_engine = zero_stage(accelerator) > 0
     offload = activation_offload(args.offload_activations)  # one instance: its pinned buffers are reused
+    cuda = accelerator.device.type == "cuda"
     prefetch = Prefetcher(lambda first: micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size,
                                                     pose_target, recipe.data.seed, sink_first=sink_id is not None),
-                          pin=accelerator.device.type == "cuda")
+                          pin=cuda)
     stride = dp_world * args.micro_batch_size  # samples between this rank's consecutive micro-batches
-    cuda = accelerator.device.type == "cuda"
     clock = {"last": _mark(cuda)}  # GPU: an event at the end of the previous step; the step time is between two
 
     def finish(done: dict) -> None:
