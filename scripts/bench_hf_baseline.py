@@ -102,7 +102,7 @@ def run_case(argv: list[str]) -> int:
     model, tokenizer = build(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     data_args = DataArgs(source=args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, seed=SEED)
-    dataset = build_dataset(data_args, tokenizer).with_format("numpy")
+    dataset = build_dataset(data_args, tokenizer, arrays=True)
     order = SampleOrder(len(dataset), data_args.seed, data_args.shuffle)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     config = {"model": args.model, "random_init": args.random_init, "attention": "sdpa (torch's kernel choice)",

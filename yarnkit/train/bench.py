@@ -32,6 +32,7 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -245,21 +246,31 @@ def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
         runner = ([sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--plan", str(plan)]
                   if name.startswith("peers") else [sys.executable, "-m", "yarnkit.train.bench", str(plan)])
         print(f"[{name}] {len(rows)} cases in one process: {' '.join(runner)}", flush=True)
-        _launch(runner, log, deadline - time.time())
+        code = _launch(runner, log, deadline - time.time())
+        died = "ran past the budget and was stopped" if code is None else f"exited {code}"
         statuses = {}
         for r in rows:
             path = out / "runs" / f"{r['case']}.status.json"
             statuses[r["case"]] = json.loads(path.read_text()) if path.is_file() else {
-                "status": "error", "error": "no result (the group's process stopped first)"}
+                "status": "error", "error": f"the group's process {died} before this case ended: "
+                                            f"{last_error(log.read_text() if log.is_file() else '')}"}
     text = log.read_text() if log.is_file() else ""
     for row in rows:
         row.update(statuses[row["case"]])
         if row["status"] != "ok":
-            row.setdefault("error", text.strip().splitlines()[-1][-300:] if text.strip() else "no output")
+            row.setdefault("error", last_error(text))
             row["log_tail"] = _case_log(text, row["case"])[-1500:]
             print(f"[{row['case']}] {row['status']}: {row.get('error', '')}", flush=True)
             continue
         collect(args, out, row, _case_log(text, row["case"]))
+
+
+def last_error(log_text: str) -> str:
+    """The line of a log that says why it stopped: the last exception line (`Name: message` or
+    `yarnkit: error: ...`), else the last line; "no output" for an empty log."""
+    lines = [line.strip() for line in log_text.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^([A-Za-z_.]+(Error|Exception)|yarnkit: error)\b", line)]
+    return (raised or lines or ["no output"])[-1][-300:]
 
 
 def _case_log(text: str, case: str) -> str:
@@ -419,6 +430,6 @@ def run_compare(args) -> int:
 
 
 if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.train.bench PLAN.json
-    from yarnkit.train.trainer import main as train_main
+    from yarnkit.cli import main as yarnkit_main
 
-    sys.exit(run_plan(sys.argv[1], train_main))
+    sys.exit(run_plan(sys.argv[1], lambda argv: yarnkit_main(["train", *argv])))

@@ -82,7 +82,7 @@ def markdown(summary: dict) -> str:
              "| MFU (measured) | loss diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["cases"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | {r['status']} | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['status']}: {r.get('error', '').replace('|', '/')} | | | | | | | | |")
             continue
         ratio = {peer: f"{r['speedup'][peer]:.2f}x" if peer in r["speedup"] else "" for peer in PEERS}
         diff = f"{r['loss_vs_ref']:.1e} ({r['loss_reference']})" if r.get("loss_vs_ref") is not None else ""
@@ -102,6 +102,9 @@ def markdown(summary: dict) -> str:
                          f"{v['grad_norm'] if v['grad_norm'] is None else format(v['grad_norm'], '.1e')} | "
                          f"{'-' if v['equal'] is None else 'yes' if v['equal'] else 'no'} | "
                          f"{r['peak_memory_gb']:.1f} | {r['mfu']:.1%} |")
+    failed = [r for r in summary["cases"] if r["status"] != "ok" and r.get("log_tail")]
+    for r in failed:
+        lines += ["", f"`{r['case']}` {r['status']}: the end of its log", "", "```", r["log_tail"].strip(), "```"]
     for m in summary["max_len"]:
         lines.append(f"\nlongest trained sequence, {m['model']} @ {m['variant']}: {m['longest_ok'] or 'none'} "
                      f"(tried {', '.join(f'{t[0]}: {t[1]}' for t in m['tried'])})")

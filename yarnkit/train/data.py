@@ -228,19 +228,24 @@ def _tokenize(ds, tokenizer, args: DataArgs):
                   num_proc=args.num_proc if args.num_proc > 1 else None, desc="tokenizing")
 
 
-def build_dataset(args: DataArgs, tokenizer, sink_token_id: int | None = None):
+def build_dataset(args: DataArgs, tokenizer, sink_token_id: int | None = None, arrays: bool = False):
     """The chunked dataset (columns `input_ids`, and `position_ids` with packing), built once then cached.
     With `sink_token_id`, every row starts with that token (see `chunk_tokens`). With a mix or long rows, a
-    `MixedData` over the chunks of each source instead."""
+    `MixedData` over the chunks of each source instead. `arrays`: rows are read as numpy arrays, not lists (the
+    training loop's fast path), for a plain dataset and for each source of a mix alike."""
+    def chunks(chunk_args: DataArgs, sink: int | None = None):
+        dataset = _chunks(chunk_args, tokenizer, sink)
+        return dataset.with_format("numpy") if arrays else dataset
+
     if not args.mix and not args.long_share:
-        return _chunks(args, tokenizer, sink_token_id)
+        return chunks(args, sink_token_id)
     check_mix(args)
     if sink_token_id is not None:
         raise DataError("data.mix / data.long_share cannot be combined with model.sink_token; turn one off")
     weights = dict(args.mix) or {"books": 1.0}
-    books = _chunks(args, tokenizer)
-    code = _chunks(DataArgs(source=args.code_source, seq_len=args.seq_len, cache_dir=args.cache_dir,
-                            num_proc=args.num_proc), tokenizer) if weights.get("code") else None
+    books = chunks(args)
+    code = chunks(DataArgs(source=args.code_source, seq_len=args.seq_len, cache_dir=args.cache_dir,
+                           num_proc=args.num_proc)) if weights.get("code") else None
     maker = RowMaker(tokenizer, args.synthetic) if weights.get("retrieval") or weights.get("chat") else None
     return MixedData(args, weights, books, code, maker)
 

@@ -115,7 +115,7 @@ def train(recipe) -> TrainResult:
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
-        dataset = build_dataset(recipe.data, tokenizer, sink_id).with_format("numpy")  # rows as arrays, not lists
+        dataset = build_dataset(recipe.data, tokenizer, sink_id, arrays=True)
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
     fused_loss = resolve_choice("train.loss_impl", args.loss_impl, fused_loss_missing(model, zero_stage(accelerator)),
