@@ -181,3 +181,59 @@ def test_parse_and_other_refusals():
     with pytest.raises(sa.StringError, match="inference mode"):
         model(input_ids=_ids())
     handle.undo()
+
+
+# ---- yarnkit eval --string ----------------------------------------------------------------------------------------
+def _eval(*argv):
+    from yarnkit.cli import main
+
+    assert main(["eval", *map(str, argv)]) == 0
+
+
+def test_eval_ppl_string_changes_perplexity_only_when_distances_reach_the_shift(tmp_path):
+    """Tiny YaRN Llama (context 1024, sharpened Q/K so positions matter): 256-token windows with S=32 change the
+    perplexity; S=600 (no distance reaches it) reproduces the plain run. The JSON records the setting."""
+    import json
+
+    from export_fixtures import tiny_bpe_tokenizer, tiny_yarn_model
+
+    from yarnkit.assets import sample_path
+
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    tiny_yarn_model().save_pretrained(model_dir)
+    tiny_bpe_tokenizer().save_pretrained(model_dir)
+    common = ["ppl", model_dir, "--data", sample_path("eval"), "--lengths", "256", "--docs", "1", "--out", out]
+    _eval(*common)
+    _eval(*common, "--string", "32,4")
+    _eval(*common, "--string", "600")
+    plain, near, far = (json.loads((out / f"ppl-model{suffix}.json").read_text())
+                        for suffix in ("", "_STRING_S32_W4", "_STRING_S600_W128"))
+    assert plain["string"] is None and near["settings"]["string"] == "32,4"
+    assert near["string"] | {"replaced": None} == {"shift": 32, "window": 4, "kernel": "auto", "context": 1024,
+                                                  "attn_implementation": "yarnkit_string", "replaced": None,
+                                                  "max_distance": 995, "undone": False}
+    ppl = [result["rows"][0]["ppl"] for result in (plain, near, far)]
+    assert abs(ppl[1] / ppl[0] - 1) > 1e-4 and abs(ppl[2] / ppl[0] - 1) < 1e-6, ppl  # observed 7e-4 and 2e-8
+
+
+@pytest.mark.slow
+def test_eval_retrieval_with_string_on_smollm2(tmp_path):
+    """SmolLM2-135M, niah at 512 tokens: with S=32, W=0 every distance from 32 on reads 32 tokens nearer and the
+    answers change (observed: no key found); with S=8000 (context 8192, no distance reaches it) every answer and
+    teacher-forced score equals the plain run's. (S=64, W=16 at this length leaves all four answers right.)"""
+    import json
+
+    common = ["retrieval", "smollm2-135m", "--tasks", "niah", "--lengths", "512", "--depths", "0,0.5", "--trials",
+              "2", "--out", tmp_path]
+    _eval(*common)
+    _eval(*common, "--string", "32,0")
+    _eval(*common, "--string", "8000")
+    plain, near, far = (json.loads((tmp_path / f"niah-smollm2-135m{suffix}.json").read_text())
+                        for suffix in ("", "_STRING_S32_W0", "_STRING_S8000_W128"))
+
+    def outcome(result):
+        return [(t["answer"], t["tf_score"]) for cell in result["cells"] for t in cell["trials"]]
+
+    assert near["string"]["shift"] == 32 and far["string"]["window"] == 128 and plain["string"] is None
+    assert outcome(far) == outcome(plain)
+    assert outcome(near) != outcome(plain)

@@ -191,19 +191,21 @@ def dense_attention(query, key, value, positions, allowed, inv_freq, shift, wind
     """STRING with materialised float32 scores, in query chunks of at most DENSE_CHUNK_SCORES; [b, h, q, d]."""
     b, h, q_len, d = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    far_query = shifted_query(query, inv_freq, shift, window)
+    near_query = query.float() * scaling
+    far_query = shifted_query(query, inv_freq, shift, window).float() * scaling
     keys, values = key.float().transpose(-1, -2), value.float()
     step = max(1, DENSE_CHUNK_SCORES // max(1, b * h * k_len))
     outputs = []
     for first in range(0, q_len, step):
         rows = slice(first, min(first + step, q_len))
         n = rows.stop - rows.start
-        near_scores = (_grouped(query[:, :, rows].float(), kv_heads) @ keys).view(b, h, n, k_len)
-        far_scores = (_grouped(far_query[:, :, rows].float(), kv_heads) @ keys).view(b, h, n, k_len)
+        near_scores = (_grouped(near_query[:, :, rows], kv_heads) @ keys).view(b, h, n, k_len)
+        far_scores = (_grouped(far_query[:, :, rows], kv_heads) @ keys).view(b, h, n, k_len)
         visible, distance = _visibility(positions, allowed, rows, k_len, query.device)
-        scores = torch.where(distance >= shift, far_scores, near_scores) * scaling
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key gives zeros
+        scores = torch.where(distance >= shift, far_scores, near_scores).masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if allowed is not None:  # a padded row may see no key at all: zeros, not NaN
+            probs = probs.nan_to_num_(0.0)
         out = probs.view(b, kv_heads, -1, k_len) @ values
         outputs.append(out.view(b, h, n, d))
     return torch.cat(outputs, dim=2).to(query.dtype)
