@@ -104,8 +104,11 @@ def rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions) -> torch.Tensor:
     """Rotate `x [..., n, d]` by RoPE angle `positions * inv_freq` (pure: no attention factor), transformers'
     half-split pairing; channels past 2 * len(inv_freq) (partial rotary) pass through. Math in float32 or wider."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    angles = torch.as_tensor(positions, dtype=torch.float64, device=x.device)[..., None] * inv_freq.to(
-        device=x.device, dtype=torch.float64)
+    inv_freq = inv_freq.to(device=x.device, dtype=torch.float64)
+    if isinstance(positions, torch.Tensor):
+        angles = positions.to(torch.float64)[..., None] * inv_freq
+    else:  # one offset for every row: no host-to-device copy (CUDA-graph safe)
+        angles = inv_freq * float(positions)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(compute), angles.sin().to(compute)
     rot_dim = cos.shape[-1]
