@@ -88,3 +88,16 @@ def test_a_64k_prefill_runs():
         print(f"64k prefill, 1 layer, {attempt}: {time.perf_counter() - started:.2f} s")
     handle.undo()
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_runtime_auto_takes_the_static_path_and_matches_eager():
+    from yarnkit.runtime.engine import StreamingEngine
+
+    model, stream = _model(), _ids(700, batch=1)
+    handle = sa.apply_string(model, 300, 16)
+    engines = [StreamingEngine(model, window=1024, decode=decode) for decode in ("auto", "eager")]
+    logits = [torch.cat([engine.feed(stream[:, i:i + 100]) for i in range(0, 700, 100)], dim=1) for engine in engines]
+    handle.undo()
+    assert engines[0].decode_path == "static"
+    assert (logits[0] - logits[1]).abs().max() < 2e-3

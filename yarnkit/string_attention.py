@@ -65,8 +65,9 @@ def remapped_distance(distance, shift: int, window: int):
     return distance - shift + window if distance >= shift else distance
 
 
-def check_setting(shift: int, window: int, context: int | None = None) -> None:
-    """One line for a setting outside 0 <= W < S < context."""
+def check_setting(shift: int, window: int, context: int | None = None, context_name: str = "the model's context"
+                  ) -> None:
+    """One line for a setting outside 0 <= W < S < context (`context_name` says what bounds the distances)."""
     example_shift = max(context // 3, 2) if context else 21845  # the paper's S: a third of the context
     example = f"e.g. --string {example_shift},{DEFAULT_WINDOW if example_shift > DEFAULT_WINDOW else example_shift // 8}"
     if window < 0:
@@ -75,8 +76,8 @@ def check_setting(shift: int, window: int, context: int | None = None) -> None:
         raise StringError(f"STRING shift S={shift} must exceed the local window W={window}",
                           f"pass S > W (S about a third of the trained context), {example}")
     if context is not None and shift >= context:
-        raise StringError(f"STRING shift S={shift} is not below the model's context {context}, so no distance "
-                          "would change", f"pass S < {context}, {example}")
+        raise StringError(f"STRING shift S={shift} is not below {context_name} {context}, so no distance would "
+                          "change", f"pass S < {context}, {example}")
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -349,16 +350,24 @@ class StringHandle:
         self.undone = True
 
 
+def applied_setting(model: torch.nn.Module) -> StringSetting | None:
+    """The model's STRING setting while `apply_string` is in effect, else None."""
+    if model.config.get_text_config()._attn_implementation != IMPLEMENTATION:
+        return None
+    return next((getattr(layer, SETTING_ATTRIBUTE) for layer in attention_layers(model)
+                 if hasattr(layer, SETTING_ATTRIBUTE)), None)
+
+
 def apply_string(model: torch.nn.Module, shift: int, window: int = DEFAULT_WINDOW, kernel: str = "auto",
-                 context: int | None = None) -> StringHandle:
+                 context: int | None = None, context_name: str = "the model's context") -> StringHandle:
     """Make `model`'s attention run STRING with shift S and window W; returns a handle with `undo()`.
 
-    context: the model's context in tokens (default `config.max_position_embeddings`); S must lie below it.
-    kernel: one of KERNELS (see the module docstring).
+    context: the longest distance + 1 the model will see (default `config.max_position_embeddings`; the runtime
+    passes its cache window, named by `context_name`); S must lie below it. kernel: one of KERNELS (see above).
     """
     config = model.config.get_text_config()
     context = context if context is not None else getattr(config, "max_position_embeddings", None)
-    check_setting(int(shift), int(window), context)
+    check_setting(int(shift), int(window), context, context_name)
     if kernel not in KERNELS:
         raise StringError(f"STRING kernel {kernel!r} is unknown", f"choose one of {', '.join(KERNELS)}")
     layer_types = getattr(config, "layer_types", None)

@@ -48,6 +48,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
+    parser.add_argument("--string", metavar="SHIFT[,WINDOW]",
+                        help="STRING attention: cache distances >= SHIFT are read as distance - SHIFT + WINDOW "
+                             "(default window 128; SHIFT below --window; eager/static decode paths)")
     parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
     parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
     parser.add_argument("--compress-rate", type=float, default=None,
@@ -68,12 +71,45 @@ def stream_options(args) -> StreamOptions:
 
 
 def load_for_cli(args):
-    """`(model, tokenizer)`, or None when Ctrl-C interrupted the loading (a clean exit, no traceback)."""
+    """`(model, tokenizer)` with `--string` applied, or None when Ctrl-C interrupted the loading (a clean exit)."""
+    string = check_string(args)
     try:
-        return load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
     except KeyboardInterrupt:
         print("\ninterrupted while loading the model", file=sys.stderr)
         return None
+    if string is not None:
+        apply_string_option(model, args, *string)
+    return model, tokenizer
+
+
+def check_string(args) -> tuple[int, int] | None:
+    """`--string S[,W]` before the model loads: its syntax, S > W, S below `--window` (cache distances stay below
+    the window, so a larger S would change nothing), and a decode path that runs it."""
+    if getattr(args, "string", None) is None:
+        return None
+    from yarnkit.runtime.engine import string_decode
+    from yarnkit.string_attention import check_setting, parse_setting
+
+    shift, window = parse_setting(args.string)
+    check_setting(shift, window, args.window, "--window")
+    string_decode(args.decode, args.compile, "cuda" if str(args.device).startswith("cuda") else "cpu")
+    return shift, window
+
+
+def apply_string_option(model, args, shift: int, window: int) -> None:
+    """STRING on the loaded model; the decode path it runs on is checked now (a forced `graph` or `--compile`
+    fails with the fix) and `auto` that moves to `static` says so in one line."""
+    from yarnkit.runtime.engine import string_options
+    from yarnkit.string_attention import apply_string
+
+    context = min(args.window, getattr(model.config, "max_position_embeddings", None) or args.window)
+    apply_string(model, shift, window, context=context, context_name="--window" if context == args.window else
+                 "the model's context")
+    options = string_options(model, stream_options(args))
+    if options.decode != args.decode:
+        print(f"yarnkit: STRING S={shift} W={window} runs on the {options.decode} decode path (its attention is not "
+              "checked inside a CUDA graph)", file=sys.stderr)
 
 
 def build_conversation_factory(model, tokenizer, args):

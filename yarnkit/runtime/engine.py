@@ -71,9 +71,32 @@ class StreamOptions:
                        prefill_chunk=max(1, self.prefill_chunk))
 
 
+def string_decode(decode: str, compile: bool, device_type: str) -> str:
+    """The decode path for STRING attention (`yarnkit.string_attention`): it runs on the eager and static paths;
+    its attention has not been checked inside a captured CUDA graph or under torch.compile, so `graph` and
+    `--compile` fail with the fix, and `auto` takes `static` on CUDA (eager / static elsewhere, as without STRING)."""
+    if decode == "graph":
+        raise BadValue("--decode graph with --string: STRING's attention is not checked inside a CUDA graph",
+                       "use --decode static (or auto, which picks it)")
+    if compile:
+        raise BadValue("--compile with --string: STRING's attention is not checked under torch.compile here",
+                       "leave out --compile")
+    return "static" if decode == "auto" and device_type == "cuda" else decode
+
+
+def string_options(model, options: StreamOptions) -> StreamOptions:
+    """`options` with `string_decode` applied when the model runs STRING; unchanged otherwise."""
+    from yarnkit.string_attention import applied_setting
+
+    if applied_setting(model) is None:
+        return options
+    device_type = next(model.parameters()).device.type
+    return replace(options, decode=string_decode(options.decode, options.compile, device_type))
+
+
 def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
     """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
-    options = options.resolved(model.config)
+    options = string_options(model, options.resolved(model.config))
     device = next(model.parameters()).device
     decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
     if decode == "eager":
@@ -88,7 +111,7 @@ class StreamingEngine:
     def __init__(self, model, options: StreamOptions | None = None, pool: SlotPool | None = None, **overrides):
         self.model = model
         base = options or StreamOptions()
-        self.options = replace(base, **overrides).resolved(model.config)
+        self.options = string_options(model, replace(base, **overrides).resolved(model.config))
         check_supported(model.config, self.options.window)
         self.sink_token_id = getattr(model.config, "yarnkit_sink_token_id", None)
         self.device = next(model.parameters()).device

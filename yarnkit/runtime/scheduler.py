@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from yarnkit.runtime.conversation import Conversation, PromptTooLong, Sampling, Turn
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool, string_options
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Scheduler:
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_budget = prefill_budget
         device = next(model.parameters()).device
+        options = string_options(model, options)  # STRING: auto means static on CUDA
         decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
         self.pool = None if decode == "eager" else make_pool(model, StreamOptions(**{**options.__dict__,
                                                                                      "decode": decode}), rows)
