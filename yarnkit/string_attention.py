@@ -69,7 +69,8 @@ def check_setting(shift: int, window: int, context: int | None = None, context_n
                   ) -> None:
     """One line for a setting outside 0 <= W < S < context (`context_name` says what bounds the distances)."""
     example_shift = max(context // 3, 2) if context else 21845  # the paper's S: a third of the context
-    example = f"e.g. --string {example_shift},{DEFAULT_WINDOW if example_shift > DEFAULT_WINDOW else example_shift // 8}"
+    example_window = DEFAULT_WINDOW if example_shift > DEFAULT_WINDOW else example_shift // 8
+    example = f"e.g. --string {example_shift},{example_window}"
     if window < 0:
         raise StringError(f"STRING window W={window} is negative", f"pass W >= 0, {example}")
     if shift <= window:
@@ -231,8 +232,9 @@ def reference_attention(query, key, value, positions, allowed, inv_freq, shift, 
     angle = remapped_distance(distance, shift, window).double()[..., None] * inv   # [b|1, 1, q, k, pairs]
     qa, qb = raw_q[..., :pairs], raw_q[..., pairs:2 * pairs]
     ka, kb = raw_k[..., :pairs], raw_k[..., pairs:2 * pairs]
-    # pairs as complex numbers z = a + ib, RoPE multiplies by e^(i pos θ): <R(i) q, R(j) k> = Re(z_q conj(z_k) e^(i d θ))
-    # = (qa ka + qb kb) cos(d θ) - (qb ka - qa kb) sin(d θ); STRING puts d' in place of d
+    # pairs as complex numbers z = a + ib; RoPE multiplies by e^(i pos θ), so
+    # <R(i) q, R(j) k> = Re(z_q conj(z_k) e^(i d θ)) = (qa ka + qb kb) cos(d θ) - (qb ka - qa kb) sin(d θ);
+    # STRING puts d' in place of d
     dot = torch.einsum("bhqp,bhkp->bhqkp", qa, ka) + torch.einsum("bhqp,bhkp->bhqkp", qb, kb)
     cross = torch.einsum("bhqp,bhkp->bhqkp", qb, ka) - torch.einsum("bhqp,bhkp->bhqkp", qa, kb)
     scores = (dot * angle.cos() - cross * angle.sin()).sum(-1)
