@@ -146,8 +146,7 @@ def string_attention(module, query, key, value, attention_mask, scaling=None, dr
     if kwargs.get("sliding_window"):
         raise StringError("STRING needs full attention; this layer has a sliding window", "use a full-attention model")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    positions = query_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2], key.shape[2],
-                                query.device)
+    positions = query_positions(kwargs.get("position_ids"), query.shape[2], key.shape[2], query.device)
     allowed = allowed_keys(attention_mask, key.shape[2])
     inv_freq = setting.rotary.inv_freq
     kernel = setting.kernel
@@ -159,7 +158,7 @@ def string_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-def query_positions(position_ids, batch: int, q_len: int, k_len: int, device) -> torch.Tensor:
+def query_positions(position_ids, q_len: int, k_len: int, device) -> torch.Tensor:
     """[1 or b, q] integer positions: the model's `position_ids`, else the keys' last q positions."""
     if position_ids is None:
         return torch.arange(k_len - q_len, k_len, device=device)[None]
