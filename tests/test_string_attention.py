@@ -10,7 +10,7 @@ with grouped-query attention (4 heads / 2 KV heads), float32 on CPU.
 - S at or above the sequence length: STRING is the model's own attention (1e-5);
 - undo restores the model bit for bit; bad settings are one-line errors.
 
-Run: python -m pytest tests/test_string_attention.py -q   (~20 s on 2 cores)
+Run: python -m pytest tests/test_string_attention.py -q   (~1 min on 2 cores; the slow SmolLM2 retrieval test ~2.5 min)
 """
 
 from __future__ import annotations
