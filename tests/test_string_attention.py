@@ -8,7 +8,9 @@ with grouped-query attention (4 heads / 2 KV heads), float32 on CPU.
   scores every (query, key) pair with RoPE at its remapped distance from un-rotated q/k: prefill, step-by-step
   decode through a KV cache, chunked decode, and a padded batch. Tolerance 1e-5 on logits (observed ~2e-7);
 - S at or above the sequence length: STRING is the model's own attention (1e-5);
-- undo restores the model bit for bit; bad settings are one-line errors.
+- undo restores the model bit for bit; bad settings are one-line errors;
+- `yarnkit eval ppl --string` moves perplexity only when a distance reaches S; (slow) `yarnkit eval retrieval
+  --string` on SmolLM2 changes answers at a small S and reproduces the plain run at a large one.
 
 Run: python -m pytest tests/test_string_attention.py -q   (~1 min on 2 cores; the slow SmolLM2 retrieval test ~2.5 min)
 """
