@@ -1,7 +1,7 @@
 r"""Training throughput benchmark. Two modes:
 
 1. `--cases MODEL@SHAPE@VARIANT ...` (issue 14): yarnkit's recipe defaults against the peers a user would pick,
-   each case its own process on the same GPU, same data, same initial weights (`yarnkit/train/bench.py` has the
+   each case its own process on the same GPU, same data, same initial weights (`yarnkit/bench/training.py` has the
    models, shapes and variants). Peers (`scripts/bench_hf_baseline.py`): `hf` (transformers + gradient
    checkpointing), `hf-nockpt`, `hf-liger` (+ Liger-Kernel's RMSNorm/SwiGLU/RoPE/fused linear cross-entropy),
    `hf-liger-ckpt`. yarnkit: `yarnkit` (the recipe's speed keys: `smollm2-yarn-64k`, or `smollm2-yarn-64k-pose` for
@@ -54,8 +54,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from yarnkit.recipes import accelerate_config
-from yarnkit.train.bench import REPO, run_compare, run_dry, write_model_dir
+from yarnkit.recipe_files import accelerate_config
+from yarnkit.bench.training import REPO, run_compare, run_dry, write_model_dir
 from yarnkit.train.metrics import read_metrics
 
 

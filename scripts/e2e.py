@@ -44,13 +44,13 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as _yarnkit_cli
-from yarnkit.eval.baselines import baseline_configs, selected_books
+from yarnkit.bench.baselines import baseline_configs, selected_books
 from yarnkit.eval.cli import result_path
 from yarnkit.eval.report import load_results, markdown_report
 from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
-from yarnkit.eval.targets import context_targets, targets_markdown
-from yarnkit.recipes import accelerate_config
-from yarnkit.train.checkpoint import latest_checkpoint
+from yarnkit.bench.targets import context_targets, targets_markdown
+from yarnkit.recipe_files import accelerate_config
+from yarnkit.runs import latest_checkpoint
 from yarnkit.train.metrics import METRICS_FILE, read_metrics, scaling
 from yarnkit.train.recipe import load_recipe
 

@@ -1,6 +1,6 @@
 """Zero-shot long-context baselines for SmolLM2-135M: no scaling, dynamic NTK x8, YaRN x8 (GPU run for the lead).
 
-For each configuration (yarnkit.eval.baselines) it runs `yarnkit eval ppl` (PG-19 test books, one window per
+For each configuration (yarnkit.bench.baselines) it runs `yarnkit eval ppl` (PG-19 test books, one window per
 book per length) and `yarnkit eval passkey` (lengths x depths x trials), then writes a merged ppl plot and the
 markdown tables:
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as yarnkit
-from yarnkit.eval.baselines import baseline_configs, selected_books
+from yarnkit.bench.baselines import baseline_configs, selected_books
 
 
 def run(args) -> int:

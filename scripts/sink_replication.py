@@ -14,7 +14,7 @@ StreamingLLM's Table 3 (docs/sink.md, docs/results.md §5). Rerunnable and resum
    BOS/EOS before chunking, so position 0 holds an arbitrary token) trains through its warmup; its measured step
    time then fixes the step count that fits --train-seconds for both models (or --steps), kept in OUT/plan.json.
    The sink-token model (<|sink|> + 1023 text tokens) trains the same steps on the same data with the same seed.
-2. Attention mass on key positions 0-3, per layer, at every checkpoint of both runs (yarnkit.eval.sinks) on
+2. Attention mass on key positions 0-3, per layer, at every checkpoint of both runs (yarnkit.eval.attention_sinks) on
    windows of the evaluation books: OUT/attention_mass.jsonl and attention_mass.png.
 3. Streaming perplexity on the first --stream-tokens tokens of the sorted books with k = 0, 1, 2, 4 initial tokens
    kept + the last W - k (W = the training context), fed and evicted --chunk tokens at a time.
@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from yarnkit.eval.sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
+from yarnkit.eval.attention_sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
     stream_documents, stream_table, uniform_mass
-from yarnkit.train.checkpoint import latest_checkpoint, model_location
+from yarnkit.runs import latest_checkpoint, model_location
 from yarnkit.train.metrics import METRICS_FILE, read_metrics
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train

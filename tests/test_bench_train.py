@@ -1,6 +1,6 @@
 """The training benchmark's groups on CPU: the peers' process and yarnkit's process each run one case, and a
 group process that dies is reported with its own error, its exit code and the end of its log, in the row and in
-compare.md (`scripts/bench_train.py --cases`, `yarnkit/train/bench.py`)."""
+compare.md (`scripts/bench_train.py --cases`, `yarnkit/bench/training.py`)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from yarnkit.train.checkpoint import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
-from yarnkit.train.errors import CheckpointError
+from yarnkit.runs import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
+from yarnkit.errors import CheckpointError
 
 
 def fake_checkpoint(run: Path, name: str, model: bool = True, trainer_state: bool = True) -> Path:

@@ -15,7 +15,8 @@ from conftest import tiny_model
 
 from yarnkit.assets import sample_path
 from yarnkit.cli import main
-from yarnkit.eval.haystack import Haystack, RetrievalError, place_needles
+from yarnkit.eval.haystack import Haystack, place_needles
+from yarnkit.errors import RetrievalError
 from yarnkit.needles import SNAP
 from yarnkit.eval.retrieval import TASKS, Builder, TaskOptions, build_sample, evaluate_retrieval
 

@@ -116,7 +116,7 @@ def listed_in_folder(folder: Path) -> set[str]:
 
 def test_readme_layout_matches_the_tree():
     tree = readme_tree()
-    assert {"scripts/", "yarnkit/", "yarnkit/train/", "yarnkit/recipes/"} <= set(tree)
+    assert {"scripts/", "yarnkit/", "yarnkit/train/", "recipes/"} <= set(tree)
     for folder, names in tree.items():
         for name in names:
             assert (REPO / folder / name).exists(), f"README's layout names {folder}{name}, which does not exist"
@@ -126,7 +126,7 @@ def test_readme_layout_matches_the_tree():
 
 def test_readme_tree_parser_reads_nesting():
     assert readme_tree()["yarnkit/train/"][0] == "errors.py"
-    assert "accelerate/" in readme_tree()["yarnkit/recipes/"]
+    assert "accelerate/" in readme_tree()["recipes/"]
 
 
 def imports_of(path: Path) -> set[str]:

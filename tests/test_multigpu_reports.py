@@ -1,5 +1,5 @@
 """The bookkeeping of the multi-GPU runs (docs/results.md §6), on synthetic rows and a tiny model: the training
-benchmark's sequence-parallel rows (`yarnkit/train/bench.py`, `bench_table.py`: `-spN` variants, the comparison with `-sp1` against
+benchmark's sequence-parallel rows (`yarnkit/bench/training.py`, `bench_table.py`: `-spN` variants, the comparison with `-sp1` against
 bf16 noise, scaling efficiency, `--dry-run` estimates) and scripts/e2e.py's scaling report
 (`yarnkit.train.metrics.scaling`). The GPU runs themselves are not here.
 

@@ -39,8 +39,8 @@ def test_the_wheel_holds_every_file_of_the_package(wheel):
     in_checkout = {path.relative_to(REPO).as_posix() for path in (REPO / "yarnkit").rglob("*")
                    if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
     assert packaged == in_checkout
-    assert {"yarnkit/recipes/tiny.yaml", "yarnkit/recipes/accelerate/zero2.yaml",
-            "yarnkit/recipes/accelerate/zero2.json"} <= packaged
+    assert {"recipes/tiny.yaml", "recipes/accelerate/zero2.yaml",
+            "recipes/accelerate/zero2.json"} <= packaged
 
 
 def test_installed_wheel_resolves_recipes_from_any_folder(wheel, tmp_path):
@@ -49,7 +49,7 @@ def test_installed_wheel_resolves_recipes_from_any_folder(wheel, tmp_path):
                     str(wheel)], check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import yarnkit; from yarnkit.recipes import accelerate_config; "
+    probe = ("import yarnkit; from yarnkit.recipe_files import accelerate_config; "
              "from yarnkit.train.recipe import load_recipe, recipe_path; "
              "print(yarnkit.__file__); print(recipe_path('tiny')); print(accelerate_config('zero3')); "
              "print(load_recipe(['recipe=tiny']).train.max_steps)")

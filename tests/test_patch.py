@@ -19,7 +19,8 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from yarnkit import rope
-from yarnkit.patch import ARCHS, RopeScalingError, apply_rope_scaling
+from yarnkit.patch import ARCHS, apply_rope_scaling
+from yarnkit.errors import RopeScalingError
 
 ARCH_KWARGS = {
     "llama": {},

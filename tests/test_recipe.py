@@ -1,4 +1,4 @@
-"""Recipes: every file under yarnkit/recipes/ loads strictly; precedence, typo and type errors; launcher configs;
+"""Recipes: every file under recipes/ loads strictly; precedence, typo and type errors; launcher configs;
 estimates.
 
 Run: python -m pytest tests/test_recipe.py -q
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yarnkit.recipes import ACCELERATE_DIR, RECIPES_DIR, recipe_files
-from yarnkit.train.recipe import Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
+from yarnkit.recipe_files import ACCELERATE_DIR, RECIPES_DIR, recipe_files
+from yarnkit.train.recipe import Recipe, load_recipe, recipe_from_file, save_recipe
+from yarnkit.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_FILES = recipe_files()
@@ -134,7 +135,7 @@ def test_dry_run_rejects_seq_len_beyond_scaled_context():
 
 def test_memory_check_fails_before_loading_with_advice():
     from yarnkit.train.estimate import check_memory
-    from yarnkit.train.model import scaled_config
+    from yarnkit.train.model_setup import scaled_config
 
     recipe = load_recipe(["recipe=smollm2-yarn-64k", "model.gradient_checkpointing=false"])
     config = scaled_config(recipe.model, recipe.yarn)

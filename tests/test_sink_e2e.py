@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from export_fixtures import tiny_bpe_tokenizer
 from trainer_helpers import make_text_file, tiny_overrides
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -128,7 +128,7 @@ def test_chat_and_serve_keep_exactly_one_sink(exported, command, kind, monkeypat
 def test_zero_sinks_on_a_sink_token_model_is_allowed_with_a_warning(exported):
     from yarnkit.models import load_model
     from yarnkit.runtime.engine import StreamingEngine
-    from yarnkit.sink import SinkTokenWarning
+    from yarnkit.sink_token import SinkTokenWarning
 
     out, _ = exported
     with pytest.warns(SinkTokenWarning, match="--sinks 0 lets it be evicted"):
@@ -141,7 +141,7 @@ def test_zero_sinks_on_a_sink_token_model_is_allowed_with_a_warning(exported):
 
 
 def test_attention_mass_over_the_runs_checkpoints(setup):
-    from yarnkit.eval.sinks import measure_run
+    from yarnkit.eval.attention_sinks import measure_run
 
     _, run = setup
     ids = torch.randint(3, 384, (2, 24), generator=torch.Generator().manual_seed(0))

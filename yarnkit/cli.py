@@ -25,7 +25,7 @@ import socket
 import sys
 import traceback
 
-from yarnkit.errors import BadValue, UserError
+from yarnkit.errors import BadValue, UsageError, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -37,10 +37,6 @@ COMMANDS = {
     "eval": ("yarnkit.eval.cli", "evaluate long context: ppl vs length, passkey/needle grids, streaming ppl, report"),
 }
 DEBUG_FLAG = "--debug"
-
-
-class UsageError(BadValue):
-    """A command line argparse rejects (unknown flag, bad choice, missing argument)."""
 
 
 class Parser(argparse.ArgumentParser):

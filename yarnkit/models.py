@@ -40,9 +40,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from yarnkit.errors import BadModel, BadValue, NotFound, UserError
+from yarnkit.errors import BadModel, BadValue, HubUnavailable, NotFound, UserError
 from yarnkit.patch import register_rope_types
-from yarnkit.sink import read_gguf_sink_token
+from yarnkit.sink_token import read_gguf_sink_token
 
 # name -> (python package that ships the file, file name inside it)
 BUNDLED_MODELS = {
@@ -54,10 +54,6 @@ BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "configs"  # <org>--<name>/
 GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-class HubUnavailable(UserError, OSError):
-    """A hub id that is not in the local cache while the hub cannot be reached."""
 
 
 @dataclass(frozen=True)

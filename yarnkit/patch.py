@@ -27,6 +27,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from yarnkit import rope
+from yarnkit.errors import RopeScalingError
 
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
@@ -49,10 +50,6 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec(scaled_layer_types=("full_attention",)),  # local sliding layers keep their RoPE
     "phi3": ArchSpec(encoding="longrope"),
 }
-
-
-class RopeScalingError(ValueError):
-    """A scaling request that cannot be applied as asked; the message names the value and the fix."""
 
 
 @dataclass

@@ -1,13 +1,16 @@
-"""The training recipes and accelerate launcher configs that ship inside the package, and their registry.
+"""Where the shipped training recipes and accelerate launcher configs are, in a checkout or an installed wheel.
 
     recipe_names()              # ['sink-pretrain', 'smollm2-yarn-64k', 'smollm2-yarn-64k-pose', 'tiny', ...]
-    recipe_file("tiny")         # .../yarnkit/recipes/tiny.yaml, in a checkout or an installed wheel
-    accelerate_config("zero2")  # .../yarnkit/recipes/accelerate/zero2.yaml
+    recipe_file("tiny")         # CHECKOUT/recipes/tiny.yaml, or SITE/yarnkit/recipes/tiny.yaml from a wheel
+    accelerate_config("zero2")  # .../recipes/accelerate/zero2.yaml
 
-A recipe is every `NAME.yaml` in this folder or a subfolder other than `accelerate/` (its first lines: purpose, launch, overrides; docs/recipes.md);
+The recipes live in the repository's top-level `recipes/` folder; the wheel ships them as package data of
+`yarnkit.recipes` (pyproject's `[tool.setuptools.package-dir]`). A recipe is every `NAME.yaml` there or in a
+subfolder other than `accelerate/` (its first lines: purpose, launch, overrides; docs/recipes.md), and
 `recipe=NAME` resolves through here from any working directory. `accelerate/` holds the launcher configs; the
-DeepSpeed ones name their JSON relative to the repository root (`yarnkit/recipes/accelerate/zero2.json`), so
-launch them from the root of a checkout. Reading recipes is `yarnkit.train.recipe`'s job, not this module's.
+DeepSpeed ones name their JSON as `recipes/accelerate/NAME.json`, which is found from a checkout's root, and
+`deepspeed_json` finds the shipped copy from anywhere else (the trainer calls it before it builds its
+Accelerator). Reading recipes is `yarnkit.train.recipe`'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ from pathlib import Path
 
 from yarnkit.errors import NotFound
 
-RECIPES_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _recipes_dir() -> Path:
+    """The wheel's package data `yarnkit/recipes/` when it holds recipes, else the checkout's `recipes/`."""
+    installed = PACKAGE_DIR / "recipes"
+    return installed if any(installed.glob("*.yaml")) else PACKAGE_DIR.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
 
@@ -48,3 +60,14 @@ def accelerate_config(name: str) -> Path:
         raise NotFound(f"no launcher config {name!r} in {ACCELERATE_DIR}",
                        f"choose one of {', '.join(sorted(p.stem for p in ACCELERATE_DIR.glob('*.yaml')))}")
     return path
+
+
+def deepspeed_json(path: str) -> str:
+    """A launcher config's `deepspeed_config_file` as this process can open it: `path` itself when it exists (a
+    launch from a checkout's root, or the user's own file), else the shipped JSON that `recipes/accelerate/NAME.json`
+    names (a launch from another folder, or from an installed wheel)."""
+    given = Path(path).expanduser()
+    shipped = ACCELERATE_DIR / given.name
+    if given.is_file() or given.is_absolute() or given.parent.as_posix() != "recipes/accelerate" or not shipped.is_file():
+        return path
+    return str(shipped)

@@ -33,7 +33,7 @@ import torch
 
 from yarnkit.models import load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
-from yarnkit.train.bench import run_plan
+from yarnkit.bench.training import run_plan
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary
 

@@ -10,7 +10,7 @@ False, or None when a result it needs is missing). The targets:
   the base model's;
 - perplexity at the longest length <= the base model's at its native context;
 - perplexity at the shortest length <= 1.03 x the base model's.
-Used by scripts/e2e.py (summary.json `targets`); tested in tests/test_eval_targets.py.
+Used by scripts/e2e.py (summary.json `targets`); tested in tests/test_bench_targets.py.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 import yarnkit
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 from yarnkit.train.estimate import model_flops
-from yarnkit.train.bench_table import PEERS, VARIANTS, add_ratios, markdown, parse_variant
+from yarnkit.bench.training_table import PEERS, VARIANTS, add_ratios, markdown, parse_variant
 from yarnkit.train.metrics import read_metrics
 
 REPO = Path(yarnkit.__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def write_model_dir(folder: Path) -> None:
 def bench_text(out: Path, tokens: int) -> str:
     """The bundled novel (~330k SmolLM2 tokens), repeated so that `tokens` tokens (a few steps' worth) fit."""
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import read_text
+    from yarnkit.corpus import read_text
 
     repeats = math.ceil(tokens * 1.1 / 300_000)
     if repeats <= 1:
@@ -244,7 +244,7 @@ def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
             {"name": r["case"], "argv": r["argv"], "status": str(out / "runs" / f"{r['case']}.status.json")}
             for r in rows]}))
         runner = ([sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--plan", str(plan)]
-                  if name.startswith("peers") else [sys.executable, "-m", "yarnkit.train.bench", str(plan)])
+                  if name.startswith("peers") else [sys.executable, "-m", "yarnkit.bench.training", str(plan)])
         print(f"[{name}] {len(rows)} cases in one process: {' '.join(runner)}", flush=True)
         code = _launch(runner, log, deadline - time.time())
         died = "ran past the budget and was stopped" if code is None else f"exited {code}"
@@ -429,7 +429,7 @@ def run_compare(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.train.bench PLAN.json
+if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.bench.training PLAN.json
     from yarnkit.cli import main as yarnkit_main
 
     sys.exit(run_plan(sys.argv[1], lambda argv: yarnkit_main(["train", *argv])))

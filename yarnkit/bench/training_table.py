@@ -1,7 +1,7 @@
 """The training benchmark's vocabulary and its tables: the peers (`scripts/bench_hf_baseline.py` flags), yarnkit's
 variants (recipe overrides), and what the measured rows become: MFU, speed-ups against each peer of the same shape,
 loss agreement with the reference peer, `-spN` against `-sp1`, and the markdown table. Cases are run by
-`yarnkit.train.bench`; this module runs nothing. Tested by `python -m pytest tests/test_multigpu_reports.py`.
+`yarnkit.bench.training`; this module runs nothing. Tested by `python -m pytest tests/test_multigpu_reports.py`.
 """
 
 from __future__ import annotations

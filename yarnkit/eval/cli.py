@@ -29,7 +29,7 @@ import torch
 
 from yarnkit.errors import BadValue, NotFound, UserError
 from yarnkit.rope import SCALING_TYPES
-from yarnkit.train.checkpoint import model_location
+from yarnkit.runs import model_location
 
 TASKS = {  # task -> (description, example)
     "ppl": ("perplexity vs context length: one window of L tokens per document (YaRN paper protocol), or sliding "
@@ -197,7 +197,7 @@ def load_for_eval(args):
     location = model_location(args.model)  # a training run: its newest complete checkpoint's model/
     model, tokenizer = load_model(location, dtype=dtype, device=device)
     if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
-        from yarnkit.train.speed import use_sdpa_kernel
+        from yarnkit.sdpa import use_sdpa_kernel
 
         use_sdpa_kernel(args.sdpa_kernel)
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
@@ -248,7 +248,7 @@ def _plot(results: list[dict], path) -> Path:
 
 def ppl_documents(args) -> tuple[list, list]:
     """The tokenised documents for `ppl`, read before the model loads; fails when no length can be evaluated."""
-    from yarnkit.eval.data import iter_eval_documents, tokenize_documents
+    from yarnkit.eval.documents import iter_eval_documents, tokenize_documents
     from yarnkit.models import load_tokenizer
 
     limit = None if args.stride else max(args.lengths)
@@ -281,7 +281,7 @@ def check_evaluated(result: dict) -> None:
 
 
 def run_task(args) -> dict:
-    from yarnkit.eval.data import iter_eval_documents
+    from yarnkit.eval.documents import iter_eval_documents
     from yarnkit.eval.ppl import bos_token_id
 
     check_arguments(args)
@@ -302,14 +302,14 @@ def run_task(args) -> dict:
         filler = None
         if args.task == "needle":
             from yarnkit.assets import sample_path
-            from yarnkit.train.corpus import read_text
+            from yarnkit.corpus import read_text
 
             filler = read_text(args.haystack or sample_path("eval"))
         result.update(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed, filler,
                                        args.max_length, args.max_new_tokens))
     else:
         from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
-        from yarnkit.sink import streaming_sinks
+        from yarnkit.sink_token import streaming_sinks
 
         sink = getattr(model.config, "yarnkit_sink_token_id", None)  # a sink-token model sees it first, as trained
         sinks = streaming_sinks(model.config, args.sinks)
@@ -328,7 +328,7 @@ def run_task(args) -> dict:
 
 def _lazy_tokenized(documents, tokenizer, skipped: list):
     """Tokenise one document at a time (a 1M-token stream never holds all books' ids at once)."""
-    from yarnkit.eval.data import tokenize_documents
+    from yarnkit.eval.documents import tokenize_documents
 
     for name, text in documents:
         kept, empty = tokenize_documents([(name, text)], tokenizer)

@@ -153,7 +153,7 @@ class RecomputePolicy:
 class SinkPolicy:
     """Attention sinks + rolling window through the runtime's `StreamingEngine` (built lazily per model).
 
-    `window` is the whole cache, sinks included; `sinks=None` takes the runtime's default (`yarnkit.sink.streaming_sinks`: 1 for a
+    `window` is the whole cache, sinks included; `sinks=None` takes the runtime's default (`yarnkit.sink_token.streaming_sinks`: 1 for a
     model with a dedicated sink token, else 4). Other options are `StreamOptions`' (evict_batch, prefill_chunk,
     sirllm_keep, sirllm_decay, decode). With `evict_batch=1` this is exactly StreamingLLM's `sinks + (W - sinks)`
     cache; the default evicts in batches of `(W - sinks) // 16` (amortised re-rotation), so the cache then holds

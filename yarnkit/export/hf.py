@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from yarnkit.export import rope_keys
-from yarnkit.export.source import ExportError, ExportSource
+from yarnkit.export.source import ExportSource
+from yarnkit.errors import ExportError
 from yarnkit.patch import rebuild_rotary_modules, register_rope_types
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -52,7 +53,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
         config.vocab_size = base_vocab  # a sink-token run grew the vocabulary: load the base, then resize
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
         if trained_vocab != base_vocab:
-            from yarnkit.sink import grow_vocabulary
+            from yarnkit.sink_token import grow_vocabulary
 
             grow_vocabulary(model, trained_vocab)  # the rows the trainer started from; the adapter holds trained ones
             notes.append(f"vocabulary resized {base_vocab} -> {trained_vocab} (sink token) before merging")

@@ -20,12 +20,8 @@ from pathlib import Path
 import yaml
 
 from yarnkit import models
-from yarnkit.errors import BadModel, UserError
-from yarnkit.train.checkpoint import find_checkpoint
-
-
-class ExportError(UserError, RuntimeError):
-    """An export input or output problem, with a message that names the path and the fix."""
+from yarnkit.errors import BadModel, ExportError
+from yarnkit.runs import find_checkpoint
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from typing import Iterator
 
 import torch
 
+from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.compress import compress_prompt
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions, sample
-from yarnkit.train.checkpoint import model_location
+from yarnkit.runs import model_location
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -62,10 +63,6 @@ def normalize_messages(messages) -> list[dict]:
     if out[-1]["role"] not in ("user", "tool") or not out[-1]["content"].strip():
         raise ValueError("messages: the last message must be a non-empty user (or tool) message")
     return out
-
-
-class PromptTooLong(ValueError):
-    """The prompt (as tokens) is longer than the configured limit; the message names the field."""
 
 
 @dataclass

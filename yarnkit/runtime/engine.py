@@ -15,7 +15,7 @@ not: a chat template or a server (see `conversation.py`, `serve.py`).
 row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally `torch.compile`d); `auto` picks
 graph on CUDA, eager elsewhere.
 
-Sinks: `yarnkit.sink.streaming_sinks(config)`: 1 when the model's config records a dedicated sink token
+Sinks: `yarnkit.sink_token.streaming_sinks(config)`: 1 when the model's config records a dedicated sink token
 (`config.yarnkit_sink_token_id`; it is put in slot 0 automatically and never evicted), else 4. `pin()` also
 protects everything fed so far (a system prompt).
 
@@ -34,7 +34,7 @@ from yarnkit.errors import BadValue
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.static import SlotPool
-from yarnkit.sink import streaming_sinks
+from yarnkit.sink_token import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
 
@@ -43,7 +43,7 @@ DECODE_PATHS = ("auto", "eager", "static", "graph")
 class StreamOptions:
     """Knobs of the streaming runtime; `None` means "derive from the model / the window"."""
 
-    sinks: int | None = None          # None: yarnkit.sink.streaming_sinks(config)
+    sinks: int | None = None          # None: yarnkit.sink_token.streaming_sinks(config)
     window: int = 1024                # tokens the cache holds in all, sinks and pinned tokens included
     evict_batch: int | None = None    # tokens dropped per eviction; None: max(1, (window - sinks) // 16)
     prefill_chunk: int = 512          # longest single forward (clipped to the free cache)

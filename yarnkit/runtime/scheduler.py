@@ -28,7 +28,8 @@ import torch
 from dataclasses import dataclass, field
 from typing import Callable
 
-from yarnkit.runtime.conversation import Conversation, PromptTooLong, Sampling, Turn
+from yarnkit.runtime.conversation import Conversation, Sampling, Turn
+from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
 
 log = logging.getLogger(__name__)

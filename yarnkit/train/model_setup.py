@@ -4,7 +4,7 @@ YaRN goes into the config *before* the weights load (`yarnkit.patch.apply_rope_s
 the rotary modules are built scaled and `save_pretrained` writes `rope_parameters` with the scaling. LoRA is
 peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `embed,norm`). `model.init=scratch`
 builds random weights from the named model's config reshaped by `model.scratch` (its tokenizer is kept), for
-pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink.py); under LoRA its
+pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink_token.py); under LoRA its
 embedding row is trained through peft's `trainable_token_indices` (tied heads included) unless `embed_tokens` is
 already fully trained via `lora.trainable_extra`. The speed keys (`model.kernels`, `checkpoint_policy`,
 `compile_layers`) are applied in that order through `yarnkit.train.speed`; `model.yarnkit_speed` records what
@@ -21,11 +21,11 @@ import torch
 
 from yarnkit.models import check_safetensors, load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
-from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
-from yarnkit.train.errors import RecipeError
+from yarnkit.sink_token import add_sink_token, padded_vocab_size, register_sink_token
+from yarnkit.errors import RecipeError
+from yarnkit.sdpa import use_sdpa_kernel
 from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
-                                 keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps,
-                                 use_sdpa_kernel)
+                                 keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps)
 
 
 @dataclass

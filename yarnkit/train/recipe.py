@@ -1,4 +1,4 @@
-"""Typed training recipes: dataclass defaults < a shipped recipe (`yarnkit/recipes/<name>.yaml`) or any YAML file
+"""Typed training recipes: dataclass defaults < a shipped recipe (`recipes/<name>.yaml`) or any YAML file
 < command-line `key=value` overrides.
 
 `load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
@@ -21,13 +21,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from yarnkit.errors import NotFound
-from yarnkit.recipes import recipe_file
-from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
+from yarnkit.errors import NotFound, RecipeError
+from yarnkit.recipe_files import recipe_file
+from yarnkit.train.checkpoint import CheckpointArgs
+from yarnkit.runs import RECIPE_FILE
 from yarnkit.train.data import DataArgs, check_mix
-from yarnkit.train.errors import RecipeError
 from yarnkit.train.loop import TrainArgs
-from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
+from yarnkit.train.model_setup import LoraArgs, ModelArgs, YarnArgs
 from yarnkit.train.optim import OptimArgs
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention, check_speed_keys
@@ -49,7 +49,7 @@ class Recipe:
 
 
 def recipe_path(name: str) -> Path:
-    """`tiny` -> the shipped yarnkit/recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
+    """`tiny` -> the shipped recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -98,10 +98,10 @@ def _load_yaml(path: Path):
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise RecipeError(f"{where} is not valid YAML ({_first_line(err)})",
-                          "fix the file (compare it with yarnkit/recipes/tiny.yaml)") from err
+                          "fix the file (compare it with recipes/tiny.yaml)") from err
     if not isinstance(layer, DictConfig):
         raise RecipeError(f"{path} holds a YAML {type(layer).__name__}, not a mapping of recipe sections",
-                          "write `section:` blocks of `key: value` lines (see yarnkit/recipes/tiny.yaml)")
+                          "write `section:` blocks of `key: value` lines (see recipes/tiny.yaml)")
     return layer
 
 

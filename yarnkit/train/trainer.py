@@ -1,7 +1,7 @@
 """The training run: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
 
     python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
-    accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
+    accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
 cross-entropy of `yarnkit.train.loss` (fused or chunked, `train.loss_impl`); gradients are clipped to `train.clip`
@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from yarnkit import rope
-from yarnkit.errors import AlreadyExists, NotFound
-from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
+from yarnkit.errors import AlreadyExists, NotFound, RecipeError
+from yarnkit.train.checkpoint import load_checkpoint, save_checkpoint
+from yarnkit.runs import has_step_dirs, is_complete, latest_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
-from yarnkit.train.errors import RecipeError
 from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
 from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
                                 zero_stage)
 from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
 from yarnkit.train.metrics import MetricsLog
-from yarnkit.train.model import build_model, scaled_config
+from yarnkit.train.model_setup import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
 from yarnkit.train.recipe import (check_context, load_recipe, recipe_from_file, recipe_keys_help, recipe_to_yaml,
                                   save_recipe)
