@@ -79,7 +79,8 @@ def test_activation_offload_keeps_loss_and_grads():
 
 
 def test_checkpoint_layers_keeps_the_first_n(tmp_path):
-    from yarnkit.train.model_setup import LoraArgs, ModelArgs, build_model, scaled_config, YarnArgs
+    from yarnkit.patch import YarnArgs
+    from yarnkit.train.model_setup import LoraArgs, ModelArgs, build_model, scaled_config
 
     tiny_model("llama", seed=0).save_pretrained(tmp_path)
     from trainer_helpers import char_tokenizer

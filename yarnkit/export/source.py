@@ -21,6 +21,7 @@ import yaml
 
 from yarnkit import models
 from yarnkit.errors import BadModel, ExportError
+from yarnkit.patch import YarnArgs, read_yarn_args
 from yarnkit.runs import find_checkpoint
 
 
@@ -40,6 +41,10 @@ class ExportSource:
         if self.recipe_path is None:
             return {}
         return yaml.safe_load(self.recipe_path.read_text()) or {}
+
+    def yarn_args(self) -> YarnArgs:
+        """The recipe's `yarn` section, typed (defaults when there is no recipe): what the trainer applied."""
+        return read_yarn_args(self.recipe().get("yarn"), str(self.recipe_path))
 
 
 def check_safetensors(model_dir: Path) -> None:
