@@ -30,7 +30,7 @@ import uvicorn
 from conftest import tiny_model
 
 from yarnkit.runtime.conversation import Conversation, Sampling
-from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.options import StreamOptions
 from yarnkit.runtime.scheduler import Scheduler
 from yarnkit.runtime.api import Service
 from yarnkit.runtime.serve import create_app

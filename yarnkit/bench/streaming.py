@@ -19,7 +19,8 @@ import time
 import torch
 
 from yarnkit.models import cache_kwargs
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.runtime.engine import StreamingEngine, make_pool
+from yarnkit.runtime.options import StreamOptions
 
 SHAPES = {  # timing-only model shapes (random init); vocabularies and widths of the named models
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -30,6 +30,8 @@ import torch
 from yarnkit.errors import BadValue, NotFound, UserError
 from yarnkit.rope import SCALING_TYPES
 from yarnkit.runs import model_location
+from yarnkit.runtime.options import add_cache_arguments
+from yarnkit.sdpa import SDPA_KERNELS
 
 TASKS = {  # task -> (description, example)
     "ppl": ("perplexity vs context length: one window of L tokens per document (YaRN paper protocol), or sliding "
@@ -78,7 +80,7 @@ def add_arguments(parser) -> None:
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
-            p.add_argument("--sdpa-kernel", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"],
+            p.add_argument("--sdpa-kernel", default="auto", choices=SDPA_KERNELS,
                            help="attention kernel tried first (cudnn is the fastest prefill on an H200; auto: torch's)")
         if task in ("ppl", "stream"):
             p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
@@ -134,9 +136,7 @@ def add_arguments(parser) -> None:
                            help="evaluate lengths above the model's context instead of refusing them")
         if task == "stream":
             p.add_argument("--policy", default="sink", choices=STREAM_POLICIES, help="KV-cache policy (default sink)")
-            p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
-            p.add_argument("--sinks", type=int, help="attention sinks for the sink policy (default: 1 for a model "
-                           "trained with a sink token, config.yarnkit_sink_token_id; else 4)")
+            add_cache_arguments(p)  # --window, --sinks: the same flags as chat and serve
             p.add_argument("--max-cache", type=int, help="dense policy: stop once the cache would exceed this")
             p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
             p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from yarnkit.eval.ppl import safe_exp
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.options import StreamOptions
 from yarnkit.models import forward_with_cache
 
 

@@ -30,7 +30,8 @@ from typing import Callable
 
 from yarnkit.runtime.conversation import Conversation, Sampling, Turn
 from yarnkit.errors import PromptTooLong
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.runtime.engine import StreamingEngine, make_pool
+from yarnkit.runtime.options import StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,11 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
                  prefill_budget: int = 128, max_prompt_tokens: int | None = None):
+        options = options.resolved(model.config, next(model.parameters()).device, pooled=True)  # no-op if resolved
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_budget = prefill_budget
-        device = next(model.parameters()).device
-        decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
-        self.pool = None if decode == "eager" else make_pool(model, StreamOptions(**{**options.__dict__,
-                                                                                     "decode": decode}), rows)
+        self.pool = None if options.decode == "eager" else make_pool(model, options, rows)
         self.make_conversation = make_conversation or (lambda pool: Conversation(model, tokenizer, options,
                                                                                  pool=pool))
         self.named: OrderedDict[str, Conversation] = OrderedDict()

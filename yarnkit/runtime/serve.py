@@ -33,8 +33,8 @@ import uuid
 
 from yarnkit.errors import BadValue
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
-from yarnkit.runtime.chat import add_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.conversation import Sampling
+from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.scheduler import Job, Scheduler, SessionBusy
 
 log = logging.getLogger("yarnkit.serve")
@@ -241,7 +241,7 @@ def create_app(service: Service, api_key: str | None = None):
 
 
 def build_service(args, model, tokenizer) -> Service:
-    options = stream_options(args)
+    options = stream_options(args).resolved(model.config, args.device, pooled=True)  # checked once, before serving
     scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens)
     name = args.model_name or str(getattr(model.config, "_name_or_path", "") or args.ckpt)
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
