@@ -249,7 +249,7 @@ def add_arguments(parser) -> None:
                         help="print the resolved recipe, parameter count and memory/time estimates, then stop "
                              "(no weights load; works offline)")
     parser.epilog = ("examples:\n  yarnkit train recipe=tiny train.max_steps=3 run_dir=runs/tiny-3\n"
-                     "  python scripts/train.py recipe=yarn-64k --dry-run\n\n"
+                     "  yarnkit train recipe=yarn-64k --dry-run\n\n"
                      "recipe keys and their defaults (dataclass defaults < recipe=NAME < key=value):\n"
                      + recipe_keys_help())
 
