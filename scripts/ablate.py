@@ -1,4 +1,4 @@
-"""Ablation of the training recipe for context use (issue 13): variants trained and evaluated the same way.
+"""Ablation of the training recipe for context use: variants trained and evaluated the same way.
 
 Each variant is `scripts/e2e.py --stages train,eval` (no baselines, no export) with the variant's recipe overrides
 and a shorter run (`--steps`), then a reduced grid: perplexity at `--lengths`, and the single-needle (niah) and

@@ -5,7 +5,7 @@ One command does the whole sequence and writes everything under OUT:
     OUT/run/                    the training run (recipe.yaml, metrics.jsonl, checkpoints/)
     OUT/eval/                   for every model (base, dynamic NTK xS, zero-shot YaRN xS, fine-tuned): ppl-*.json|png
                                 and the retrieval tasks niah-, multikey-, multivalue-, multiquery-, vt-, chat-*.json|png
-                                (issue 13: RULER-style, book haystacks); ppl-compare.png
+                                (RULER-style, book haystacks); ppl-compare.png
     OUT/export/                 the HF export (verified in a fresh process) and model.gguf
     OUT/eval/stream-*.json|png  the exported model streamed through the runtime (sinks + rolling cache)
     OUT/summary.json            timings, training throughput, `targets` (each with its measured value, met or not)
@@ -15,7 +15,7 @@ GPU (1 to 4 GPUs; training is data-parallel (DDP) over `--gpus` GPUs, default al
 global batch: micro-batch / N per GPU, the same samples per step and the same targets as on one GPU; about 7
 minutes on one H200):
     python scripts/e2e.py --train-data '/data/books/train_*.txt.gz' --books /data/books --out runs/e2e
-Scaling (issue 20): train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
+Scaling: train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
 baselines then run after training, not beside it on the same GPUs); summary.json's train.scaling holds the
 speed-up and efficiency (throughput and wall time) against the reference:
     python scripts/e2e.py --stages train --gpus 1 --out runs/e2e-1gpu --train-data ...

@@ -11,7 +11,7 @@ GPU command (one H100/H200, bf16; about 4 minutes, see docs/eval.md):
 CPU smoke run (tiny sizes, a few minutes):
     python scripts/eval_baselines.py yarnkit/assets --pattern 'test_*' --out /tmp/baselines \
         --lengths 256,512 --docs 1 --trials 1 --depths 0.5
-The retrieval tasks of issue 13 run in scripts/e2e.py. Run from a checkout with yarnkit installed
+The retrieval tasks run in scripts/e2e.py. Run from a checkout with yarnkit installed
 (`pip install -e .`) or on PYTHONPATH. Not a test: nothing here asserts numbers.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 13's targets read from result dicts (yarnkit/bench/targets.py).
+"""The extended model's targets read from result dicts (yarnkit/bench/targets.py).
 Run: python -m pytest tests/test_bench_targets.py
 """
 

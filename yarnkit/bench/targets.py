@@ -1,4 +1,4 @@
-"""Issue 13's targets for an extended model, read from `yarnkit eval` results; pure functions, no model.
+"""The targets an extended model must meet, read from `yarnkit eval` results; pure functions, no model.
 
 `context_targets(results, ...)` takes the result dicts by (task, role), role "base" (the unscaled model) or "tuned"
 (the fine-tuned one), and returns one row per target: `target`, `measured` (the numbers, in words), `met` (True,

@@ -27,7 +27,7 @@ VARIANTS = {
     "chunked-loss": {"train.loss_impl": "chunked"},
     "foreach-adamw": {"optim.fused": "false"},
     "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
-               "optim.fused": "false"},  # the recipe's speed keys as they were before issue 14
+               "optim.fused": "false"},  # the recipe's speed keys before the speed work (kernels, compile, fused loss)
     "alst": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full", "model.tiled_mlp": True,
              "train.offload_activations": True},  # + the tiled (chunked or Liger-fused) loss: longest sequences
 }

@@ -50,7 +50,7 @@ class Recipe:
 
 
 def recipe_path(name: str) -> Path:
-    """`tiny` -> the shipped recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
+    """`tiny` -> the shipped recipes/tiny.yaml (`yarnkit.recipe_files`); a path to a .yaml file is used as is."""
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
