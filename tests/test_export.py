@@ -25,7 +25,7 @@ from yarnkit.export import rope_keys, verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
 from yarnkit.export.source import find_export_source  # noqa: E402
 from yarnkit.errors import ExportError
-from yarnkit.models import user_umask  # noqa: E402
+from yarnkit.model_files import user_umask  # noqa: E402
 
 
 @pytest.fixture(scope="module")

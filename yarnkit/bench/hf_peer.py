@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench.training_cases import run_plan
-from yarnkit.models import load_config, local_hf_dir
+from yarnkit.models import load_config
+from yarnkit.model_files import local_hf_dir
 from yarnkit.patch import YarnArgs, apply_yarn
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary

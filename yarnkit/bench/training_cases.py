@@ -70,7 +70,7 @@ def model_source(out: Path, model: str, max_len: int, model_dir: str) -> tuple[s
         raise SystemExit(f"unknown model {model!r}; choose smollm2-135m or one of {sorted(RANDOM_MODELS)}")
     from transformers import AutoTokenizer, LlamaConfig
 
-    from yarnkit.models import local_hf_dir
+    from yarnkit.model_files import local_hf_dir
 
     folder = out / "models" / model
     tokenizer = AutoTokenizer.from_pretrained(model_dir or local_hf_dir("smollm2-135m"))

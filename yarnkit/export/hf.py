@@ -39,7 +39,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from yarnkit.models import local_hf_dir
+    from yarnkit.model_files import local_hf_dir
 
     register_rope_types()  # checkpoints trained with dynamic_yarn load (prepare_for_inference makes it static)
     notes: list[str] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from yarnkit import models
+from yarnkit import model_files
 from yarnkit.errors import BadModel, ExportError
 from yarnkit.patch import YarnArgs, read_yarn_args
 from yarnkit.runs import find_checkpoint
@@ -52,11 +52,11 @@ def check_safetensors(model_dir: Path) -> None:
     if not any(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
         raise ExportError(f"no *.safetensors weights in {model_dir}; export reads safetensors only "
                           "(re-save the model with `save_pretrained(..., safe_serialization=True)`)")
-    _as_export_error(models.check_safetensors, model_dir)
+    _as_export_error(model_files.check_safetensors, model_dir)
 
 
 def check_safetensors_file(path: Path) -> None:
-    _as_export_error(models.check_safetensors_file, path)
+    _as_export_error(model_files.check_safetensors_file, path)
 
 
 def _as_export_error(check, path: Path) -> None:

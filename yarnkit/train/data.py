@@ -42,7 +42,7 @@ import torch
 
 from yarnkit.corpus import PYTHON_STDLIB, expand_alias, local_documents, local_files, local_paths, source_parts
 from yarnkit.errors import DataError
-from yarnkit.models import cache_dir, rename_into_place
+from yarnkit.model_files import cache_dir, rename_into_place
 from yarnkit.train.pose import far_position_ids, pose_generator, pose_position_ids
 from yarnkit.train.synthetic import Row, RowMaker, SyntheticArgs, training_phrasings
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from yarnkit.models import check_safetensors, load_config, local_hf_dir
+from yarnkit.models import load_config
+
+from yarnkit.model_files import check_safetensors, local_hf_dir
 from yarnkit.patch import YarnArgs, apply_yarn
 from yarnkit.sink_token import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.errors import RecipeError
