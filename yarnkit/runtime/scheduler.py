@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from yarnkit.runtime.conversation import Conversation, Sampling, Turn
+from yarnkit.runtime.sessions import SessionTable
 from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.engine import StreamingEngine, make_pool
 from yarnkit.runtime.options import StreamOptions
@@ -70,12 +70,8 @@ class Scheduler:
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_budget = prefill_budget
         self.pool = None if options.decode == "eager" else make_pool(model, options, rows)
-        self.make_conversation = make_conversation or (lambda pool: Conversation(model, tokenizer, options,
-                                                                                 pool=pool))
-        self.named: OrderedDict[str, Conversation] = OrderedDict()
-        self.anonymous: list[Conversation] = []
-        self.busy: set[int] = set()             # id() of conversations with a turn in flight
-        self.last_used: dict[int, float] = {}
+        new = make_conversation or (lambda pool: Conversation(model, tokenizer, options, pool=pool))
+        self.sessions = SessionTable(rows, lambda: new(self.pool))
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.cond = threading.Condition()
@@ -88,27 +84,19 @@ class Scheduler:
     # -- any thread -----------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self.cond:
-            if job.session is not None:
-                conversation = self.named.get(job.session)
-                if conversation is not None and id(conversation) in self.busy or any(
-                        j.session == job.session for j in self.waiting):
-                    raise SessionBusy(job.session)
+            if job.session is not None and (self.sessions.is_busy(job.session)
+                                            or any(j.session == job.session for j in self.waiting)):
+                raise SessionBusy(job.session)
             self.waiting.append(job)
             self.cond.notify()
 
     def drop_session(self, session: str) -> bool:
         with self.cond:
-            conversation = self.named.get(session)
-            if conversation is None or id(conversation) in self.busy:
-                return False
-            del self.named[session]
-            conversation.close()
-            return True
+            return self.sessions.drop(session)
 
     def stats(self) -> dict:
         with self.cond:
-            return {"sessions": len(self.named), "anonymous_caches": len(self.anonymous), "rows": self.rows,
-                    "active_requests": len(self.active), "waiting_requests": len(self.waiting),
+            return {**self.sessions.stats(), "active_requests": len(self.active), "waiting_requests": len(self.waiting),
                     "decode_path": "eager" if self.pool is None else "graph" if self.pool.use_graph else "static",
                     "steps": self.steps}
 
@@ -203,8 +191,7 @@ class Scheduler:
 
     def _release(self, job: Job, conversation: Conversation) -> None:
         with self.cond:
-            self.busy.discard(id(conversation))
-            self.last_used[id(conversation)] = time.monotonic()
+            self.sessions.release(conversation)
             if job.finished == job.choices and job in self.active:
                 self.active.remove(job)
                 self.cond.notify_all()
@@ -225,14 +212,13 @@ class Scheduler:
                 self.waiting.remove(job)
                 job.emit("cancelled", 0, None)
                 continue
-            conversations = self._conversations_for(job)
+            conversations = self.sessions.claim(job.session, job.choices, job.messages, job.text, job.rendered)
             if conversations is None:
                 continue  # every row is busy: wait for one
             self.waiting.remove(job)
             job.conversations = conversations
             self.active.append(job)
             for index, conversation in enumerate(conversations):
-                self.busy.add(id(conversation))
                 sampling = job.sampling
                 if sampling.seed is not None and index:
                     sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
@@ -261,46 +247,3 @@ class Scheduler:
         with self.cond:
             job.turns.append(turn)
             self.cond.notify()
-
-    def _conversations_for(self, job: Job) -> list[Conversation] | None:
-        if job.session is not None:
-            conversation = self.named.get(job.session)
-            if conversation is None:
-                conversation = self._new_conversation()
-                if conversation is None:
-                    return None
-                self.named[job.session] = conversation
-            self.named.move_to_end(job.session)
-            return [conversation]
-        chosen: list[Conversation] = []
-        for _ in range(job.choices):
-            idle = [c for c in self.anonymous if id(c) not in self.busy and c not in chosen]
-            reuse = {id(c): c.reusable(job.messages, job.text, job.rendered) for c in idle}
-            best = max(idle, key=lambda c: (reuse[id(c)], self.last_used.get(id(c), 0)), default=None)
-            if best is not None and reuse[id(best)] >= 0:
-                chosen.append(best)  # its history is a prefix of this request: only the rest is fed
-                continue
-            fresh = self._new_conversation(evict=False)
-            if fresh is None and idle:  # no free row: the least recently used idle anonymous cache starts over
-                chosen.append(min(idle, key=lambda c: self.last_used.get(id(c), 0)))
-                continue
-            fresh = fresh or self._new_conversation(protect=chosen)  # else drop the LRU idle named session
-            if fresh is None:
-                return None  # every row is busy: wait
-            self.anonymous.append(fresh)
-            chosen.append(fresh)
-        return chosen
-
-    def _new_conversation(self, protect=(), evict: bool = True) -> Conversation | None:
-        """A conversation on a free row; with `evict`, drops the least recently used idle one if every row is
-        taken (None: no row free, or all busy)."""
-        if len(self.named) + len(self.anonymous) >= self.rows:
-            idle = [c for c in list(self.named.values()) + self.anonymous if id(c) not in self.busy and c not in protect]
-            if not evict or not idle:
-                return None
-            victim = min(idle, key=lambda c: self.last_used.get(id(c), 0))
-            self.named = OrderedDict((k, c) for k, c in self.named.items() if c is not victim)
-            if victim in self.anonymous:
-                self.anonymous.remove(victim)
-            victim.close()
-        return self.make_conversation(self.pool)
