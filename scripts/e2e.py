@@ -45,7 +45,7 @@ from pathlib import Path
 
 from yarnkit.cli import main as _yarnkit_cli
 from yarnkit.bench.baselines import baseline_configs, selected_books
-from yarnkit.eval.cli import result_path
+from yarnkit.eval.tasks import result_path
 from yarnkit.eval.report import load_results, markdown_report
 from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
 from yarnkit.bench.targets import context_targets, targets_markdown

@@ -54,7 +54,7 @@ class Opened(Exception):
 
 
 def test_every_entry_point_picks_the_same_checkpoint(run, monkeypatch):
-    from yarnkit.eval.cli import load_for_eval
+    from yarnkit.eval.loading import load_for_eval
     from yarnkit.export.source import find_export_source
     from yarnkit.runtime.options import load_chat_model
     from yarnkit.train.trainer import _resume_point

@@ -170,13 +170,13 @@ def test_scratch_model_from_config(assets):
 def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_path):
     import argparse
 
-    from yarnkit.eval import cli
+    from yarnkit.eval import cli, tasks
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args(["stream", full_run.run_dir, "--data", str(assets["data"]), "--policy", "sink",
                               "--window", "32", "--max-tokens", "120", "--chunk", "8", "--out", str(tmp_path)])
-    result = cli.run_task(args)
+    result = tasks.run_task(args)
     assert result["sink_token_id"] == 99 and result["sinks"] == 1 and result["policy"] == "sinks1+W32"  # --window counts the whole cache, the sink included
     assert result["tokens_processed"] == 120 and result["ppl"] > 1
 
