@@ -16,7 +16,8 @@ tests/test_layout.py hold the same order):
     recipe        Recipe = every section's *Args; defaults < YAML < key=value; strict keys and cross-checks
     estimate      FLOPs/memory/time estimates for --dry-run and the pre-flight memory check
     profiling     torch.profiler breakdown of one step (train.profile_step)
-    trainer       the training run and the `yarnkit train` command (`scripts/train.py`)
+    trainer       the training run
+    cli           the `yarnkit train` command (`scripts/train.py`)
 
 What the other stages share with training lives at the package root: the run layout and the checkpoint resolver
 (`yarnkit.runs`), documents and data aliases (`yarnkit.corpus`), `YarnArgs` and `apply_yarn` (`yarnkit.patch`),
