@@ -19,7 +19,8 @@ import time
 import torch
 
 from yarnkit.models import cache_kwargs
-from yarnkit.runtime.engine import StreamingEngine, make_pool
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.static import make_pool
 from yarnkit.runtime.options import StreamOptions
 
 SHAPES = {  # timing-only model shapes (random init); vocabularies and widths of the named models

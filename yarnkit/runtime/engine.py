@@ -33,16 +33,7 @@ import torch
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.options import StreamOptions
-from yarnkit.runtime.static import SlotPool
-
-def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
-    """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
-    options = options.resolved(model.config, next(model.parameters()).device, pooled=True)
-    if options.decode == "eager":
-        raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
-    return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
-                    compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch)
-
+from yarnkit.runtime.static import SlotPool, make_pool
 
 class StreamingEngine:
     """One conversation's cache over a shared model; batch size 1 per engine (see `decode_together`)."""

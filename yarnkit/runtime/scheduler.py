@@ -5,10 +5,10 @@ conversations (one cache row of a shared `SlotPool` each). Each loop iteration r
 every turn that is generating, then ONE prefill chunk of one turn that is still reading its prompt (round
 robin; at most `prefill_budget` tokens while others are decoding), so a long prompt never blocks other
 sessions' decoding: it only adds one small chunk per step. Turns are
-set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Named
-sessions (`X-Session-Id`) keep their conversation; a request without one gets an idle anonymous cache whose
-history is the longest prefix of the request, else a free row, else the least recently used idle cache; when
-every row is busy it waits (never a 409). Cancelled jobs (a client that went away) are finished at the next
+set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Which
+conversation serves a request is the session table's choice (`sessions.py`: named sessions keep theirs,
+anonymous requests reuse a cache whose history is a prefix of theirs); when every row is busy a request waits
+(never a 409). Cancelled jobs (a client that went away) are finished at the next
 step: the partial reply is kept, so cache and history stay consistent. Events go back through `Job.emit`:
 `started` (the prompt was tokenized and fits), `text`, `done`, `error` (payload: status, message, param).
 What it is not: HTTP (see `serve.py`).
@@ -27,11 +27,12 @@ import torch
 from dataclasses import dataclass, field
 from typing import Callable
 
-from yarnkit.runtime.conversation import Conversation, Sampling, Turn
-from yarnkit.runtime.sessions import SessionTable
 from yarnkit.errors import PromptTooLong
-from yarnkit.runtime.engine import StreamingEngine, make_pool
+from yarnkit.runtime.conversation import Conversation, Sampling, Turn
+from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sessions import SessionTable
+from yarnkit.runtime.static import make_pool
 
 log = logging.getLogger(__name__)
 

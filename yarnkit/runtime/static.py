@@ -1,6 +1,7 @@
 """Static-shape sink caches for many sessions: one pool of fixed K/V buffers, a slot mask, a batched decode step.
 
-What it is: the fast decode path of the streaming runtime, and the home of continuous batching. `SlotPool`
+What it is: the fast decode path of the streaming runtime, and the home of continuous batching.
+`make_pool(model, options, rows)` builds one from resolved `StreamOptions` (its `window` and `sinks`). `SlotPool`
 preallocates ONE key and ONE value buffer `[layers, rows, kv_heads, window + 1, head_dim]`: each session
 (`RowCache`, one per `StreamingEngine`) owns a row, slots `0..window-1` hold its tokens and the last slot is a
 scratch slot that idle rows of a batched step write to. Every forward goes through one function,
@@ -36,9 +37,19 @@ from transformers.cache_utils import Cache
 
 from yarnkit import rope
 from yarnkit.models import cache_kwargs
-from yarnkit.runtime.cache import Rotary, StartRecent, rotate_back
+from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
+from yarnkit.runtime.options import StreamOptions
 
 log = logging.getLogger(__name__)
+
+
+def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
+    """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
+    options = options.resolved(model.config, next(model.parameters()).device, pooled=True)
+    if options.decode == "eager":
+        raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
+    return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
+                    compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch)
 
 
 class SlotPool(Cache):
