@@ -104,7 +104,7 @@ def test_rope_scaling_options_patch_the_loaded_model(model_dir, tmp_path):
 
 
 def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
-    from yarnkit.eval.cli import load_for_eval
+    from yarnkit.eval.loading import load_for_eval
 
     for step in ("step_000100", "step_000200"):
         shutil.copytree(model_dir, tmp_path / "run" / "checkpoints" / step / "model")

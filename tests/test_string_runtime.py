@@ -19,7 +19,9 @@ from conftest import tiny_model
 
 from yarnkit import string_attention as sa
 from yarnkit.errors import BadValue
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool, string_decode, string_options
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.options import StreamOptions, resolve_decode
+from yarnkit.runtime.static import make_pool
 
 TOL = 1e-5
 
@@ -94,14 +96,16 @@ def test_batched_decode_of_two_sessions_equals_each_alone():
 
 
 def test_decode_paths_that_string_does_not_run_are_refused_or_moved():
-    assert string_decode("auto", False, "cuda") == "static"
-    assert string_decode("auto", False, "cpu") == "auto" and string_decode("eager", False, "cuda") == "eager"
+    assert resolve_decode("auto", "cuda", string=True) == "static" and resolve_decode("auto", "cuda") == "graph"
+    assert resolve_decode("auto", "cpu", string=True) == "eager"
+    assert resolve_decode("auto", "cpu", pooled=True, string=True) == "static"
+    assert resolve_decode("eager", "cuda:1", string=True) == "eager"
     with pytest.raises(BadValue, match="--decode graph with --string.*--decode static"):
-        string_decode("graph", False, "cuda")
+        resolve_decode("graph", "cuda", string=True)
     with pytest.raises(BadValue, match="--compile with --string"):
-        string_decode("static", True, "cuda")
+        resolve_decode("static", "cuda", string=True, compile=True)
     model = _model()
-    assert string_options(model, StreamOptions(decode="graph")).decode == "graph"  # no STRING: unchanged
+    assert StreamOptions(decode="graph").resolved(model.config, "cpu").decode == "graph"  # no STRING: unchanged
     handle = sa.apply_string(model, 20, 4)
     with pytest.raises(BadValue, match="--decode graph"):
         StreamingEngine(model, decode="graph")
