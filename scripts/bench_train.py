@@ -54,17 +54,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from yarnkit.recipes import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.bench import REPO, run_compare, run_dry, write_model_dir
 from yarnkit.train.metrics import read_metrics
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes == 1:
-        return launch + ["--config_file", str(accelerate_config("single"))]
-    config = accelerate_config(f"zero{zero}" if zero else "ddp")
-    return launch + ["--config_file", str(config), "--num_processes", str(processes)]
+        return accelerate_launch("single")
+    return accelerate_launch(f"zero{zero}" if zero else "ddp", processes)
 
 
 def summarize(run_dir: Path, warmup: int) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import yarnkit
-from yarnkit.recipes import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.estimate import model_flops
 from yarnkit.train.bench_table import PEERS, VARIANTS, add_ratios, markdown, parse_variant
 from yarnkit.train.metrics import read_metrics
@@ -163,9 +163,7 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
     argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
     launch = [sys.executable, str(REPO / "scripts/train.py")]
     if sp:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(accelerate_config("zero2")), "--num_processes", str(sp),
-                  str(REPO / "scripts/train.py")]
+        launch = [*accelerate_launch("zero2", sp), str(REPO / "scripts/train.py")]
     return launch + argv, argv
 
 
