@@ -91,9 +91,7 @@ def child_env(jobs: int, cpu_smoke: bool) -> dict:
     """The paths' environment: this yarnkit first on PYTHONPATH, the cores shared out (unless the user set it)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env.setdefault("OMP_NUM_THREADS", threads)
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", threads)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # CPU ops; compiles keep theirs
     if cpu_smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on the CPU even on a GPU machine
     return env

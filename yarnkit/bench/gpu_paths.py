@@ -123,8 +123,9 @@ def recipe(args) -> tuple[str, dict]:
         if resolved.model.compile_layers == "true":
             check(speed["decoder_layers"] == "compiled", "model.compile_layers=true, but the layers ran eagerly")
     rate = rows[-1].get("tokens_per_s_per_device") or 0
-    summary = (f"{steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}, {rate:,.0f} tok/s; "
-               + ", ".join(f"{key}={value}" for key, value in speed.items()))
+    summary = (f"{steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}, {rate:,.0f} tok/s, "
+               f"{resolved.train.mixed_precision}; {speed['attention']}, norm/SwiGLU/RoPE {speed['norm_swiglu_rope']}, "
+               f"layers {speed['decoder_layers']}, loss {speed['loss']}")
     return summary, {"losses": losses, "speed": speed, "precision": resolved.train.mixed_precision,
                      "peak_memory_gb": max(row.get("peak_memory_gb") or 0 for row in rows),
                      "cuda": torch.cuda.is_available()}
