@@ -79,27 +79,47 @@ def fused_loss_missing(model: torch.nn.Module, zero_stage: int = 0) -> str | Non
 
 
 class CausalLMLoss(torch.nn.Module):
-    """`forward(input_ids, position_ids=None, attention_mask=None, labels=None) -> mean loss`; `.model` is the
-    wrapped model. `labels` are pre-shifted targets (-100 = ignore), as sequence-parallel shards need.
-    `fused`: Liger's fused linear cross-entropy instead of the chunked loss (see `fused_loss_missing`)."""
+    """`forward(input_ids, position_ids=None, attention_mask=None, labels=None, answer_mask=None) -> mean loss`;
+    `.model` is the wrapped model. `labels` are pre-shifted targets (-100 = ignore), as sequence-parallel shards
+    need. `fused`: Liger's fused linear cross-entropy instead of the chunked loss (see `fused_loss_missing`).
+    `answer_weight` > 0 with an `answer_mask` (True on the tokens of synthetic answers' values): the loss adds
+    `answer_weight` x the mean loss of those tokens (`answer_loss`), so the few tokens that need the context
+    weigh more than their share of the sequence."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096, fused: bool = False):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096, fused: bool = False,
+                 answer_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.fused = fused
+        self.answer_weight = answer_weight
         self.config = model.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
-        softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        head, softcap = lm.get_output_embeddings(), getattr(lm.config.get_text_config(), "final_logit_softcapping",
+                                                            None)
         if self.fused:
-            return fused_cross_entropy(lm.get_output_embeddings(), hidden, input_ids, softcap, labels)
-        return chunked_cross_entropy(lm.get_output_embeddings(), hidden, input_ids, self.chunk_tokens, softcap,
-                                     labels)
+            loss = fused_cross_entropy(head, hidden, input_ids, softcap, labels)
+        else:
+            loss = chunked_cross_entropy(head, hidden, input_ids, self.chunk_tokens, softcap, labels)
+        if self.answer_weight and answer_mask is not None:
+            loss = loss + self.answer_weight * answer_loss(head, hidden, input_ids, answer_mask, softcap)
+        return loss
+
+
+def answer_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor,
+                softcap: float | None = None) -> torch.Tensor:
+    """Mean next-token loss over the tokens where `answer_mask` [B, S] is True (token t predicted from position
+    t - 1); 0 (with a graph) when no token is marked. Only those few positions go through the head."""
+    targets = answer_mask[:, 1:]
+    if not targets.any():
+        return hidden.sum() * 0.0
+    return _chunk_loss(head, hidden[:, :-1][targets], input_ids[:, 1:][targets], softcap, reduction="mean")
 
 
 @torch.no_grad()
