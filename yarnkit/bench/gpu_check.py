@@ -127,42 +127,56 @@ def _finish(row: dict, path: CheckPath, code: int | None, log: Path, why_stopped
         row["detail"] = result["detail"]
 
 
-def run_paths(paths: list[CheckPath], logs: Path, deadline: float, jobs: int, env: dict, cwd: str | None,
+def _start(path: CheckPath, log: str, env: dict | None, cwd: str | None) -> subprocess.Popen:
+    path.result_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:  # its own process group: stopping it stops accelerate's workers too
+        process = subprocess.Popen(path.command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   start_new_session=True)
+    print(f"[{path.name}] started", flush=True)
+    return process
+
+
+def _ended(path: CheckPath, process: subprocess.Popen, stop_at: float, deadline: float) -> tuple[bool, str]:
+    """(whether the path's process is over, why it was stopped: "" when it exited by itself)."""
+    if process.poll() is not None:
+        return True, ""
+    if time.monotonic() < stop_at:
+        return False, ""
+    _stop(process)
+    return True, f"at its limit of {path.limit_s:.0f} s" if stop_at < deadline else "when the budget ran out"
+
+
+def run_paths(paths: list[CheckPath], logs: Path, deadline: float, jobs: int, env: dict | None, cwd: str | None,
               on_change=lambda rows: None) -> list[dict]:
     """Run `paths`, `jobs` at a time in list order, each in its own process group until its limit or `deadline`
-    (time.monotonic()); returns one row per path, in order."""
+    (time.monotonic()); returns one row per path, in order, and calls `on_change(rows)` as each one ends."""
     logs.mkdir(parents=True, exist_ok=True)
     rows = {p.name: {"name": p.name, "status": "not run", "seconds": 0.0, "log": str(logs / f"{p.name}.log")}
             for p in paths}
     pending, running = list(paths), []
-    while pending or running:
-        now = time.monotonic()
-        while pending and len(running) < jobs and now < deadline:
-            path = pending.pop(0)
-            path.result_dir.mkdir(parents=True, exist_ok=True)
-            with open(rows[path.name]["log"], "w") as log:
-                process = subprocess.Popen(path.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                           start_new_session=True)
-            running.append((path, process, now, min(now + path.limit_s, deadline)))
-            print(f"[{path.name}] started", flush=True)
-        if not running and pending:  # the budget is spent: the rest stays "not run"
-            break
-        for item in list(running):
-            path, process, started, stop_at = item
-            code, why = process.poll(), ""
-            if code is None and time.monotonic() >= stop_at:
-                why = (f"at its limit of {path.limit_s:.0f} s" if stop_at < deadline
-                       else "when the budget ran out")
-                _stop(process)
-            elif code is None:
-                continue
-            running.remove(item)
-            row = rows[path.name]
-            row["seconds"] = round(time.monotonic() - started, 1)
-            _finish(row, path, None if why else code, Path(row["log"]), why)
-            print(f"[{path.name}] {row['status']} in {row['seconds']:.0f} s", flush=True)
-            on_change(list(rows.values()))
-        time.sleep(0.2)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and time.monotonic() < deadline:
+                path, now = pending.pop(0), time.monotonic()
+                running.append((path, _start(path, rows[path.name]["log"], env, cwd), now,
+                                min(now + path.limit_s, deadline)))
+            if not running:  # the budget is spent: the rest stays "not run"
+                break
+            for item in list(running):
+                path, process, started, stop_at = item
+                ended, why = _ended(path, process, stop_at, deadline)
+                if not ended:
+                    continue
+                running.remove(item)
+                row = rows[path.name]
+                row["seconds"] = round(time.monotonic() - started, 1)
+                _finish(row, path, None if why else process.returncode, Path(row["log"]), why)
+                print(f"[{path.name}] {row['status']} in {row['seconds']:.0f} s", flush=True)
+                on_change(list(rows.values()))
+            time.sleep(0.2)
+    finally:  # Ctrl-C, or an error here: no path's process group outlives the check
+        for _, process, _, _ in running:
+            _stop(process)
     for path in pending:
         rows[path.name]["error"] = "not started: the budget ran out first"
     return list(rows.values())
