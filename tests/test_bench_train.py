@@ -1,8 +1,8 @@
 """The training benchmark's groups on CPU: the peers' process and yarnkit's process each run one case, and a
 group process that dies is reported with its own error, its exit code and the end of its log, in the row and in
-compare.md (`scripts/bench_train.py --cases`, `yarnkit/train/bench.py`). A case that crashes inside its group's
-process gets one line with its cause and the group's next cases still run; after a group's process dies, the
-next group still runs."""
+compare.md (`python -m yarnkit.bench.training --cases`, `yarnkit/bench/training.py`). A case that crashes inside
+its group's process gets one line with its cause and the group's next cases still run; after a group's process
+dies, the next group still runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from yarnkit.train import bench, bench_table
+from yarnkit.bench import training, training_cases, training_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,15 +45,15 @@ def test_a_group_process_that_dies_reports_its_error_exit_code_and_log(tmp_path,
         log.write_text(crash)
         return 1
 
-    monkeypatch.setattr(bench, "_launch", dies)
+    monkeypatch.setattr(training, "_launch", dies)
     args = SimpleNamespace(cpu=True, model_dir=None, data=None, steps=2, profile=[], warmup=1)
-    row = bench.new_row("tiny", "128", "yarnkit")
-    row["command"], row["argv"] = bench.case_command(args, out, row["case"], "tiny", "128", "yarnkit", 2)
-    bench.run_group(args, out, [row], time.time() + 600)
+    row = training.new_row("tiny", "128", "yarnkit")
+    row["command"], row["argv"] = training.case_command(args, out, row["case"], "tiny", "128", "yarnkit", 2)
+    training.run_group(args, out, [row], time.time() + 600)
     assert row["status"] == "error"
     assert "exited 1" in row["error"] and "ImportError: cannot import name 'main'" in row["error"]
     assert "ImportError" in row["log_tail"]
-    table = bench_table.markdown({"matmul_peak_tflops": 1.0, "device": "cpu", "peak_tflops": 989.0, "cases": [row],
+    table = training_table.markdown({"matmul_peak_tflops": 1.0, "device": "cpu", "peak_tflops": 989.0, "cases": [row],
                                   "max_len": []})
     assert "exited 1" in table and "ImportError: cannot import name 'main'" in table
 
@@ -71,7 +71,7 @@ def test_a_crashing_case_gets_its_own_line_and_the_next_cases_still_run(tmp_path
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"deadline": time.time() + 600, "cases": [
         {"name": case, "argv": [case], "status": str(tmp_path / f"{case}.json")} for case in cases]}))
-    assert bench.run_plan(str(plan), run_one) == 0
+    assert training_cases.run_plan(str(plan), run_one) == 0
     status = {case: json.loads((tmp_path / f"{case}.json").read_text()) for case in cases}
     assert status["crash"]["status"] == "error"
     assert status["crash"]["error"] == "ValueError: data.seq_len 100 is not a multiple of 64"
@@ -90,11 +90,11 @@ def test_after_a_group_process_dies_the_next_group_still_runs(tmp_path, monkeypa
         log.write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n{cause}\n")
         return 1
 
-    monkeypatch.setattr(bench, "_launch", dies)
+    monkeypatch.setattr(training, "_launch", dies)
     out = tmp_path / "speed"
     args = SimpleNamespace(out=str(out), budget_s=600, cpu=True, peak_tflops=989.0, steps=2, warmup=1, profile=[],
                            model_dir="", data="", cases=["tiny@128@hf", "tiny@128@yarnkit"])
-    assert bench.run_compare(args) == 0
+    assert training.run_compare(args) == 0
     rows = {row["case"]: row for row in json.loads((out / "compare.json").read_text())["cases"]}
     assert rows["tiny@128@hf"]["status"] == rows["tiny@128@yarnkit"]["status"] == "error"
     assert "CUDA error: an illegal memory access" in rows["tiny@128@hf"]["error"]

@@ -28,7 +28,7 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 from yarnkit.export import verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
 from yarnkit.export.gguf import read_metadata, rope_parameters_from_gguf, write_gguf  # noqa: E402
-from yarnkit.export.source import ExportError  # noqa: E402
+from yarnkit.errors import ExportError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

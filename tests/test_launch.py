@@ -13,7 +13,7 @@ import pytest
 
 from yarnkit.errors import BadValue
 from yarnkit.launch import accelerate_launch, free_port, main_process_port
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 
 
 def test_free_port_can_be_bound():

@@ -27,7 +27,8 @@ import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
 from yarnkit.launch import accelerate_launch
-from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError
 from yarnkit.train.seq_parallel import check_sequence_parallel, shard_batch
 
 REPO = Path(__file__).resolve().parent.parent

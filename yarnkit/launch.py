@@ -18,7 +18,7 @@ import socket
 import sys
 
 from yarnkit.errors import BadValue
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@
     python scripts/gpu_check.py --paths recipe,runtime        # some paths only (a name, or a prefix: recipe)
     python scripts/gpu_check.py --recipes tiny,my-recipe.yaml # other recipes than the shipped single-GPU ones
     python scripts/gpu_check.py --cpu-smoke --out /tmp/gc     # the same paths at tiny sizes on CPU
+    python -m yarnkit.bench.gpu_check ...                     # an installed wheel: e2e and gpu-tests need a checkout
 
 The paths (`yarnkit.bench.gpu_paths` says what each one runs and checks): `bundled-model` first and alone (it
 converts the model the others read), then `--jobs` at a time, the longest first: `gpu-tests` (pytest -m gpu),
@@ -55,12 +56,6 @@ class CheckPath:
     limit_s: float
 
 
-def default_checkout() -> str | None:
-    """The checkout this yarnkit was imported from, when it is one (it has scripts/ and tests/)."""
-    root = PACKAGE_ROOT
-    return str(root) if (root / "scripts" / "e2e.py").is_file() and (root / "tests").is_dir() else None
-
-
 def build_paths(args, out: Path) -> list[CheckPath]:
     """Every path the arguments select, `bundled-model` first, then the longest first."""
     slower = CPU_SLOWER if args.cpu_smoke else 1
@@ -81,7 +76,8 @@ def build_paths(args, out: Path) -> list[CheckPath]:
         result_dir = out / "paths" / name.replace(":", "-")
         command = [sys.executable, "-m", "yarnkit.bench.gpu_paths", kind, "--out", str(result_dir), "--shared",
                    str(out / "shared"), *extra, *(["--cpu-smoke"] if args.cpu_smoke else []),
-                   *(["--checkout", args.checkout] if args.checkout else []),
+                   *(["--e2e-script", args.e2e_script] if args.e2e_script else []),
+                   *(["--tests", args.tests] if args.tests else []),
                    *(["--budget-s", str(int(limit) - 20)] if kind == "bench" else [])]
         paths.append(CheckPath(name, command, result_dir, limit))
     return paths
@@ -112,7 +108,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _finish(row: dict, path: CheckPath, code: int | None, log: Path, why_stopped: str = "") -> None:
-    from yarnkit.train.bench import last_error
+    from yarnkit.bench.training import last_error
 
     result_file = path.result_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
@@ -234,7 +230,8 @@ def run(args) -> int:
               "device": "cpu (--cpu-smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "command": " ".join(["gpu_check.py", *args.argv]), "budget_s": budget, "jobs": jobs,
-              "checkout": args.checkout, "json": str(out / "gpu_check.json"), "seconds": 0.0, "passed": False,
+              "e2e_script": args.e2e_script, "tests": args.tests, "json": str(out / "gpu_check.json"), "seconds": 0.0,
+              "passed": False,
               "paths": [{"name": p.name, "status": "not run", "seconds": 0.0} for p in paths]}
 
     def save(rows):
@@ -245,7 +242,7 @@ def run(args) -> int:
         _write_json(out / "gpu_check.json", report)
 
     save([])
-    env, cwd = child_env(jobs, args.cpu_smoke), args.checkout
+    env, cwd = child_env(jobs, args.cpu_smoke), None
     first, rest = paths[:1], paths[1:]  # bundled-model alone: the others read what it converts
     save(run_paths(first, out / "logs", deadline, 1, env, cwd, save))
     save(run_paths(rest, out / "logs", deadline, jobs, env, cwd, save))
@@ -253,7 +250,8 @@ def run(args) -> int:
     return 0 if report["passed"] else 1
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None, e2e_script: str | None = None, tests: str | None = None
+          ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu-check", help="output folder (default runs/gpu-check)")
@@ -264,21 +262,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, help="stop everything after this many seconds "
                                                        f"(default {BUDGET_S['cuda']}; --cpu-smoke {BUDGET_S['cpu']})")
     parser.add_argument("--jobs", type=int, help=f"paths at a time (default {JOBS['cuda']}; --cpu-smoke {JOBS['cpu']})")
-    parser.add_argument("--checkout", default=default_checkout(),
-                        help="the checkout whose scripts/ and tests/ the e2e, bench and gpu-tests paths run "
-                             "(default: the one this yarnkit comes from)")
+    parser.add_argument("--e2e-script", default=e2e_script,
+                        help="the e2e path's script (default: the e2e script beside the gpu_check script)")
+    parser.add_argument("--tests", default=tests, help="the gpu-tests path's tests folder (default: the checkout's)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the same paths on CPU at tiny sizes (checks the check itself; no GPU needed)")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of scripts/gpu_check.py: bad input is one line (`yarnkit: error: ...`, exit 2)."""
+def main(argv: list[str] | None = None, e2e_script: str | None = None, tests: str | None = None) -> int:
+    """Entry point of scripts/gpu_check.py, which names its checkout's e2e script and tests folder; bad input is
+    one line (`yarnkit: error: ...`, exit 2)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse(argv)
+        args = parse(argv, e2e_script, tests)
         args.argv = argv
         return run(args)
     except UserError as error:
         print(f"yarnkit: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

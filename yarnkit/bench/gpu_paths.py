@@ -1,6 +1,7 @@
 """The GPU check's paths, one per process: each runs what a user runs, at a small size, then checks what it wrote.
 
-    python -m yarnkit.bench.gpu_paths NAME --out DIR [--recipe R] [--cpu-smoke] [--checkout REPO] [--shared DIR]
+    python -m yarnkit.bench.gpu_paths NAME --out DIR [--recipe R] [--cpu-smoke] [--shared DIR] [--e2e-script FILE]
+                                      [--tests DIR]
 
 `yarnkit.bench.gpu_check` starts these; run one by hand to debug it. Each ends by writing DIR/result.json,
 `{"passed": true, "summary": ..., "detail": {...}}` or `{"passed": false, "error": "<one line>"}`, and exits 0 or 1.
@@ -10,12 +11,13 @@
   (`yarnkit.bench.recipe_shapes`) with its own precision and speed keys; steps 1..5 are logged with finite losses
   and a CUDA peak memory; with Liger-Kernel installed, the Liger kernels and the fused loss the recipe asks for
   (`auto` or `liger`) really ran (RUN/speed.json), and compiled layers when it asks for them.
-- `e2e`: the checkout's `scripts/e2e.py --smoke --stages train,eval,export`: training through `accelerate launch`,
-  perplexity and retrieval, the HF + GGUF export; both export checks passed and every stage wrote its files.
-- `bench`: the checkout's `scripts/bench_train.py --cases`, one step of each group: yarnkit, HF, HF + Liger
+- `e2e`: the checkout's e2e script (`--e2e-script`, scripts/e2e.py, which scripts/gpu_check.py passes) with
+  `--smoke --stages train,eval,export`: training through `accelerate launch`, perplexity and retrieval, the HF +
+  GGUF export; both export checks passed and every stage wrote its files.
+- `bench`: `python -m yarnkit.bench.training --cases`, one step of each group: yarnkit, HF, HF + Liger
   (SmolLM2-135M, one 16k-token sequence); every row ok.
 - `runtime`: the bundled weights in bf16, 4,096 tokens of the bundled book then 96 decode steps through 6
-  evictions (`yarnkit.runtime.bench.path_check`): the CUDA-graph decode, and the graph with `torch.compile`
+  evictions (`yarnkit.bench.streaming.path_check`): the CUDA-graph decode, and the graph with `torch.compile`
   inside, against the eager cache. The path must be the one asked for, and the results must be within the limits
   below. Real weights give larger logits than the pytest's random ones, so a bf16 rounding moves a log-prob
   further: tail tokens move by tenths, while greedy tokens on real text rarely change. A decode that reads wrong
@@ -23,7 +25,7 @@
 - `retrieval`: `yarnkit eval retrieval` (niah, YaRN x2) at one length (4,096 tokens); a result with its cells.
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
-- `gpu-tests`: `pytest -m gpu` over the checkout's test files that carry the mark. None may fail; on CUDA at least
+- `gpu-tests`: `pytest -m gpu` over the checkout's test files (`--tests`) that carry the mark. None may fail; on CUDA at least
   one must pass.
 
 `--cpu-smoke` runs each on CPU at tiny sizes: recipes for 2 steps in fp32, the static decode (CUDA graphs need a
@@ -63,18 +65,17 @@ def check(condition: bool, message: str) -> None:
 
 def run_logged(command: list[str], log: Path, cwd: Path | None, what: str) -> None:
     """Run `command` with its output in `log`; a non-zero exit fails the path with the log's last error line."""
-    from yarnkit.train.bench import last_error
+    from yarnkit.bench.training import last_error
 
     with open(log, "w") as handle:
         code = subprocess.run(command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT).returncode
     check(code == 0, f"{what} exited {code}: {last_error(log.read_text())}")
 
 
-def checkout_file(args, relative: str) -> Path:
-    path = Path(args.checkout or ".") / relative
-    check(bool(args.checkout) and path.exists(),
-          f"{relative} not found: this path runs a checkout's {relative} (run from a clone, or pass --checkout)")
-    return path
+def given(path: str | None, what: str) -> Path:
+    """A file or folder of the checkout, as scripts/gpu_check.py passed it (an installed wheel has none)."""
+    check(bool(path) and Path(path).exists(), f"{what} not found: run the GPU check from a checkout (its script names both)")
+    return Path(path)
 
 
 def device(args) -> str:
@@ -134,11 +135,11 @@ def recipe(args) -> tuple[str, dict]:
 def e2e(args) -> tuple[str, dict]:
     from yarnkit.train.recipe import load_recipe
 
-    script = checkout_file(args, "scripts/e2e.py")
+    script = given(args.e2e_script, "the e2e script")
     out = args.out / "e2e"
     extra = ["--", "train.max_steps=2"] if args.cpu_smoke else []
     run_logged([sys.executable, str(script), "--smoke", "--stages", "train,eval,export", "--out", str(out), *extra],
-               args.out / "e2e.log", script.parent.parent, "scripts/e2e.py")
+               args.out / "e2e.log", script.parent.parent, script.name)
     summary = json.loads((out / "summary.json").read_text())
     steps = load_recipe(["recipe=tiny", *extra[1:]]).train.max_steps  # --smoke trains the tiny recipe
     check(summary["train"]["steps"] == steps, f"trained {summary['train']['steps']} steps, expected {steps}")
@@ -154,13 +155,12 @@ def e2e(args) -> tuple[str, dict]:
 
 
 def bench(args) -> tuple[str, dict]:
-    script = checkout_file(args, "scripts/bench_train.py")
     cases = (["tiny@128@yarnkit", "tiny@128@hf"] if args.cpu_smoke
              else [f"smollm2-135m@{BENCH_SEQ}@{variant}" for variant in ("yarnkit", "hf", "hf-liger")])
     out = args.out / "bench"
-    run_logged([sys.executable, str(script), "--out", str(out), "--steps", "1", "--warmup", "0", "--budget-s",
-                str(args.budget_s), *(["--cpu"] if args.cpu_smoke else []), "--cases", *cases],
-               args.out / "bench.log", script.parent.parent, "scripts/bench_train.py")
+    run_logged([sys.executable, "-m", "yarnkit.bench.training", "--out", str(out), "--steps", "1", "--warmup", "0",
+                "--budget-s", str(args.budget_s), *(["--cpu"] if args.cpu_smoke else []), "--cases", *cases],
+               args.out / "bench.log", None, "python -m yarnkit.bench.training")
     rows = json.loads((out / "compare.json").read_text())["cases"]
     check(sorted(row["case"] for row in rows) == sorted(cases), f"rows {[row['case'] for row in rows]}")
     for row in rows:
@@ -175,7 +175,7 @@ def runtime(args) -> tuple[str, dict]:
 
     from yarnkit.export.verify import prompt_ids
     from yarnkit.models import load_model
-    from yarnkit.runtime.bench import path_check
+    from yarnkit.bench.streaming import path_check
 
     cpu = args.cpu_smoke
     model, tokenizer = load_model("smollm2-135m", dtype=torch.float32 if cpu else torch.bfloat16, device=device(args))
@@ -240,7 +240,7 @@ def export(args) -> tuple[str, dict]:
 
 
 def gpu_tests(args) -> tuple[str, dict]:
-    tests = checkout_file(args, "tests")
+    tests = given(args.tests, "the tests folder")
     files = sorted(str(path) for path in tests.glob("test_*.py") if "pytest.mark.gpu" in path.read_text())
     check(bool(files), f"no test file in {tests} carries the gpu mark")
     junit = args.out / "junit.xml"
@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="this path's folder (result.json and its files)")
     parser.add_argument("--recipe", help="recipe: a shipped recipe name or a YAML file")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU")
-    parser.add_argument("--checkout", help="the yarnkit checkout whose scripts/ and tests/ the e2e, bench and "
-                                           "gpu-tests paths run")
+    parser.add_argument("--e2e-script", help="e2e: the checkout's e2e script")
+    parser.add_argument("--tests", help="gpu-tests: the checkout's tests folder")
     parser.add_argument("--shared", type=Path, help="a folder the paths share (the data cache); default OUT/..")
     parser.add_argument("--budget-s", type=int, default=180, help="bench: its own --budget-s")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yarnkit
-from yarnkit.recipes import recipe_names
+from yarnkit.recipe_files import recipe_names
 
 SHAPE = {"data.seq_len": 256, "data.num_proc": 1, "train.micro_batch_size": 2, "train.grad_accum": 1,
          "train.global_batch": 0, "train.loss_chunk_tokens": 128, "train.memory_check": False, "train.log_every": 1,
