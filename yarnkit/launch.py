@@ -34,7 +34,8 @@ def main_process_port() -> int:
     if not chosen:
         return free_port()
     if not chosen.isdigit() or not 0 < int(chosen) < 65536:
-        raise BadValue(f"MASTER_PORT={chosen!r} is not a TCP port", "set it to 1..65535, or unset it to pick a free one")
+        raise BadValue(f"MASTER_PORT={chosen!r} is not a TCP port",
+                       "set it to 1..65535, or unset it to pick a free one")
     return int(chosen)
 
 

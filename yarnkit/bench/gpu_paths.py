@@ -25,8 +25,8 @@
 - `retrieval`: `yarnkit eval retrieval` (niah, YaRN x2) at one length (4,096 tokens); a result with its cells.
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
-- `gpu-tests`: `pytest -m gpu` over the checkout's test files (`--tests`) that carry the mark. None may fail; on CUDA at least
-  one must pass.
+- `gpu-tests`: `pytest -m gpu` over the checkout's test files (`--tests`) that carry the mark. None may fail; on
+  CUDA at least one must pass.
 
 `--cpu-smoke` runs each on CPU at tiny sizes: recipes for 2 steps in fp32, the static decode (CUDA graphs need a
 GPU) in fp32 on 64 + 48 tokens, a tiny random model in the bench without the Liger peer (CUDA only), retrieval at
@@ -74,7 +74,8 @@ def run_logged(command: list[str], log: Path, cwd: Path | None, what: str) -> No
 
 def given(path: str | None, what: str) -> Path:
     """A file or folder of the checkout, as scripts/gpu_check.py passed it (an installed wheel has none)."""
-    check(bool(path) and Path(path).exists(), f"{what} not found: run the GPU check from a checkout (its script names both)")
+    check(bool(path) and Path(path).exists(),
+          f"{what} not found: run the GPU check from a checkout (its script names both)")
     return Path(path)
 
 
