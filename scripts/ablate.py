@@ -43,7 +43,7 @@ from yarnkit.train.recipe import load_recipe
 S8 = "yarn.factor=8"
 DATA_OFF = ["data.synthetic.far=0", "data.synthetic.lookalike=0", "train.answer_loss_weight=0"]
 VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, look-alike facts, answer loss)
-    "shipped": [],  # the recipe as it ships (chosen by this ablation, docs/results.md §4.4)
+    "shipped": [],  # the recipe as it ships (chosen by this ablation, docs/results.md §4.5)
     "before": [S8, *DATA_OFF],  # the recipe before: YaRN x8, plain synthetic rows, no answer loss
     "data-x8": [S8],  # the new rows and the answer loss at YaRN x8: far facts ~32-64k back, same-form distractors
     "data-x8-rcd": [S8, "yarn.beta_slow=4"],  # full interpolation from pair 17 instead of 20 (a lower critical dim)
