@@ -48,9 +48,10 @@ def build_conversation_factory(model, tokenizer, args):
     return new_conversation
 
 
-def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout) -> None:
+def reply(conversation: Conversation, history: list[dict], text: str, args, out=None) -> None:
     """Stream one reply to `out`. Ctrl-C stops it between two tokens (never inside a forward, so the cache stays
-    whole); the partial reply stays in the history."""
+    whole); the partial reply stays in the history. `out` defaults to the sys.stdout of the moment of the call."""
+    out = out or sys.stdout
     messages = history + [{"role": "user", "content": text}]
     pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
