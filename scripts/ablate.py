@@ -47,6 +47,8 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "before": [S8, *DATA_OFF],  # the recipe before: YaRN x8, plain synthetic rows, no answer loss
     "data-x8": [S8],  # the new rows and the answer loss at YaRN x8: far facts ~32-64k back, same-form distractors
     "data-x8-rcd": [S8, "yarn.beta_slow=4"],  # full interpolation from pair 17 instead of 20 (a lower critical dim)
+    "rcd": ["yarn.beta_slow=4"],  # the same lower critical dimension at YaRN x12
+    "dense": ["data.synthetic.far=0.75", "data.synthetic.lookalike=0.75"],  # more rows both far and look-alike
     "preview": ["data.synthetic.preview=0.3"],  # questions before and after the text in 30% of the synthetic rows
     "temperature": ["yarn.attention_factor=1.1"],  # logits x1.21 instead of YaRN's (0.1 ln 12 + 1)^2 = 1.56
     "x16": ["yarn.factor=16"],  # 60k looks like 3.75k to the interpolated dimensions
