@@ -10,8 +10,9 @@ Test: `python -m pytest tests/test_runtime_serve.py -q`.
 
 from typing import Literal
 
+from yarnkit.runtime.admission import Job
 from yarnkit.runtime.conversation import Sampling, normalize_messages
-from yarnkit.runtime.scheduler import Job, Scheduler
+from yarnkit.runtime.scheduler import Scheduler
 
 MAX_BYTES_PER_TOKEN = 64  # bodies beyond 64 bytes per allowed token are refused before tokenizing
 

@@ -32,10 +32,11 @@ import time
 import uuid
 
 from yarnkit.errors import BadValue
+from yarnkit.runtime.admission import Job, SessionBusy
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
 from yarnkit.runtime.conversation import Sampling
 from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
-from yarnkit.runtime.scheduler import Job, Scheduler, SessionBusy
+from yarnkit.runtime.scheduler import Scheduler
 
 log = logging.getLogger("yarnkit.serve")
 API_KEY_ENV = "YARNKIT_API_KEY"

@@ -4,8 +4,8 @@ Named sessions (`X-Session-Id`) keep their conversation between requests. A requ
 choice, an idle anonymous conversation whose history is the longest prefix of the request (only the new text is
 fed), else a free row, else the least recently used idle anonymous conversation (it starts over), else the least
 recently used idle named one is dropped for a new conversation; when every row is busy the request waits (None).
-A conversation is busy from `claim` to `release`. Not thread-safe on its own: the scheduler calls it holding its
-lock. What it is not: the admission queue or the decode loop (`scheduler.py`).
+A conversation is busy from `claim` to `release`. Not thread-safe on its own: admission calls it holding its
+lock. What it is not: the admission queue (`admission.py`) or the decode loop (`scheduler.py`).
 
 Test: `python -m pytest tests/test_runtime_serve.py -q`.
 """
