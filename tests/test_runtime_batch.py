@@ -6,6 +6,8 @@ What is proven (tiny random Llama, float32, CPU; the same code runs as a CUDA gr
 - three sessions with different prompts, lengths and SirLLM settings, decoded together through evictions,
   produce exactly the greedy tokens of each one decoded alone (fresh engine, eager cache), logits within 1e-5;
 - sessions in non-adjacent rows (a freed row in between) are unaffected by the idle row;
+- a lone session's step runs its own row only (batch 1 in the last row of a pool, not rows 0..3), with exactly the
+  logits of the same session in row 0; two sessions step the span of their rows (a graph: rows 0..B-1);
 - rows are handed out and given back; the pool refuses a session it has no room for.
 """
 
@@ -86,3 +88,35 @@ def test_idle_row_between_sessions_changes_nothing(model):
         StreamingEngine(model, options, pool=pool)
     with pytest.raises(ValueError, match="decode='static'"):
         make_pool(model, StreamOptions(window=24, decode="eager"))
+
+
+def test_a_lone_session_steps_its_own_row_wherever_it_sits(model):
+    """The step of a lone session in the last row runs one row (not rows 0..3) and gives exactly the logits of
+    the same session decoded in row 0; two sessions step the span of their rows."""
+    options = StreamOptions(sinks=2, window=24, evict_batch=4, decode="static")
+    pool = make_pool(model, options, rows=4)
+    engines = [StreamingEngine(model, options, pool=pool) for _ in range(4)]
+    for engine, seed in zip(engines, (7, 8, 9, 7)):  # rows 0 and 3 read the same prompt
+        engine.feed(prompt(6, seed))
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        decoded = {}
+        for row in (3, 0):
+            logits, token, shapes[:] = [], int(engines[row].last_logits.argmax()), []
+            for _ in range(30):  # through evictions
+                logits.append(StreamingEngine.decode_together([engines[row]], [token])[0])
+                token = int(logits[-1].argmax())
+            assert shapes == [(1, 1)] * 30, f"row {row}: the model saw batches {sorted(set(shapes))}"
+            decoded[row] = torch.stack(logits)
+        assert engines[3].cache.rerotations >= 2
+        assert torch.equal(decoded[3], decoded[0])
+        shapes[:] = []
+        StreamingEngine.decode_together([engines[1], engines[3]], [5, 6])
+        assert shapes == [(3, 1)]  # rows 1..3; row 2 writes to its scratch slot
+    finally:
+        hook.remove()
+    assert (pool.step_rows([3]), pool.step_rows([1, 3]), pool.step_rows([0])) == ((3, 1), (1, 3), (0, 1))
+    pool.use_graph = True  # a captured graph has one shape per width: rows 0..B-1, B a power of two
+    assert (pool.step_rows([3]), pool.step_rows([1]), pool.step_rows([0])) == ((0, 4), (0, 2), (0, 1))

@@ -11,11 +11,13 @@ or address and each row keeps its own cache-relative positions. The host keeps e
 Python int (no `.item()` inside a step).
 
 - prefill / a chunk: `forward_rows` on the session's row alone (eager);
-- decode: `SlotPool.decode(rows, tokens)` runs ONE step for rows `0..B-1` (B = the highest active row + 1,
-  rounded up to a power of two; rows not decoding write to the scratch slot and their output is dropped). On
-  CUDA with `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed; `compiled=True`
-  first wraps the step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is
-  logged and the same function keeps running eagerly. A lone session decodes through the same call with B = 1.
+- decode: `SlotPool.decode(rows, tokens)` runs ONE step over a range of rows (`step_rows`): eagerly the span
+  from the lowest to the highest decoding row, so a lone session's step is one row wherever it sits; with a
+  graph or a compiled step, rows `0..B-1` (B = the highest decoding row + 1, rounded up to a power of two: one
+  fixed shape per B). Rows in the range that are not decoding write to the scratch slot and their output is
+  dropped. On CUDA with `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed;
+  `compiled=True` first wraps the step in `torch.compile` (kernel fusion) inside that graph. A capture or
+  compile failure is logged and the same function keeps running eagerly.
 
 Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
 are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
@@ -53,7 +55,8 @@ def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
 
 
 class SlotPool(Cache):
-    """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every forward sees."""
+    """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every
+    forward sees."""
 
     def __init__(self, model, window: int, rotary: Rotary, rows: int = 1, graph: bool = False,
                  compiled: bool = False, sinks: int = 0, evict_batch: int = 1):
@@ -146,19 +149,27 @@ class SlotPool(Cache):
         for cache in caches:
             if cache.pool is not self or cache.length >= self.window:
                 raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
-        width = 1 << max(rows).bit_length()  # highest row + 1, rounded up to a power of two (one graph each)
-        width = min(width, self.rows)
+        first, width = self.step_rows(rows)
         ids = torch.zeros(width, 1, dtype=torch.long)
         positions = torch.full((width, 1), self.window, dtype=torch.long)  # idle rows: the scratch slot
         for cache, token in zip(caches, tokens):
-            ids[cache.row, 0], positions[cache.row, 0] = token, cache.length
+            ids[cache.row - first, 0], positions[cache.row - first, 0] = token, cache.length
         if self.use_graph:
             logits = self._replay(width, ids, positions)
         else:
-            logits = self._step(0, ids.to(self.device), positions.to(self.device), 1)
+            logits = self._step(first, ids.to(self.device), positions.to(self.device), 1)
         for cache in caches:
             cache.length += 1
-        return logits[rows, -1]
+        return logits[[row - first for row in rows], -1]
+
+    def step_rows(self, rows: list[int]) -> tuple[int, int]:
+        """`(first, count)`: the rows `first..first+count-1` a decode step for sessions in `rows` runs. Eagerly,
+        just the span of those rows, so a lone session costs one row wherever it sits. A captured graph or a
+        compiled step has one fixed shape per count: rows `0..count-1`, count = the highest row + 1 rounded up to
+        a power of two (one graph or compilation each)."""
+        if self.use_graph or self.compiled:
+            return 0, min(1 << max(rows).bit_length(), self.rows)
+        return min(rows), max(rows) - min(rows) + 1
 
     def _replay(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         graph = self._graphs.get(width)
