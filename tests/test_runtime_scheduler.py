@@ -1,0 +1,126 @@
+"""The loop of `yarnkit serve` (`yarnkit/runtime/scheduler.py`): jobs in, batched steps, events out, no HTTP.
+
+Run: `python -m pytest tests/test_runtime_scheduler.py -q`
+
+A tiny random Llama with SmolLM2's real tokenizer and chat template; the model's forward is watched by a hook
+that records the shape of every `input_ids` it gets. What is proven:
+- a lone request whose session sits in the last cache row (the rows before it held by idle sessions) decodes
+  in steps of ONE row, and answers what a lone `Conversation` answers (greedy);
+- two requests decoding at the same time share one step (a forward of both rows), and each answers what it
+  answers alone;
+- a job cancelled mid-reply is finished at the next step (`done` with `cancelled`) and keeps its partial reply.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import tiny_model
+
+from yarnkit.runtime.admission import Job
+from yarnkit.runtime.conversation import Conversation, Sampling
+from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.scheduler import Scheduler
+
+OPTIONS = StreamOptions(window=256, decode="static")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from yarnkit.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", vocab_size=49152, max_position_embeddings=4096)
+
+
+@pytest.fixture
+def scheduler(model, tokenizer):
+    running = Scheduler(model, tokenizer, OPTIONS, rows=4)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def shapes(model):
+    """The `input_ids` shape of every forward of the model while the test runs."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    yield seen
+    hook.remove()
+
+
+class Request(Job):
+    """A job that records its events and says when all its choices are done."""
+
+    def __init__(self, content: str, max_new_tokens: int = 12, session: str | None = None):
+        super().__init__([{"role": "user", "content": content}], None, Sampling(max_new_tokens=max_new_tokens),
+                         session=session)
+        self.events, self.over = [], threading.Event()
+        self.on_started, self.on_text = (lambda: None), (lambda: None)
+        self.emit = self.record
+
+    def record(self, kind, index, payload) -> None:
+        self.events.append((kind, payload))
+        if kind == "started":
+            self.on_started()
+        if kind == "text":
+            self.on_text()
+        if kind in ("done", "error", "cancelled"):
+            self.over.set()
+
+    def answer(self, scheduler: Scheduler | None = None) -> str:
+        if scheduler is not None:
+            scheduler.submit(self)
+        assert self.over.wait(60), "the scheduler did not finish the request"
+        assert [kind for kind, _ in self.events if kind in ("done", "error")] == ["done"], self.events
+        return "".join(payload for kind, payload in self.events if kind == "text")
+
+
+def alone(model, tokenizer, content: str, max_new_tokens: int = 12) -> str:
+    conversation = Conversation(model, tokenizer, OPTIONS)
+    return "".join(conversation.respond([{"role": "user", "content": content}], max_new_tokens=max_new_tokens))
+
+
+def test_a_lone_request_in_the_last_row_decodes_one_row(scheduler, shapes, model, tokenizer):
+    for name in ("a", "b", "c"):  # idle sessions now hold rows 0..2
+        Request("Hello", max_new_tokens=2, session=name).answer(scheduler)
+    shapes.clear()
+    request = Request("Tell me about the sea", session="d")
+    text = request.answer(scheduler)
+    assert scheduler.sessions.named["d"].engine.cache.row == 3
+    decode_steps = [shape for shape in shapes if shape[1] == 1]
+    [done] = [payload for kind, payload in request.events if kind == "done"]
+    assert len(decode_steps) == done["completion_tokens"] == 12 and set(decode_steps) == {(1, 1)}
+    assert text == alone(model, tokenizer, "Tell me about the sea")
+
+
+def test_requests_decoding_at_the_same_time_share_one_step(scheduler, shapes, model, tokenizer):
+    first, second = Request("Tell me about the sea", max_new_tokens=16), Request("What is a river?")
+    second_started = threading.Event()
+    second.on_started = second_started.set
+    first.on_text = lambda: second_started.wait(30)  # the first keeps decoding only once the second has started
+    scheduler.submit(first)
+    scheduler.submit(second)
+    answers = first.answer(), second.answer()
+    assert (2, 1) in shapes  # one forward decoded both rows
+    assert answers == (alone(model, tokenizer, "Tell me about the sea", 16),
+                       alone(model, tokenizer, "What is a river?"))
+
+
+def test_a_cancelled_job_is_finished_at_the_next_step_with_its_partial_reply(scheduler):
+    request = Request("Talk for a while", max_new_tokens=200, session="talker")
+    pieces = []
+    request.on_text = lambda: pieces.append(1) if len(pieces) < 3 else request.cancel()
+    scheduler.submit(request)
+    assert request.over.wait(60)
+    [(kind, payload)] = [event for event in request.events if event[0] == "done"]
+    assert payload["finish_reason"] == "cancelled" and 3 <= payload["completion_tokens"] < 200
+    conversation = scheduler.sessions.named["talker"]
+    assert conversation.engine.is_consistent() and conversation.messages[-1]["role"] == "assistant"
+    assert conversation.messages[-1]["content"].startswith("".join(p for k, p in request.events if k == "text"))
