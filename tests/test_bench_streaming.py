@@ -1,4 +1,5 @@
-"""The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer).
+"""The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer); the
+lone-session benchmark times every row of a full pool, each stepping one row.
 
 Run: `python -m pytest tests/test_bench_streaming.py -q`
 """
@@ -67,3 +68,14 @@ def _random(model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa").eval()
+
+
+def test_lone_session_benchmark_times_every_row_stepping_one_row():
+    from conftest import tiny_model
+
+    from yarnkit.bench.lone_session import lone_session_by_row
+
+    results = lone_session_by_row(tiny_model("llama"), rows=3, window=32, prompt=8, steps=3, rounds=1)
+    assert [r["row"] for r in results] == [0, 1, 2] and all(r["steps"] == 3 for r in results)
+    assert [r["step_batch"] for r in results] == [[1], [1], [1]]  # a lone session steps its own row only
+    assert all(r["tokens_per_s"] > 0 for r in results)

@@ -7,6 +7,8 @@ imports this package.
     hf_peer         the peers: plain transformers (+ Liger-Kernel) (`python -m yarnkit.bench.hf_peer`)
     scaling         one recipe on 1, 2, 4.. processes (`python -m yarnkit.bench.training --gpus 1,2,4`)
     streaming       the streaming runtime's timings: decode latency, peers, batching (scripts/bench_runtime.py)
+    lone_session    a lone session's decode speed in each cache row of a full pool
+                    (`python -m yarnkit.bench.lone_session`)
     baselines       the zero-shot baselines an extended model is compared with, and the evaluation books
     targets         the targets an extended model must meet, read from `yarnkit eval` results (scripts/e2e.py)
     recipe_shapes   the small shape of each shipped recipe (the CPU recipe test and the GPU check train with it)
