@@ -10,9 +10,9 @@ long prompt never blocks other sessions' decoding: it only adds one small chunk 
 client that went away) are finished at the next step: the partial reply is kept, so cache and history stay
 consistent. Events go back through `Job.emit`: `started` (the prompt was tokenized and fits), `text`, `done`,
 `error` (payload: status, message, param).
-What it is not: HTTP (see `serve.py`).
+What it is not: HTTP (see `serve.py`), the queue (`admission.py`) or the choice of a row (`sessions.py`).
 
-Test: `python -m pytest tests/test_runtime_serve.py tests/test_runtime_admission.py -q`.
+Test: `python -m pytest tests/test_runtime_scheduler.py tests/test_runtime_serve.py -q`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ recently used idle named one is dropped for a new conversation; when every row i
 A conversation is busy from `claim` to `release`. Not thread-safe on its own: admission calls it holding its
 lock. What it is not: the admission queue (`admission.py`) or the decode loop (`scheduler.py`).
 
-Test: `python -m pytest tests/test_runtime_serve.py -q`.
+Test: `python -m pytest tests/test_runtime_sessions.py tests/test_runtime_serve.py -q`.
 """
 
 from __future__ import annotations
