@@ -77,5 +77,5 @@ def test_lone_session_benchmark_times_every_row_stepping_one_row():
 
     results = lone_session_by_row(tiny_model("llama"), rows=3, window=32, prompt=8, steps=3, rounds=1)
     assert [r["row"] for r in results] == [0, 1, 2] and all(r["steps"] == 3 for r in results)
-    assert [r["step_batch"] for r in results] == [[1], [1], [1]]  # a lone session steps its own row only
+    assert [(r["step_rows"], r["forward_batches"]) for r in results] == [(1, [1])] * 3  # one row each
     assert all(r["tokens_per_s"] > 0 for r in results)

@@ -4,11 +4,13 @@ What it measures: one shared `SlotPool` of `--rows` rows (serve's `--max-session
 that was fed a `--prompt`-token prompt and sits idle (as cached conversations do in `yarnkit serve`); then the
 session of each row in turn decodes `--steps` greedy tokens alone (`--rounds` passes, interleaved), through the
 call the server's loop makes for its decoding turns (`StreamingEngine.decode_together`). Per row: tokens/s from
-the median step time, and the batch sizes the model's forward saw. Prints a table and writes JSON (`--out`).
-Timing only: nothing here asserts speed.
+the median step time, the rows the pool's step runs (`SlotPool.step_rows`) and the batch sizes the model's
+forward was seen to get (a replayed CUDA graph calls no forward: only its capture is seen). Prints a table and
+writes JSON (`--out`). Timing only: nothing here asserts speed.
 
   python -m yarnkit.bench.lone_session                            # bundled SmolLM2-135M, CPU, 8 rows
   python -m yarnkit.bench.lone_session --rows 4 --steps 32 --out runs/lone-session.json
+  python -m yarnkit.bench.lone_session --device cuda --dtype bfloat16 --window 4096 --decode graph
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from yarnkit.runtime.static import make_pool
 
 @torch.no_grad()
 def lone_session_by_row(model, rows: int, window: int, prompt: int, steps: int, rounds: int = 3,
-                        warmup: int = 2) -> list[dict]:
+                        warmup: int = 2, decode: str = "static") -> list[dict]:
     """Per row of a full pool (the other rows idle): the median time of a lone session's decode step, over
     `rounds` passes through the rows (interleaved, so a busy moment of the machine hits every row alike)."""
     device = next(model.parameters()).device
-    options = StreamOptions(window=window, decode="static")
+    options = StreamOptions(window=window, decode=decode)
     pool = make_pool(model, options, rows)
     engines = [StreamingEngine(model, options, pool=pool) for _ in range(rows)]
     vocab = model.config.vocab_size
@@ -62,7 +64,8 @@ def lone_session_by_row(model, rows: int, window: int, prompt: int, steps: int, 
             engine.close()
     return [{"row": engine.cache.row, "tokens_per_s": round(1 / statistics.median(spent), 2),
              "median_ms_per_token": round(1e3 * statistics.median(spent), 2), "steps": len(spent),
-             "step_batch": sorted(batch_sizes[row])} for row, (engine, spent) in enumerate(zip(engines, times))]
+             "step_rows": pool.step_rows([engine.cache.row])[1], "forward_batches": sorted(batch_sizes[row])}
+            for row, (engine, spent) in enumerate(zip(engines, times))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,14 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens fed to every row first")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per row and round")
     parser.add_argument("--rounds", type=int, default=3, help="passes through the rows (interleaved)")
+    parser.add_argument("--decode", default="static", choices=("static", "graph"),
+                        help="the pool's decode path (graph: CUDA graphs, needs --device cuda)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    if args.decode == "graph" and not args.device.startswith("cuda"):
+        parser.error("--decode graph needs a CUDA device: add --device cuda, or use --decode static")
     model, _ = load_chat_model(args.model, dtype=args.dtype, device=args.device)
-    results = lone_session_by_row(model, args.rows, args.window, args.prompt, args.steps, args.rounds)
-    print(f"{'row':>4} {'tokens/s':>9} {'median ms/token':>16} {'step batch':>11}")
-    for result in results:
-        batch = ",".join(map(str, result["step_batch"]))
-        print(f"{result['row']:>4} {result['tokens_per_s']:>9} {result['median_ms_per_token']:>16} {batch:>11}")
+    results = lone_session_by_row(model, args.rows, args.window, args.prompt, args.steps, args.rounds,
+                                  decode=args.decode)
+    print(f"{'row':>4} {'tokens/s':>9} {'median ms/token':>16} {'step rows':>10} {'forward batches':>16}")
+    for r in results:
+        batches = ",".join(map(str, r["forward_batches"])) or "-"
+        print(f"{r['row']:>4} {r['tokens_per_s']:>9} {r['median_ms_per_token']:>16} {r['step_rows']:>10} {batches:>16}")
     speeds = [result["tokens_per_s"] for result in results]
     print(f"slowest row / fastest row: {min(speeds) / max(speeds):.2f}")
     if args.out:
