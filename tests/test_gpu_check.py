@@ -108,3 +108,16 @@ def test_cpu_smoke_run_writes_the_json_prints_the_table_and_fails_on_a_bad_recip
     assert lines[-4].startswith("gpu_check: 2/3 paths passed")
     assert lines[-2].split()[0] == "pass" and "recipe:tiny-random.yaml" in lines[-2]
     assert lines[-1].split()[0] == "FAIL" and "max_stepz" in lines[-1]
+
+
+def test_runtime_path_asserts_float32_exactness_and_the_batch_on_cpu(tmp_path):
+    """The runtime path at its CPU size: the static decode vs the eager cache through evictions, and a batch of
+    two sessions vs their solo runs, asserted exact in float32 (the GPU run adds the graph, compile and bf16)."""
+    out = tmp_path / "runtime"
+    done = subprocess.run([sys.executable, "-m", "yarnkit.bench.gpu_paths", "runtime", "--out", str(out),
+                           "--cpu-smoke"], capture_output=True, text=True, timeout=600)
+    result = json.loads((out / "result.json").read_text())
+    assert done.returncode == 0 and result["passed"], result.get("error")
+    single, batch = result["detail"]["float32 static"], result["detail"]["float32 batch of 2 (static)"]
+    assert single["rerotations"] >= 2 and single["max_abs_logprob_diff"] <= 1e-3 and single["greedy_agreement"] == 1
+    assert batch["all_identical"] and batch["identical_prefix_tokens"] == [8, 8]

@@ -2,16 +2,16 @@
 
 Run: `python -m pytest tests/test_runtime_gpu.py -q -m gpu`
 
-A SmolLM2-135M-shaped Llama (random init, bf16, on CUDA) is fed the same 4,192 tokens (a 4,096-token cache, then
-96 decode steps evicting 16 tokens at a time: 6 evictions) by
-- the CUDA-graph decode and the same step run eagerly (`static`): the same log-probs up to bf16 kernel choice
-  (a graph replays what was captured; cuBLAS/SDPA may pick other kernels under capture: measured 2026-12-01, not
-  bitwise equal), max |log-prob difference| within 0.02 and greedy agreement >= 0.97;
-- the CUDA-graph decode and the eager growing cache (`SinkCache`, stock attention without a mask): max |log-prob
-  difference| within 0.02 (bf16 attention kernels differ: masked vs unmasked) and greedy agreement >= 0.97;
-- the graph with `torch.compile` inside (fused kernels keep fp32 between ops): max |log-prob difference| within
-  0.1 and greedy agreement >= 0.95 against the eager cache (the benchmark reports the measured values).
-Teacher-forced (both paths see the same tokens), so a difference never compounds.
+A SmolLM2-135M-shaped Llama (random init, on CUDA) is fed the same 4,192 tokens (a 4,096-token cache, then 96
+decode steps evicting 16 tokens at a time: 6 evictions). Exactness is asserted in float32, where the paths differ
+only in summation order (max |log-prob difference| within 1e-3, every greedy token equal):
+- the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
+- the graph with `torch.compile` inside vs the eager cache;
+- 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal.
+bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
+graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
+not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions
+moves whole nats. Teacher-forced (both paths see the same tokens), so a difference never compounds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def model():
     return bench.random_model("smollm2-135m", "cuda", torch.bfloat16)
 
 
+@pytest.fixture(scope="module")
+def model32():
+    return bench.random_model("smollm2-135m", "cuda", torch.float32)
+
+
 def logprobs(model, decode, **options):
     from yarnkit.runtime.engine import StreamingEngine
 
@@ -43,22 +48,41 @@ def logprobs(model, decode, **options):
     return path, torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
-def close(a, b, worst=0.02, agreement=0.97):
+def close(a, b, worst=0.1, agreement=0.95):
     assert (a - b).abs().max().item() <= worst
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= agreement
 
 
-def test_graph_matches_the_same_step_run_eagerly_and_the_eager_cache(model):
+def exact(a, b):
+    close(a, b, worst=1e-3, agreement=1.0)
+
+
+def test_float32_graph_equals_the_same_step_run_eagerly_and_the_eager_cache(model32):
+    path, graph = logprobs(model32, "graph")
+    assert path == "graph"
+    _, static = logprobs(model32, "static")
+    exact(graph, static)
+    _, eager = logprobs(model32, "eager")
+    exact(graph, eager)
+
+
+def test_float32_compiled_graph_equals_the_eager_cache(model32):
+    path, compiled = logprobs(model32, "graph", compile=True)
+    assert path == "graph"
+    _, eager = logprobs(model32, "eager")
+    exact(compiled, eager)
+
+
+def test_float32_batch_equals_each_sessions_solo_run(model32):
+    result = bench.batch_throughput(model32, cache=CACHE, sessions=4, steps=32, warmup=2, check_tokens=32,
+                                    evict_batch=16, decode="graph")
+    assert result["decode_path"] == "graph" and result["all_identical"], result["identical_prefix_tokens"]
+
+
+def test_bf16_graph_and_compiled_stay_near_the_eager_cache(model):
     path, graph = logprobs(model, "graph")
     assert path == "graph"
-    _, static = logprobs(model, "static")
-    close(graph, static)
     _, eager = logprobs(model, "eager")
     close(graph, eager)
-
-
-def test_compiled_graph_matches_the_eager_cache(model):
-    path, compiled = logprobs(model, "graph", compile=True)
-    assert path == "graph"
-    _, eager = logprobs(model, "eager")
-    close(compiled, eager, worst=0.1, agreement=0.95)  # fused kernels round differently (fp32 inside a kernel)
+    _, compiled = logprobs(model, "graph", compile=True)
+    close(compiled, eager)

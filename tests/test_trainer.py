@@ -85,6 +85,18 @@ def test_run_directory_layout(straight_run):
     assert not torch.equal(reloaded.model.norm.weight, start.model.norm.weight)  # trained weights were saved
 
 
+def test_stage_wall_times_cover_the_run(straight_run):
+    """RUN/stages.json: every stage of the run in order, none negative, summing to the total; two saves timed."""
+    stages = json.loads((Path(straight_run.run_dir) / "stages.json").read_text())
+    names = ["launch and imports", "set-up", "model load", "data", "optimizer, prepare and resume", "steps",
+             "checkpoint saves", "total"]
+    assert list(stages) == names
+    assert all(value >= 0 for value in stages.values())
+    assert stages["launch and imports"] > 0  # this process's age at train(): pytest's start-up at least
+    assert stages["checkpoint saves"] > 0 and stages["steps"] > 0
+    assert stages["total"] == pytest.approx(sum(stages[name] for name in names[:-1]), abs=0.01)
+
+
 def assets_model_dir(run: Path) -> str:
     return load_recipe([f"recipe={run / 'recipe.yaml'}"]).model.name_or_path
 

@@ -2,16 +2,20 @@
 
 On resume, rows after the resumed step (written by the interrupted process) are dropped first, so the file
 always describes one consistent run. Not a progress bar (the trainer's tqdm is). `read_metrics(RUN)` is its
-reader (benchmarks, e2e, plots): the rows as dicts, oldest first. `scaling(one, many)` compares two runs of the
-same training (the same tokens per step) on 1 and N GPUs.
+reader (benchmarks, e2e, plots): the rows as dicts, oldest first. `StageClock` times a run's stages end to end
+(from the process start: launch and imports, set-up, model load, data, steps, checkpoint saves) into
+`RUN/stages.json`. `scaling(one, many)` compares two runs of the same training (the same tokens per step) on 1 and
+N GPUs.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+STAGES_FILE = "stages.json"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -53,6 +57,45 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def process_age() -> float:
+    """Seconds since this process started (launch and imports included); 0.0 where the OS does not say."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except (ImportError, OSError):
+        return 0.0
+
+
+class StageClock:
+    """Wall-clock seconds per stage of a run. `lap(name)` closes the stage that ran since the previous lap;
+    `add(name, seconds)` adds time measured elsewhere (checkpoint saves inside the step loop). The first stage,
+    "launch and imports", is the process's age when the clock starts."""
+
+    def __init__(self):
+        self.seconds = {"launch and imports": process_age()}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.add(name, now - self.last)
+        self.last = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
+        return f"wall time: {parts}; total {self.total():.1f} s"
+
+    def write(self, run_dir: str | Path) -> None:
+        rows = {**{name: round(value, 3) for name, value in self.seconds.items()}, "total": round(self.total(), 3)}
+        (Path(run_dir) / STAGES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def scaling(one: dict, many: dict, target: float = 0.85) -> dict:

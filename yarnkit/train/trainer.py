@@ -34,7 +34,7 @@ from yarnkit.train.estimate import check_memory, flops_per_token
 from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
                                 zero_stage)
 from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
-from yarnkit.train.metrics import MetricsLog
+from yarnkit.train.metrics import MetricsLog, StageClock
 from yarnkit.train.model_setup import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
 from yarnkit.train.recipe import check_context, recipe_from_file, recipe_to_yaml, save_recipe
@@ -90,6 +90,7 @@ def train(recipe) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    stages = StageClock()
     args, run_dir = recipe.train, Path(recipe.run_dir)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_memory_gb is this run's, also when a process runs several
@@ -109,11 +110,14 @@ def train(recipe) -> TrainResult:
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
     set_seed(args.seed)
+    stages.lap("set-up")
     model, tokenizer = build_model(recipe.model, config, recipe.lora,  # all ranks together: ZeRO-3 init
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
+    stages.lap("model load")
     with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others then read the cache
         sink_id = getattr(model.config, "yarnkit_sink_token_id", None) if recipe.model.sink_token else None
         dataset = build_dataset(recipe.data, tokenizer, sink_id, arrays=True)
+    stages.lap("data")
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir)
     fused_loss = resolve_choice("train.loss_impl", args.loss_impl, fused_loss_missing(model, zero_stage(accelerator)),
@@ -153,6 +157,7 @@ def train(recipe) -> TrainResult:
                           pin=cuda)
     stride = dp_world * args.micro_batch_size  # samples between this rank's consecutive micro-batches
     clock = {"last": _mark(cuda)}  # GPU: an event at the end of the previous step; the step time is between two
+    stages.lap("optimizer, prepare and resume")
 
     def finish(done: dict) -> None:
         """Read step `done`'s loss (waits for that step only) and log it."""
@@ -218,13 +223,19 @@ def train(recipe) -> TrainResult:
             finish(pending)
             pending = None
         if save:
+            stages.lap("steps")  # the steps' kernels are done: finish() read the last loss
             save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
                             recipe.checkpoint.keep_last)
+            stages.lap("checkpoint saves")
     prefetch.close()
     bar.close()
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    stages.lap("steps")
+    if accelerator.is_main_process:
+        print(f"yarnkit: {stages.line()}", flush=True)
+        stages.write(run_dir)
     result.model = accelerator.unwrap_model(wrapper).model
     return result
 
