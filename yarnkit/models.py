@@ -6,8 +6,9 @@ package, whose `__init__` needs `llm` and `llama_cpp`. A GGUF is de-quantized by
 and then cached as safetensors under `$YARNKIT_CACHE` (default `~/.cache/yarnkit`), so later loads take well
 under a second instead of ~20 s.
 
-Bad input fails before any weights load, as one `yarnkit.errors` message: a folder without config.json, a
-`.gguf` that is not one, torn safetensors, an unknown dtype, a device this machine lacks. A hub id is looked up
+Bad input fails before any weights load, as one `yarnkit.errors` message: a folder without config.json or with
+one that is not JSON, names an unknown `model_type` or holds a wrongly typed field; a config without weights beside
+it; a `.gguf` that is not one, torn safetensors, an unknown dtype, a device this machine lacks. A hub id is looked up
 online only when the hub can be reached (offline, the local cache answers at once instead of retrying for 30 s);
 a hub id that is neither cached nor reachable fails naming the offline choices. `load_config` of such an id
 falls back to a bundled copy of its config.json when yarnkit ships one (`yarnkit/assets/configs/`, the
@@ -24,6 +25,7 @@ a checkpoint trained with it loads in a fresh process. Safety: weights are read 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -105,10 +107,51 @@ def locate_model(name_or_path: str | os.PathLike) -> ModelSource:
             raise NotFound(f"{path} is not a model: it has no config.json",
                            "pass an HF model folder (config.json + weights), a .gguf file, a training run folder, "
                            "or 'smollm2-135m'")
+        check_config_file(path / "config.json")
         return ModelSource(str(path))
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise NotFound(f"model path not found: {path}", "check the path (a hub id looks like org/name)")
     return ModelSource(text)  # a hub id: transformers resolves it (and fails clearly when offline)
+
+
+def check_config_file(path: Path) -> None:
+    """A local config.json that transformers can build a config from: a JSON object naming a known `model_type`
+    (or custom code through `auto_map`) whose fields have the right types."""
+    fix = "restore it from the original model, or save the model again with save_pretrained"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise BadModel(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})", fix) from None
+    except json.JSONDecodeError as error:
+        raise BadModel(f"{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})",
+                       fix) from None
+    if not isinstance(config, dict):
+        raise BadModel(f"{path} holds a JSON {type(config).__name__}, not an object of config fields", fix)
+    if "auto_map" in config:
+        return  # custom modeling code: only transformers with trust_remote_code can build it
+    import huggingface_hub.errors
+    from transformers import CONFIG_MAPPING, AutoConfig, __version__
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise BadModel(f"{path} has no model_type", "add the architecture's name, e.g. \"model_type\": \"llama\", "
+                       "or " + fix)
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
+        raise BadModel(f"{path} names model_type {model_type!r}, which transformers {__version__} does not know",
+                       (f"did you mean {close[0]!r}? (else upgrade transformers)" if close else
+                        "check the spelling (llama, qwen2, mistral, ...) or upgrade transformers"))
+    strict = getattr(huggingface_hub.errors, "StrictDataclassError", TypeError)  # typed config fields
+    register_rope_types()  # a config saved with yarnkit's dynamic_yarn is valid
+    try:
+        AutoConfig.from_pretrained(path.parent)
+    except (TypeError, ValueError, KeyError, strict) as error:
+        raise BadModel(f"{path} has a field transformers cannot use ({_last_line(error)})", fix) from None
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def check_gguf_file(path: Path) -> None:
@@ -126,6 +169,10 @@ def check_safetensors(folder: Path) -> None:
     names = {p.name for p in folder.glob("*.safetensors")}
     if index.is_file():
         names |= set(json.loads(index.read_text())["weight_map"].values())
+    if not names and (folder / "config.json").is_file():
+        raise BadModel(f"{folder} has a config.json but no *.safetensors weights beside it",
+                       "copy the weights too (yarnkit reads safetensors only; re-save .bin weights with "
+                       "save_pretrained), or pass the complete model folder")
     for name in sorted(names):
         path = folder / name
         if not path.is_file():

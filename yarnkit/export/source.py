@@ -105,6 +105,8 @@ def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSou
         run_dir, path = checkpoint.parent.parent, checkpoint
     model_dir = path / "model" if (path / "model").is_dir() else path
     recipe_path = _find_recipe(path, run_dir)
+    if (model_dir / "config.json").is_file():
+        models.check_config_file(model_dir / "config.json")
     if zero_shards:
         return _zero_shards_source(path, checkpoint, model_dir, recipe_path, run_dir)
     has_weights = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()
