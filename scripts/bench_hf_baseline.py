@@ -36,6 +36,7 @@ from yarnkit.patch import apply_rope_scaling
 from yarnkit.train.bench import run_plan
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary
+from yarnkit.train.speed import full_checkpointing
 
 SEED = 42  # yarnkit's train.seed / data.seed defaults: the same weights and batches as the trainer
 
@@ -63,7 +64,7 @@ def build(args, device: str):
         model = AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **options).to(device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(model)
     if args.precision == "bf16-weights":
         model.to(torch.bfloat16)
     model.train()

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from yarnkit.train.speed import activation_offload, check_attention, tile_mlps, use_sdpa_kernel
+from yarnkit.train.speed import activation_offload, check_attention, full_checkpointing, tile_mlps, use_sdpa_kernel
 from yarnkit.train.recipe import RecipeError, load_recipe
 
 
@@ -65,7 +65,7 @@ def test_tiled_mlp_matches_plain_loss_and_grads():
 
 def test_activation_offload_keeps_loss_and_grads():
     model, ids = tiny_model("llama", seed=3).train(), _ids(128)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    full_checkpointing(model)
     loss_a, grads_a = _loss_and_grads(model, ids)
     offload = activation_offload(True)
     with offload:
@@ -127,7 +127,7 @@ def test_keep_attention_checkpointing_saves_attention_and_keeps_grads(keep, expe
     ids = _ids(96)
     plain, checked = tiny_model("llama", seed=4).train(), tiny_model("llama", seed=4).train()
     if keep is None:
-        checked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(checked)
     else:
         assert keep_attention_checkpointing(checked, keep=keep) == (keep or 2)
     loss_a, grads_a = _loss_and_grads(plain, ids)

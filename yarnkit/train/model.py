@@ -23,7 +23,7 @@ from yarnkit.models import check_safetensors, load_config, local_hf_dir
 from yarnkit.patch import apply_rope_scaling
 from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.train.errors import RecipeError
-from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
+from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing, full_checkpointing,
                                  keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps,
                                  use_sdpa_kernel)
 
@@ -148,7 +148,7 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
         kept = keep_attention_checkpointing(model, model_args.checkpoint_layers, model_args.keep_attention_layers)
         runs["checkpointing"] = f"keep_attention in {kept} layers"
     elif model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(model)
         if model_args.checkpoint_layers:
             for layer in model.get_decoder().layers[model_args.checkpoint_layers:]:
                 layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this flag
