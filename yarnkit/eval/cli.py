@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from yarnkit.errors import BadValue, NotFound, UserError
+from yarnkit.errors import BadValue, UserError
+from yarnkit.outputs import PLOT_SUFFIXES, check_output_dir, check_output_file
 from yarnkit.rope import SCALING_TYPES
 from yarnkit.train.checkpoint import model_location
 
@@ -185,6 +186,7 @@ def check_arguments(args) -> None:
         check_device(args.device)
     if args.dtype != "auto":
         to_dtype(args.dtype)
+    check_output_dir(args.out, "--out")  # results are written after the evaluation: fail now, not then
 
 
 def load_for_eval(args):
@@ -348,6 +350,7 @@ def check_retrieval_args(args) -> None:
     from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
     from yarnkit.eval.retrieval import eval_template
 
+    check_output_dir(args.out, "--out")
     bad = [depth for depth in args.depths if not 0.0 <= depth <= 1.0]
     if bad:
         raise BadValue(f"depth {bad[0]} is outside [0, 1]", "pass depths such as --depths 0,0.25,0.5,0.75,1")
@@ -413,10 +416,9 @@ def run(args) -> int:
     if args.task == "report":
         from yarnkit.eval.report import load_results, markdown_report
 
+        if args.output:
+            check_output_file(args.output, "--output", create_parent=False)
         text = markdown_report(load_results(args.results))
-        if args.output and not Path(args.output).parent.is_dir():
-            raise NotFound(f"--output {args.output}: the folder {Path(args.output).parent} does not exist",
-                           "create it first, or write the report elsewhere")
         print(text)
         if args.output:
             Path(args.output).write_text(text)
@@ -424,10 +426,12 @@ def run(args) -> int:
     if args.task == "plot":
         from yarnkit.eval.report import load_results
 
+        check_output_file(args.out, "--out", PLOT_SUFFIXES)
         print(_plot(load_results(args.results), args.out))
         return 0
     from yarnkit.eval.report import load_results
 
+    compare = load_results(args.compare) if args.task == "ppl" else []  # a bad file fails before the evaluation
     result = run_task(args)
-    _finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
+    _finish(result, args.out, compare)
     return 0

@@ -28,6 +28,7 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import AlreadyExists, NotFound
+from yarnkit.outputs import check_output_dir
 from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.errors import RecipeError
@@ -93,6 +94,7 @@ def train(recipe) -> TrainResult:
     from tqdm.auto import tqdm
 
     args, run_dir = recipe.train, Path(recipe.run_dir)
+    check_output_dir(run_dir, "run_dir=")  # a run that could not save its checkpoints fails now, not after training
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_memory_gb is this run's, also when a process runs several
     accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
