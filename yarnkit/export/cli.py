@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from yarnkit.export import card, hf, verify
 from yarnkit.export.source import ExportError, ExportSource, find_export_source
-from yarnkit.models import check_device, make_temp_dir
+from yarnkit.models import apply_umask, check_device, make_temp_dir
+from yarnkit.outputs import check_output_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces
 
@@ -115,6 +117,18 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub reads them
+
+
+def shard_bytes(size: str | int) -> int:
+    """`--max-shard-size` ("2GB", "500MB", or bytes) in bytes; anything else fails naming it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
+    value = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()]) if match else 0
+    if value < 1:
+        raise ExportError(f"--max-shard-size {size!r} is not a size", "write it like 2GB, 500MB or a number of bytes")
+    return value
+
+
 def default_verify_tokens(config) -> int:
     from yarnkit.export.rope_keys import main_rope_dict
 
@@ -133,6 +147,11 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         check_device(device)
     source = find_export_source(source_path, zero_shards=zero_shards)
     check_out_dir(out, overwrite, source, Path(source_path).expanduser())
+    check_output_dir(out, "--out")  # the export is written beside --out and renamed onto it at the end
+    if merge_lora and not source.is_lora:
+        raise ExportError(f"--merge-lora: {source.model_dir} holds full weights, no LoRA adapter to merge",
+                          "leave out --merge-lora")
+    max_shard_size = shard_bytes(max_shard_size)
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
@@ -165,6 +184,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         progress(f"model card, {REPORT_FILE}, moving into {out}")
         card.write_card(tmp, report, source, out.name)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        apply_umask(tmp)  # safetensors writes weights 0600; the export's files get the user's umask like the rest
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
