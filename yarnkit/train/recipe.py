@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from yarnkit.errors import NotFound
 from yarnkit.recipes import recipe_file
+from yarnkit.rope import SCALING_TYPES
 from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
 from yarnkit.train.data import DataArgs, check_mix
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.loop import TrainArgs
 from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
-from yarnkit.train.optim import OptimArgs
+from yarnkit.train.optim import OptimArgs, check_optim
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention, check_speed_keys
 
@@ -195,8 +197,14 @@ def validate_recipe(recipe: Recipe) -> None:
     if data.seq_len < 2:
         raise RecipeError(f"data.seq_len={data.seq_len} is too short; use at least 2 tokens")
     check_mix(data)  # source names, weights, and training templates that must not collide with evaluation ones
-    if yarn.factor < 1.0:
-        raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
+    if not yarn.factor >= 1.0 or not math.isfinite(yarn.factor):
+        raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more"
+                          if yarn.factor < 1.0 else f"yarn.factor={yarn.factor} is not a finite number; use 1 (off) "
+                          "or more, e.g. yarn.factor=4")
+    if yarn.rope_type not in SCALING_TYPES:
+        close = difflib.get_close_matches(yarn.rope_type, SCALING_TYPES, n=1)
+        raise RecipeError(f"yarn.rope_type={yarn.rope_type!r} is not a RoPE scaling",
+                          (f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(SCALING_TYPES)}")
     if yarn.original_max_position_embeddings:
         context = int(yarn.factor * yarn.original_max_position_embeddings)
         if data.seq_len > context:
@@ -227,8 +235,11 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("train.micro_batch_size and train.grad_accum must be >= 1")
     if train.mixed_precision not in ("fp32", "bf16", "fp16"):
         raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
-    if recipe.optim.schedule not in ("linear", "constant"):
-        raise RecipeError(f"optim.schedule={recipe.optim.schedule!r}; choose linear or constant")
+    check_optim(recipe.optim)
+    if recipe.checkpoint.keep_last < 1 or recipe.checkpoint.every < 0:
+        raise RecipeError(f"checkpoint.keep_last={recipe.checkpoint.keep_last} / checkpoint.every="
+                          f"{recipe.checkpoint.every}: keep_last counts the checkpoints kept (at least 1) and every "
+                          "is a step interval (0: only the last)", "e.g. checkpoint.keep_last=2 checkpoint.every=100")
     if train.sp_size < 1:
         raise RecipeError(f"train.sp_size={train.sp_size}; use 1 (off) or the number of GPUs sharing one sequence")
     if train.offload_activations and not recipe.model.gradient_checkpointing:
