@@ -218,6 +218,14 @@ def make_temp_dir(target: Path) -> Path:
     return tmp
 
 
+def apply_umask(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain `open(path, "w")` would: safetensors writes its files 0600."""
+    mode = 0o666 & ~user_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def rename_into_place(tmp: Path, target: Path, marker: str) -> None:
     """Rename the finished folder `tmp` onto `target`. Processes building the same cache entry at once each write
     their own `tmp`; the first rename wins, and a later one that meets a complete copy (it holds `marker`) drops
@@ -245,6 +253,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         rename_into_place(tmp, target, marker="config.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
