@@ -10,20 +10,24 @@ CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. `--window` 
 included (the same meaning in `chat`, `serve` and `eval stream`). Interactive commands (handled here, never
 sent to the model): /help, /reset (forget everything), /stats (tokens seen, cache size, memory), /quit.
 Ctrl-C stops the current reply; Ctrl-C or Ctrl-D at the prompt exits, and so does Ctrl-C while the model loads.
-`--prompt -` reads one (multi-line) message from stdin.
+At a terminal a message may be long and span lines: a pasted page arrives whole as one message (bracketed paste,
+`yarnkit.runtime.terminal`) and Enter sends it. `--prompt -` reads one (multi-line) message from stdin. When a
+message does not fit the window, or is compressed, a `[note]` on stderr says so before the reply.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
 
 from yarnkit.errors import BadValue
-from yarnkit.runtime.conversation import Conversation, load_chat_model
+from yarnkit.runtime.conversation import SEED_RANGE, Conversation, load_chat_model
 from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.terminal import can_read_messages, read_message
 
 COMMANDS = {"/help": "show these commands", "/reset": "forget the conversation (cache and history)",
             "/stats": "tokens seen, cache size and memory (JSON)", "/quit": "leave (also /exit, Ctrl-D)"}
@@ -61,6 +65,44 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
+def check_stream_arguments(args) -> None:
+    """The `chat`/`serve` flags that cannot work, refused before the model loads (the window against the model's
+    sinks is checked once its config is known: `StreamOptions.resolved`)."""
+    def positive(flag: str, value) -> None:
+        if value is not None and value < 1:
+            raise BadValue(f"{flag} {value} must be at least 1", f"e.g. {flag} {defaults.get(flag, 8)}")
+
+    defaults = {"--window": 1024, "--max-new-tokens": 256, "--evict-batch": 64, "--compress-over": 512}
+    positive("--window", args.window)
+    positive("--max-new-tokens", args.max_new_tokens)
+    positive("--evict-batch", args.evict_batch)
+    positive("--compress-over", args.compress_over)
+    if args.sinks is not None and not 0 <= args.sinks < args.window:
+        raise BadValue(f"--sinks {args.sinks} must be in [0, --window {args.window})", "e.g. --sinks 4")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise BadValue(f"--temperature {args.temperature:g} is not a sampling temperature",
+                       "use 0 (greedy) or a positive value, e.g. --temperature 0.7")
+    if not 0.0 < args.top_p <= 1.0:
+        raise BadValue(f"--top-p {args.top_p:g} must be in (0, 1]: the probability mass sampled from",
+                       "e.g. --top-p 0.9 (1 turns it off)")
+    if args.compress_rate is not None and not 0.0 < args.compress_rate < 1.0:
+        raise BadValue(f"--compress-rate {args.compress_rate:g} must be in (0, 1): the fraction of tokens kept",
+                       "e.g. --compress-rate 0.5, or leave it out to keep every token")
+    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise BadValue(f"--seed {args.seed} is outside the 64-bit range", f"use a seed in [{SEED_RANGE[0]}, "
+                       f"{SEED_RANGE[1]}], e.g. --seed 0")
+    if args.sirllm_keep < 0 or not 0.0 < args.sirllm_decay <= 1.0:
+        raise BadValue(f"--sirllm-keep {args.sirllm_keep} / --sirllm-decay {args.sirllm_decay:g}: need keep >= 0 "
+                       "and decay in (0, 1]", "e.g. --sirllm-keep 64 --sirllm-decay 0.9")
+    on_gpu = str(args.device).startswith("cuda")
+    if args.decode == "graph" and not on_gpu:
+        raise BadValue(f"--decode graph needs a CUDA GPU (--device {args.device})",
+                       "use --decode auto or static on CPU, or --device cuda on a GPU machine")
+    if args.compile and not on_gpu:
+        raise BadValue(f"--compile compiles the CUDA-graph decode step; --device {args.device} has none",
+                       "leave out --compile on CPU")
+
+
 def stream_options(args) -> StreamOptions:
     return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
                          sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
@@ -88,41 +130,86 @@ def build_conversation_factory(model, tokenizer, args):
     return new_conversation
 
 
-def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout) -> None:
-    """Stream one reply to `out`. Ctrl-C stops it between two tokens (never inside a forward, so the cache stays
-    whole); the partial reply stays in the history."""
+def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout,
+          keep_going: bool = True) -> None:
+    """Stream one reply to `out`; what the turn had to do to the input (streamed past the window, compressed) is
+    said on stderr before the reply's first word. Ctrl-C stops it between two tokens (never inside a forward, so
+    the cache stays whole); the partial reply stays in the history. Bad input (a system prompt that cannot fit) is
+    printed and the chat goes on; with `keep_going=False` (one --prompt) it is raised as a `BadValue`."""
     messages = history + [{"role": "user", "content": text}]
     pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
     stop = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if in_main else None
+    announced = False
     try:
         for piece in pieces:
+            if not announced:
+                announced = announce(conversation.last_info)
             out.write(piece)
             out.flush()
             if stop.is_set():
                 out.write(" [stopped]")
                 break
-    except ValueError as error:  # bad input (e.g. a system prompt that cannot fit): say so, keep chatting
+    except ValueError as error:
+        if not keep_going:
+            raise BadValue(str(error)) from None
         print(f"error: {error}", file=sys.stderr)
     finally:
         pieces.close()
         if in_main:
             signal.signal(signal.SIGINT, previous)
+    if not announced:  # an empty reply: the notes still come before the (empty) line
+        announce(conversation.last_info)
     out.write("\n")
     out.flush()
-    if "warning" in conversation.last_info:
-        print(f"[note] {conversation.last_info['warning']}", file=sys.stderr)
-    if "ratio" in conversation.last_info:
-        print(f"[compressed the message {conversation.last_info['ratio']}x]", file=sys.stderr)
     history[:] = conversation.messages
 
 
+def announce(info: dict) -> bool:
+    """Print the notes of a turn (`Conversation.last_info`) on stderr; True once printed."""
+    if "warning" in info:
+        print(f"[note] {info['warning']}", file=sys.stderr, flush=True)
+    if "ratio" in info:
+        print(f"[compressed the message {info['ratio']}x]", file=sys.stderr, flush=True)
+    return True
+
+
+def checked_text(text: str, where: str, fix: str) -> str:
+    """`text` from argv or stdin, which Python decodes with surrogate escapes: bytes that are not UTF-8 fail here,
+    naming `where`, instead of inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadValue(f"{where} is not UTF-8 text (byte {error.start}: "
+                       f"{text[error.start].encode('utf-8', 'surrogateescape')!r})", fix) from None
+    return text
+
+
+def read_prompt(prompt: str) -> str:
+    """`--prompt TEXT`, or with `--prompt -` all of stdin; either must be UTF-8."""
+    fix = "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | yarnkit chat --prompt -"
+    if prompt != "-":
+        return checked_text(prompt, "--prompt", fix)
+    return checked_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "--prompt -: stdin", fix)
+
+
+def read_turn(interactive: bool) -> str:
+    """The next message: from the terminal whole (long lines, pastes), or one line of piped stdin."""
+    if interactive and can_read_messages():
+        return read_message("> ")
+    return checked_text(input("> " if interactive else ""), "a line of stdin",
+                        "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | yarnkit chat")
+
+
 def run(args) -> int:
+    check_stream_arguments(args)
+    if args.system is not None:
+        checked_text(args.system, "--system", "pass the system prompt as UTF-8 text")
     text = None
     if args.prompt is not None:
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        text = read_prompt(args.prompt)
         if not text.strip():
             raise BadValue("empty prompt", "pass some text with --prompt (or on stdin with --prompt -)")
     loaded = load_for_cli(args)
@@ -131,14 +218,14 @@ def run(args) -> int:
     conversation = build_conversation_factory(*loaded, args)()  # bad options raise BadValue: yarnkit/cli.py prints it
     history = [{"role": "system", "content": args.system}] if args.system else []
     if text is not None:
-        reply(conversation, history, text, args)
+        reply(conversation, history, text, args, keep_going=False)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
         print("yarnkit chat: /help for commands; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = read_turn(interactive)
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0

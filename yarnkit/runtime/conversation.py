@@ -64,6 +64,9 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer: what torch's generator and OpenAI's `seed` take
+
+
 class PromptTooLong(ValueError):
     """The prompt (as tokens) is longer than the configured limit; the message names the field."""
 
@@ -186,6 +189,7 @@ class Conversation:
         """
         turn = self.start(normalize_messages(messages), sampling=Sampling(max_new_tokens, temperature, top_p,
                                                                           seed, tuple(stop)))
+        self.last_info = turn.info  # what the turn did to the input, readable before the reply (chat's notes)
         try:
             while turn.prefilling:
                 turn.prefill_step()

@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from yarnkit import rope
+from yarnkit.errors import BadValue
 from yarnkit.models import cache_kwargs
 from yarnkit.runtime.cache import Rotary, rotate_back
 
@@ -51,8 +52,8 @@ class SlotPool(Cache):
         self.model, self.capacity, self.rotary = model, capacity, rotary
         self.device, self.dtype = parameter.device, parameter.dtype
         if graph and self.device.type != "cuda":
-            raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
-                             "use decode='static' or 'auto'")
+            raise BadValue(f"decode='graph' (--decode graph) needs a CUDA model; the model is on {self.device}",
+                           "use --decode auto or static (or --device cuda on a GPU machine)")
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
         shape = (layers, rows, config.num_key_value_heads, capacity + 1, rope.head_dim(config))
