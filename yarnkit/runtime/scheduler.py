@@ -62,9 +62,9 @@ class Scheduler:
     """Owns the conversations (cache rows) and the worker thread; `submit(job)` is safe from any thread."""
 
     def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
-                 prefill_budget: int = 128, max_prompt_tokens: int | None = None):
+                 prefill_budget: int = 128, max_prompt_tokens: int | None = None, over_window: str = "refuse"):
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens, self.over_window = max_prompt_tokens, over_window
         self.prefill_budget = prefill_budget
         device = next(model.parameters()).device
         decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
@@ -241,7 +241,8 @@ class Scheduler:
     def _start(self, job: Job, index: int, conversation: Conversation, sampling: Sampling) -> None:
         """On a helper thread: template + tokenization of the new text; the turn then joins the loop."""
         try:
-            turn = conversation.start(job.messages, job.text, sampling, job.rendered, self.max_prompt_tokens)
+            turn = conversation.start(job.messages, job.text, sampling, job.rendered, self.max_prompt_tokens,
+                                      self.over_window)
         except Exception as error:  # noqa: BLE001 - e.g. a template that rejects the roles
             if isinstance(error, PromptTooLong):
                 payload = {"status": 400, "message": str(error), "param": str(error).split(":")[0],
@@ -257,7 +258,11 @@ class Scheduler:
             self._release(job, conversation)
             return
         turn.job, turn.index = job, index
-        job.emit("started", index, None)
+        if "truncated" in turn.info:
+            cut = turn.info["truncated"]
+            log.warning("prompt of %d tokens is longer than the %d-token window: only its end is in context "
+                        "(--over-window truncate)", cut["prompt_tokens"], cut["window"])
+        job.emit("started", index, {"truncated": turn.info.get("truncated")})
         with self.cond:
             job.turns.append(turn)
             self.cond.notify()
