@@ -10,6 +10,12 @@ model itself ≤ 1e-6 (f32), 1e-2 (f16), 2e-2 (bf16), 5e-2 (q8_0); the tokenizer
 the original. Real llama.cpp (llama-cpp-python, built from source by `make install` in CI, where a missing build
 fails rather than skips) loads the f32 and f16 files and its logits on a prompt past the native context match
 transformers' (1e-5 and 2e-3; measured 4.2e-7 and 5.2e-4), and are 0.17 off with its rope scaling turned off.
+
+Tokenizer round trip, with SmolLM2's own tokenizer on a tiny model of its vocabulary: the export keeps the chat
+template, BOS/EOS, whether they are added, `add_space_prefix` and the pre-tokenizer's llama.cpp name (`smollm`, as
+in the bundled GGUF); yarnkit's loader reads them all back from the GGUF even where tokenizer files lie beside it;
+llama.cpp tokenizes a mixed text (code, accents, emoji, numbers, special tokens) exactly as transformers does; the
+files get the user's umask. A slow test exports the real model and checks its chat reply stops at EOS.
 """
 
 from __future__ import annotations
@@ -59,6 +65,97 @@ def test_yarn_metadata_under_llama_cpp_key_names(gguf_export):
     assert not any("beta" in k for k in meta)  # llama.cpp reads no beta keys for Llama
     assert meta[key["FREQ_BASE"]] == 10000.0 and meta["tokenizer.ggml.model"] == "gpt2"
     assert "output.weight" in {t for t in _tensor_names(out / report["gguf_file"])}  # untied head kept
+
+
+MIXED = ("def area(r: float) -> float:\n    return 3.14159 * r ** 2  # π r²\n\tcafé, naïve, Ünïcödé, 東京 🚀🎉\n"
+         "Order #12345 costs $1,234.56 on 2026-12-06; x=-7e10, y=0x1F.\n  indented   spaces  and\r\nCRLF")
+
+
+@pytest.fixture(scope="module")
+def smollm_gguf(tmp_path_factory):
+    """A tiny Llama of SmolLM2's vocabulary with SmolLM2's tokenizer, exported with --gguf (f32)."""
+    from conftest import tiny_model
+
+    from yarnkit.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("smollm-gguf")
+    source_tokenizer = load_tokenizer("smollm2-135m")
+    model = tiny_model("llama", vocab_size=49152)
+    model.save_pretrained(root / "source")
+    source_tokenizer.save_pretrained(root / "source")
+    report = export(root / "source", root / "out", gguf=True, gguf_type="f32", run_checks=False)
+    return source_tokenizer, root / "out", root / "out" / report["gguf_file"]
+
+
+def test_gguf_export_keeps_the_tokenizer_metadata(smollm_gguf):
+    from yarnkit.models import bundled_gguf_path
+
+    source, _, path = smollm_gguf
+    meta, bundled = read_metadata(path), read_metadata(bundled_gguf_path("smollm2-135m"))
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template"):
+        assert meta[key] == bundled[key], key  # as the source GGUF states them
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.chat_template"] == source.chat_template
+    assert meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.eos_token_id"] == source.eos_token_id
+
+
+def test_yarnkit_reads_the_tokenizer_back_from_the_gguf_beside_tokenizer_files(smollm_gguf):
+    """The GGUF lies in the export folder next to tokenizer_config.json; its own metadata must still win."""
+    from yarnkit.models import load_tokenizer
+
+    source, out, path = smollm_gguf
+    assert (out / "tokenizer_config.json").is_file() and path.parent == out
+    loaded = load_tokenizer(path)
+    assert loaded.chat_template == source.chat_template
+    assert (loaded.eos_token, loaded.bos_token) == (source.eos_token, source.bos_token) == ("<|im_end|>",
+                                                                                            "<|im_start|>")
+    assert loaded(MIXED)["input_ids"] == source(MIXED)["input_ids"]
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~models_umask()  # not 0600
+
+
+def models_umask() -> int:
+    from yarnkit.models import user_umask
+
+    return user_umask()
+
+
+def test_llama_cpp_tokenizes_like_transformers(smollm_gguf):
+    """Token for token, with llama.cpp's own tokenizer (the GGUF's pre-tokenizer, BOS flag and control tokens)."""
+    if os.environ.get("CI"):
+        import llama_cpp
+    else:
+        llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (make llama-cpp)")
+    from yarnkit.models import bundled_gguf_path
+
+    source, _, path = smollm_gguf
+    chat = source.apply_chat_template([{"role": "user", "content": MIXED}], tokenize=False, add_generation_prompt=True)
+    for gguf_file in (path, bundled_gguf_path("smollm2-135m")):  # the export, and the source it must match
+        llm = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+        assert llm.tokenize(MIXED.encode(), add_bos=False) == source(MIXED, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(MIXED.encode()) == source(MIXED)["input_ids"]  # the add_bos flag agrees too
+        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == source(
+            chat, add_special_tokens=False)["input_ids"]
+        assert llm.token_eos() == source.eos_token_id and llm.token_bos() == source.bos_token_id
+
+
+@pytest.mark.slow
+def test_chat_reply_of_an_exported_gguf_stops_at_eos(tmp_path):
+    """`yarnkit export SmolLM2 --gguf --gguf-type q8_0`, then chat with the GGUF: the greedy reply ends with EOS,
+    not at the token limit (the tokenizer read back has the chat template and EOS)."""
+    from yarnkit.models import local_hf_dir
+    from yarnkit.runtime.conversation import Conversation, load_chat_model
+    from yarnkit.runtime.engine import StreamOptions
+
+    report = export(local_hf_dir("smollm2-135m"), tmp_path / "exported", gguf=True, gguf_type="q8_0",
+                    run_checks=False)
+    model, tokenizer = load_chat_model(str(tmp_path / "exported" / report["gguf_file"]))
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    conversation = Conversation(model, tokenizer, StreamOptions(window=1024))
+    reply = "".join(conversation.respond([{"role": "user", "content": "What is the capital of France?"}],
+                                         max_new_tokens=200))
+    assert "Paris" in reply
+    assert conversation.last_info["finish_reason"] == "stop" and conversation.last_info["completion_tokens"] < 200
 
 
 def _tensor_names(path):

@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 import torch
 
 from yarnkit.errors import BadModel, BadValue, NotFound, UserError
+from yarnkit.gguf_tokenizer import gguf_scalars, restore_pre_tokenizer
 from yarnkit.patch import register_rope_types
 from yarnkit.sink import read_gguf_sink_token
 
@@ -197,9 +198,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit"))
 
 
+GGUF_CONVERSION = 2  # part of the cache key: raised when a conversion writes something different (2: tokenizer fixes)
+
+
 def _gguf_cache_path(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_CONVERSION}".encode()
+                         ).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -238,14 +243,28 @@ def rename_into_place(tmp: Path, target: Path, marker: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _alone(gguf: Path):
+    """A temporary folder holding only a link to `gguf`: transformers reads tokenizer files lying beside a GGUF
+    (an export's own tokenizer_config.json) over the GGUF's metadata, and then loses its chat template and EOS."""
+    with tempfile.TemporaryDirectory(prefix="yarnkit-gguf-") as folder:
+        (Path(folder) / gguf.name).symlink_to(gguf.resolve())
+        yield folder
+
+
 def _convert_gguf(source: ModelSource, target: Path) -> None:
     """De-quantize a GGUF once into an HF safetensors folder, written atomically (temp dir + rename). Processes
-    converting at the same time (training beside evaluation) each write their own temp dir (`rename_into_place`)."""
+    converting at the same time (training beside evaluation) each write their own temp dir (`rename_into_place`).
+    The tokenizer comes from the GGUF alone, with the pre-tokenizer its `tokenizer.ggml.pre` names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    read_gguf_sink_token(model.config, Path(source.path) / source.gguf_file)  # transformers skips yarnkit's key
+    path = Path(source.path) / source.gguf_file
+    with _alone(path) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=source.gguf_file, dtype=torch.float32)
+    metadata = gguf_scalars(path)
+    restore_pre_tokenizer(tokenizer, metadata.get("tokenizer.ggml.pre"))
+    read_gguf_sink_token(model.config, path, metadata)  # transformers skips yarnkit's key
     # The tensors are already de-quantized; drop the GGUF marker so the model saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False

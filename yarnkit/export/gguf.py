@@ -1,7 +1,9 @@
 """Write a llama.cpp GGUF of an exported Llama-architecture HF folder, YaRN included, and read its RoPE back.
 
 `write_gguf(folder, model, path, gguf_type)` writes what llama.cpp's own `convert_hf_to_gguf.py` writes for a
-Llama model: the hyper-parameters, the byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`), the tensors
+Llama model: the hyper-parameters, the byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) with its
+pre-tokenizer's llama.cpp name (`yarnkit.gguf_tokenizer`), BOS/EOS ids, whether they are added
+(`add_bos_token`/`add_eos_token`, measured on the tokenizer), `add_space_prefix` and the chat template, the tensors
 under llama.cpp's names (`gguf.get_tensor_name_map`) with Q and K rows permuted to llama.cpp's rotary layout, and
 the YaRN keys from `gguf.constants.Keys.Rope`: `llama.rope.scaling.type = "yarn"`, `.factor`,
 `.original_context_length`, and `.attn_factor` when the attention factor is not 0.1·ln(s)+1 (llama.cpp
@@ -27,16 +29,11 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.export.source import ExportError
+from yarnkit.gguf_tokenizer import adds_special_tokens, pre_tokenizer_name
 from yarnkit.rope import head_dim as config_head_dim, yarn_attention_factor, yarn_get_mscale
 from yarnkit.sink import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-# tokenizer.json pre_tokenizer (trim_offsets ignored) -> llama.cpp `tokenizer.ggml.pre` with the same splitting
-KNOWN_PRE_TOKENIZERS = [
-    (_BYTE_LEVEL, "gpt-2"),  # GPT-2's regex
-    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}, "smollm"),
-]
 LLAMA_CPP_FIXED_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}  # llama.cpp reads beta keys only for grok/mistral3
 
 
@@ -65,22 +62,13 @@ def llama_cpp_attn_factor(rope: dict) -> float:
     return wanted / yarn_get_mscale(factor)
 
 
-def _without_offsets(node):
-    if isinstance(node, dict):
-        return {k: _without_offsets(v) for k, v in node.items() if k != "trim_offsets"}
-    if isinstance(node, list):
-        return [_without_offsets(v) for v in node]
-    return node
-
-
-def pre_tokenizer_name(tokenizer_json: dict, override: str | None) -> tuple[str, list[str]]:
+def gguf_pre_name(tokenizer_json: dict, override: str | None) -> tuple[str, list[str]]:
     """llama.cpp's pre-tokenizer name for this tokenizer.json, or "default" with a note saying how to fix it."""
     if override:
         return override, []
-    pre = _without_offsets(tokenizer_json.get("pre_tokenizer"))
-    for known, name in KNOWN_PRE_TOKENIZERS:
-        if pre == known:
-            return name, []
+    name = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"))
+    if name is not None:
+        return name, []
     return "default", ["unknown pre-tokenizer: wrote tokenizer.ggml.pre=default; pass --gguf-pre with llama.cpp's "
                        "name for it (e.g. llama-bpe, qwen2, smollm) for exact tokenization in llama.cpp"]
 
@@ -116,12 +104,19 @@ def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | 
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    name, notes = pre_tokenizer_name(tokenizer_json, pre)
+    name, notes = gguf_pre_name(tokenizer_json, pre)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.update(adds_special_tokens(tokenizer))  # measured, not guessed from the files
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template  # transformers 5 keeps it in chat_template.jinja
+    special.add_to_gguf(writer, quiet=True)
+    pre_tokenizer = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    writer.add_add_space_prefix(any(part.get("add_prefix_space") for part in parts if part.get("type") == "ByteLevel"))
     return notes
 
 
