@@ -63,6 +63,18 @@ def test_tiled_mlp_matches_plain_loss_and_grads():
         torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_full_checkpointing_uses_the_current_transformers_name_without_a_warning():
+    """transformers 5.25 warns that `gradient_checkpointing_enable` goes in v6; 5.17 has only that name."""
+    import warnings
+
+    model = tiny_model("llama", seed=3).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        full_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
 def test_activation_offload_keeps_loss_and_grads():
     model, ids = tiny_model("llama", seed=3).train(), _ids(128)
     full_checkpointing(model)

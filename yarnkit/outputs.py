@@ -58,12 +58,12 @@ def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] = (
     """The file `path` can be written: not a folder, a wanted suffix, a parent folder that exists (or, with
     `create_parent`, can be made) and takes new files."""
     shown = Path(path).expanduser()
-    if suffixes and shown.suffix.lower() not in suffixes:
-        raise BadValue(f"{_named(flag, shown)}: cannot write a {shown.suffix or 'suffix-less'} file here",
-                       f"use one of {', '.join(suffixes)}, e.g. {_named(flag, shown.with_suffix(suffixes[0]))}")
     if shown.is_dir():
         raise BadValue(f"{_named(flag, shown)} is a folder, not a file", f"pass a file path, e.g. "
                        f"{_named(flag, shown / ('out' + (suffixes[0] if suffixes else '')))}")
+    if suffixes and shown.suffix.lower() not in suffixes:
+        raise BadValue(f"{_named(flag, shown)}: cannot write a {shown.suffix or 'suffix-less'} file here",
+                       f"use one of {', '.join(suffixes)}, e.g. {_named(flag, shown.with_suffix(suffixes[0]))}")
     parent = shown.parent
     if not create_parent and not parent.is_dir():
         raise BadValue(f"{_named(flag, shown)}: the folder {parent} does not exist",

@@ -130,12 +130,13 @@ def build_conversation_factory(model, tokenizer, args):
     return new_conversation
 
 
-def reply(conversation: Conversation, history: list[dict], text: str, args, out=sys.stdout,
+def reply(conversation: Conversation, history: list[dict], text: str, args, out=None,
           keep_going: bool = True) -> None:
     """Stream one reply to `out`; what the turn had to do to the input (streamed past the window, compressed) is
     said on stderr before the reply's first word. Ctrl-C stops it between two tokens (never inside a forward, so
     the cache stays whole); the partial reply stays in the history. Bad input (a system prompt that cannot fit) is
     printed and the chat goes on; with `keep_going=False` (one --prompt) it is raised as a `BadValue`."""
+    out = out or sys.stdout  # looked up now: a default bound at import would outlive a replaced stdout
     messages = history + [{"role": "user", "content": text}]
     pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
