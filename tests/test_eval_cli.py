@@ -123,3 +123,25 @@ def test_bad_arguments_fail_clearly(model_dir, tmp_path, capsys):
         assert main(["eval", *map(str, argv), *(["--out", str(tmp_path)] if argv[0] != "report" else [])]) == 2
         assert named in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_factor_sweeps_the_yarn_temperature_of_a_scaled_model(model_dir, tmp_path):
+    """`--attention-factor` re-applies the model's own YaRN with another temperature: the result records it and the
+    perplexity moves; a model without YaRN is refused with the fix."""
+    from yarnkit.models import load_model
+    from yarnkit.patch import apply_rope_scaling
+
+    scaled = tmp_path / "yarn"
+    model, tokenizer = load_model(str(model_dir))
+    apply_rope_scaling(model, "yarn", factor=4)
+    model.save_pretrained(scaled)
+    tokenizer.save_pretrained(scaled)
+    out = tmp_path / "out"
+    common = ["--data", sample_path("eval"), "--lengths", "512", "--docs", "1", "--out", out]
+    run_eval("ppl", scaled, *common, "--label", "own")
+    run_eval("ppl", scaled, *common, "--attention-factor", "1.6", "--label", "hot")
+    own, hot = load(out / "ppl-own.json"), load(out / "ppl-hot.json")
+    assert own["rope"]["factor"] == 4 and hot["rope"]["attention_factor"] == 1.6
+    assert hot["rope"]["rope_parameters"]["factor"] == 4 and hot["rope"]["original_max_position_embeddings"] == 256
+    assert abs(hot["rows"][0]["ppl"] - own["rows"][0]["ppl"]) > 1e-6 * own["rows"][0]["ppl"]  # a random model: small
+    assert main(["eval", "ppl", str(model_dir), *map(str, common), "--attention-factor", "1.2"]) == 2

@@ -96,6 +96,9 @@ def test_unknown_recipe_name_suggests():
     (["pose.enabled=true", "data.packing=true"], "cannot be combined"),
     (["train.mixed_precision=fp8"], "mixed_precision"),
     (["yarn.factor=0.5"], "shrink"),
+    (["data.synthetic.far=0.5"], "needs pose.enabled=true"),
+    (["train.answer_loss_weight=-1"], "answer_loss_weight=-1.0 is negative"),
+    (["train.answer_loss_weight=1", "train.sp_size=2"], "cannot be combined with train.sp_size"),
 ])
 def test_impossible_settings_fail_before_loading(overrides, message):
     with pytest.raises(RecipeError, match=message):

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from yarnkit import needles
 from yarnkit.train.data import DataArgs, DataError, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.recipe import load_recipe
-from yarnkit.train.synthetic import RowMaker, SyntheticArgs
+from yarnkit.train.pose import far_position_ids
+from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, mark_last
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,10 @@ def test_rows_have_the_exact_length_and_every_question_follows_its_facts(maker, 
         state = rng.getstate()
         facts, questions = maker._world(random.Random(seed), length)  # the world make() will draw first
         rng.setstate(state)
-        row = maker.make(book[seed * 1000:], rng, length, chat=chat)
+        row = maker.make(book[seed * 1000:], rng, length, chat=chat).ids
         assert row.shape == (length,) and row.dtype == np.int64
         text = tokenizer.decode(row.tolist())
-        for question, answer, asked in questions:
+        for question, answer, asked, _ in questions:
             if question not in text:  # a chat row keeps a random number of the later turns
                 assert chat
                 continue
@@ -63,11 +65,12 @@ def test_rows_have_the_exact_length_and_every_question_follows_its_facts(maker, 
 
 
 def test_rows_are_deterministic_and_never_use_evaluation_wording(maker, tokenizer, book):
-    first = maker.make(book, random.Random(5), 2048)
-    assert np.array_equal(first, maker.make(book, random.Random(5), 2048))
+    first = maker.make(book, random.Random(5), 2048).ids
+    assert np.array_equal(first, maker.make(book, random.Random(5), 2048).ids)
     markers = [m for t in needles.eval_templates() for m in t.markers]
     for seed in range(40):
-        text = tokenizer.decode(maker.make(book[seed * 500:], random.Random(seed), 2048, chat=seed % 4 == 0).tolist())
+        row = maker.make(book[seed * 500:], random.Random(seed), 2048, chat=seed % 4 == 0)
+        text = tokenizer.decode(row.ids.tolist())
         stems = needles._stems(text)
         assert not [m for m in markers if f" {needles._stems(m)} " in f" {stems} "], seed
         assert not re.search(r"(?i)special magic|archive reference|pass key|VAR [A-Z]{5} =", text)
@@ -105,13 +108,14 @@ def test_the_mix_follows_its_weights_and_long_micro_batches_are_contiguous(mixed
     again = micro_batch(data, SampleOrder(len(data), args.seed, args.shuffle), 40, 0, 1, 4, 8192, 1)
     assert (again["input_ids"] == micro_batch(data, order, 40, 0, 1, 4, 8192, 1)["input_ids"]).all()  # resumable
     book_row = next(k for k in range(100) if data.source(k) == "books")
-    assert np.array_equal(data.row(book_row, order, 1), data.books[order[book_row]]["input_ids"])
+    assert np.array_equal(data.row(book_row, order, 1).ids, data.books[order[book_row]]["input_ids"])
 
 
 @pytest.mark.parametrize("override, message", [
     ("data.mix={books: 1, novels: 1}", "unknown source\\(s\\) \\['novels'\\]"),
     ("data.mix={books: 0}", "not all 0"),
     ("data.long_share=1.5", "outside \\[0, 1\\]"),
+    ("data.synthetic.lookalike=2", "lookalike=2.0 is outside \\[0, 1\\]"),
     ("data.synthetic.templates=['Remember this: {key} holds {value}. | What does {key} hold? | It holds']",
      "collides with evaluation template 'archive'.*rephrase it"),
     ("data.synthetic.attributes=['special magic number']", "collides with evaluation template 'magic'"),
@@ -119,3 +123,104 @@ def test_the_mix_follows_its_weights_and_long_micro_batches_are_contiguous(mixed
 def test_recipes_with_a_bad_mix_or_a_colliding_template_are_refused(override, message):
     with pytest.raises(DataError, match=message):
         load_recipe(["recipe=tiny", override])
+
+
+def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(int), [0]))))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_answer_mask_covers_each_answers_values_after_its_question_and_nothing_else(tokenizer, book, chat):
+    maker = RowMaker(tokenizer, SyntheticArgs())
+    for seed in range(10):
+        rng = random.Random(seed)
+        state = rng.getstate()
+        facts, questions = maker._world(random.Random(seed), 2048)
+        rng.setstate(state)
+        row = maker.make(book[seed * 700:], rng, 2048, chat=chat)
+        text = tokenizer.decode(row.ids.tolist())
+        spans = _spans(row.answers)
+        marked = [tokenizer.decode(row.ids[a:b].tolist()).strip() for a, b in spans]
+        asked = [values for question, _, _, values in questions if question in text]
+        assert marked and len(marked) == len(asked)  # one span per answer in the row, no fact's value
+        for (a, _), shown in zip(spans, marked):
+            assert shown.rstrip(".") in asked
+            before = tokenizer.decode(row.ids[:a].tolist())
+            question = next(q for q, _, _, values in questions if values == shown.rstrip("."))
+            assert question in before  # the answer comes after its question
+
+
+def test_mark_last_marks_only_the_last_occurrence():
+    ids = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7])
+    assert mark_last(ids, [[1, 2, 3], [7]]).tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert not mark_last(ids, [[4, 4]]).any()
+
+
+def test_far_rows_keep_facts_first_and_questions_after_the_split(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs(far=1.0))
+    for seed in range(8):
+        rng = random.Random(seed)
+        state = rng.getstate()
+        rng.random()  # make() draws "is it far" first
+        facts, questions = maker._world(rng, 4096)
+        rng.setstate(state)
+        row = maker.make(book[seed * 900:], rng, 4096, chat=seed % 2 == 1)
+        assert 0 < row.far_split < 4096
+        before = tokenizer.decode(row.ids[:row.far_split].tolist())
+        after = tokenizer.decode(row.ids[row.far_split:].tolist())
+        assert all(fact[3] in before for fact in facts), seed  # every fact before the skip
+        assert any(question in after for question, _, _, _ in questions)
+        assert not any(question in before for question, _, _, _ in questions)
+        assert np.flatnonzero(row.answers)[0] > row.far_split
+        last_fact = max(text.index(fact[3]) for fact in facts if (text := before))
+        assert last_fact / len(tokenizer.decode(row.ids.tolist())) < FAR_FACT_SPAN + 0.15  # facts come first
+
+
+def test_far_positions_put_the_skip_at_the_split():
+    for seed in range(50):
+        positions = far_position_ids(1024, 300, 8192, torch.Generator().manual_seed(seed))
+        assert positions[:300].tolist() == list(range(300))
+        skip = int(positions[300] - 300)
+        assert (8192 - 1024) // 2 <= skip <= 8192 - 1024
+        assert (positions.diff() > 0).all() and positions.max() < 8192
+    with pytest.raises(ValueError):
+        far_position_ids(1024, 0, 8192, torch.Generator())
+
+
+def test_lookalike_rows_share_one_attribute_phrasing_and_key_form(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs())
+    for seed in range(20):
+        facts, _ = maker._world(random.Random(seed), 8192, lookalike=True)
+        facts = [fact for fact in facts if fact[1]]  # a variable chain's links have no attribute
+        assert len(facts) >= 2
+        assert len({attribute for _, attribute, _, _ in facts}) == 1
+        assert len({key for key, _, _, _ in facts}) == len(facts)  # distinct keys, no repeated key
+        first_words = {key.split()[0] for key, _, _, _ in facts}
+        assert len(first_words) == 1, facts  # one form: the same first word ("Team", "Alice", "crate", "the")
+
+
+def test_preview_rows_ask_each_question_before_and_after_the_text(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs(preview=1.0, interleave=0.0))
+    rng = random.Random(3)
+    state = rng.getstate()
+    _, questions = maker._world(random.Random(3), 2048)
+    rng.setstate(state)
+    text = tokenizer.decode(maker.make(book, rng, 2048).ids.tolist())
+    for question, _, _, _ in questions:
+        assert text.count(question) == 2
+
+
+def test_micro_batches_carry_answer_masks_and_far_positions(tmp_path, tokenizer):
+    args = DataArgs(source="bundled:train", seq_len=2048, cache_dir=str(tmp_path),
+                    mix={"books": 0.2, "retrieval": 0.8}, synthetic=SyntheticArgs(far=1.0))
+    data = build_dataset(args, tokenizer, arrays=True)
+    order = SampleOrder(len(data), args.seed, args.shuffle)
+    batch = micro_batch(data, order, 0, 0, 1, 4, pose_target=16384, pose_seed=1)
+    assert batch["answer_positions"] is not None and batch["answer_positions"].max() < 4 * 2047
+    for k, positions in zip(batch["samples"], batch["position_ids"]):
+        row = data.row(k, order, 1)
+        if row.far_split:
+            gap = int(positions[row.far_split] - positions[row.far_split - 1])
+            assert gap - 1 >= (16384 - 2048) // 2  # the question part is >= 7k positions after the facts
+        assert not row.answers.any() or data.source(k) == "retrieval"

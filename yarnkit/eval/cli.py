@@ -75,6 +75,9 @@ def add_arguments(parser) -> None:
         p.add_argument("--rope-type", choices=SCALING_TYPES,
                        help="apply this RoPE scaling to the loaded model (needs --factor)")
         p.add_argument("--factor", type=float, help="RoPE scaling factor s")
+        p.add_argument("--attention-factor", type=float,
+                       help="YaRN attention temperature (cos/sin scale; logits scale by its square) in place of the "
+                            "model's own (0.1 ln s + 1 unless its config sets one): a sweep without retraining")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
@@ -171,6 +174,9 @@ def check_arguments(args) -> None:
         raise BadValue("--rope-type and --factor go together", "e.g. --rope-type yarn --factor 8")
     if args.factor is not None and not args.factor > 1:
         raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    if args.attention_factor is not None and not 0 < args.attention_factor < 10:
+        raise BadValue(f"--attention-factor {args.attention_factor:g} is not a temperature scale",
+                       "pass a value near YaRN's 0.1 ln s + 1, e.g. --attention-factor 1.2")
     _positive(args, "lengths", "trials", "docs", "stride", "chunk_size", "max_new_tokens", "max_length", "window",
               "max_tokens", "chunk", "segment", "max_cache")
     if any(length < 2 for length in getattr(args, "lengths", None) or [2]):
@@ -203,10 +209,20 @@ def load_for_eval(args):
 
         use_sdpa_kernel(args.sdpa_kernel)
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
+    temperature = {} if args.attention_factor is None else {"attention_factor": args.attention_factor}
     if args.rope_type:
-        rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor).describe()
+        rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor, **temperature).describe()
+    elif temperature:  # the model's own YaRN again, with another temperature
+        if "yarn" not in rope.get("rope_type", ""):
+            raise BadValue(f"--attention-factor needs a YaRN model; {args.model} has rope_type "
+                           f"{rope.get('rope_type', 'default')!r}", "add --rope-type yarn --factor S")
+        kept = {key: rope[key] for key in ("beta_fast", "beta_slow") if rope.get(key) is not None}
+        rope = apply_rope_scaling(model, rope_type=rope["rope_type"], factor=rope["factor"], replace=True,
+                                  original_max_position_embeddings=rope["original_max_position_embeddings"],
+                                  **kept, **temperature).describe()
     native = (rope.get("original_max_position_embeddings") or getattr(model.config, "max_position_embeddings", None))
-    label = args.label or (Path(args.model).name + (f" {args.rope_type} x{args.factor:g}" if args.rope_type else ""))
+    label = args.label or (Path(args.model).name + (f" {args.rope_type} x{args.factor:g}" if args.rope_type else "")
+                           + (f" attn {args.attention_factor:g}" if temperature else ""))
     meta = {"label": label, "model": str(location), "device": device, "dtype": dtype, "rope": rope,
             "native_context": native, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
     return model, tokenizer, meta

@@ -45,8 +45,8 @@ from yarnkit.errors import NotFound
 from yarnkit.models import cache_dir, rename_into_place
 from yarnkit.train.corpus import iter_documents, read_text
 from yarnkit.train.errors import DataError
-from yarnkit.train.pose import pose_generator, pose_position_ids
-from yarnkit.train.synthetic import RowMaker, SyntheticArgs, training_phrasings
+from yarnkit.train.pose import far_position_ids, pose_generator, pose_position_ids
+from yarnkit.train.synthetic import Row, RowMaker, SyntheticArgs, training_phrasings
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
 PYTHON_STDLIB = "python-stdlib"
@@ -85,6 +85,10 @@ def check_mix(args: DataArgs) -> None:
     if args.synthetic.questions < 1 or args.synthetic.facts < 1:
         raise DataError("data.synthetic.facts and data.synthetic.questions must be >= 1")
     synthetic = args.synthetic
+    for name in ("interleave", "multi", "chains", "far", "lookalike", "preview"):
+        if not 0.0 <= getattr(synthetic, name) <= 1.0:
+            raise DataError(f"data.synthetic.{name}={getattr(synthetic, name)} is outside [0, 1]; it is a share of "
+                            "the synthetic rows")
     if args.mix.get("retrieval") or args.mix.get("chat") or synthetic.templates or synthetic.attributes:
         training_phrasings(synthetic)  # a template that collides with an evaluation one fails here
 
@@ -308,7 +312,7 @@ class MixedData:
     def is_long(self, first_sample: int) -> bool:
         return random.Random(f"{self.args.seed}:long:{first_sample}").random() < self.args.long_share
 
-    def row(self, k: int, order: SampleOrder, chunks: int) -> np.ndarray:
+    def row(self, k: int, order: SampleOrder, chunks: int) -> Row:
         """Sample k as `chunks` consecutive chunks of its source (a synthetic row built on book chunks)."""
         source = self.source(k)
         # code chunks are spread by a fixed prime stride (their own order); book chunks follow `order`
@@ -318,7 +322,15 @@ class MixedData:
         if source in ("retrieval", "chat"):
             rng = random.Random(f"{self.args.seed}:row:{k}")
             return self.maker.make(tokens, rng, len(tokens), chat=source == "chat")
-        return tokens
+        return Row.plain(tokens)
+
+
+def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices, into the [B, S - 1] next-token targets, of the tokens where `answer_mask` [B, S] is True
+    (token t is predicted at position t - 1); None when none is. Computed on the host, before the batch moves, so
+    the loss needs no device sync to find them."""
+    positions = answer_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+    return positions if positions.numel() else None
 
 
 def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
@@ -326,17 +338,23 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
     Returns `input_ids` [size, seq_len] (a mix's long micro-batch: [1, size x seq_len]), `position_ids` and
-    `attention_mask` (or None), and `samples` (global sample numbers). With `sink_first` (rows start with a sink
-    token), PoSE keeps the sink at position 0 and skips positions only among the text tokens after it. PoSE
-    batches carry an all-ones attention mask: without one, transformers reads a jump in position ids as the start
-    of a packed document and would block attention across the skip."""
+    `attention_mask` (or None), `answer_positions` (a mix's synthetic answer tokens, `answer_positions`)
+    and `samples` (global sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink
+    at position 0 and skips positions only among the text tokens after it. A far row (`Row.far_split`) gets its
+    skip at its split (`pose.far_position_ids`) instead of PoSE's random one. PoSE batches carry an all-ones
+    attention mask: without one, transformers reads a jump in position ids as the start of a packed document and
+    would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
-    batch = {"samples": samples, "position_ids": None, "attention_mask": None}
+    batch = {"samples": samples, "position_ids": None, "attention_mask": None, "answer_positions": None}
+    splits = [0] * size
     if isinstance(dataset, MixedData):
-        if dataset.is_long(first_sample):  # one true long row: positions 0..L-1, no PoSE
-            batch["input_ids"] = torch.from_numpy(dataset.row(samples[0], order, size))[None]
+        long = dataset.is_long(first_sample)  # one true long row: positions 0..L-1, no PoSE
+        rows = [dataset.row(samples[0], order, size)] if long else [dataset.row(k, order, 1) for k in samples]
+        batch["input_ids"] = torch.from_numpy(np.stack([row.ids for row in rows]))
+        batch["answer_positions"] = answer_positions(torch.from_numpy(np.stack([row.answers for row in rows])))
+        if long:
             return batch
-        batch["input_ids"] = torch.from_numpy(np.stack([dataset.row(k, order, 1) for k in samples]))
+        splits = [row.far_split for row in rows]
     else:
         rows = dataset[[order[k] for k in samples]]
         batch["input_ids"] = torch.tensor(rows["input_ids"], dtype=torch.long)
@@ -345,7 +363,10 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
     if pose_target:
         seq_len = batch["input_ids"].shape[1]
         fixed = 1 if sink_first else 0  # the sink stays at position 0; PoSE spreads the rest over 1..target-1
-        batch["position_ids"] = torch.stack([torch.cat((torch.arange(fixed), fixed + pose_position_ids(
-            seq_len - fixed, pose_target - fixed, pose_generator(pose_seed, k)))) for k in samples])
+        batch["position_ids"] = torch.stack([
+            far_position_ids(seq_len, split, pose_target, pose_generator(pose_seed, k)) if split else
+            torch.cat((torch.arange(fixed), fixed + pose_position_ids(seq_len - fixed, pose_target - fixed,
+                                                                       pose_generator(pose_seed, k))))
+            for k, split in zip(samples, splits)])
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     return batch

@@ -31,6 +31,7 @@ class TrainArgs:
     clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     loss_impl: str = "auto"  # auto (Liger's fused linear cross-entropy on CUDA if installed) | liger | chunked
     loss_chunk_tokens: int = 4096  # chunked loss: positions per output-head + cross-entropy chunk
+    answer_loss_weight: float = 0.0  # > 0: loss += weight x mean loss on synthetic answers' value tokens (a mix)
     seed: int = 42
     log_every: int = 1
     tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
@@ -89,8 +90,8 @@ def zero_stage(accelerator) -> int:
 def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
     """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
     if sp == 1:
-        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attention_mask")
-                 if batch[k] is not None}
+        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attention_mask", "answer_positions")
+                 if batch.get(k) is not None}
         return wrapper(batch["input_ids"].to(device, non_blocking=True), **extra)
     # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
     shard = {k: v.to(device) for k, v in shard_batch(batch["input_ids"], batch["position_ids"], sp_rank, sp).items()}
@@ -102,7 +103,7 @@ class Prefetcher:
     """`prefetcher(first, following)` returns `build(first)` and starts building `build(following)` on a worker
     thread (None: nothing follows). Tensors are pinned when `pin`, so `.to(device, non_blocking=True)` overlaps."""
 
-    TENSORS = ("input_ids", "position_ids", "attention_mask")
+    TENSORS = ("input_ids", "position_ids", "attention_mask", "answer_positions")
 
     def __init__(self, build, pin: bool):
         self.build, self.pin = build, pin

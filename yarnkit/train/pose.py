@@ -35,5 +35,19 @@ def pose_position_ids(seq_len: int, target_len: int, generator: torch.Generator)
     return positions
 
 
+def far_position_ids(seq_len: int, split: int, target_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Position ids `[seq_len]` for a far row (`yarnkit.train.synthetic`, `Row.far_split`): tokens before `split`
+    at 0, 1, ...; from `split` on, shifted by a skip drawn uniformly from [room / 2, room] (room = target_len -
+    seq_len), so the question part sits between half and all of the target length after the facts; the last
+    position stays below `target_len`."""
+    if target_len < seq_len or not 0 < split < seq_len:
+        raise ValueError(f"far positions need 0 < split={split} < seq_len={seq_len} <= target_len={target_len}")
+    room = target_len - seq_len
+    skip = int(torch.randint(room // 2, room + 1, (1,), generator=generator))
+    positions = torch.arange(seq_len)
+    positions[split:] += skip
+    return positions
+
+
 def pose_generator(seed: int, sample_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + sample_index)

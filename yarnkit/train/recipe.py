@@ -214,6 +214,14 @@ def validate_recipe(recipe: Recipe) -> None:
         if pose.enabled and pose.target_len > context:
             raise RecipeError(f"pose.target_len={pose.target_len} exceeds the YaRN context {context}; "
                               f"lower pose.target_len or raise yarn.factor")
+    if data.synthetic.far and not pose.enabled:
+        raise RecipeError(f"data.synthetic.far={data.synthetic.far} needs pose.enabled=true: a far row's question "
+                          "part is moved away by PoSE's skip; enable PoSE or set data.synthetic.far=0")
+    if train.answer_loss_weight < 0:
+        raise RecipeError(f"train.answer_loss_weight={train.answer_loss_weight} is negative; use 0 (off) or more")
+    if train.answer_loss_weight and train.sp_size > 1:
+        raise RecipeError("train.answer_loss_weight cannot be combined with train.sp_size > 1 (the answer tokens "
+                          "of a sequence-parallel shard are not gathered); set one of them off")
     if pose.enabled:
         if pose.target_len and pose.target_len <= data.seq_len:
             raise RecipeError(f"pose.target_len={pose.target_len} must exceed data.seq_len={data.seq_len} "

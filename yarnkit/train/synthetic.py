@@ -10,7 +10,18 @@ the end) or sit in it right after their facts are stated. Chat rows wrap the sam
 template, the questions and answers as user and assistant turns (so the chat form learns to answer from context).
 Every phrasing comes from the train split of `yarnkit.needles`, and every template, including those a recipe adds
 (`data.synthetic.templates`), passes `needles.check_train_template`: evaluation wording never reaches training.
-A row has exactly the requested number of tokens (the haystack is cut to fit). Tested by tests/test_synthetic.py.
+A row has exactly the requested number of tokens (the haystack is cut to fit).
+
+Three kinds of rows aim at what a short extension leaves weak (each a share of rows, all off by default):
+- `far`: the facts sit in the first third of the text and the questions at the end, and the row marks where its
+  question part starts (`Row.far_split`), where PoSE then puts a long skip (`yarnkit.train.pose.far_position_ids`),
+  so facts are asked about from half to all of the PoSE target away: the distances an 8k row otherwise never
+  trains (An et al. 2025, "effective context length"; the needle at the start of a 64k prompt).
+- `lookalike`: every fact has one attribute, one phrasing and keys of one form (same first name, same project
+  word): same-form distractors, as in multi-key retrieval (Xiong et al. 2024; NExtLong 2025).
+- `preview`: the questions are also stated before the text (query before and after, Liu et al. 2024).
+`Row.answers` marks the tokens of every answer's values, which `train.answer_loss_weight` weighs in the loss
+(LongCE-style emphasis on the tokens that need the context). Tested by tests/test_synthetic.py.
 """
 
 from __future__ import annotations
@@ -35,8 +46,30 @@ class SyntheticArgs:
     interleave: float = 0.4  # share of plain rows whose questions sit in the text after their facts
     multi: float = 0.2  # share of questions that ask for several values (of one key, or of several keys)
     chains: float = 0.15  # share of rows that also hold a variable chain and a question about it
+    far: float = 0.0  # share of rows laid out for a far question: facts in the first third, questions at the end,
+    # and PoSE's skip between them (from pose.target_len - seq_len halved up to all of it; see pose.far_position_ids)
+    lookalike: float = 0.0  # share of rows whose facts look alike: one kind of key, one attribute, one phrasing
+    preview: float = 0.0  # share of plain rows that also ask their questions before the text (query before and after)
     templates: list[str] = field(default_factory=list)  # extra phrasings 'FACT | QUESTION | ANSWER' ({attr} ok)
     attributes: list[str] = field(default_factory=list)  # extra attribute nouns
+
+
+FAR_FACT_SPAN = 0.35  # a far row's facts sit in the first 35% of its text
+
+
+@dataclass
+class Row:
+    """One training row: token `ids`; `answers`, True on the tokens of each answer's values (what the answer loss,
+    `train.answer_loss_weight`, scores); `far_split` > 0: the token where a far row's question part starts, where
+    PoSE puts its long skip."""
+
+    ids: np.ndarray
+    answers: np.ndarray
+    far_split: int = 0
+
+    @classmethod
+    def plain(cls, ids: np.ndarray) -> "Row":
+        return cls(ids, np.zeros(len(ids), dtype=bool))
 
 
 def training_phrasings(args: SyntheticArgs) -> tuple[list[str], list[tuple[str, str]], list[str]]:
@@ -69,19 +102,36 @@ def _value(rng: random.Random, kind: str) -> str:
     return f"{rng.choice(needles.TRAIN_CODENAMES).lower()}-{rng.randint(10, 99)}"
 
 
-def _key(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.35:
-        return f"{rng.choice(needles.TRAIN_FIRST)} {rng.choice(needles.TRAIN_LAST)}"
-    if kind < 0.45:
+KEY_KINDS = (("person", 0.35), ("first name", 0.1), ("place", 0.15), ("thing", 0.1), ("project", 0.15),
+             ("item", 0.15))
+
+
+def _key(rng: random.Random, kind: str | None = None, prefix: str | None = None) -> str:
+    """A key of `kind` (drawn by KEY_KINDS' weights when None); `prefix` fixes its first word where the kind
+    has one (a look-alike row's shared surname-less first name, project word or item word)."""
+    kind = kind or rng.choices([k for k, _ in KEY_KINDS], [w for _, w in KEY_KINDS])[0]
+    if kind == "person":
+        return f"{prefix or rng.choice(needles.TRAIN_FIRST)} {rng.choice(needles.TRAIN_LAST)}"
+    if kind == "first name":
         return rng.choice(needles.TRAIN_FIRST)
-    if kind < 0.6:
-        return rng.choice(("the office in ", "the depot at ", "")) + rng.choice(needles.TRAIN_PLACES)
-    if kind < 0.7:
+    if kind == "place":
+        return (prefix if prefix is not None else rng.choice(("the office in ", "the depot at ", ""))) + \
+            rng.choice(needles.TRAIN_PLACES)
+    if kind == "thing":
         return rng.choice(needles.TRAIN_THINGS)
-    if kind < 0.85:
-        return f"{rng.choice(('Project', 'Operation', 'Team'))} {rng.choice(needles.TRAIN_CODENAMES)}"
-    return f"{rng.choice(('item', 'unit', 'crate', 'cabin'))} {rng.choice(string.ascii_uppercase)}{rng.randint(1, 99)}"
+    if kind == "project":
+        return f"{prefix or rng.choice(('Project', 'Operation', 'Team'))} {rng.choice(needles.TRAIN_CODENAMES)}"
+    return f"{prefix or rng.choice(('item', 'unit', 'crate', 'cabin'))} {rng.choice(string.ascii_uppercase)}" \
+           f"{rng.randint(1, 99)}"
+
+
+def _lookalike_keys(rng: random.Random):
+    """A key maker whose keys share one form (and a first word where the kind has one): same-form distractors."""
+    kind = rng.choice(("person", "place", "project", "item"))
+    prefix = {"person": rng.choice(needles.TRAIN_FIRST), "place": rng.choice(("the office in ", "the depot at ")),
+              "project": rng.choice(("Project", "Operation", "Team")),
+              "item": rng.choice(("item", "unit", "crate", "cabin"))}[kind]
+    return lambda: _key(rng, kind, prefix)
 
 
 def _variable(rng: random.Random, style: int) -> str:
@@ -110,22 +160,29 @@ class RowMaker:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def _world(self, rng: random.Random, length: int):
-        """Facts [(key, attribute, value, text)] and questions [(question, answer, fact indices)]."""
-        attributes = rng.sample(self.attributes, rng.randint(1, 3))
+    def _world(self, rng: random.Random, length: int, lookalike: bool = False):
+        """Facts [(key, attribute, value, text)] and questions [(question, answer, fact indices, the answer's
+        values as text)]. A `lookalike` world states every fact with one attribute and one phrasing about keys of
+        one form (same-form distractors)."""
+        attributes = rng.sample(self.attributes, 1 if lookalike else rng.randint(1, 3))
         kind = rng.choices([k for k, _ in VALUE_FORMATS], [w for _, w in VALUE_FORMATS])[0]
         count = max(2, round(self.args.facts * length / 8192 * rng.uniform(0.5, 1.5)))
-        one_frame = rng.choice(self.facts) if rng.random() < 0.5 else None
-        keys, facts = [], []
+        one_frame = rng.choice(self.facts) if lookalike or rng.random() < 0.5 else None
+        new_key = _lookalike_keys(rng) if lookalike else (lambda: _key(rng))
+        keys, facts, tries = [], [], 0
         while len(facts) < count:
-            repeat = keys and rng.random() < 0.15  # another value for a key already stated (multi-value)
-            key, attribute = (facts[-1][0], facts[-1][1]) if repeat else (_key(rng), rng.choice(attributes))
+            repeat = keys and not lookalike and rng.random() < 0.15  # another value for a stated key (multi-value)
+            key, attribute = (facts[-1][0], facts[-1][1]) if repeat else (new_key(), rng.choice(attributes))
             if not repeat and key in keys:
+                tries += 1
+                if tries > 20 * count:  # a look-alike form has run out of distinct keys: fewer facts
+                    break
                 continue
             keys.append(key)
             value = _value(rng, kind)
             frame = one_frame or rng.choice(self.facts)
             facts.append((key, attribute, value, frame.format(key=key, value=value, attr=attribute)))
+        count = len(facts)
         questions, asked = [], set()
         for _ in range(min(self.args.questions, count)):
             open_facts = [i for i in range(count) if i not in asked]
@@ -151,7 +208,8 @@ class RowMaker:
                 chosen, values = [index], [facts[index][2]]
                 question, answer = (t.format(key=key, attr=attribute) for t in (question, answer))
             asked.update(chosen)
-            questions.append((question, f"{answer} {_join(values, rng)}.", chosen))
+            values = _join(values, rng)
+            questions.append((question, f"{answer} {values}.", chosen, values))
         if rng.random() < self.args.chains:
             template = rng.choice(needles.TRAIN_CHAINS)
             style = rng.randrange(3)
@@ -160,22 +218,27 @@ class RowMaker:
             start = len(facts)
             facts.append((names[0], "", value, template.assign.format(var=names[0], value=value)))
             facts += [(n, "", value, template.copy.format(var=n, source=p)) for p, n in zip(names, names[1:])]
+            listed = _join(names, rng)
             questions.append((template.question.format(value=value), template.answer.format(
-                count=len(names), value=value) + " " + _join(names, rng) + ".", list(range(start, len(facts)))))
+                count=len(names), value=value) + f" {listed}.", list(range(start, len(facts))), listed))
         return facts, questions
 
-    def make(self, haystack: np.ndarray, rng: random.Random, length: int, chat: bool = False) -> np.ndarray:
+    def make(self, haystack: np.ndarray, rng: random.Random, length: int, chat: bool = False) -> Row:
         """One row of exactly `length` tokens: haystack text with facts inserted and questions answered."""
-        facts, questions = self._world(rng, length)
+        far = self.args.far > 0 and rng.random() < self.args.far
+        lookalike = self.args.lookalike > 0 and rng.random() < self.args.lookalike
+        facts, questions = self._world(rng, length, lookalike)
         intro = rng.choice(needles.TRAIN_INTROS)
         fact_ids = self._encode([" " + fact[3] for fact in facts])
         if chat:
-            head, tail = self._chat_parts(intro, questions, rng)
+            head, tail, questions = self._chat_parts(intro, questions, rng)
             inline = []
         else:
-            interleave = rng.random() < self.args.interleave
+            interleave = not far and rng.random() < self.args.interleave
             separator = rng.choice((" ", "\n"))
-            qa = self._encode(["\n" + q + separator + a for q, a, _ in questions])
+            qa = self._encode(["\n" + q + separator + a for q, a, _, _ in questions])
+            if not interleave and self.args.preview > 0 and rng.random() < self.args.preview:  # asked before, too
+                intro = "\n".join(filter(None, [intro, *(q for q, _, _, _ in questions)]))
             head = ([self.bos] if self.bos is not None else []) + (self._encode([intro + "\n"])[0] if intro else [])
             inline = qa if interleave else []
             tail = ([] if interleave else [t for piece in qa for t in piece]) + ([self.eos] if self.eos is not None
@@ -186,27 +249,48 @@ class RowMaker:
                             f"questions; raise data.seq_len or lower data.synthetic.facts/questions")
         hay = haystack[:budget]
         cuts = np.flatnonzero(self.ends[hay]) + 1
-        depths = [rng.random() for _ in facts]
+        depths = [rng.random() * (FAR_FACT_SPAN if far else 1.0) for _ in facts]
         chain = [i for i, f in enumerate(facts) if not f[1]]  # a chain's links go in order
         for i, depth in zip(chain, sorted(depths[i] for i in chain)):
             depths[i] = depth
         points = [needles.insertion_point(d, budget, cuts) for d in depths]
         pieces = list(fact_ids)
-        for (_, _, asked), ids in zip(questions, inline):  # after the last fact it asks about
+        for (_, _, asked, _), ids in zip(questions, inline):  # after the last fact it asks about
             after = max(points[i] for i in asked)
             later = cuts[cuts > after]
             points.append(int(rng.choice(later)) if len(later) and rng.random() < 0.9 else budget)
             pieces.append(ids)
+        far_split = 0
+        if far:  # the skip goes at a sentence end between the last fact and the questions
+            later = cuts[cuts > max(points)]
+            split = int(rng.choice(later)) if len(later) else max(points)
+            far_split = len(head) + split + sum(len(piece) for point, piece in zip(points, pieces) if point <= split)
         body = needles.splice(hay.tolist(), points, pieces)
-        return np.asarray(head + body + tail, dtype=np.int64)  # budget was set so that this is `length` tokens
+        ids = np.asarray(head + body + tail, dtype=np.int64)  # budget was set so that this is `length` tokens
+        return Row(ids, mark_last(ids, self._encode([f" {values}." for _, _, _, values in questions])), far_split)
 
-    def _chat_parts(self, intro: str, questions, rng: random.Random) -> tuple[list[int], list[int]]:
-        """Chat tokens before and after the haystack: the first user turn holds intro, text and first question."""
-        first, *rest = questions
-        content = (intro + "\n" if intro else "") + SENTINEL + "\n" + first[0]
-        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": first[1]}]
-        for question, answer, _ in rest[: rng.randint(0, len(rest))]:
+    def _chat_parts(self, intro: str, questions, rng: random.Random) -> tuple[list[int], list[int], list]:
+        """Chat tokens before and after the haystack (the first user turn holds intro, text and first question),
+        and the questions the conversation asks (the first and a random number of the others)."""
+        asked = questions[: 1 + rng.randint(0, len(questions) - 1)]
+        content = (intro + "\n" if intro else "") + SENTINEL + "\n" + asked[0][0]
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": asked[0][1]}]
+        for question, answer, _, _ in asked[1:]:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         before, after = text.split(SENTINEL)
-        return self._encode([before, after])
+        return *self._encode([before, after]), asked
+
+
+def mark_last(ids: np.ndarray, pieces: list[list[int]]) -> np.ndarray:
+    """bool per token of `ids`: True on the last occurrence of each token sequence in `pieces` (an answer's values
+    come after the fact that states them, so their last occurrence is the answer's)."""
+    marked = np.zeros(len(ids), dtype=bool)
+    for piece in pieces:
+        if not piece:
+            continue
+        starts = np.flatnonzero(ids[: len(ids) - len(piece) + 1] == piece[0])
+        hits = [i for i in starts[::-1] if np.array_equal(ids[i: i + len(piece)], piece)][:1]
+        for i in hits:
+            marked[i: i + len(piece)] = True
+    return marked

@@ -124,7 +124,7 @@ def train(recipe) -> TrainResult:
                                 "liger", "chunked")
     speed = {**getattr(model, "yarnkit_speed", {}), "loss": "liger fused linear cross-entropy" if fused_loss
              else f"chunked ({args.loss_chunk_tokens} tokens)"}
-    wrapper = CausalLMLoss(model, args.loss_chunk_tokens, fused=fused_loss)
+    wrapper = CausalLMLoss(model, args.loss_chunk_tokens, fused=fused_loss, answer_weight=args.answer_loss_weight)
     optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps)
     speed["optimizer"] = "AdamW " + ("fused" if optimizer.defaults.get("fused") else "foreach")
     if accelerator.is_main_process:
