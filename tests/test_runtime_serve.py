@@ -12,7 +12,14 @@ thread, FastAPI app, the same `Service` and `Scheduler` as `yarnkit serve`). Wha
 - concurrent requests without a session id all succeed (no 409); a busy named session gets 409;
 - a client that hangs up mid-stream leaves its session consistent and the server serving;
 - bad input gets a 4xx OpenAI-style error naming the field, and the same keep-alive connection keeps working;
-- the API key is required on every route but /health.
+- the API key is required on every route but /health;
+- every field of both bodies (and of a message) at its type's extreme values, raw NaN/Infinity/lone surrogates
+  included, gets a 4xx naming it or a 200, never a 5xx; parameters the server cannot honour and unknown keys get
+  a 400 naming them, their no-op values (logprobs false, top_k -1, ...) a 200; a seed outside int64 a 400;
+- `GET /v1/models` lists the name the server was started with and its `--model-name` aliases, each usable;
+- a prompt over the window is refused (400) or, with `--over-window truncate`, answered with the truncation in a
+  header, the body and the log;
+- a non-streaming request whose client hangs up stops within a second.
 """
 
 from __future__ import annotations
