@@ -16,6 +16,7 @@ Editing keys: Backspace, Ctrl-U (clear the message), Ctrl-D on an empty message 
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import os
 import re
 import select
@@ -31,11 +32,7 @@ _ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|O.|[^\[O])")
 def can_read_messages(stream=None) -> bool:
     """True when `stream` (stdin) is a terminal this module can drive."""
     stream = stream or sys.stdin
-    try:
-        import termios  # noqa: F401 - POSIX only
-    except ImportError:
-        return False
-    return stream.isatty()
+    return importlib.util.find_spec("termios") is not None and stream.isatty()  # termios: POSIX only
 
 
 def read_message(prompt: str, fd: int | None = None, out=None) -> str:
