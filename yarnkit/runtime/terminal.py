@@ -41,7 +41,7 @@ def read_message(prompt: str, fd: int | None = None, out=None) -> str:
     import termios
 
     fd = sys.stdin.fileno() if fd is None else fd
-    out = out or sys.stdout
+    out = out or (sys.stdout if sys.stdout.isatty() else sys.stderr)  # the echo belongs on the terminal
     saved = termios.tcgetattr(fd)
     raw = termios.tcgetattr(fd)
     raw[3] &= ~(termios.ICANON | termios.ECHO)  # lflag: byte by byte, no echo by the terminal; signals stay on
