@@ -307,6 +307,8 @@ STREAM_FLAGS = [
     ("sirllm-decay-zero", ["--sirllm-decay", "0"], "--sirllm-decay 0", "--sirllm-decay 0.9"),
     ("sirllm-keep-negative", ["--sirllm-keep", "-1"], "--sirllm-keep -1", "--sirllm-keep 64"),
     ("window-negative", ["--window", "-4"], "--window -4", "--window 1024"),
+    ("window-beyond-memory", ["--window", str(10**10), "--decode", "static"], f"--window {10**10} x",
+     "lower --window"),
 ]
 for name, flags, value, fix in STREAM_FLAGS:
     CASES.append((f"chat-{name}", ["chat", "{root}/model", *flags, "--prompt", "hi"], value, fix))
@@ -331,9 +333,17 @@ RECIPE_VALUES = [
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0", "checkpoint.keep_last=2"),
     ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1", "checkpoint.keep_last=2"),
     ("checkpoint.every=-1", "checkpoint.every=-1", "checkpoint.every=100"),
+    ("train.clip=-1", "train.clip=-1.0", "train.clip=1.0"),
+    ("train.log_every=0", "train.log_every=0", "train.log_every=1"),
+    ("train.loss_chunk_tokens=0", "train.loss_chunk_tokens=0", "train.loss_chunk_tokens=4096"),
+    ("train.peak_tflops=0", "train.peak_tflops=0.0", "train.peak_tflops=989"),
+    ("lora.dropout=2", "lora.dropout=2.0", "lora.dropout=0.05"),
+    ("train.micro_batch_size=100000000", "estimated", "train.memory_check=false"),
+    ("yarn.factor=4", "model.name_or_path={root}/model already uses rope_type 'yarn'", "yarn.replace=true"),
 ]
 for override, value, fix in RECIPE_VALUES:
-    CASES.append((f"recipe-{override}", [*TRAIN, override], value, fix))
+    extra = ["lora.enabled=true"] if override.startswith("lora.") else []
+    CASES.append((f"recipe-{override}", [*TRAIN, *extra, override], value, fix))
 
 # Data that is not what it says: named with its path (and line or byte), in every command that reads data.
 BAD_DATA = [
@@ -400,6 +410,15 @@ CASES += [
      "--max-shard-size '-5GB'", "2GB, 500MB"),
     ("export-shard-size-zero", ["export", "{root}/run", "--out", "{root}/out/x", "--max-shard-size", "0"],
      "--max-shard-size '0'", "2GB, 500MB"),
+    ("export-verify-tokens-beyond-context", ["export", "{root}/run", "--out", "{root}/out/x", "--verify-tokens",
+                                             "99999999999"], "--verify-tokens 99999999999", "leave it out"),
+    ("eval-lengths-beyond-an-index", ["eval", "passkey", "{root}/model", "--lengths", str(10**20), "--out", OUT],
+     f"--lengths {10**20}", "--lengths 2048,4096"),
+    ("eval-factor-inf", ["eval", "ppl", "{root}/model", "--data", "{root}/book.txt", "--rope-type", "yarn",
+                         "--factor", "1e400", "--out", OUT], "--factor inf", "--factor 4"),
+    ("eval-rope-type-on-a-scaled-model", ["eval", "passkey", "{root}/model", "--rope-type", "yarn", "--factor", "4",
+                                          "--lengths", "64", "--out", OUT], "already uses rope_type 'yarn'",
+     "leave out --rope-type/--factor"),
     ("export-merge-lora-without-lora", ["export", "{root}/run", "--out", "{root}/out/x", "--merge-lora"],
      "no LoRA adapter to merge", "leave out --merge-lora"),
     ("chat-system-not-utf8", ["chat", "{root}/model", "--system", "caf\udce9", "--prompt", "hi"],

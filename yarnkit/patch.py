@@ -27,6 +27,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from yarnkit import rope
+from yarnkit.errors import BadValue
 
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
@@ -51,8 +52,19 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-class RopeScalingError(ValueError):
-    """A scaling request that cannot be applied as asked; the message names the value and the fix."""
+class RopeScalingError(BadValue):
+    """A scaling request that cannot be applied as asked; the message names the value and the fix (a `UserError`:
+    the CLI prints it as one line)."""
+
+
+class AlreadyScaled(RopeScalingError):
+    """The model already has a scaling (and `replace` was not asked): scaling it again would compound them."""
+
+    def __init__(self, model_type: str, rope_type: str, factor):
+        self.scaling = f"rope_type {rope_type!r} (factor {factor})"
+        super().__init__(f"this {model_type} model already uses {self.scaling}: patching twice would compound the "
+                         "scalings. Undo the earlier patch (handle.undo()), load the unscaled base model, or pass "
+                         "replace=True to re-scale relative to its original context.")
 
 
 @dataclass
@@ -187,11 +199,7 @@ def _rope_dict(config, key: str | None) -> dict:
 def _original_length(config, current: dict, explicit: int | None, replace: bool) -> int:
     current_type = current.get("rope_type", "default")
     if current_type != "default" and not replace:
-        raise RopeScalingError(
-            f"this {config.model_type} model already uses rope_type {current_type!r} "
-            f"(factor {current.get('factor')}): patching twice would compound the scalings. Undo the earlier patch "
-            "(handle.undo()), load the unscaled base model, or pass replace=True to re-scale relative to its "
-            "original context.")
+        raise AlreadyScaled(config.model_type, current_type, current.get("factor"))
     if explicit is not None:
         return int(explicit)
     if current_type == "default":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import textwrap
 import time
@@ -156,13 +157,17 @@ def add_arguments(parser) -> None:
     report.add_argument("--output", help="also write the markdown to this file")
 
 
+MAX_COUNT = 2**31 - 1  # lengths and counts beyond this are no evaluation this tool can run (nor index)
+
+
 def _positive(args, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
         values = value if isinstance(value, list) else [value]
-        if value is not None and (not values or any(item < 1 for item in values)):
+        if value is not None and (not values or any(not 1 <= item <= MAX_COUNT for item in values)):
             flag = "--" + name.replace("_", "-")
-            raise BadValue(f"{flag} {','.join(map(str, values)) or '(empty)'}: needs positive whole numbers",
+            raise BadValue(f"{flag} {','.join(map(str, values)) or '(empty)'}: needs positive whole numbers"
+                           + (f" up to {MAX_COUNT}" if values and max(values) > MAX_COUNT else ""),
                            f"e.g. {flag} {'2048,4096' if name == 'lengths' else 8}")
 
 
@@ -172,8 +177,9 @@ def check_arguments(args) -> None:
 
     if (args.rope_type is None) != (args.factor is None):
         raise BadValue("--rope-type and --factor go together", "e.g. --rope-type yarn --factor 8")
-    if args.factor is not None and not args.factor > 1:
-        raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    if args.factor is not None and not (args.factor > 1 and math.isfinite(args.factor)):
+        raise BadValue(f"--factor {args.factor:g} does not extend the context" if not args.factor > 1 else
+                       f"--factor {args.factor:g} is not a finite number", "pass a factor > 1, e.g. --factor 4")
     if args.attention_factor is not None and not 0 < args.attention_factor < 10:
         raise BadValue(f"--attention-factor {args.attention_factor:g} is not a temperature scale",
                        "pass a value near YaRN's 0.1 ln s + 1, e.g. --attention-factor 1.2")
@@ -195,6 +201,21 @@ def check_arguments(args) -> None:
     check_output_dir(args.out, "--out")  # results are written after the evaluation: fail now, not then
 
 
+def check_scaling(args, location: str) -> None:
+    """--rope-type/--factor tried on the model's config before its weights load (a model that already has a
+    scaling would be scaled twice: that is refused here, with the eval flags to use instead)."""
+    from yarnkit.models import load_config
+    from yarnkit.patch import AlreadyScaled, apply_rope_scaling
+
+    try:
+        apply_rope_scaling(load_config(location), rope_type=args.rope_type, factor=args.factor)
+    except AlreadyScaled as error:
+        raise BadValue(f"{args.model} already uses {error.scaling}, so --rope-type {args.rope_type} "
+                       f"--factor {args.factor:g} would scale it twice", "leave out --rope-type/--factor to evaluate it "
+                       "as trained (--attention-factor changes only its temperature), or evaluate the unscaled base "
+                       "model") from None
+
+
 def load_for_eval(args):
     """`(model, tokenizer, meta)` with the requested device, dtype and RoPE scaling applied."""
     from yarnkit.models import load_model
@@ -203,6 +224,8 @@ def load_for_eval(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     location = model_location(args.model)  # a training run: its newest complete checkpoint's model/
+    if args.rope_type:
+        check_scaling(args, location)
     model, tokenizer = load_model(location, dtype=dtype, device=device)
     if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
         from yarnkit.train.speed import use_sdpa_kernel

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from yarnkit.export import card, hf, verify
 from yarnkit.export.source import ExportError, ExportSource, find_export_source
-from yarnkit.models import apply_umask, check_device, make_temp_dir
+from yarnkit.models import apply_umask, check_device, load_config, make_temp_dir
 from yarnkit.outputs import check_output_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces
@@ -129,6 +129,13 @@ def shard_bytes(size: str | int) -> int:
     return value
 
 
+def check_verify_tokens(n_tokens: int, config) -> None:
+    if n_tokens > config.max_position_embeddings:
+        raise ExportError(f"--verify-tokens {n_tokens} is beyond the model's context of "
+                          f"{config.max_position_embeddings} tokens",
+                          "leave it out (original context + 64 tokens) or pass a length within the context")
+
+
 def default_verify_tokens(config) -> int:
     from yarnkit.export.rope_keys import main_rope_dict
 
@@ -152,6 +159,8 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         raise ExportError(f"--merge-lora: {source.model_dir} holds full weights, no LoRA adapter to merge",
                           "leave out --merge-lora")
     max_shard_size = shard_bytes(max_shard_size)
+    if run_checks and verify_tokens and (source.model_dir / "config.json").is_file():
+        check_verify_tokens(verify_tokens, load_config(source.model_dir))  # before the weights load
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
@@ -167,6 +176,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         input_ids = None
         if run_checks:
             n_tokens = verify_tokens or default_verify_tokens(model.config)
+            check_verify_tokens(n_tokens, model.config)
             input_ids = verify.prompt_ids(tokenizer, n_tokens, model.config.vocab_size)
             progress(f"reloading with plain transformers in a fresh process, comparing logits on {n_tokens} tokens")
             report["hf_check"] = verify.verify_hf(tmp, model.to(device), input_ids)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.models import check_safetensors, load_config, local_hf_dir
-from yarnkit.patch import apply_rope_scaling
+from yarnkit.patch import AlreadyScaled, apply_rope_scaling
 from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.train.errors import RecipeError
 from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing, full_checkpointing,
@@ -89,9 +89,15 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
         reshape_for_scratch(config, model.scratch)
     if yarn.factor != 1.0 or yarn.replace:
         params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
-        apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
-                           original_max_position_embeddings=yarn.original_max_position_embeddings or None,
-                           replace=yarn.replace, **params)
+        try:
+            apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
+                               original_max_position_embeddings=yarn.original_max_position_embeddings or None,
+                               replace=yarn.replace, **params)
+        except AlreadyScaled as error:
+            raise RecipeError(f"model.name_or_path={model.name_or_path} already uses {error.scaling}, so "
+                              f"yarn.factor={yarn.factor} would scale it twice",
+                              "set yarn.replace=true to re-scale it from its original context, or yarn.factor=1 to "
+                              "train it with its own scaling") from None
     return config
 
 

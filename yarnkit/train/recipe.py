@@ -204,7 +204,8 @@ def validate_recipe(recipe: Recipe) -> None:
     if yarn.rope_type not in SCALING_TYPES:
         close = difflib.get_close_matches(yarn.rope_type, SCALING_TYPES, n=1)
         raise RecipeError(f"yarn.rope_type={yarn.rope_type!r} is not a RoPE scaling",
-                          (f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(SCALING_TYPES)}")
+                          (f"did you mean {close[0]!r}? " if close else "")
+                          + f"choose one of {', '.join(SCALING_TYPES)}")
     if yarn.original_max_position_embeddings:
         context = int(yarn.factor * yarn.original_max_position_embeddings)
         if data.seq_len > context:
@@ -241,6 +242,17 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"train.max_steps={train.max_steps}; use at least 1")
     if train.micro_batch_size < 1 or train.grad_accum < 1:
         raise RecipeError("train.micro_batch_size and train.grad_accum must be >= 1")
+    for key, least in (("clip", 0), ("log_every", 1), ("loss_chunk_tokens", 1), ("global_batch", 0),
+                       ("answer_loss_weight", 0), ("profile_step", 0)):
+        value = getattr(train, key)
+        if not (math.isfinite(value) and value >= least):
+            raise RecipeError(f"train.{key}={value} must be at least {least}",
+                              f"e.g. train.{key}={getattr(TrainArgs(), key)}")
+    if not (math.isfinite(train.peak_tflops) and train.peak_tflops > 0):
+        raise RecipeError(f"train.peak_tflops={train.peak_tflops} must be a positive number",
+                          "e.g. train.peak_tflops=989")
+    if recipe.lora.enabled and not 0.0 <= recipe.lora.dropout < 1.0:
+        raise RecipeError(f"lora.dropout={recipe.lora.dropout} must be in [0, 1)", "e.g. lora.dropout=0.05")
     if train.mixed_precision not in ("fp32", "bf16", "fp16"):
         raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
     check_optim(recipe.optim)

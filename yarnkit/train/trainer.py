@@ -28,6 +28,7 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import AlreadyExists, NotFound
+from yarnkit.models import host_memory_bytes
 from yarnkit.outputs import check_output_dir
 from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
@@ -112,6 +113,8 @@ def train(recipe) -> TrainResult:
     source_fingerprint(recipe.data)  # a missing data path fails here, before any weights load
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
+    elif args.memory_check:  # CPU: every process of this launch shares the machine's memory
+        check_memory(recipe, config, world, zero_stage(accelerator), host_memory_bytes() // world)
     set_seed(args.seed)
     model, tokenizer = build_model(recipe.model, config, recipe.lora,  # all ranks together: ZeRO-3 init
                                    init_device=str(accelerator.device) if zero_stage(accelerator) < 3 else None)
