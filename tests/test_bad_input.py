@@ -262,7 +262,7 @@ BROKEN_MODELS = {
     "badjson": ("badjson/config.json is not valid JSON", "restore it"),
     "emptyjson": ("emptyjson/config.json is not valid JSON", "restore it"),
     "listjson": ("holds a JSON list", "restore it"),
-    "typedconfig": ("'num_hidden_layers' expected int", "restore it"),
+    "typedconfig": ("typedconfig/config.json has a field transformers cannot use", "restore it"),
     "unknowntype": ("model_type 'llamma'", "did you mean 'llama'"),
     "notype": ("notype/config.json has no model_type", '"model_type": "llama"'),
     "noweights": ("noweights has a config.json but no *.safetensors", "copy the weights"),
