@@ -30,7 +30,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from export_fixtures import make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
 
-from yarnkit import models  # noqa: E402
+from yarnkit import model_files  # noqa: E402
 from yarnkit.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,9 +106,9 @@ def offline(tmp_path_factory):
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         patch.setenv("YARNKIT_CACHE", str(cache))
         patch.delenv("YARNKIT_DEBUG", raising=False)
-        models.hub_reachable.cache_clear()
+        model_files.hub_reachable.cache_clear()
         yield cache
-    models.hub_reachable.cache_clear()
+    model_files.hub_reachable.cache_clear()
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # the train cases made one (fp32, CPU)
@@ -492,12 +492,12 @@ def test_bad_stdin_fails_with_one_line_and_changes_nothing(inputs, offline, capf
 def test_eval_refuses_an_unwritable_out_before_evaluating(inputs, offline, capfd, monkeypatch, task):
     """The results would be written after the whole evaluation: the output folder is checked before any model
     loads, so nothing is evaluated (and lost)."""
-    import yarnkit.eval.cli
+    import yarnkit.eval.tasks
 
     def evaluate(*args, **kwargs):
         raise AssertionError("the model was loaded although --out cannot be written")
 
-    monkeypatch.setattr(yarnkit.eval.cli, "load_for_eval", evaluate)
+    monkeypatch.setattr(yarnkit.eval.tasks, "load_for_eval", evaluate)
     data = ["--data", str(inputs / "book.txt")] if task in ("ppl", "stream") else []
     assert main(["eval", task, str(inputs / "model"), *data, "--out", UNWRITABLE]) == 2
     assert f"--out {UNWRITABLE}: cannot write" in capfd.readouterr().err

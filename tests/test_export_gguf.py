@@ -34,7 +34,7 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 from yarnkit.export import verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
 from yarnkit.export.gguf import read_metadata, rope_parameters_from_gguf, write_gguf  # noqa: E402
-from yarnkit.export.source import ExportError  # noqa: E402
+from yarnkit.errors import ExportError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def smollm_gguf(tmp_path_factory):
 
 
 def test_gguf_export_keeps_the_tokenizer_metadata(smollm_gguf):
-    from yarnkit.models import bundled_gguf_path
+    from yarnkit.model_files import bundled_gguf_path
 
     source, _, path = smollm_gguf
     meta, bundled = read_metadata(path), read_metadata(bundled_gguf_path("smollm2-135m"))
@@ -115,7 +115,7 @@ def test_yarnkit_reads_the_tokenizer_back_from_the_gguf_beside_tokenizer_files(s
 
 
 def models_umask() -> int:
-    from yarnkit.models import user_umask
+    from yarnkit.model_files import user_umask
 
     return user_umask()
 
@@ -126,7 +126,7 @@ def test_llama_cpp_tokenizes_like_transformers(smollm_gguf):
         import llama_cpp
     else:
         llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (make llama-cpp)")
-    from yarnkit.models import bundled_gguf_path
+    from yarnkit.model_files import bundled_gguf_path
 
     source, _, path = smollm_gguf
     chat = source.apply_chat_template([{"role": "user", "content": MIXED}], tokenize=False, add_generation_prompt=True)
@@ -143,7 +143,7 @@ def test_llama_cpp_tokenizes_like_transformers(smollm_gguf):
 def test_chat_reply_of_an_exported_gguf_stops_at_eos(tmp_path):
     """`yarnkit export SmolLM2 --gguf --gguf-type q8_0`, then chat with the GGUF: the greedy reply ends with EOS,
     not at the token limit (the tokenizer read back has the chat template and EOS)."""
-    from yarnkit.models import local_hf_dir
+    from yarnkit.model_files import local_hf_dir
     from yarnkit.runtime.conversation import Conversation, load_chat_model
     from yarnkit.runtime.engine import StreamOptions
 

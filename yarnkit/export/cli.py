@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 from yarnkit.export import card, hf, verify
-from yarnkit.export.source import ExportError, ExportSource, find_export_source
-from yarnkit.models import apply_umask, check_device, load_config, make_temp_dir
+from yarnkit.export.source import ExportSource, find_export_source
+from yarnkit.errors import ExportError
+from yarnkit.models import check_device, load_config
+from yarnkit.model_files import apply_umask, make_temp_dir
 from yarnkit.outputs import check_output_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces

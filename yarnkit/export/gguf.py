@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from yarnkit.export import rope_keys
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 from yarnkit.gguf_tokenizer import adds_special_tokens, pre_tokenizer_name
 from yarnkit.rope import head_dim as config_head_dim, yarn_attention_factor, yarn_get_mscale
-from yarnkit.sink import GGUF_SINK_KEY
+from yarnkit.sink_token import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LLAMA_CPP_FIXED_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}  # llama.cpp reads beta keys only for grok/mistral3

@@ -11,7 +11,8 @@ Test: `python -m pytest tests/test_runtime_serve.py -q`.
 import json
 from typing import Literal
 
-from yarnkit.runtime.conversation import SEED_RANGE, Sampling, normalize_messages
+from yarnkit.runtime.conversation import Sampling, normalize_messages
+from yarnkit.runtime.options import SEED_RANGE
 from yarnkit.runtime.scheduler import Job, Scheduler
 
 MAX_BYTES_PER_TOKEN = 64  # bodies beyond 64 bytes per allowed token are refused before tokenizing

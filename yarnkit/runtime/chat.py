@@ -7,7 +7,8 @@ of context, and memory stays flat however long it goes.
   printf 'Hi\\nAnd you?\\n' | yarnkit chat       # piped stdin: one user turn per line
 
 CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. `--window` is the whole cache, sinks
-included (the same meaning in `chat`, `serve` and `eval stream`). Interactive commands (handled here, never
+included (the same meaning in `chat`, `serve` and `eval stream`; every streaming flag is declared in
+yarnkit/runtime/options.py). Interactive commands (handled here, never
 sent to the model): /help, /reset (forget everything), /stats (tokens seen, cache size, memory), /quit.
 Ctrl-C stops the current reply; Ctrl-C or Ctrl-D at the prompt exits, and so does Ctrl-C while the model loads.
 At a terminal a message may be long and span lines: a pasted page arrives whole as one message (bracketed paste,
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import threading
 
 from yarnkit.errors import BadValue
-from yarnkit.runtime.conversation import SEED_RANGE, Conversation, load_chat_model
-from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.conversation import Conversation
+from yarnkit.runtime.options import (add_stream_arguments, check_stream_arguments, load_for_cli,
+                                     stream_options)
 from yarnkit.runtime.terminal import can_read_messages, read_message
 
 COMMANDS = {"/help": "show these commands", "/reset": "forget the conversation (cache and history)",
@@ -40,88 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stream_arguments(parser)
 
 
-def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `chat` and `serve`."""
-    parser.add_argument("--window", type=int, default=1024,
-                        help="tokens the cache holds in all, sinks and a pinned system prompt included (default 1024)")
-    parser.add_argument("--sinks", type=int, default=None, help="sink tokens (default: 1 with a sink token, else 4)")
-    parser.add_argument("--evict-batch", type=int, default=None, help="tokens dropped per eviction (window//16)")
-    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"],
-                        help="decode path: auto = CUDA graph on a GPU (falls back loudly), eager growing cache on CPU "
-                             "(serve: the batched static cache on CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
-                             "a minute of compiling at start)")
-    parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
-    parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
-    parser.add_argument("--compress-rate", type=float, default=None,
-                        help="LLMLingua-style: keep this fraction of long user messages' tokens (e.g. 0.5)")
-    parser.add_argument("--compress-over", type=int, default=512, help="compress user messages above this many tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-
-
-def check_stream_arguments(args) -> None:
-    """The `chat`/`serve` flags that cannot work, refused before the model loads (the window against the model's
-    sinks is checked once its config is known: `StreamOptions.resolved`)."""
-    def positive(flag: str, value) -> None:
-        if value is not None and value < 1:
-            raise BadValue(f"{flag} {value} must be at least 1", f"e.g. {flag} {defaults.get(flag, 8)}")
-
-    defaults = {"--window": 1024, "--max-new-tokens": 256, "--evict-batch": 64, "--compress-over": 512}
-    positive("--window", args.window)
-    positive("--max-new-tokens", args.max_new_tokens)
-    positive("--evict-batch", args.evict_batch)
-    positive("--compress-over", args.compress_over)
-    if args.sinks is not None and not 0 <= args.sinks < args.window:
-        raise BadValue(f"--sinks {args.sinks} must be in [0, --window {args.window})", "e.g. --sinks 4")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise BadValue(f"--temperature {args.temperature:g} is not a sampling temperature",
-                       "use 0 (greedy) or a positive value, e.g. --temperature 0.7")
-    if not 0.0 < args.top_p <= 1.0:
-        raise BadValue(f"--top-p {args.top_p:g} must be in (0, 1]: the probability mass sampled from",
-                       "e.g. --top-p 0.9 (1 turns it off)")
-    if args.compress_rate is not None and not 0.0 < args.compress_rate < 1.0:
-        raise BadValue(f"--compress-rate {args.compress_rate:g} must be in (0, 1): the fraction of tokens kept",
-                       "e.g. --compress-rate 0.5, or leave it out to keep every token")
-    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise BadValue(f"--seed {args.seed} is outside the 64-bit range", f"use a seed in [{SEED_RANGE[0]}, "
-                       f"{SEED_RANGE[1]}], e.g. --seed 0")
-    if args.sirllm_keep < 0 or not 0.0 < args.sirllm_decay <= 1.0:
-        raise BadValue(f"--sirllm-keep {args.sirllm_keep} / --sirllm-decay {args.sirllm_decay:g}: need keep >= 0 "
-                       "and decay in (0, 1]", "e.g. --sirllm-keep 64 --sirllm-decay 0.9")
-    on_gpu = str(args.device).startswith("cuda")
-    if args.decode == "graph" and not on_gpu:
-        raise BadValue(f"--decode graph needs a CUDA GPU (--device {args.device})",
-                       "use --decode auto or static on CPU, or --device cuda on a GPU machine")
-    if args.compile and not on_gpu:
-        raise BadValue(f"--compile compiles the CUDA-graph decode step; --device {args.device} has none",
-                       "leave out --compile on CPU")
-
-
-def stream_options(args) -> StreamOptions:
-    return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
-                         sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
-                         compile=args.compile)
-
-
-def load_for_cli(args):
-    """`(model, tokenizer)`, or None when Ctrl-C interrupted the loading (a clean exit, no traceback)."""
-    try:
-        return load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
-    except KeyboardInterrupt:
-        print("\ninterrupted while loading the model", file=sys.stderr)
-        return None
-
-
 def build_conversation_factory(model, tokenizer, args):
-    """`new_conversation()` over an already loaded model."""
-    options = stream_options(args)
-    options.resolved(model.config)  # bad options fail now, not at serve's first request
+    """`new_conversation()` over an already loaded model; the options are resolved (and checked) here, once."""
+    options = stream_options(args).resolved(model.config, args.device)
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from yarnkit.train.errors import RecipeError
+from yarnkit.errors import RecipeError
 
 
 @dataclass
