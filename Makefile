@@ -14,7 +14,7 @@ LLAMA_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DLLAMA_OPENSS
 # The oldest transformers pyproject.toml admits: `make test-oldest` runs the fast tests against it.
 OLDEST_TRANSFORMERS ?= 5.17.0
 
-.PHONY: install llama-cpp demo test test-oldest clean
+.PHONY: install llama-cpp demo test test-oldest gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,13 @@ test-oldest: install llama-cpp
 	$(BIN)/pip freeze | grep -iE '^(transformers|huggingface[-_]hub|tokenizers)==' > $(VENV)/newest.txt
 	$(BIN)/pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
 	$(BIN)/python -m pytest -q -m "not slow"; status=$$?; $(BIN)/pip install -q -r $(VENV)/newest.txt; exit $$status
+
+# Every GPU-only path once (scripts/gpu_check.py; docs/training.md "The GPU check"): on the GPU machine, in the
+# environment it already has (no .venv: `source .devcache/gpu_env.sh` first). About 3 minutes on one H100/H200;
+# writes $(GPU_CHECK_OUT)/gpu_check.json, prints a pass/fail table, fails when a path fails.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

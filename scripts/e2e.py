@@ -49,7 +49,7 @@ from yarnkit.eval.tasks import result_path
 from yarnkit.eval.report import load_results, markdown_report
 from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
 from yarnkit.bench.targets import context_targets, targets_markdown
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.runs import latest_checkpoint
 from yarnkit.train.metrics import METRICS_FILE, read_metrics, scaling
 from yarnkit.train.recipe import load_recipe
@@ -89,15 +89,13 @@ def same_global_batch(args, gpus: int) -> list[str]:
 
 
 def train(args, out: Path) -> dict:
-    """`accelerate launch -m yarnkit.cli train` over `--gpus` GPUs (DDP when several), or one CPU process; a run
-    that already reached its last step is not launched again."""
+    """`accelerate launch -m yarnkit.cli train` over `--gpus` GPUs (DDP when several), or one CPU process, on a
+    free port ($MASTER_PORT if set); a run that already reached its last step is not launched again."""
     gpus = train_gpus(args)
     config = "ddp" if gpus > 1 else "single"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
-               "-m", "yarnkit.cli", "train", f"recipe={args.recipe}", f"run_dir={out / 'run'}",
-               *([f"data.source={args.train_data}"] if args.train_data else []), *same_global_batch(args, gpus),
-               *args.overrides]
+    command = [*accelerate_launch(config, max(gpus, 1)), "-m", "yarnkit.cli", "train", f"recipe={args.recipe}",
+               f"run_dir={out / 'run'}", *([f"data.source={args.train_data}"] if args.train_data else []),
+               *same_global_batch(args, gpus), *args.overrides]
     started = time.perf_counter()
     run_dir = out / "run"
     steps_wanted = load_recipe([f"recipe={args.recipe}", *args.overrides]).train.max_steps

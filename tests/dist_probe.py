@@ -1,12 +1,14 @@
 """Run under `accelerate launch`: train a recipe, then write what this rank saw to RUN/rank<N>.json.
 
 Not a test file; tests/test_distributed.py, tests/test_seq_parallel.py and tests/test_zero3_resume.py launch it
-with 2 CPU processes. Besides the samples, losses and a weight hash, a DeepSpeed launch records what its engine
-really ran: the ZeRO optimizer class and whether parameters and optimizer states were offloaded.
+with 2 CPU processes. Besides the samples, losses, a weight hash and the rendezvous port, a DeepSpeed launch
+records what its engine really ran: the ZeRO optimizer class and whether parameters and optimizer states were
+offloaded.
 """
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,5 +45,6 @@ if __name__ == "__main__":
         hashed += param.numel()
     report = {"rank": result.rank, "world_size": result.world_size, "distributed_type": result.distributed_type,
               "samples": result.samples, "losses": result.losses, "weights_sha256": digest.hexdigest(),
-              "hashed_elements": hashed, "first_step": result.first_step, **engine_report()}
+              "hashed_elements": hashed, "first_step": result.first_step,
+              "master_port": os.environ.get("MASTER_PORT"), **engine_report()}
     Path(result.run_dir, f"rank{result.rank}.json").write_text(json.dumps(report))

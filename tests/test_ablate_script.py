@@ -1,5 +1,5 @@
-"""scripts/ablate.py on CPU: one variant of the retrieval recipe (far rows, look-alike facts, the answer loss) trains
-2 steps at a small shape through scripts/e2e.py and is evaluated on the ablation's tasks; the table, the JSON and the
+"""scripts/ablate.py on CPU: one variant of the retrieval recipe (YaRN x8 with far rows, look-alike facts and the
+answer loss) trains 2 steps at a small shape through scripts/e2e.py and is evaluated on the ablation's tasks; the table, the JSON and the
 winner come out, and a second call finds the variant done and runs nothing (resumable). Slow: the real SmolLM2-135M.
 
 Run: `python -m pytest tests/test_ablate_script.py -q`
@@ -20,19 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_one_variant_trains_is_evaluated_and_tabled(tmp_path):
     out = tmp_path / "ablate"
-    command = [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--smoke", "--out", str(out), "--variants", "data"]
+    command = [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--smoke", "--out", str(out), "--variants", "data-x8"]
     subprocess.run(command, check=True, cwd=tmp_path, capture_output=True)
-    rows = json.loads((out / "ablation.json").read_text())
-    assert [row["variant"] for row in rows] == ["data"]
+    table = json.loads((out / "ablation.json").read_text())
+    rows = table["variants"]
+    assert [row["variant"] for row in rows] == ["data-x8"]
+    assert set(map(int, table["base_ppl"])) == {512, 1024}  # the base model within its context, run first
+    assert rows[0]["keeps_perplexity"] in (True, False)
     row = rows[0]
-    assert "data.synthetic.far=0.5" in row["overrides"] and "train.answer_loss_weight=1.0" in row["overrides"]
-    recipe = (out / "data" / "run" / "recipe.yaml").read_text()
+    assert row["overrides"] == ["yarn.factor=8"]
+    recipe = (out / "data-x8" / "run" / "recipe.yaml").read_text()
     assert "far: 0.5" in recipe and "answer_loss_weight: 1.0" in recipe and "seq_len: 1024" in recipe
-    assert set(row["ppl"]) == {512, 1024} or set(row["ppl"]) == {"512", "1024"}
+    assert "factor: 8.0" in recipe
+    assert set(map(int, row["ppl"])) == {512, 1024}
     for task in ("niah", "multikey", "chat"):
         assert len(row[task]["by_length"]) == 2 and row[task]["accuracy"] is not None
-        assert set(row[task]["far"]) == {0.0, 0.05} or set(row[task]["far"]) == {"0.0", "0.05"}
-    assert "| data |" in (out / "ablation.md").read_text()
-    assert (out / "winner.txt").read_text().splitlines() == row["overrides"]
+        assert set(map(float, row[task]["far"])) == {0.0, 0.05}
+    assert "| data-x8 |" in (out / "ablation.md").read_text()
+    if row["keeps_perplexity"]:
+        assert (out / "winner.txt").read_text().splitlines() == row["overrides"]
     again = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
-    assert "start data" not in again.stdout  # evaluated already: nothing runs again
+    assert "start data-x8" not in again.stdout  # evaluated already: nothing runs again

@@ -5,7 +5,9 @@ weights, and reproduce the losses of one process doing the same global batch thr
 (2 x micro-batch 2 vs 1 x micro-batch 2 x accumulation 2; equal-length chunks make both means the same;
 tolerance 1e-5 for float32 reduction order); the checkpoint's full weights (gathered from shards under ZeRO-3)
 must equal the single process's. The first DeepSpeed run JIT-builds its CPU shared-memory comm op
-(cached under ~/.cache/torch_extensions).
+(cached under ~/.cache/torch_extensions). The DDP launch runs while this test holds torchrun's default port
+29500 (bound, not listening: accelerate's own in-use probe does not see it, torchrun's bind would fail): the
+launch takes a free port (`yarnkit.launch`) and both ranks report it.
 
 Run: python -m pytest tests/test_distributed.py -q
 """
@@ -15,20 +17,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+DEFAULT_PORT = 29500  # torchrun's
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def launch(assets, launcher: list[str], name: str) -> list[dict]:
     overrides = tiny_overrides(assets["model"], assets["data"], run_dir, assets["cache"], **{
         "train.max_steps": 2, "train.grad_accum": 1, "checkpoint.every": 0})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*ACCELERATE, *launcher, str(REPO / "tests" / "dist_probe.py"), *overrides], env=env,
+    done = subprocess.run([*launcher, str(REPO / "tests" / "dist_probe.py"), *overrides], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -69,11 +72,25 @@ def check_distributed(ranks: list[dict], single, distributed_type: str, run_dir:
         torch.testing.assert_close(saved[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_two_process_ddp_on_cpu(setup):
+@contextmanager
+def holding_port(port: int):
+    """Bind `port` (no listen) for the block; if another program holds it already, it stays busy all the same."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        try:
+            taken.bind(("", port))
+        except OSError:
+            pass
+        yield
+
+
+def test_two_process_ddp_on_cpu_while_the_default_port_is_taken(setup, monkeypatch):
     assets, single = setup
-    ranks = launch(assets, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                            "--dynamo_backend", "no"], "ddp")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with holding_port(DEFAULT_PORT):
+        ranks = launch(assets, [*accelerate_launch(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no"], "ddp")
     check_distributed(ranks, single, "MULTI_CPU", assets["root"] / "ddp")
+    assert ranks[0]["master_port"] == ranks[1]["master_port"] != str(DEFAULT_PORT)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="DeepSpeed's CPU comm op needs a C++ compiler to JIT-build")
@@ -82,8 +99,7 @@ def test_two_process_deepspeed_zero_on_cpu(setup, stage):
     pytest.importorskip("deepspeed")
     assets, single = setup
     name = f"zero{stage}"
-    ranks = launch(assets, ["--config_file", str(accelerate_config(name)),
-                            "--num_processes", "2"], name)
+    ranks = launch(assets, accelerate_launch(name, 2), name)
     check_distributed(ranks, single, "DEEPSPEED", assets["root"] / name, zero3=stage == 3)
     shards = assets["root"] / name / "checkpoints" / "step_000002" / "state" / "pytorch_model"
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [

@@ -111,7 +111,7 @@ def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
         (tmp_path / "run" / "checkpoints" / step / "state").mkdir()
         (tmp_path / "run" / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
     args = argparse.Namespace(model=str(tmp_path / "run"), device="cpu", dtype="float32", rope_type=None, label=None,
-                              attention_factor=None)
+                              attention_factor=None, string=None)
     _, _, meta = load_for_eval(args)
     assert meta["model"].endswith("step_000200/model")
 

@@ -5,7 +5,8 @@ Only the shape, the precision and the paths are overridden (sequence 256, micro-
 the final one); every other key (data mix, long rows, PoSE, YaRN settings, sink token, checkpointing, kernels)
 stays the recipe's own, so a recipe whose combination of keys cannot train fails here, not on a GPU. Recipes
 that name a hub model or hub data (unreachable offline) train the bundled SmolLM2-135M on the bundled novel
-instead, and `yarn-128k` continues from the checkpoint `yarn-64k` wrote, as its header says.
+instead, and `yarn-128k` continues from the checkpoint `yarn-64k` wrote, as its header says. The overrides live
+in `yarnkit.bench.recipe_shapes`, which the GPU check (`scripts/gpu_check.py`) trains with too (5 steps, bf16).
 """
 
 from __future__ import annotations
@@ -15,29 +16,13 @@ from pathlib import Path
 
 import pytest
 
-import yarnkit
+from yarnkit.bench.recipe_shapes import PER_RECIPE, small_overrides
 from yarnkit.cli import main
 from yarnkit.recipe_files import recipe_names
 from yarnkit.runs import find_checkpoint
 from yarnkit.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # the real 135M model, ~10 s per recipe on 2 cores
-
-SMALL = {"data.seq_len": 256, "data.num_proc": 1, "train.max_steps": 2, "train.micro_batch_size": 2,
-         "train.grad_accum": 1, "train.global_batch": 0, "train.mixed_precision": "fp32",
-         "train.loss_chunk_tokens": 128, "train.memory_check": False, "train.log_every": 1, "optim.warmup_steps": 1,
-         "checkpoint.every": 0, "checkpoint.save_final": False}
-OFFLINE = {"model.name_or_path": "smollm2-135m", "data.source": "bundled:train"}  # for hub models and hub data
-SMALL_CODE = str(Path(yarnkit.__file__).parent / "train")  # a mix's `code` part: a few .py files, not the stdlib
-PER_RECIPE = {
-    "tiny": {},
-    "smollm2-yarn-64k": {},
-    "smollm2-yarn-64k-pose": {},
-    "smollm2-yarn-64k-retrieval": {"data.code_source": SMALL_CODE, "data.seq_len": 1024},  # rows hold 2+ facts
-    "sink-pretrain": {"data.source": "bundled:train", "model.scratch.layers": 2, "model.scratch.context": 256},
-    "yarn-64k": {**OFFLINE, "checkpoint.save_final": True},
-    "yarn-128k": {"data.source": "bundled:train"},  # model: yarn-64k's final checkpoint (the fixture below)
-}
 
 
 def test_every_shipped_recipe_has_a_small_shape():
@@ -46,7 +31,8 @@ def test_every_shipped_recipe_has_a_small_shape():
 
 def train(name: str, tmp: Path, cache: Path, **extra) -> Path:
     run_dir = tmp / name
-    overrides = {**SMALL, **PER_RECIPE[name], "run_dir": run_dir, "resume": "none", "data.cache_dir": cache, **extra}
+    overrides = {**small_overrides(name, steps=2, cpu=True), "run_dir": run_dir, "resume": "none",
+                 "data.cache_dir": cache, **extra}
     code = main(["train", f"recipe={name}", *(f"{key}={value}" for key, value in overrides.items())])
     assert code == 0, f"recipe {name} exited {code}"
     rows = read_metrics(run_dir)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.recipe import load_recipe
 from yarnkit.errors import RecipeError
 from yarnkit.train.seq_parallel import check_sequence_parallel, shard_batch
@@ -103,9 +102,7 @@ def check_sp2_matches_one_process(tmp_path, loss_abs: float, grad_rel: float, we
     single = train(load_recipe(tiny_overrides(model, data, tmp_path / "sp1", cache, **STEPS)))
     overrides = tiny_overrides(model, data, tmp_path / "sp2", cache, **STEPS, **{"train.sp_size": 2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(accelerate_config("zero2")), "--num_processes", "2",
-                           str(REPO / "tests" / "dist_probe.py"), *overrides],
+    done = subprocess.run([*accelerate_launch("zero2", 2), str(REPO / "tests" / "dist_probe.py"), *overrides],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / "sp2" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from export_fixtures import tiny_bpe_tokenizer
 from trainer_helpers import make_text_file, tiny_overrides
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -158,10 +157,8 @@ def launch(assets, name, **extra) -> list[dict]:
     run_dir = assets["root"] / name
     items = overrides(assets, name, **{"train.max_steps": 2, "train.grad_accum": 1, "checkpoint.every": 0} | extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(accelerate_config("zero3")), "--num_processes", "2",
-                           str(REPO / "tests" / "dist_probe.py"), *items], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([*accelerate_launch("zero3", 2), str(REPO / "tests" / "dist_probe.py"), *items], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 

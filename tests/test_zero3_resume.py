@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.runs import STEP_PATTERN, TMP_PREFIX, is_complete, latest_checkpoint, step_dir
 from yarnkit.train.metrics import read_metrics
 
@@ -47,8 +46,7 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None,
 
 def launch(config: str, overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(config)),
-               "--num_processes", "2", str(REPO / "tests" / "dist_probe.py"), *overrides]
+    command = [*accelerate_launch(config, 2), str(REPO / "tests" / "dist_probe.py"), *overrides]
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks and the reference numbers extended models are held to; nothing else in yarnkit imports this package.
+"""Benchmarks, the reference numbers extended models are held to, and the GPU check; nothing else in yarnkit
+imports this package.
 
     training        the training-speed comparison (`python -m yarnkit.bench.training`, scripts/bench_train.py)
     training_cases  one case `MODEL@SHAPE@VARIANT` -> its command line; a group's process runs its cases
@@ -8,4 +9,8 @@
     streaming       the streaming runtime's timings: decode latency, peers, batching (scripts/bench_runtime.py)
     baselines       the zero-shot baselines an extended model is compared with, and the evaluation books
     targets         the targets an extended model must meet, read from `yarnkit eval` results (scripts/e2e.py)
+    recipe_shapes   the small shape of each shipped recipe (the CPU recipe test and the GPU check train with it)
+    gpu_paths       one GPU path per process: runs it at a small size, then checks what it wrote
+    gpu_check       every GPU path in its own process within a time budget -> one JSON + a pass/fail table
+                    (scripts/gpu_check.py)
 """

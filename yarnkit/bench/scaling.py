@@ -18,20 +18,17 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from yarnkit.bench.training_cases import child_env
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.metrics import read_metrics
 
 
 def launch_command(processes: int, zero: int) -> list[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes == 1:
-        return launch + ["--config_file", str(accelerate_config("single"))]
-    config = accelerate_config(f"zero{zero}" if zero else "ddp")
-    return launch + ["--config_file", str(config), "--num_processes", str(processes)]
+        return accelerate_launch("single")
+    return accelerate_launch(f"zero{zero}" if zero else "ddp", processes)
 
 
 def summarize(run_dir: Path, warmup: int) -> dict:

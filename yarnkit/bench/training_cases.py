@@ -31,7 +31,7 @@ import torch
 
 import yarnkit
 from yarnkit.bench.training_table import PEERS, VARIANTS, parse_variant
-from yarnkit.recipe_files import accelerate_config
+from yarnkit.launch import accelerate_launch
 from yarnkit.train.metrics import read_metrics
 
 NATIVE_SMOLLM2 = 8192
@@ -137,8 +137,7 @@ def case_command(args, out: Path, name: str, model: str, shape: str, variant: st
     argv = [f"recipe={recipe_for(pose)}"] + [f"{key}={value}" for key, value in overrides.items()]
     launch = YARNKIT_TRAIN
     if sp:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(accelerate_config("zero2")), "--num_processes", str(sp), "-m", "yarnkit.cli", "train"]
+        launch = [*accelerate_launch("zero2", sp), "-m", "yarnkit.cli", "train"]
     return launch + argv, argv
 
 

@@ -10,7 +10,8 @@
   yarnkit eval report RESULTS... --markdown          (tables for docs/results.md)
 
 MODEL is anything `yarnkit.models.load_model` accepts, or a training run directory (its latest checkpoint).
-Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --factor S. See docs/eval.md.
+Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --factor S; read far distances with
+STRING (--string SHIFT[,WINDOW], yarnkit/string_attention.py). See docs/eval.md.
 Flags that cannot work (a depth outside [0, 1], lengths longer than every document, a device this machine lacks)
 fail before the model loads; a run that would evaluate nothing fails instead of writing an empty result.
 `yarnkit eval TASK --help` describes each task with an example.
@@ -81,6 +82,9 @@ def add_arguments(parser) -> None:
                             "model's own (0.1 ln s + 1 unless its config sets one): a sweep without retraining")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
+        p.add_argument("--string", metavar="SHIFT[,WINDOW]",
+                       help="STRING attention: RoPE distances >= SHIFT are read as distance - SHIFT + WINDOW (default "
+                            "window 128; SHIFT about a third of the trained context, e.g. 21845,128 at 64k)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
             p.add_argument("--sdpa-kernel", default="auto", choices=SDPA_KERNELS,
@@ -192,6 +196,7 @@ def check_arguments(args) -> None:
                        "as a fraction of the filler in [0, 1]", "e.g. --depths 0,0.25,0.5,0.75,1")
     if getattr(args, "sinks", None) is not None and not 0 <= args.sinks < args.window:
         raise BadValue(f"--sinks {args.sinks} must be in [0, --window {args.window})", "e.g. --sinks 4")
+    check_string(args)
     if args.device != "auto":
         check_device(args.device)
     if args.dtype != "auto":
@@ -199,11 +204,24 @@ def check_arguments(args) -> None:
     check_output_dir(args.out, "--out")  # results are written after the evaluation: fail now, not then
 
 
+def check_string(args) -> None:
+    """`--string`: its syntax and S > W before the model loads (S below the context once the config is read)."""
+    if args.string is None:
+        return
+    from yarnkit.string_attention import parse_setting
+
+    parse_setting(args.string)
+    if getattr(args, "policy", None) == "window":
+        raise BadValue("--string with --policy window: that policy trims the cache while positions keep growing, and "
+                       "STRING reads a key's position from its cache slot", "use --policy dense, sink or recompute")
+
+
 def check_retrieval_args(args) -> None:
     from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
     from yarnkit.eval.retrieval import eval_template
 
     check_output_dir(args.out, "--out")
+    check_string(args)
     bad = [depth for depth in args.depths if not 0.0 <= depth <= 1.0]
     if bad:
         raise BadValue(f"depth {bad[0]} is outside [0, 1]", "pass depths such as --depths 0,0.25,0.5,0.75,1")

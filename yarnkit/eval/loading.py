@@ -1,6 +1,6 @@
 """The model an evaluation runs on: loaded from anything `yarnkit.models.load_model` accepts or a training run
-(its newest complete checkpoint), on the asked device and dtype, with the asked RoPE scaling or attention
-temperature applied, and described (`meta`: label, RoPE, native context) for every result it produces.
+(its newest complete checkpoint), on the asked device and dtype, with the asked RoPE scaling, attention
+temperature or STRING attention applied, and described (`meta`: label, RoPE, native context) for every result it produces.
 
 Tested by `python -m pytest tests/test_eval_cli.py`.
 """
@@ -63,6 +63,14 @@ def load_for_eval(args):
                            + (f" attn {args.attention_factor:g}" if temperature else ""))
     meta = {"label": label, "model": str(location), "device": device, "dtype": dtype, "rope": rope,
             "native_context": native, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
+    meta["string"] = None
+    if args.string is not None:
+        from yarnkit.string_attention import apply_string, parse_setting
+
+        shift, window = parse_setting(args.string)
+        meta["string"] = apply_string(model, shift, window, context=model_context(meta)).describe()
+        if not args.label:  # a STRING run must not overwrite the plain run's files
+            meta["label"] += f" STRING S{shift} W{window}"
     return model, tokenizer, meta
 
 

@@ -14,6 +14,8 @@ batch; the decode path) and checks every value, so bad options fail before the f
 the command that builds the sessions, and resolved options pass through the scheduler, the conversation and the
 engine unchanged. Decode paths: `eager` grows a `SinkCache`; `static` / `graph` use a row of a `SlotPool`;
 `auto` is `graph` on CUDA, and on CPU `eager` for one session or `static` for a shared pool (serve batches).
+`--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
+`static` only (`resolve_decode`: `graph` and `--compile` refused, `auto` is `static` on CUDA).
 
 Test: `python -m pytest tests/test_runtime_chat.py tests/test_runtime_static.py -q`.
 """
@@ -67,20 +69,41 @@ class StreamOptions:
         if not 0.0 < self.sirllm_decay <= 1.0:
             raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
+        decode = resolve_decode(self.decode, device, pooled, string=runs_string(config), compile=self.compile)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
-                       prefill_chunk=max(1, self.prefill_chunk), decode=resolve_decode(self.decode, device, pooled))
+                       prefill_chunk=max(1, self.prefill_chunk), decode=decode)
 
 
-def resolve_decode(decode: str, device, pooled: bool = False) -> str:
+def resolve_decode(decode: str, device, pooled: bool = False, string: bool = False, compile: bool = False) -> str:
     """The decode path `decode` means on `device`: `auto` -> graph on CUDA, else static for a shared pool (the
-    batched step) or eager for one session; a named path is checked and kept."""
+    batched step) or eager for one session; a named path is checked and kept. A model running STRING attention
+    (`string`, yarnkit/string_attention.py) decodes on eager or static only: its attention has not been checked
+    inside a captured CUDA graph or under torch.compile, so `graph` and `compile` fail with the fix, and `auto`
+    takes `static` on CUDA."""
     if decode not in DECODE_PATHS:
         raise BadValue(f"decode={decode!r} (--decode) is not a decode path", f"choose one of {', '.join(DECODE_PATHS)}")
+    cuda = str(device).startswith("cuda")
+    if string:
+        if decode == "graph":
+            raise BadValue("--decode graph with --string: STRING's attention is not checked inside a CUDA graph",
+                           "use --decode static (or auto, which picks it)")
+        if compile:
+            raise BadValue("--compile with --string: STRING's attention is not checked under torch.compile here",
+                           "leave out --compile")
+        if decode == "auto" and cuda:
+            return "static"
     if decode != "auto":
         return decode
-    if str(device).startswith("cuda"):
+    if cuda:
         return "graph"
     return "static" if pooled else "eager"
+
+
+def runs_string(config) -> bool:
+    """Whether the model of `config` runs STRING attention (`yarnkit.string_attention.apply_string`)."""
+    from yarnkit.string_attention import IMPLEMENTATION
+
+    return getattr(config.get_text_config(), "_attn_implementation", None) == IMPLEMENTATION
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +126,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
+    parser.add_argument("--string", metavar="SHIFT[,WINDOW]",
+                        help="STRING attention: cache distances >= SHIFT are read as distance - SHIFT + WINDOW "
+                             "(default window 128; SHIFT below --window; eager/static decode paths)")
     parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
     parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
     parser.add_argument("--compress-rate", type=float, default=None,
@@ -169,10 +195,41 @@ def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):
 
 
 def load_for_cli(args):
-    """`(model, tokenizer)` for `args.ckpt`, or None when Ctrl-C interrupted the loading (a clean exit, no
-    traceback)."""
+    """`(model, tokenizer)` for `args.ckpt` with `--string` applied, or None when Ctrl-C interrupted the loading (a
+    clean exit, no traceback)."""
+    string = check_string(args)
     try:
-        return load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
     except KeyboardInterrupt:
         print("\ninterrupted while loading the model", file=sys.stderr)
         return None
+    if string is not None:
+        apply_string_option(model, args, *string)
+    return model, tokenizer
+
+
+def check_string(args) -> tuple[int, int] | None:
+    """`--string S[,W]` before the model loads: its syntax, S > W, S below `--window` (cache distances stay below
+    the window, so a larger S would change nothing), and a decode path that runs it."""
+    if getattr(args, "string", None) is None:
+        return None
+    from yarnkit.string_attention import check_setting, parse_setting
+
+    shift, window = parse_setting(args.string)
+    check_setting(shift, window, args.window, "--window")
+    resolve_decode(args.decode, args.device, string=True, compile=args.compile)
+    return shift, window
+
+
+def apply_string_option(model, args, shift: int, window: int) -> None:
+    """STRING on the loaded model (S also below the model's context); an `auto` decode path that STRING moves from
+    the CUDA graph to `static` says so in one line."""
+    from yarnkit.string_attention import apply_string
+
+    context = min(args.window, getattr(model.config, "max_position_embeddings", None) or args.window)
+    apply_string(model, shift, window, context=context,
+                 context_name="--window" if context == args.window else "the model's context")
+    path = resolve_decode(args.decode, args.device, string=True)
+    if path != resolve_decode(args.decode, args.device):
+        print(f"yarnkit: STRING S={shift} W={window} runs on the {path} decode path (its attention is not checked "
+              "inside a CUDA graph)", file=sys.stderr)
