@@ -133,10 +133,11 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         check_device(device)
     source = find_export_source(source_path, zero_shards=zero_shards)
     check_out_dir(out, overwrite, source, Path(source_path).expanduser())
+    hf.check_rope_config(source)
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
-    notes += hf.prepare_for_inference(model)
+    notes += hf.prepare_for_inference(model, tokenizer)
     tmp = make_temp_dir(out)
     try:
         progress("writing safetensors, config, tokenizer")
@@ -159,6 +160,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
             progress(f"writing {gguf_path.name}")
             report["gguf_notes"] = gguf_export.write_gguf(tmp, model, tokenizer, gguf_path, gguf_type, gguf_pre)
             report["gguf_file"] = gguf_path.name
+            report["gguf_rope"] = gguf_export.llama_cpp_encoding(model.config.rope_parameters)
             if run_checks:
                 progress("reading the GGUF back and comparing logits")
                 report["gguf_check"] = verify.verify_gguf(gguf_path, model.to(device), input_ids, gguf_type)
