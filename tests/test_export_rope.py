@@ -14,6 +14,9 @@ export's check), and logits within fp32 1e-4 on a prompt past the original conte
 vLLM before PR #56446 (`attn_factor` × (0.1·ln s + 1)) and from it (`attention_factor`) get that same factor, and
 both derive max_model_len = max_position_embeddings = ⌊factor × original⌋.
 
+transformers v4 (optional, `YARNKIT_TRANSFORMERS_V4=DIR` with transformers 4.x installed there): the same export,
+`attn_factor` included, reads back with the same attention scaling and logits (4.57.6: difference 0.0).
+
 bf16: `from_pretrained(dtype=bfloat16)` keeps inv_freq in float32 and a model-wide `.to(bfloat16)` rounds it
 (transformers 5.25, checked here); the export's own casts (LoRA merge, ZeRO gather: `hf.cast_weights`) keep it
 float32, and a bf16 LoRA export reloads within the bf16 tolerance with float32 inv_freq on both sides.
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -161,3 +166,42 @@ def test_bf16_lora_export_keeps_inv_freq_float32(tmp_path, tokenizer):
     check = report["hf_check"]
     assert check["dtype"] == "bfloat16" and check["inv_freq_dtype"] == "float32"
     assert check["max_relative_difference"] <= 2e-2
+
+
+V4_CHILD = r"""
+import sys, torch, transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+assert transformers.__version__.startswith("4."), transformers.__version__
+folder, ids_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(load_file(ids_path)["ids"]).logits[0]
+scaling = torch.tensor([model.model.rotary_emb.attention_scaling], dtype=torch.float64)
+save_file({"logits": logits.contiguous(), "scaling": scaling}, out_path)
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("YARNKIT_TRANSFORMERS_V4"),
+                    reason="set YARNKIT_TRANSFORMERS_V4=DIR after `pip install --target DIR --no-deps "
+                           "transformers==4.57.6 'huggingface_hub<1.0' 'tokenizers<0.23'`")
+def test_transformers_v4_reads_the_same_rope(tmp_path, tokenizer):
+    """transformers v4 reads `rope_scaling` (where `attn_factor` sits, unknown to it): same temperature, logits."""
+    from safetensors.torch import load_file, save_file
+
+    from yarnkit.export import verify
+
+    setting = {**YARN, **SETTINGS["x10-beta_slow2-attention1.3"], "truncate": False}
+    model = tiny_yarn_model(rope=setting)
+    export(make_run(tmp_path, model, tokenizer, with_eval=False), tmp_path / "out", run_checks=False)
+    ids = verify.prompt_ids(tokenizer, 320, 384)
+    save_file({"ids": ids.contiguous()}, tmp_path / "ids.safetensors")
+    env = {**os.environ, "PYTHONPATH": os.environ["YARNKIT_TRANSFORMERS_V4"]}
+    done = subprocess.run([sys.executable, "-c", V4_CHILD, str(tmp_path / "out"), str(tmp_path / "ids.safetensors"),
+                           str(tmp_path / "v4.safetensors")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "{'attn_factor'}" in done.stderr  # v4 names the key it does not know, and ignores it
+    v4 = load_file(tmp_path / "v4.safetensors")
+    assert float(v4["scaling"]) == pytest.approx(1.3, rel=1e-12)
+    with torch.no_grad():
+        assert verify.max_relative_difference(model(ids).logits[0], v4["logits"]) <= 1e-4
