@@ -46,6 +46,7 @@ def straight_run(assets):
 def test_chunked_loss_and_grads_match_transformers():
     from conftest import tiny_model
 
+    from yarnkit.train.data import answer_positions
     from yarnkit.train.loss import CausalLMLoss
 
     model = tiny_model("llama", seed=1).train()
@@ -230,10 +231,12 @@ def test_pose_batches_keep_attention_across_the_skip(assets):
 
 
 def test_answer_loss_adds_the_weighted_mean_loss_of_the_marked_tokens():
-    """CausalLMLoss(answer_weight=w) = plain loss + w x mean cross-entropy of the marked tokens, against full logits."""
+    """CausalLMLoss(answer_weight=w) = plain loss + w x mean cross-entropy of the marked tokens, against full logits
+    (weight 0: the plain loss)."""
     import torch.nn.functional as F
     from conftest import tiny_model
 
+    from yarnkit.train.data import answer_positions
     from yarnkit.train.loss import CausalLMLoss
 
     model = tiny_model("llama", seed=3).train()
@@ -245,9 +248,9 @@ def test_answer_loss_adds_the_weighted_mean_loss_of_the_marked_tokens():
     per_token = F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="none").view(2, 39)
     plain, answers = per_token.mean(), per_token[mask[:, 1:]].mean()
     weighted = CausalLMLoss(model, chunk_tokens=16, answer_weight=2.5)
-    torch.testing.assert_close(weighted(ids, answer_mask=mask), plain + 2.5 * answers, atol=1e-5, rtol=0)
-    torch.testing.assert_close(weighted(ids), plain, atol=1e-5, rtol=0)  # no mask: the plain loss
-    torch.testing.assert_close(CausalLMLoss(model, 16)(ids, answer_mask=mask), plain, atol=1e-5, rtol=0)  # weight 0
-    empty = weighted(ids, answer_mask=torch.zeros_like(mask))
-    empty.backward()  # no marked token: still a graph, the plain loss
-    torch.testing.assert_close(empty, plain, atol=1e-5, rtol=0)
+    positions = answer_positions(mask)
+    assert positions.tolist() == [9, 10, 11, 39 + 29, 39 + 30]  # token t is predicted at position t - 1
+    torch.testing.assert_close(weighted(ids, answer_positions=positions), plain + 2.5 * answers, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weighted(ids), plain, atol=1e-5, rtol=0)  # none marked: the plain loss
+    torch.testing.assert_close(CausalLMLoss(model, 16)(ids, answer_positions=positions), plain, atol=1e-5, rtol=0)
+    assert answer_positions(torch.zeros_like(mask)) is None

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from yarnkit import needles
 from yarnkit.eval.haystack import Haystack, RetrievalError, place_needles
 from yarnkit.eval.ppl import bos_token_id
+from yarnkit.models import forward_with_cache
 
 TASKS = ("niah", "multikey", "multivalue", "multiquery", "vt", "chat")
 SINGLE_ANSWER = ("niah", "multikey", "chat")
@@ -213,14 +214,14 @@ def score_batch(model, tokenizer, samples: list[Sample], max_new_tokens: int, si
     ids = torch.full((len(samples), total), pad, dtype=torch.long)
     for row, sample in enumerate(samples):  # right padding: causal attention never looks ahead at it
         ids[row, : len(sample.forced_ids)] = torch.tensor(sample.forced_ids)
-    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=total - prompt_len + 1)
+    out, cache = forward_with_cache(model, None, input_ids=ids.to(device), use_cache=True,
+                                    logits_to_keep=total - prompt_len + 1)
     predicted = out.logits.argmax(-1).cpu()  # position p of forced_ids is predicted at index p - prompt_len
     results = []
     for row, sample in enumerate(samples):
         hits = [all(int(predicted[row, p - prompt_len]) == sample.forced_ids[p] for p in range(a, b))
                 for a, b in sample.spans]
         results.append({"tf_score": sum(hits) / len(hits), "tf_correct": all(hits)})
-    cache = out.past_key_values
     if total > prompt_len:  # back to the prompt: a negative count removes tokens (transformers 4.4x to 5.x)
         cache.crop(prompt_len - total)
     step = predicted[:, 0].clone()
@@ -240,8 +241,9 @@ def score_batch(model, tokenizer, samples: list[Sample], max_new_tokens: int, si
                 done[row] = True
         if all(done):
             break
-        out = model(input_ids=step[:, None].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, step = out.past_key_values, out.logits[:, -1].argmax(-1).cpu()
+        out, cache = forward_with_cache(model, cache, input_ids=step[:, None].to(device), use_cache=True,
+                                        logits_to_keep=1)
+        step = out.logits[:, -1].argmax(-1).cpu()
     for row, sample in enumerate(samples):
         answer = tokenizer.decode(generated[row], skip_special_tokens=True)
         score = _found(sample.expected, answer, single)

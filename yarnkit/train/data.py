@@ -325,26 +325,33 @@ class MixedData:
         return Row.plain(tokens)
 
 
+def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices, into the [B, S - 1] next-token targets, of the tokens where `answer_mask` [B, S] is True
+    (token t is predicted at position t - 1); None when none is. Computed on the host, before the batch moves, so
+    the loss needs no device sync to find them."""
+    positions = answer_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+    return positions if positions.numel() else None
+
+
 def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
                 pose_target: int = 0, pose_seed: int = 0, sink_first: bool = False) -> dict:
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
     Returns `input_ids` [size, seq_len] (a mix's long micro-batch: [1, size x seq_len]), `position_ids` and
-    `attention_mask` (or None), `answer_mask` (a mix's synthetic answer tokens, see `synthetic.Row`; else None)
+    `attention_mask` (or None), `answer_positions` (a mix's synthetic answer tokens, `answer_positions`)
     and `samples` (global sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink
     at position 0 and skips positions only among the text tokens after it. A far row (`Row.far_split`) gets its
     skip at its split (`pose.far_position_ids`) instead of PoSE's random one. PoSE batches carry an all-ones
     attention mask: without one, transformers reads a jump in position ids as the start of a packed document and
     would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
-    batch = {"samples": samples, "position_ids": None, "attention_mask": None, "answer_mask": None}
+    batch = {"samples": samples, "position_ids": None, "attention_mask": None, "answer_positions": None}
     splits = [0] * size
     if isinstance(dataset, MixedData):
         long = dataset.is_long(first_sample)  # one true long row: positions 0..L-1, no PoSE
         rows = [dataset.row(samples[0], order, size)] if long else [dataset.row(k, order, 1) for k in samples]
         batch["input_ids"] = torch.from_numpy(np.stack([row.ids for row in rows]))
-        if any(row.answers.any() for row in rows):
-            batch["answer_mask"] = torch.from_numpy(np.stack([row.answers for row in rows]))
+        batch["answer_positions"] = answer_positions(torch.from_numpy(np.stack([row.answers for row in rows])))
         if long:
             return batch
         splits = [row.far_split for row in rows]

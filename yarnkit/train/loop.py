@@ -90,7 +90,7 @@ def zero_stage(accelerator) -> int:
 def forward_loss(wrapper, batch: dict, device, sp_rank: int, sp: int, sp_group) -> torch.Tensor:
     """The micro-batch's mean loss; under sequence parallelism this rank's shard, combined over its SP group."""
     if sp == 1:
-        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attention_mask", "answer_mask")
+        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attention_mask", "answer_positions")
                  if batch.get(k) is not None}
         return wrapper(batch["input_ids"].to(device, non_blocking=True), **extra)
     # Ulysses attends causally over the gathered sequence and drops masks: PoSE's all-ones mask is not needed
@@ -103,7 +103,7 @@ class Prefetcher:
     """`prefetcher(first, following)` returns `build(first)` and starts building `build(following)` on a worker
     thread (None: nothing follows). Tensors are pinned when `pin`, so `.to(device, non_blocking=True)` overlaps."""
 
-    TENSORS = ("input_ids", "position_ids", "attention_mask", "answer_mask")
+    TENSORS = ("input_ids", "position_ids", "attention_mask", "answer_positions")
 
     def __init__(self, build, pin: bool):
         self.build, self.pin = build, pin

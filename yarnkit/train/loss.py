@@ -79,12 +79,12 @@ def fused_loss_missing(model: torch.nn.Module, zero_stage: int = 0) -> str | Non
 
 
 class CausalLMLoss(torch.nn.Module):
-    """`forward(input_ids, position_ids=None, attention_mask=None, labels=None, answer_mask=None) -> mean loss`;
-    `.model` is the wrapped model. `labels` are pre-shifted targets (-100 = ignore), as sequence-parallel shards
-    need. `fused`: Liger's fused linear cross-entropy instead of the chunked loss (see `fused_loss_missing`).
-    `answer_weight` > 0 with an `answer_mask` (True on the tokens of synthetic answers' values): the loss adds
-    `answer_weight` x the mean loss of those tokens (`answer_loss`), so the few tokens that need the context
-    weigh more than their share of the sequence."""
+    """`forward(input_ids, position_ids=None, attention_mask=None, labels=None, answer_positions=None) -> mean
+    loss`; `.model` is the wrapped model. `labels` are pre-shifted targets (-100 = ignore), as sequence-parallel
+    shards need. `fused`: Liger's fused linear cross-entropy instead of the chunked loss (see
+    `fused_loss_missing`). `answer_weight` > 0 with `answer_positions` (the synthetic answers' value tokens, see
+    `yarnkit.train.data.answer_positions`): the loss adds `answer_weight` x the mean loss of those tokens (`answer_loss`), so the few
+    tokens that need the context weigh more than their share of the sequence."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096, fused: bool = False,
                  answer_weight: float = 0.0):
@@ -97,7 +97,7 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+                answer_positions: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
@@ -107,19 +107,18 @@ class CausalLMLoss(torch.nn.Module):
             loss = fused_cross_entropy(head, hidden, input_ids, softcap, labels)
         else:
             loss = chunked_cross_entropy(head, hidden, input_ids, self.chunk_tokens, softcap, labels)
-        if self.answer_weight and answer_mask is not None:
-            loss = loss + self.answer_weight * answer_loss(head, hidden, input_ids, answer_mask, softcap)
+        if self.answer_weight and answer_positions is not None:
+            loss = loss + self.answer_weight * answer_loss(head, hidden, input_ids, answer_positions, softcap)
         return loss
 
 
-def answer_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor,
+def answer_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
                 softcap: float | None = None) -> torch.Tensor:
-    """Mean next-token loss over the tokens where `answer_mask` [B, S] is True (token t predicted from position
-    t - 1); 0 (with a graph) when no token is marked. Only those few positions go through the head."""
-    targets = answer_mask[:, 1:]
-    if not targets.any():
-        return hidden.sum() * 0.0
-    return _chunk_loss(head, hidden[:, :-1][targets], input_ids[:, 1:][targets], softcap, reduction="mean")
+    """Mean next-token loss of the targets at flat `positions` (`yarnkit.train.data.answer_positions`); only
+    those few hidden states go through the head."""
+    flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return _chunk_loss(head, flat_hidden, input_ids[:, 1:].reshape(-1).index_select(0, positions), softcap,
+                       reduction="mean")
 
 
 @torch.no_grad()

@@ -1,0 +1,38 @@
+"""scripts/ablate.py on CPU: one variant of the retrieval recipe (far rows, look-alike facts, the answer loss) trains
+2 steps at a small shape through scripts/e2e.py and is evaluated on the ablation's tasks; the table, the JSON and the
+winner come out, and a second call finds the variant done and runs nothing (resumable). Slow: the real SmolLM2-135M.
+
+Run: `python -m pytest tests/test_ablate_script.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_one_variant_trains_is_evaluated_and_tabled(tmp_path):
+    out = tmp_path / "ablate"
+    command = [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--smoke", "--out", str(out), "--variants", "data"]
+    subprocess.run(command, check=True, cwd=tmp_path, capture_output=True)
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [row["variant"] for row in rows] == ["data"]
+    row = rows[0]
+    assert "data.synthetic.far=0.5" in row["overrides"] and "train.answer_loss_weight=1.0" in row["overrides"]
+    recipe = (out / "data" / "run" / "recipe.yaml").read_text()
+    assert "far: 0.5" in recipe and "answer_loss_weight: 1.0" in recipe and "seq_len: 1024" in recipe
+    assert set(row["ppl"]) == {512, 1024} or set(row["ppl"]) == {"512", "1024"}
+    for task in ("niah", "multikey", "chat"):
+        assert len(row[task]["by_length"]) == 2 and row[task]["accuracy"] is not None
+        assert set(row[task]["far"]) == {0.0, 0.05} or set(row[task]["far"]) == {"0.0", "0.05"}
+    assert "| data |" in (out / "ablation.md").read_text()
+    assert (out / "winner.txt").read_text().splitlines() == row["overrides"]
+    again = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "start data" not in again.stdout  # evaluated already: nothing runs again
