@@ -38,7 +38,7 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 # The main job on the embedded default: YaRN x2 fine-tune of the bundled SmolLM2-135M (recipe `tiny`, CPU),
 # export it for stock transformers (with its reload check), then ask the exported model one question.
 demo: install
-	$(BIN)/accelerate launch --config_file yarnkit/recipes/accelerate/single.yaml scripts/train.py recipe=tiny resume=none
+	$(BIN)/accelerate launch --config_file recipes/accelerate/single.yaml scripts/train.py recipe=tiny resume=none
 	$(BIN)/yarnkit export runs/tiny --out exports/tiny --overwrite
 	$(BIN)/yarnkit chat exports/tiny --prompt "In one sentence, what is a context window?" --max-new-tokens 48
 

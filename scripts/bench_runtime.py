@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from yarnkit.runtime import bench
+from yarnkit.bench import streaming as bench
 
 PARTS = ("latency", "batch", "scale", "peers", "compiled", "hf-compiled", "ppl", "recall")  # the order they run in
 
@@ -78,7 +78,7 @@ def load(args):
 
 def book_tokens(tokenizer, books, limit):
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import iter_documents
+    from yarnkit.corpus import iter_documents
 
     ids: list[int] = []
     for book in books or [str(sample_path("eval")), str(sample_path("train"))]:

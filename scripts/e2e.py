@@ -5,7 +5,7 @@ One command does the whole sequence and writes everything under OUT:
     OUT/run/                    the training run (recipe.yaml, metrics.jsonl, checkpoints/)
     OUT/eval/                   for every model (base, dynamic NTK xS, zero-shot YaRN xS, fine-tuned): ppl-*.json|png
                                 and the retrieval tasks niah-, multikey-, multivalue-, multiquery-, vt-, chat-*.json|png
-                                (issue 13: RULER-style, book haystacks); ppl-compare.png
+                                (RULER-style, book haystacks); ppl-compare.png
     OUT/export/                 the HF export (verified in a fresh process) and model.gguf
     OUT/eval/stream-*.json|png  the exported model streamed through the runtime (sinks + rolling cache)
     OUT/summary.json            timings, training throughput, `targets` (each with its measured value, met or not)
@@ -15,7 +15,7 @@ GPU (1 to 4 GPUs; training is data-parallel (DDP) over `--gpus` GPUs, default al
 global batch: micro-batch / N per GPU, the same samples per step and the same targets as on one GPU; about 7
 minutes on one H200):
     python scripts/e2e.py --train-data '/data/books/train_*.txt.gz' --books /data/books --out runs/e2e
-Scaling (issue 20): train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
+Scaling: train on 1 GPU, then on N with `--reference` naming the 1-GPU summary and `--serial` (the
 baselines then run after training, not beside it on the same GPUs); summary.json's train.scaling holds the
 speed-up and efficiency (throughput and wall time) against the reference:
     python scripts/e2e.py --stages train --gpus 1 --out runs/e2e-1gpu --train-data ...
@@ -44,13 +44,13 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as _yarnkit_cli
-from yarnkit.eval.baselines import baseline_configs, selected_books
-from yarnkit.eval.cli import result_path
+from yarnkit.bench.baselines import baseline_configs, selected_books
+from yarnkit.eval.tasks import result_path
 from yarnkit.eval.report import load_results, markdown_report
 from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
-from yarnkit.eval.targets import context_targets, targets_markdown
-from yarnkit.recipes import accelerate_config
-from yarnkit.train.checkpoint import latest_checkpoint
+from yarnkit.bench.targets import context_targets, targets_markdown
+from yarnkit.recipe_files import accelerate_config
+from yarnkit.runs import latest_checkpoint
 from yarnkit.train.metrics import METRICS_FILE, read_metrics, scaling
 from yarnkit.train.recipe import load_recipe
 
@@ -89,13 +89,13 @@ def same_global_batch(args, gpus: int) -> list[str]:
 
 
 def train(args, out: Path) -> dict:
-    """`accelerate launch scripts/train.py` over `--gpus` GPUs (DDP when several), or one CPU process; a run
+    """`accelerate launch -m yarnkit.cli train` over `--gpus` GPUs (DDP when several), or one CPU process; a run
     that already reached its last step is not launched again."""
     gpus = train_gpus(args)
     config = "ddp" if gpus > 1 else "single"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(accelerate_config(config)), "--num_processes", str(max(gpus, 1)),
-               str(ROOT / "scripts" / "train.py"), f"recipe={args.recipe}", f"run_dir={out / 'run'}",
+               "-m", "yarnkit.cli", "train", f"recipe={args.recipe}", f"run_dir={out / 'run'}",
                *([f"data.source={args.train_data}"] if args.train_data else []), *same_global_batch(args, gpus),
                *args.overrides]
     started = time.perf_counter()

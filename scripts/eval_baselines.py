@@ -1,6 +1,6 @@
 """Zero-shot long-context baselines for SmolLM2-135M: no scaling, dynamic NTK x8, YaRN x8 (GPU run for the lead).
 
-For each configuration (yarnkit.eval.baselines) it runs `yarnkit eval ppl` (PG-19 test books, one window per
+For each configuration (yarnkit.bench.baselines) it runs `yarnkit eval ppl` (PG-19 test books, one window per
 book per length) and `yarnkit eval passkey` (lengths x depths x trials), then writes a merged ppl plot and the
 markdown tables:
 
@@ -11,7 +11,7 @@ GPU command (one H100/H200, bf16; about 4 minutes, see docs/eval.md):
 CPU smoke run (tiny sizes, a few minutes):
     python scripts/eval_baselines.py yarnkit/assets --pattern 'test_*' --out /tmp/baselines \
         --lengths 256,512 --docs 1 --trials 1 --depths 0.5
-The retrieval tasks of issue 13 run in scripts/e2e.py. Run from a checkout with yarnkit installed
+The retrieval tasks run in scripts/e2e.py. Run from a checkout with yarnkit installed
 (`pip install -e .`) or on PYTHONPATH. Not a test: nothing here asserts numbers.
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from yarnkit.cli import main as yarnkit
-from yarnkit.eval.baselines import baseline_configs, selected_books
+from yarnkit.bench.baselines import baseline_configs, selected_books
 
 
 def run(args) -> int:

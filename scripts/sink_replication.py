@@ -14,11 +14,11 @@ StreamingLLM's Table 3 (docs/sink.md, docs/results.md §5). Rerunnable and resum
    BOS/EOS before chunking, so position 0 holds an arbitrary token) trains through its warmup; its measured step
    time then fixes the step count that fits --train-seconds for both models (or --steps), kept in OUT/plan.json.
    The sink-token model (<|sink|> + 1023 text tokens) trains the same steps on the same data with the same seed.
-2. Attention mass on key positions 0-3, per layer, at every checkpoint of both runs (yarnkit.eval.sinks) on
+2. Attention mass on key positions 0-3, per layer, at every checkpoint of both runs (yarnkit.eval.attention_sinks) on
    windows of the evaluation books: OUT/attention_mass.jsonl and attention_mass.png.
 3. Streaming perplexity on the first --stream-tokens tokens of the sorted books with k = 0, 1, 2, 4 initial tokens
    kept + the last W - k (W = the training context), fed and evicted --chunk tokens at a time.
-4. OUT/results.json, results.md (our tables beside the paper's, each issue-16 target met or not), streaming.png.
+4. OUT/results.json, results.md (our tables beside the paper's, each target met or not), streaming.png.
 It asserts nothing: tests/test_sink.py and tests/test_sink_eval.py test the mechanics.
 """
 
@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from yarnkit.eval.sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
+from yarnkit.eval.attention_sinks import load_checkpoint_model, measure_run, plot_attention_mass, plot_stream_table, \
     stream_documents, stream_table, uniform_mass
-from yarnkit.train.checkpoint import latest_checkpoint, model_location
+from yarnkit.runs import latest_checkpoint, model_location
 from yarnkit.train.metrics import METRICS_FILE, read_metrics
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
@@ -148,7 +148,7 @@ def windows_for(documents, bos: int, window: int, count: int):
 
 
 def targets(results: dict) -> list[dict]:
-    """Issue 16's targets, each with the measured values and met or not."""
+    """The replication's targets, each with the measured values and met or not."""
     v, s = (results["stream"][name] for name in ("vanilla", "sink"))
     mass = [layer[0] for layer in results["attention"]["vanilla"][-1]["mass"]][1:]  # layers above the first
     strong = sum(m >= 0.3 for m in mass)
@@ -180,7 +180,7 @@ def markdown(results: dict) -> str:
             mass = finals[name]["mass"][layer]
             cells += [f"{mass[0]:.3f}", f"{sum(mass[1:]):.3f}", f"{finals[name]['sink_heads'][layer]:.2f}"]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    lines += ["", "### Targets (issue 16)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "### Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'no'} |"
               for row in results["targets"]]
     return "\n".join(lines) + "\n"

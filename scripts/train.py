@@ -2,7 +2,7 @@
 
     python scripts/train.py recipe=tiny                                     # CPU, a few minutes
     accelerate launch scripts/train.py recipe=tiny                           # same through accelerate
-    accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k \
+    accelerate launch --config_file recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k \
         data.source=/data/pg19/train
     python scripts/train.py recipe=yarn-64k --dry-run                        # recipe, parameters, estimates
     python scripts/train.py --help                                           # every recipe key and its default

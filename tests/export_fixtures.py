@@ -26,7 +26,7 @@ def tiny_bpe_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import read_text
+    from yarnkit.corpus import read_text
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     core = Tokenizer(models.BPE())

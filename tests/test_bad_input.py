@@ -29,7 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
 
-from yarnkit import models  # noqa: E402
+from yarnkit import model_files  # noqa: E402
 from yarnkit.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +97,9 @@ def offline(tmp_path_factory):
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         patch.setenv("YARNKIT_CACHE", str(cache))
         patch.delenv("YARNKIT_DEBUG", raising=False)
-        models.hub_reachable.cache_clear()
+        model_files.hub_reachable.cache_clear()
         yield cache
-    models.hub_reachable.cache_clear()
+    model_files.hub_reachable.cache_clear()
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # the train cases made one (fp32, CPU)

@@ -1,6 +1,6 @@
 """The training benchmark's groups on CPU: the peers' process and yarnkit's process each run one case, and a
 group process that dies is reported with its own error, its exit code and the end of its log, in the row and in
-compare.md (`scripts/bench_train.py --cases`, `yarnkit/train/bench.py`)."""
+compare.md (`python -m yarnkit.bench.training --cases`, `yarnkit/bench/training.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from yarnkit.train import bench, bench_table
+from yarnkit.bench import training, training_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +41,14 @@ def test_a_group_process_that_dies_reports_its_error_exit_code_and_log(tmp_path,
         log.write_text(crash)
         return 1
 
-    monkeypatch.setattr(bench, "_launch", dies)
+    monkeypatch.setattr(training, "_launch", dies)
     args = SimpleNamespace(cpu=True, model_dir=None, data=None, steps=2, profile=[], warmup=1)
-    row = bench.new_row("tiny", "128", "yarnkit")
-    row["command"], row["argv"] = bench.case_command(args, out, row["case"], "tiny", "128", "yarnkit", 2)
-    bench.run_group(args, out, [row], time.time() + 600)
+    row = training.new_row("tiny", "128", "yarnkit")
+    row["command"], row["argv"] = training.case_command(args, out, row["case"], "tiny", "128", "yarnkit", 2)
+    training.run_group(args, out, [row], time.time() + 600)
     assert row["status"] == "error"
     assert "exited 1" in row["error"] and "ImportError: cannot import name 'main'" in row["error"]
     assert "ImportError" in row["log_tail"]
-    table = bench_table.markdown({"matmul_peak_tflops": 1.0, "device": "cpu", "peak_tflops": 989.0, "cases": [row],
+    table = training_table.markdown({"matmul_peak_tflops": 1.0, "device": "cpu", "peak_tflops": 989.0, "cases": [row],
                                   "max_len": []})
     assert "exited 1" in table and "ImportError: cannot import name 'main'" in table

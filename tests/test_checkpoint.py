@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from yarnkit.train.checkpoint import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
-from yarnkit.train.errors import CheckpointError
+from yarnkit.runs import find_checkpoint, is_complete, latest_checkpoint, list_checkpoints, model_location
+from yarnkit.errors import CheckpointError
 
 
 def fake_checkpoint(run: Path, name: str, model: bool = True, trainer_state: bool = True) -> Path:
@@ -54,9 +54,9 @@ class Opened(Exception):
 
 
 def test_every_entry_point_picks_the_same_checkpoint(run, monkeypatch):
-    from yarnkit.eval.cli import load_for_eval
+    from yarnkit.eval.loading import load_for_eval
     from yarnkit.export.source import find_export_source
-    from yarnkit.runtime.conversation import load_chat_model
+    from yarnkit.runtime.options import load_chat_model
     from yarnkit.train.trainer import _resume_point
 
     def loader(location, **options):

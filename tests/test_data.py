@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainer_helpers import char_tokenizer
-from yarnkit.train.data import DataArgs, DataError, SampleOrder, build_dataset, cache_key, chunk_tokens, micro_batch
+from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, cache_key, chunk_tokens, micro_batch
+from yarnkit.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 

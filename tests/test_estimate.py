@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 
 from yarnkit.train.estimate import dry_run, estimate, memory_bytes, parameter_counts
-from yarnkit.train.model import scaled_config
-from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.train.model_setup import scaled_config
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError
 
 GIB = 2**30
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -104,13 +104,14 @@ def test_rope_scaling_options_patch_the_loaded_model(model_dir, tmp_path):
 
 
 def test_a_run_directory_evaluates_its_latest_checkpoint(model_dir, tmp_path):
-    from yarnkit.eval.cli import load_for_eval
+    from yarnkit.eval.loading import load_for_eval
 
     for step in ("step_000100", "step_000200"):
         shutil.copytree(model_dir, tmp_path / "run" / "checkpoints" / step / "model")
         (tmp_path / "run" / "checkpoints" / step / "state").mkdir()
         (tmp_path / "run" / "checkpoints" / step / "state" / "trainer_state.json").write_text("{}")
-    args = argparse.Namespace(model=str(tmp_path / "run"), device="cpu", dtype="float32", rope_type=None, label=None)
+    args = argparse.Namespace(model=str(tmp_path / "run"), device="cpu", dtype="float32", rope_type=None, label=None,
+                              attention_factor=None)
     _, _, meta = load_for_eval(args)
     assert meta["model"].endswith("step_000200/model")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 
-from yarnkit.train.loss import token_nll
+from yarnkit.nll import token_nll
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])

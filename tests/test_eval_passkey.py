@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from yarnkit.assets import sample_path
 from yarnkit.models import cache_argument
-from yarnkit.train.corpus import read_text
+from yarnkit.corpus import read_text
 from yarnkit.eval.passkey import (GARBAGE, INTRO, KEY_SENTENCE, QUESTION, build_prompt, evaluate_passkey, first_integer,
                                   garbage_filler)
 

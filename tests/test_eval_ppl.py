@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from yarnkit.eval.data import iter_eval_documents, tokenize_documents
+from yarnkit.eval.documents import iter_eval_documents, tokenize_documents
 from yarnkit.eval.ppl import evaluate_perplexity, windows
 
 BOS = 1

@@ -15,9 +15,11 @@ from conftest import tiny_model
 
 from yarnkit.assets import sample_path
 from yarnkit.cli import main
-from yarnkit.eval.haystack import Haystack, RetrievalError, place_needles
+from yarnkit.eval.haystack import Haystack, place_needles
+from yarnkit.errors import RetrievalError
 from yarnkit.needles import SNAP
 from yarnkit.eval.retrieval import TASKS, Builder, TaskOptions, build_sample, evaluate_retrieval
+from yarnkit.models import cache_argument
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,8 @@ class Oracle(torch.nn.Module):
         self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
         self.newline_first = newline_first
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=1):
-        cache = past_key_values or SimpleNamespace(rows=[[] for _ in input_ids])
+    def forward(self, input_ids, use_cache=True, logits_to_keep=1, **given):  # the cache under this transformers' name
+        cache = given.get(cache_argument()) or SimpleNamespace(rows=[[] for _ in input_ids])
         cache.crop = lambda n: [row.__delitem__(slice(n, None)) for row in cache.rows]
         for row, ids in zip(cache.rows, input_ids.tolist()):
             row.extend(ids)
@@ -94,7 +96,7 @@ class Oracle(torch.nn.Module):
                 if self.newline_first and position == len(prompt) - 1:
                     token = self.newline
                 logits[b, k, token] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+        return SimpleNamespace(logits=logits, **{cache_argument(): cache})
 
 
 @pytest.mark.parametrize("newline_first", [False, True])

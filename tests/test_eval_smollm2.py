@@ -5,7 +5,7 @@ Run: python -m pytest tests/test_eval_smollm2.py -q
 import pytest
 
 from yarnkit.assets import sample_path
-from yarnkit.eval.data import iter_eval_documents, tokenize_documents
+from yarnkit.eval.documents import iter_eval_documents, tokenize_documents
 from yarnkit.eval.passkey import evaluate_passkey
 from yarnkit.eval.ppl import bos_token_id, evaluate_perplexity
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from yarnkit.train.loss import token_nll
+from yarnkit.nll import token_nll
 from yarnkit.eval.stream import (POLICIES, DensePolicy, RecomputePolicy, SinkPolicy, StreamPolicy, WindowPolicy,
                                  evaluate_stream, make_policy)
 

@@ -23,8 +23,9 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 
 from yarnkit.export import rope_keys, verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
-from yarnkit.export.source import ExportError, find_export_source  # noqa: E402
-from yarnkit.models import user_umask  # noqa: E402
+from yarnkit.export.source import find_export_source  # noqa: E402
+from yarnkit.errors import ExportError
+from yarnkit.model_files import user_umask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_newest_complete_checkpoint_is_chosen(small_run):
 
 
 def test_run_without_a_finished_checkpoint(tmp_path):
-    from yarnkit.train.errors import CheckpointError
+    from yarnkit.errors import CheckpointError
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="without a finished checkpoint"):

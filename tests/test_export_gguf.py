@@ -31,8 +31,8 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 
 from yarnkit.export import verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
+from yarnkit.errors import ExportError  # noqa: E402
 from yarnkit.export.gguf import llama_cpp_rope, read_metadata, write_gguf  # noqa: E402
-from yarnkit.export.source import ExportError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from yarnkit.export.hub import push_folder
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 
 TOKEN = "hf_local_test_token"
 

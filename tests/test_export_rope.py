@@ -39,7 +39,7 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 
 from yarnkit.export import hf, rope_keys  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
-from yarnkit.export.source import ExportError  # noqa: E402
+from yarnkit.errors import ExportError  # noqa: E402
 
 SETTINGS = {  # on top of YaRN from the tiny model's native 256 tokens
     "x8": {"factor": 8.0},

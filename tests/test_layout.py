@@ -1,7 +1,9 @@
-"""The house keeps its shape (issue 17): the static import graph of yarnkit/ has no cycle (and yarnkit/train/ imports
-go one way down README's list), README's layout section names exactly the files that exist, and scripts import
-only `yarnkit` (no sys.path edits, no script importing another script). Reads source files with `ast`; imports
-nothing of yarnkit.
+"""The house keeps its shape: the static import graph of yarnkit/ has no cycle, yarnkit/train/ imports go one way
+down README's list, the stages import one way (export/, runtime/ and eval/ import nothing from train/; the
+package root imports no stage; nothing but bench/ imports bench/), no module starts a script by its path (a
+command runs as `python -m yarnkit...`), README's layout section names exactly the files that exist, and scripts
+import only `yarnkit` (no sys.path edits, no script importing another script). Reads source files with `ast`;
+imports nothing of yarnkit.
 
 Run: python -m pytest tests/test_layout.py -q   (< 1 s)
 """
@@ -68,9 +70,64 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "yarnkit.train.trainer" in graph and "yarnkit.train.checkpoint" in graph["yarnkit.export.source"]
+    assert "yarnkit.train.trainer" in graph and "yarnkit.runs" in graph["yarnkit.export.source"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+STAGES = ("train", "export", "runtime", "eval", "bench")
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+@pytest.mark.parametrize("stage", ["export", "runtime", "eval"])
+def test_later_stages_import_nothing_from_train(stage):
+    """Training is a stage, not a library: what export, the runtime and evaluation share with it lives at the root
+    (runs, corpus, patch, nll, sdpa, errors)."""
+    graph = import_graph()
+    reached = {f"{name} -> {dep}" for name, deps in graph.items() if stage_of(name) == stage
+               for dep in deps if stage_of(dep) == "train"}
+    assert not reached, f"yarnkit/{stage}/ imports yarnkit/train/: {sorted(reached)}"
+
+
+def test_the_package_root_imports_no_stage_and_only_bench_imports_bench():
+    """Root modules are the shared pieces every stage may use (cli.py reaches the commands by name, on demand);
+    benchmarks sit on top of everything and nothing depends on them."""
+    graph = import_graph()
+    root = {f"{name} -> {dep}" for name, deps in graph.items() if stage_of(name) is None and name != "yarnkit.cli"
+            for dep in deps if stage_of(dep)}
+    assert not root, f"root modules import stages: {sorted(root)}"
+    bench = {f"{name} -> {dep}" for name, deps in graph.items() if stage_of(name) != "bench"
+             for dep in deps if stage_of(dep) == "bench"}
+    assert not bench, f"modules outside yarnkit/bench/ import it: {sorted(bench)}"
+
+
+def script_paths_named(path: Path) -> list[str]:
+    """String constants of a module (docstrings aside) that name a script file: `scripts/x.py`, or the
+    `"scripts"` part of a path joined piece by piece."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and (re.search(r"scripts/[\w.-]+\.py", node.value) or node.value.strip("/") == "scripts")]
+
+
+def test_no_module_starts_a_script_by_its_path():
+    """A script is not part of an installed package: what the package launches runs as `python -m yarnkit...`."""
+    named = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in script_paths_named(path)]
+    assert not named, "modules that name a script file (launch `python -m yarnkit...` instead):\n" + "\n".join(named)
+
+
+def test_the_script_path_finder_finds_one(tmp_path):
+    module = tmp_path / "launcher.py"
+    module.write_text('"""Runs scripts/train.py."""\nCOMMAND = ["python", "scripts/train.py"]\n'
+                      'OTHER = REPO / "scripts" / "bench.py"\n')
+    assert [hit.split(": ", 1)[1] for hit in script_paths_named(module)] == ["'scripts/train.py'", "'scripts'"]
 
 
 def test_train_modules_import_only_those_above_them_in_readme():
@@ -116,7 +173,7 @@ def listed_in_folder(folder: Path) -> set[str]:
 
 def test_readme_layout_matches_the_tree():
     tree = readme_tree()
-    assert {"scripts/", "yarnkit/", "yarnkit/train/", "yarnkit/recipes/"} <= set(tree)
+    assert {"scripts/", "recipes/", "yarnkit/", "yarnkit/train/", "yarnkit/bench/"} <= set(tree)
     for folder, names in tree.items():
         for name in names:
             assert (REPO / folder / name).exists(), f"README's layout names {folder}{name}, which does not exist"
@@ -125,8 +182,8 @@ def test_readme_layout_matches_the_tree():
 
 
 def test_readme_tree_parser_reads_nesting():
-    assert readme_tree()["yarnkit/train/"][0] == "errors.py"
-    assert "accelerate/" in readme_tree()["yarnkit/recipes/"]
+    assert readme_tree()["yarnkit/train/"][0] == "pose.py"
+    assert "accelerate/" in readme_tree()["recipes/"]
 
 
 def imports_of(path: Path) -> set[str]:

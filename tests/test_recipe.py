@@ -1,4 +1,4 @@
-"""Recipes: every file under yarnkit/recipes/ loads strictly; precedence, typo and type errors; launcher configs;
+"""Recipes: every file under recipes/ loads strictly; precedence, typo and type errors; launcher configs;
 estimates.
 
 Run: python -m pytest tests/test_recipe.py -q
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yarnkit.recipes import ACCELERATE_DIR, RECIPES_DIR, recipe_files
-from yarnkit.train.recipe import Recipe, RecipeError, load_recipe, recipe_from_file, save_recipe
+from yarnkit.errors import RecipeError
+from yarnkit.recipe_files import ACCELERATE_DIR, RECIPES_DIR, deepspeed_json, recipe_files
+from yarnkit.train.recipe import Recipe, load_recipe, recipe_from_file, save_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_FILES = recipe_files()
@@ -43,6 +44,18 @@ def test_launcher_config_points_at_existing_deepspeed_json(path):
         ds = json.loads((REPO / ds_file).read_text())  # relative to the repository root, where one launches
         assert ds["zero_optimization"]["stage"] == int(path.stem.removeprefix("zero")[0])  # zero3_offload: 3
         assert ds_file.stem == path.stem  # zero3_offload.yaml -> zero3_offload.json
+
+
+def test_deepspeed_json_is_found_from_any_folder(tmp_path, monkeypatch):
+    """A launch outside the checkout's root (or from a wheel) gets the shipped JSON; other paths stay as given."""
+    monkeypatch.chdir(tmp_path)
+    assert Path(deepspeed_json("recipes/accelerate/zero2.json")) == ACCELERATE_DIR / "zero2.json"
+    assert deepspeed_json("recipes/accelerate/nonexistent.json") == "recipes/accelerate/nonexistent.json"
+    (tmp_path / "mine.json").write_text("{}")
+    assert deepspeed_json("mine.json") == "mine.json"
+    (tmp_path / "recipes" / "accelerate").mkdir(parents=True)
+    (tmp_path / "recipes" / "accelerate" / "zero2.json").write_text("{}")  # the user's own file wins
+    assert deepspeed_json("recipes/accelerate/zero2.json") == "recipes/accelerate/zero2.json"
 
 
 def test_paper_recipe_values():
@@ -137,7 +150,7 @@ def test_dry_run_rejects_seq_len_beyond_scaled_context():
 
 def test_memory_check_fails_before_loading_with_advice():
     from yarnkit.train.estimate import check_memory
-    from yarnkit.train.model import scaled_config
+    from yarnkit.train.model_setup import scaled_config
 
     recipe = load_recipe(["recipe=smollm2-yarn-64k", "model.gradient_checkpointing=false"])
     config = scaled_config(recipe.model, recipe.yarn)

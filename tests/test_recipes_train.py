@@ -17,8 +17,8 @@ import pytest
 
 import yarnkit
 from yarnkit.cli import main
-from yarnkit.recipes import recipe_names
-from yarnkit.train.checkpoint import find_checkpoint
+from yarnkit.recipe_files import recipe_names
+from yarnkit.runs import find_checkpoint
 from yarnkit.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # the real 135M model, ~10 s per recipe on 2 cores

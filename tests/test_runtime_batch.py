@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.static import make_pool
+from yarnkit.runtime.options import StreamOptions
 
 
 def prompt(n, seed):

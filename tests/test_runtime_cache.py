@@ -8,7 +8,9 @@ What is proven:
   equal a from-scratch forward over the retained tokens at their cache positions, atol 1e-4 (float32);
   a negative control shows the attention factor applied twice (the classic YaRN re-rotation bug) is caught;
 - multi-layer: re-rotated keys equal the stored keys turned by the delta with float64 angles (atol 1e-5);
-- chunked prefill never runs a forward longer than the free window; eviction happens during generation.
+- chunked prefill never runs a forward longer than the free window; eviction happens during generation;
+- the eviction rule (`StartRecent`: sinks + the newest tokens within the window, streaming-llm's
+  StartRecentKVCache) and the one resolver of `decode="auto"`.
 Tests marked with `decode` run on both cache paths: `eager` (growing `SinkCache`) and `static` (fixed buffers +
 slot mask, the function the CUDA graph captures; see tests/test_runtime_static.py).
 """
@@ -22,8 +24,9 @@ from conftest import tiny_model
 from yarnkit.models import cache_argument
 from yarnkit.patch import rotary_module
 from yarnkit.rope import compute_inv_freq
-from yarnkit.runtime.cache import model_rotary, rotate_back
+from yarnkit.runtime.cache import StartRecent, model_rotary, rotate_back
 from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.options import StreamOptions, resolve_decode
 
 DECODES = pytest.mark.parametrize("decode", ["eager", "static"])  # growing SinkCache / static buffers + mask
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}
@@ -81,7 +84,7 @@ def test_after_eviction_equals_recompute_on_retained(name, evict_batch, decode):
     engine = StreamingEngine(model, sinks=4, window=32, evict_batch=evict_batch, prefill_chunk=5, decode=decode)
     stream = tokens(80, seed=1)
     logits = engine.feed(stream)
-    assert engine.cache.rerotations > 0 and len(engine) <= engine.capacity
+    assert engine.cache.rerotations > 0 and len(engine) <= engine.window
     assert engine.cache_ids[:4].tolist() == stream[0, :4].tolist()  # sinks kept
     # the last chunk (5 tokens) sits in the last slots; recompute over exactly what the cache retains
     reference = model(engine.cache_ids[None], use_cache=True)
@@ -184,3 +187,44 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="full-attention models only"):
         StreamingEngine(tiny_model("qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=8,
                                    use_sliding_window=True))
+
+
+class RecordedCache(StartRecent):
+    """The eviction rule alone: a cache of `length` tokens that records what it was told to keep."""
+
+    def __init__(self, sinks: int, window: int, evict_batch: int, length: int):
+        self.sinks, self.window, self.evict_batch, self.length = sinks, window, evict_batch, length
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def keep(self, indices) -> None:
+        self.length = len(indices)
+
+
+def test_start_recent_keeps_the_sinks_and_the_newest_tokens_within_the_window():
+    # streaming-llm's StartRecentKVCache(start_size=4, recent_size=12).evict_for_space(past, 1) on 16 tokens keeps
+    # slots 0..3 and the last 12 - 1: here window = 4 + 12 and evict_batch 1
+    cache = RecordedCache(sinks=4, window=16, evict_batch=1, length=16)
+    assert cache.evict_for_space(0) is None
+    assert cache.evict_for_space(1).tolist() == [0, 1, 2, 3] + list(range(5, 16))
+    batched = RecordedCache(sinks=4, window=16, evict_batch=5, length=16)  # drops at least evict_batch at a time
+    assert batched.evict_for_space(1).tolist() == [0, 1, 2, 3] + list(range(9, 16)) and batched.length == 11
+    pinned = RecordedCache(sinks=4, window=16, evict_batch=1, length=16)  # a pinned prompt extends the sinks
+    assert pinned.evict_for_space(2, protected=6).tolist() == list(range(6)) + list(range(8, 16))
+    scored = RecordedCache(sinks=1, window=8, evict_batch=1, length=8)  # SirLLM: the top older score stays
+    scores = torch.tensor([0.0, 0.1, 9.0, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert scored.evict_for_space(2, scores=scores, retain=1).tolist() == [0, 2, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="does not fit"):
+        RecordedCache(sinks=4, window=16, evict_batch=1, length=16).evict_for_space(13)
+
+
+def test_decode_auto_is_resolved_in_one_place_and_options_resolve_once():
+    assert [resolve_decode("auto", d, pooled) for d, pooled in (("cpu", False), ("cpu", True), ("cuda:0", False))] \
+        == ["eager", "static", "graph"]
+    assert resolve_decode("static", "cuda") == "static"
+    config = tiny_model("llama").config
+    options = StreamOptions(window=64).resolved(config, "cpu", pooled=True)
+    assert (options.sinks, options.evict_batch, options.decode) == (4, 3, "static") and options.is_resolved
+    assert options.resolved(config, "cuda") is options  # resolved once: later calls change nothing
+

@@ -20,7 +20,7 @@ import pytest
 from conftest import tiny_model
 
 from yarnkit.runtime.conversation import Conversation
-from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.options import StreamOptions
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_system_prompt_pinned_and_long_message_streams_through(model, tokenizer)
     system = [{"role": "system", "content": "You are a pirate."}]
     long_text = "word " * 400
     collect(chat, system + [{"role": "user", "content": long_text}], max_new_tokens=3)
-    assert "warning" in chat.last_info and len(chat.engine) <= chat.engine.capacity
+    assert "warning" in chat.last_info and len(chat.engine) <= chat.engine.window
     pinned = tokenizer(tokenizer.decode(chat.engine.cache_ids[:chat.engine.pinned]),
                        add_special_tokens=False)["input_ids"]
     assert "You are a pirate." in tokenizer.decode(pinned) and chat.engine.pinned > 4
@@ -226,12 +226,12 @@ def test_chat_cli_handles_commands_itself_and_prints_no_warning_mid_reply(tiny_d
 
 
 def test_ctrl_c_while_loading_exits_cleanly(monkeypatch, capsys):
-    from yarnkit.runtime import chat
+    from yarnkit.runtime import chat, options
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chat, "load_chat_model", interrupted)
+    monkeypatch.setattr(options, "load_chat_model", interrupted)
     parser = __import__("argparse").ArgumentParser()
     chat.add_arguments(parser)
     assert chat.run(parser.parse_args(["--prompt", "hi"])) == 130

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from yarnkit.runtime import bench
+from yarnkit.bench import streaming as bench
 
 CACHE = 4096  # the benchmark's shape: its compiled step is reused from the inductor cache
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -30,7 +30,7 @@ import uvicorn
 from conftest import tiny_model
 
 from yarnkit.runtime.conversation import Conversation, Sampling
-from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.options import StreamOptions
 from yarnkit.runtime.scheduler import Scheduler
 from yarnkit.runtime.api import Service
 from yarnkit.runtime.serve import create_app
@@ -186,7 +186,7 @@ def test_concurrent_stateless_requests_never_conflict_and_named_sessions_do(serv
         except openai.ConflictError:
             time.sleep(0.05)  # the worker notices the hang-up at its next step
     assert after.choices[0].message.role == "assistant"
-    conversation = served[1].scheduler.named["alice"]
+    conversation = served[1].scheduler.sessions.named["alice"]
     assert conversation.engine.is_consistent() and conversation.messages[-1]["role"] == "assistant"
     status, body = raw(served[0].port, "DELETE", "/v1/sessions/alice")
     assert status == 200 and body["deleted"] is True

@@ -125,7 +125,8 @@ def test_real_model_static_path(smollm2):
 def test_decode_step_traces_as_one_graph_for_torch_compile():
     """What `--compile` compiles on CUDA: dynamo traces the pool's step without a graph break (eager backend
     here, so no code generation on CPU), and the traced step gives the eager engine's logits."""
-    from yarnkit.runtime.engine import StreamOptions, make_pool
+    from yarnkit.runtime.static import make_pool
+    from yarnkit.runtime.options import StreamOptions
 
     model = tiny_model("llama", num_hidden_layers=2)
     options = StreamOptions(window=32, evict_batch=4, decode="static")

@@ -27,8 +27,9 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipes import accelerate_config
-from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.recipe_files import accelerate_config
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError
 from yarnkit.train.seq_parallel import check_sequence_parallel, shard_batch
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from trainer_helpers import char_tokenizer, make_text_file, make_tiny_model_dir, tiny_overrides
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, chunk_tokens, micro_batch
-from yarnkit.train.recipe import RecipeError, load_recipe
-from yarnkit.sink import SinkTokenError, add_sink_token
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError, SinkTokenError
+from yarnkit.sink_token import add_sink_token
 from yarnkit.train.trainer import train
 
 
@@ -169,13 +170,13 @@ def test_scratch_model_from_config(assets):
 def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_path):
     import argparse
 
-    from yarnkit.eval import cli
+    from yarnkit.eval import cli, tasks
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args(["stream", full_run.run_dir, "--data", str(assets["data"]), "--policy", "sink",
                               "--window", "32", "--max-tokens", "120", "--chunk", "8", "--out", str(tmp_path)])
-    result = cli.run_task(args)
+    result = tasks.run_task(args)
     assert result["sink_token_id"] == 99 and result["sinks"] == 1 and result["policy"] == "sinks1+W32"  # --window counts the whole cache, the sink included
     assert result["tokens_processed"] == 120 and result["ppl"] > 1
 
@@ -183,7 +184,7 @@ def test_eval_stream_cli_uses_one_sink_and_prepends_it(full_run, assets, tmp_pat
 def test_lora_trains_the_tied_sink_row_only_through_trainable_tokens():
     from conftest import tiny_model
 
-    from yarnkit.train.model import LoraArgs, add_lora
+    from yarnkit.train.model_setup import LoraArgs, add_lora
 
     model = tiny_model("llama", seed=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, vocab_size=99)
     sink = add_sink_token(model, char_tokenizer())
@@ -224,7 +225,7 @@ def test_streaming_sinks_rule_and_the_zero_sink_warning():
 
     from transformers import LlamaConfig
 
-    from yarnkit.sink import SinkTokenWarning, streaming_sinks
+    from yarnkit.sink_token import SinkTokenWarning, streaming_sinks
 
     plain, trained = LlamaConfig(), LlamaConfig(yarnkit_sink_token_id=7)
     assert streaming_sinks(plain) == 4 and streaming_sinks(trained) == 1

@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from export_fixtures import tiny_bpe_tokenizer
 from trainer_helpers import make_text_file, tiny_overrides
-from yarnkit.recipes import accelerate_config
+from yarnkit.recipe_files import accelerate_config
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
 
@@ -99,7 +99,7 @@ def test_gguf_round_trip_restores_the_sink_and_the_logits(exported, monkeypatch,
 def conversation(command: str, location, *flags):
     from yarnkit.runtime import chat, serve
     from yarnkit.runtime.chat import build_conversation_factory
-    from yarnkit.runtime.conversation import load_chat_model
+    from yarnkit.runtime.options import load_chat_model
 
     parser = argparse.ArgumentParser()
     (chat if command == "chat" else serve).add_arguments(parser)
@@ -115,20 +115,20 @@ def test_chat_and_serve_keep_exactly_one_sink(exported, command, kind, monkeypat
     monkeypatch.setenv("YARNKIT_CACHE", str(tmp_path))
     talk = conversation(command, out if kind == "hf" else out / report["gguf_file"])
     engine = talk.engine
-    assert engine.options.sinks == 1 and engine.capacity == 40  # --window counts the sink
+    assert engine.options.sinks == 1 and engine.window == 40  # --window counts the sink
     messages = [{"role": "user", "content": "Hello there, how are you today?"}]
     for turn in range(2):  # long turns: the 40-token cache evicts many times
         reply = "".join(talk.respond(messages + [{"role": "user", "content": "Tell me about the sea. " * 8}]))
         messages = talk.messages
         ids = engine.cache_ids.tolist()
-        assert ids[0] == 384 and ids.count(384) == 1 and len(ids) <= engine.capacity, (turn, reply)
-    assert engine.tokens_seen > 2 * engine.capacity and engine.stats()["sinks"] == 1
+        assert ids[0] == 384 and ids.count(384) == 1 and len(ids) <= engine.window, (turn, reply)
+    assert engine.tokens_seen > 2 * engine.window and engine.stats()["sinks"] == 1
 
 
 def test_zero_sinks_on_a_sink_token_model_is_allowed_with_a_warning(exported):
     from yarnkit.models import load_model
     from yarnkit.runtime.engine import StreamingEngine
-    from yarnkit.sink import SinkTokenWarning
+    from yarnkit.sink_token import SinkTokenWarning
 
     out, _ = exported
     with pytest.warns(SinkTokenWarning, match="--sinks 0 lets it be evicted"):
@@ -141,7 +141,7 @@ def test_zero_sinks_on_a_sink_token_model_is_allowed_with_a_warning(exported):
 
 
 def test_attention_mass_over_the_runs_checkpoints(setup):
-    from yarnkit.eval.sinks import measure_run
+    from yarnkit.eval.attention_sinks import measure_run
 
     _, run = setup
     ids = torch.randint(3, 384, (2, 24), generator=torch.Generator().manual_seed(0))

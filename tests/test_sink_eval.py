@@ -1,4 +1,4 @@
-"""Attention-sink measurement (yarnkit/eval/sinks.py): per-layer attention mass on the first positions checked
+"""Attention-sink measurement (yarnkit/eval/attention_sinks.py): per-layer attention mass on the first positions checked
 against a float64 softmax of the model's own queries and keys (RoPE written out here, not transformers'), a run's
 checkpoints measured oldest first (skipping those already done), the streaming table by k and both PNGs.
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from yarnkit.eval.sinks import attention_mass, plot_attention_mass, plot_stream_table
+from yarnkit.eval.attention_sinks import attention_mass, plot_attention_mass, plot_stream_table
 
 
 def reference_mass(model, ids: torch.Tensor, first: int) -> torch.Tensor:

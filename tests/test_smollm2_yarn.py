@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from yarnkit.assets import sample_path
-from yarnkit.train.corpus import read_text
+from yarnkit.corpus import read_text
 from yarnkit.patch import apply_rope_scaling
 
 WINDOW = 12288

@@ -24,8 +24,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from yarnkit.train.speed import activation_offload, check_attention, tile_mlps, use_sdpa_kernel
-from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.sdpa import use_sdpa_kernel
+from yarnkit.train.speed import activation_offload, check_attention, tile_mlps
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError
 
 
 def _loss_and_grads(model, ids):
@@ -77,7 +79,8 @@ def test_activation_offload_keeps_loss_and_grads():
 
 
 def test_checkpoint_layers_keeps_the_first_n(tmp_path):
-    from yarnkit.train.model import LoraArgs, ModelArgs, build_model, scaled_config, YarnArgs
+    from yarnkit.patch import YarnArgs
+    from yarnkit.train.model_setup import LoraArgs, ModelArgs, build_model, scaled_config
 
     tiny_model("llama", seed=0).save_pretrained(tmp_path)
     from trainer_helpers import char_tokenizer

@@ -78,7 +78,8 @@ def test_fused_cross_entropy_matches_the_chunked_loss():
 
 
 def test_keep_attention_inside_compiled_layers_with_cudnn():
-    from yarnkit.train.speed import compile_layers, keep_attention_checkpointing, use_sdpa_kernel
+    from yarnkit.sdpa import use_sdpa_kernel
+    from yarnkit.train.speed import compile_layers, keep_attention_checkpointing
 
     ids = _ids(4096)
     try:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from yarnkit import needles
-from yarnkit.train.data import DataArgs, DataError, SampleOrder, build_dataset, micro_batch
+from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
+from yarnkit.errors import DataError
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.pose import far_position_ids
 from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, mark_last
@@ -31,7 +32,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def book(tokenizer):
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import read_text
+    from yarnkit.corpus import read_text
 
     return np.asarray(tokenizer(read_text(sample_path("train"))[:300_000], add_special_tokens=False)["input_ids"])
 

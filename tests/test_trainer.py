@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.train.checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
-from yarnkit.train.recipe import RecipeError, load_recipe
+from yarnkit.runs import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
+from yarnkit.train.recipe import load_recipe
+from yarnkit.errors import RecipeError
 from yarnkit.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent

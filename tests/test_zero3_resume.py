@@ -35,8 +35,8 @@ import pytest
 import torch
 
 from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
-from yarnkit.recipes import accelerate_config
-from yarnkit.train.checkpoint import STEP_PATTERN, TMP_PREFIX, is_complete, latest_checkpoint, step_dir
+from yarnkit.recipe_files import accelerate_config
+from yarnkit.runs import STEP_PATTERN, TMP_PREFIX, is_complete, latest_checkpoint, step_dir
 from yarnkit.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ def make_tiny_model_dir(folder: Path) -> Path:
 def make_text_file(path: Path, chars: int = 20_000) -> Path:
     """The first `chars` characters of the bundled training novel, as a .txt.gz document."""
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import read_text
+    from yarnkit.corpus import read_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as handle:

@@ -1,7 +1,9 @@
 """The `yarnkit` command: one subcommand per pipeline stage, each in its own module, behind one error boundary.
 
 Every module named in `COMMANDS` exposes `add_arguments(parser)` and `run(args) -> int`; its docstring (with
-examples) is the subcommand's `--help`. Only the chosen module is imported, so `yarnkit --help` is instant.
+examples) is the subcommand's `--help`. Only the chosen module is imported, so `yarnkit --help` is instant. A
+stage's command is its `cli.py` (train, export, eval); a command that is not a stage of its own is named after
+itself (`info.py`, and the runtime's two, `runtime/chat.py` and `runtime/serve.py`).
 `scripts/train.py` enters here too (`main(["train", ...])`).
 
 Error boundary (`main`): a `yarnkit.errors.UserError` (the recipe, data, paths or flags are wrong; argparse's
@@ -25,22 +27,18 @@ import socket
 import sys
 import traceback
 
-from yarnkit.errors import BadValue, UserError
+from yarnkit.errors import BadValue, UsageError, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("yarnkit.info", "show a model's architecture, context and RoPE; with --factor, the YaRN table"),
-    "train": ("yarnkit.train.trainer", "fine-tune with a recipe: yarnkit train recipe=tiny [key=value ...] [--dry-run]"),
+    "train": ("yarnkit.train.cli", "fine-tune with a recipe: yarnkit train recipe=tiny [key=value ...] [--dry-run]"),
     "export": ("yarnkit.export.cli", "export a run/checkpoint for transformers, vLLM, llama.cpp (GGUF) and the Hub"),
     "chat": ("yarnkit.runtime.chat", "chat in the terminal with a streaming sinks + rolling-window cache"),
     "serve": ("yarnkit.runtime.serve", "OpenAI-compatible HTTP server with one streaming cache per session"),
     "eval": ("yarnkit.eval.cli", "evaluate long context: ppl vs length, passkey/needle grids, streaming ppl, report"),
 }
 DEBUG_FLAG = "--debug"
-
-
-class UsageError(BadValue):
-    """A command line argparse rejects (unknown flag, bad choice, missing argument)."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -4,8 +4,9 @@
 it as one line, `yarnkit: error: <what> — <fix>`, and exits 2; any other exception is a bug and keeps its
 traceback. Subclasses also derive from the built-in a caller would expect (`BadValue` is a ValueError,
 `NotFound` a FileNotFoundError, `AlreadyExists` a FileExistsError), so code that catches those keeps working. This module imports nothing: every
-other yarnkit module may raise these. The training and export sides add their own (`yarnkit.train.errors`,
-`yarnkit.export.source.ExportError`).
+other yarnkit module may raise these. Every error class of yarnkit is here, grouped by the stage that raises it
+(the HTTP server's own responses, `runtime.api.ApiError` and `runtime.scheduler.SessionBusy`, are protocol
+objects of that server and live there).
 """
 
 from __future__ import annotations
@@ -32,3 +33,62 @@ class AlreadyExists(UserError, FileExistsError):
 
 class BadModel(UserError, ValueError):
     """A path that exists but is not a loadable model: no config.json, a text file named .gguf, torn weights."""
+
+
+class UsageError(BadValue):
+    """A command line argparse rejects (unknown flag, bad choice, missing argument)."""
+
+
+class HubUnavailable(UserError, OSError):
+    """A hub id that is not in the local cache while the hub cannot be reached."""
+
+
+class RopeScalingError(ValueError):
+    """A scaling request that cannot be applied as asked; the message names the value and the fix."""
+
+
+class SinkTokenError(ValueError):
+    """A sink-token setting that cannot work; the message names the fix."""
+
+
+class TemplateError(BadValue):
+    """A retrieval template that cannot be used; the message names it and the fix."""
+
+
+class TemplateCollision(TemplateError):
+    """A training template that an evaluation template would recognise; the message names both and the fix."""
+
+
+# -- training ----------------------------------------------------------------------------------------------------------
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot be loaded or cannot work; the message names the key and the fix."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot make one training sequence; the message names the source and the fix."""
+
+
+class MemoryBudgetError(UserError, MemoryError):
+    """The pre-flight estimate exceeds the device's memory; the message names the knobs that shrink it."""
+
+
+class CheckpointError(UserError, FileNotFoundError):
+    """A run without a complete checkpoint, or a checkpoint a loader cannot open; the message names the path and
+    the fix."""
+
+
+# -- export, runtime, evaluation ---------------------------------------------------------------------------------------
+class ExportError(UserError, RuntimeError):
+    """An export input or output problem, with a message that names the path and the fix."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt (as tokens) is longer than the configured limit; the message names the field."""
+
+
+class DatasetUnavailable(UserError, RuntimeError):
+    """A `hf:` dataset that is not in the local cache of this offline machine."""
+
+
+class RetrievalError(BadValue):
+    """Input a retrieval evaluation cannot use; the message names the value and the fix."""

@@ -28,17 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from yarnkit.errors import BadValue
+from yarnkit.errors import TemplateCollision, TemplateError
 
 SNAP = 48  # tokens a needle may move to sit right after a sentence end
-
-
-class TemplateError(BadValue):
-    """A template that cannot be used; the message names it and the fix."""
-
-
-class TemplateCollision(TemplateError):
-    """A training template that an evaluation template would recognise; the message names both and the fix."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     handle = apply_rope_scaling(model, "yarn", factor=4)   # or a config; returns a PatchHandle
     handle.describe(); handle.undo()
+    apply_yarn(config, YarnArgs(factor=8))                 # a recipe's `yarn` section (train and export)
 
 The patch touches the smallest surface: it writes transformers v5 `config.rope_parameters` (so
 `save_pretrained` produces a checkpoint that stock transformers loads with the scaling active) and, for a loaded
@@ -9,6 +10,10 @@ model, rebuilds each rotary module from that config in place. Nothing in the att
 The supported architectures sit in `ARCHS`, keyed by exact `model_type`, saying which rope parameters get
 scaled (Gemma 3 scales only its global `full_attention` layers) and how the scaling is written down (Phi-3's
 config only accepts `longrope`, which expresses static YaRN and PI exactly through per-pair factors).
+
+`YarnArgs` is the recipe's `yarn` section and `apply_yarn(config, yarn)` the one place it is applied: the trainer
+builds its model from the patched config, and export re-applies a LoRA run's saved section to the base config
+(`read_yarn_args` reads it back typed). `factor` 1 means off; below 1 is refused (`check_yarn`).
 
 `dynamic_yarn` is not a transformers rope type; `register_rope_types()` adds it to transformers' registry, so
 transformers' own dynamic-RoPE hook recomputes the YaRN scale from the current length. Importing this module
@@ -21,12 +26,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from yarnkit import rope
+from yarnkit.errors import RecipeError, RopeScalingError
 
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
@@ -51,8 +57,59 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-class RopeScalingError(ValueError):
-    """A scaling request that cannot be applied as asked; the message names the value and the fix."""
+@dataclass
+class YarnArgs:
+    rope_type: str = "yarn"  # one of yarnkit.rope.SCALING_TYPES (yarn, dynamic_yarn, linear, ntk, dynamic)
+    factor: float = 1.0  # context multiplier s; 1 = no scaling
+    original_max_position_embeddings: int = 0  # 0 = the checkpoint's native context
+    replace: bool = False  # re-scale a checkpoint that already has a scaling (e.g. 64k -> 128k continuation)
+    beta_fast: float | None = None  # None = the YaRN paper's 32
+    beta_slow: float | None = None  # None = the YaRN paper's 1
+    attention_factor: float | None = None  # None = 0.1 ln(s) + 1
+
+
+def check_yarn(yarn: YarnArgs) -> None:
+    """The section can be applied to any model: a known rope type and a factor of 1 (off) or more."""
+    if yarn.factor < 1.0:
+        raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
+    if yarn.rope_type not in rope.SCALING_TYPES:
+        close = difflib.get_close_matches(yarn.rope_type, rope.SCALING_TYPES, n=1)
+        raise RecipeError(f"yarn.rope_type={yarn.rope_type!r} is unknown" + (f"; did you mean {close[0]!r}?" if close else ""),
+                          f"choose one of {', '.join(rope.SCALING_TYPES)}")
+
+
+def yarn_context(yarn: YarnArgs) -> int | None:
+    """The extended context `factor x original_max_position_embeddings`, when the section names the original."""
+    return int(yarn.factor * yarn.original_max_position_embeddings) if yarn.original_max_position_embeddings else None
+
+
+def apply_yarn(config, yarn: YarnArgs) -> "PatchHandle | None":
+    """Apply the recipe's `yarn` section to `config` (in place, before any weights load); None when it is off
+    (factor 1 and no `replace`)."""
+    check_yarn(yarn)
+    if yarn.factor == 1.0 and not yarn.replace:
+        return None
+    params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
+    return apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
+                              original_max_position_embeddings=yarn.original_max_position_embeddings or None,
+                              replace=yarn.replace, **params)
+
+
+def read_yarn_args(section: dict | None, source: str = "recipe") -> YarnArgs:
+    """A saved recipe's `yarn` section as `YarnArgs`: unknown keys and wrong types fail naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    known = {spec.name for spec in fields(YarnArgs)}
+    unknown = sorted(set(section or {}) - known)
+    if unknown:
+        raise RecipeError(f"{source}: unknown key(s) {', '.join('yarn.' + k for k in unknown)}",
+                          f"the yarn section takes {', '.join(sorted(known))}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(YarnArgs), section or {}))
+    except OmegaConfBaseException as error:
+        raise RecipeError(f"{source}: bad value for yarn.{getattr(error, 'full_key', '') or '?'} "
+                          f"({str(getattr(error, 'msg', error)).splitlines()[0]})", "fix the recipe's yarn section") from error
 
 
 @dataclass

@@ -14,22 +14,22 @@ Scale RoPE at load time with --rope-type yarn|dynamic|linear|ntk|dynamic_yarn --
 Flags that cannot work (a depth outside [0, 1], lengths longer than every document, a device this machine lacks)
 fail before the model loads; a run that would evaluate nothing fails instead of writing an empty result.
 `yarnkit eval TASK --help` describes each task with an example.
+
+This module is the command: its flags, their checks before any model loads, and the dispatch to a task;
+loading the model is `yarnkit.eval.loading`, running a task and saving its result `yarnkit.eval.tasks`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import textwrap
-import time
 from pathlib import Path
 
-import torch
-
-from yarnkit.errors import BadValue, NotFound, UserError
+from yarnkit.errors import BadValue, NotFound
+from yarnkit.eval.tasks import finish, plot_results, run_retrieval, run_task
 from yarnkit.rope import SCALING_TYPES
-from yarnkit.train.checkpoint import model_location
+from yarnkit.runtime.options import add_cache_arguments
+from yarnkit.sdpa import SDPA_KERNELS
 
 TASKS = {  # task -> (description, example)
     "ppl": ("perplexity vs context length: one window of L tokens per document (YaRN paper protocol), or sliding "
@@ -81,7 +81,7 @@ def add_arguments(parser) -> None:
         p.add_argument("--dtype", default="auto", help="float32/bfloat16/float16 (default: bf16 on GPU, fp32 on CPU)")
         if task != "stream":
             p.add_argument("--max-length", type=int, help="skip (and record) lengths above this")
-            p.add_argument("--sdpa-kernel", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"],
+            p.add_argument("--sdpa-kernel", default="auto", choices=SDPA_KERNELS,
                            help="attention kernel tried first (cudnn is the fastest prefill on an H200; auto: torch's)")
         if task in ("ppl", "stream"):
             p.add_argument("--data", required=True, help="text/.gz file, folder, .jsonl, or hf:NAME[:CONFIG]")
@@ -137,9 +137,7 @@ def add_arguments(parser) -> None:
                            help="evaluate lengths above the model's context instead of refusing them")
         if task == "stream":
             p.add_argument("--policy", default="sink", choices=STREAM_POLICIES, help="KV-cache policy (default sink)")
-            p.add_argument("--window", type=int, default=1024, help="KV entries kept (sinks included) (default 1024)")
-            p.add_argument("--sinks", type=int, help="attention sinks for the sink policy (default: 1 for a model "
-                           "trained with a sink token, config.yarnkit_sink_token_id; else 4)")
+            add_cache_arguments(p)  # --window, --sinks: the same flags as chat and serve
             p.add_argument("--max-cache", type=int, help="dense policy: stop once the cache would exceed this")
             p.add_argument("--max-tokens", type=int, default=65536, help="tokens to stream (default 65536)")
             p.add_argument("--chunk", type=int, default=1, help="tokens per step (default 1: token by token)")
@@ -193,173 +191,6 @@ def check_arguments(args) -> None:
         to_dtype(args.dtype)
 
 
-def load_for_eval(args):
-    """`(model, tokenizer, meta)` with the requested device, dtype and RoPE scaling applied."""
-    from yarnkit.models import load_model
-    from yarnkit.patch import apply_rope_scaling
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
-    location = model_location(args.model)  # a training run: its newest complete checkpoint's model/
-    model, tokenizer = load_model(location, dtype=dtype, device=device)
-    if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
-        from yarnkit.train.speed import use_sdpa_kernel
-
-        use_sdpa_kernel(args.sdpa_kernel)
-    rope = dict(getattr(model.config, "rope_parameters", None) or {})
-    temperature = {} if args.attention_factor is None else {"attention_factor": args.attention_factor}
-    if args.rope_type:
-        rope = apply_rope_scaling(model, rope_type=args.rope_type, factor=args.factor, **temperature).describe()
-    elif temperature:  # the model's own YaRN again, with another temperature
-        if "yarn" not in rope.get("rope_type", ""):
-            raise BadValue(f"--attention-factor needs a YaRN model; {args.model} has rope_type "
-                           f"{rope.get('rope_type', 'default')!r}", "add --rope-type yarn --factor S")
-        kept = {key: rope[key] for key in ("beta_fast", "beta_slow") if rope.get(key) is not None}
-        rope = apply_rope_scaling(model, rope_type=rope["rope_type"], factor=rope["factor"], replace=True,
-                                  original_max_position_embeddings=rope["original_max_position_embeddings"],
-                                  **kept, **temperature).describe()
-    native = (rope.get("original_max_position_embeddings") or getattr(model.config, "max_position_embeddings", None))
-    label = args.label or (Path(args.model).name + (f" {args.rope_type} x{args.factor:g}" if args.rope_type else "")
-                           + (f" attn {args.attention_factor:g}" if temperature else ""))
-    meta = {"label": label, "model": str(location), "device": device, "dtype": dtype, "rope": rope,
-            "native_context": native, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
-    return model, tokenizer, meta
-
-
-def result_path(result: dict, out: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", result["label"]).strip("_") or "model"
-    return Path(out) / f"{result['task']}-{slug}.json"
-
-
-def save_result(result: dict, out: str) -> Path:
-    path = result_path(result, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
-    return path
-
-
-def _plot(results: list[dict], path) -> Path:
-    from yarnkit.eval import plots
-    from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
-
-    task = results[0]["task"]
-    if any(result["task"] != task for result in results):
-        raise BadValue(f"cannot draw different tasks on one chart: {sorted({r['task'] for r in results})}",
-                       "plot each task's results separately")
-    if task == "ppl":
-        if not any("ppl" in row for result in results for row in result["rows"]):
-            raise BadValue("none of these ppl results has a measured length (every row was skipped)",
-                           "plot results that evaluated something")
-        return plots.plot_ppl(results, path)
-    if task == "stream":
-        return plots.plot_stream(results, path)
-    if task in RETRIEVAL_TASKS:
-        if len(results) != 1:
-            raise BadValue("a retrieval heatmap shows one result", "plot them one at a time")
-        return plots.plot_retrieval(results[0], path)
-    if len(results) != 1:
-        raise BadValue("a passkey/needle heatmap shows one result", "plot them one at a time")
-    return plots.plot_passkey(results[0], path)
-
-
-def ppl_documents(args) -> tuple[list, list]:
-    """The tokenised documents for `ppl`, read before the model loads; fails when no length can be evaluated."""
-    from yarnkit.eval.data import iter_eval_documents, tokenize_documents
-    from yarnkit.models import load_tokenizer
-
-    limit = None if args.stride else max(args.lengths)
-    documents, empty = tokenize_documents(iter_eval_documents(args.data, args.field, args.split),
-                                          load_tokenizer(model_location(args.model)), max_tokens=limit)
-    if not documents:
-        raise BadValue(f"--data {args.data} holds no text ({len(empty)} empty document(s))",
-                       "point --data at text files, a folder of them, or a .jsonl with --field")
-    longest = max(len(ids) for _, ids in documents)
-    wanted = [length for length in args.lengths if args.max_length is None or length <= args.max_length]
-    if not wanted:
-        raise BadValue(f"--max-length {args.max_length} skips every length in --lengths "
-                       f"{','.join(map(str, args.lengths))}", "raise --max-length or pass shorter --lengths")
-    if not any(length - 1 <= longest for length in wanted):
-        raise BadValue(f"--lengths {','.join(map(str, wanted))}: the longest document in {args.data} has {longest} "
-                       "tokens and a length L needs L-1", f"pass lengths up to {longest + 1}, or longer documents")
-    return documents, empty
-
-
-def check_evaluated(result: dict) -> None:
-    """A run whose every length or cell was skipped is an error, not an empty result."""
-    reasons = ([row.get("skipped") for row in result["rows"] if "ppl" not in row] if result["task"] == "ppl" else
-               [cell["reason"] for cell in result.get("skipped", [])])
-    measured = (any("ppl" in row for row in result["rows"]) if result["task"] == "ppl" else
-                result.get("tokens_scored", 0) > 0 if result["task"] == "stream" else bool(result.get("cells")))
-    if not measured:
-        why = reasons[0] if reasons else result.get("stop_reason", "no tokens")
-        raise UserError(f"yarnkit eval {result['task']} evaluated nothing ({why}; {len(reasons)} skipped)",
-                        "change the lengths, depths or data so that at least one can run")
-
-
-def run_task(args) -> dict:
-    from yarnkit.eval.data import iter_eval_documents
-    from yarnkit.eval.ppl import bos_token_id
-
-    check_arguments(args)
-    documents, empty = ppl_documents(args) if args.task == "ppl" else ([], [])
-    model, tokenizer, meta = load_for_eval(args)
-    settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out", "compare")}
-    result = {"task": args.task, **meta, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                        time.gmtime())}
-    bos = bos_token_id(tokenizer)
-    if args.task == "ppl":
-        from yarnkit.eval.ppl import evaluate_perplexity
-
-        result.update(bos_token_id=bos, skipped_documents=empty, rows=evaluate_perplexity(
-            model, documents, args.lengths, bos, args.docs, args.stride, args.max_length, args.chunk_size))
-    elif args.task in ("passkey", "needle"):
-        from yarnkit.eval.passkey import evaluate_passkey
-
-        filler = None
-        if args.task == "needle":
-            from yarnkit.assets import sample_path
-            from yarnkit.train.corpus import read_text
-
-            filler = read_text(args.haystack or sample_path("eval"))
-        result.update(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed, filler,
-                                       args.max_length, args.max_new_tokens))
-    else:
-        from yarnkit.eval.stream import evaluate_stream, make_policy, token_stream
-        from yarnkit.sink import streaming_sinks
-
-        sink = getattr(model.config, "yarnkit_sink_token_id", None)  # a sink-token model sees it first, as trained
-        sinks = streaming_sinks(model.config, args.sinks)
-        policy = make_policy(args.policy, window=args.window, sinks=sinks, max_cache=args.max_cache)
-        if not args.label:  # several policies of one model must not overwrite each other's files
-            result["label"] += f" {args.policy}" + ("" if args.policy == "dense" else f" W{args.window}")
-        result.update(bos_token_id=bos, skipped_documents=[])
-        documents = _lazy_tokenized(iter_eval_documents(args.data, args.field, args.split), tokenizer,
-                                    result["skipped_documents"])
-        result.update(sink_token_id=sink, sinks=sinks if args.policy == "sink" else None)
-        result.update(evaluate_stream(model, policy, token_stream(documents, bos, sink), bos, args.max_tokens,
-                                      args.chunk, args.segment))
-    check_evaluated(result)
-    return result
-
-
-def _lazy_tokenized(documents, tokenizer, skipped: list):
-    """Tokenise one document at a time (a 1M-token stream never holds all books' ids at once)."""
-    from yarnkit.eval.data import tokenize_documents
-
-    for name, text in documents:
-        kept, empty = tokenize_documents([(name, text)], tokenizer)
-        skipped.extend(empty)
-        yield from kept
-
-
-def model_context(meta: dict) -> int | None:
-    """Tokens the model is meant to handle: a dynamic scaling's factor x original, else max_position_embeddings."""
-    rope = meta.get("rope") or {}
-    if "dynamic" in str(rope.get("rope_type", "")) and rope.get("factor"):
-        return int(rope["factor"] * (rope.get("original_max_position_embeddings") or meta["native_context"]))
-    return meta.get("max_position_embeddings")
-
-
 def check_retrieval_args(args) -> None:
     from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
     from yarnkit.eval.retrieval import eval_template
@@ -380,50 +211,9 @@ def check_retrieval_args(args) -> None:
                        "e.g. --trials 4 --lengths 2048,8192")
 
 
-def run_retrieval(args) -> list[dict]:
-    """Every task of `--tasks` on one loaded model: a result per task."""
-    from yarnkit.assets import sample_path
-    from yarnkit.eval.haystack import Haystack
-    from yarnkit.eval.retrieval import TaskOptions, evaluate_retrieval
-
-    check_retrieval_args(args)
-    model, tokenizer, meta = load_for_eval(args)
-    context = model_context(meta)
-    scored = [n for n in args.lengths if args.max_length is None or n <= args.max_length]
-    too_long = [n for n in scored if context and n > context]
-    if too_long and not args.beyond_context:
-        raise BadValue(f"length {too_long[0]} is above the model's context {context}",
-                       f"lower --lengths, skip it with --max-length {context}, scale the model (--rope-type yarn "
-                       "--factor S), or pass --beyond-context to measure it anyway")
-    options = TaskOptions(templates=tuple(args.templates.split(",")), distractors=args.distractors,
-                          values=args.values, queries=args.queries, hops=args.hops, batch_tokens=args.batch_tokens,
-                          max_new_tokens=args.max_new_tokens)
-    settings = {key: value for key, value in vars(args).items() if key not in ("model", "label", "out")}
-    results = []
-    haystack = Haystack.from_books(args.haystack or sample_path("eval"), tokenizer, max(scored, default=1),
-                                   args.haystack_books)
-    for task in args.tasks.split(","):
-        result = {"task": task, **meta, "settings": settings, "haystack": haystack.source,
-                  "haystack_books": haystack.names, "context": context,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        result.update(evaluate_retrieval(model, tokenizer, haystack, task, args.lengths, args.depths,
-                                         args.trials, args.seed, options, args.max_length))
-        results.append(result)
-        _finish(result, args.out)
-    return results
-
-
-def _finish(result: dict, out: str, compare: list[dict] = ()) -> Path:
-    """Draw the result's PNG (with `compare` results on the same chart) and save its JSON beside it."""
-    result["plot"] = str(result_path(result, out).with_suffix(".png"))
-    _plot([result, *compare], result["plot"])
-    path = save_result(result, out)
-    print(json.dumps({key: result[key] for key in ("task", "label", "plot")} | {"result": str(path)}))
-    return path
-
-
 def run(args) -> int:
     if args.task == "retrieval":
+        check_retrieval_args(args)
         run_retrieval(args)
         return 0
     if args.task == "report":
@@ -440,10 +230,11 @@ def run(args) -> int:
     if args.task == "plot":
         from yarnkit.eval.report import load_results
 
-        print(_plot(load_results(args.results), args.out))
+        print(plot_results(load_results(args.results), args.out))
         return 0
     from yarnkit.eval.report import load_results
 
+    check_arguments(args)
     result = run_task(args)
-    _finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
+    finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
     return 0

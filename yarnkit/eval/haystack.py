@@ -17,13 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from yarnkit.errors import BadValue
+from yarnkit.errors import RetrievalError
 from yarnkit.needles import insertion_point, sentence_ends, splice
-from yarnkit.train.corpus import iter_documents
-
-
-class RetrievalError(BadValue):
-    """Input a retrieval evaluation cannot use; the message names the value and the fix."""
+from yarnkit.corpus import iter_documents
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from yarnkit.train.loss import token_nll
+from yarnkit.nll import token_nll
 
 
 def bos_token_id(tokenizer) -> int:

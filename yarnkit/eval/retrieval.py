@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from yarnkit import needles
-from yarnkit.eval.haystack import Haystack, RetrievalError, place_needles
+from yarnkit.eval.haystack import Haystack, place_needles
+from yarnkit.errors import RetrievalError
 from yarnkit.eval.ppl import bos_token_id
 from yarnkit.models import forward_with_cache
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from yarnkit.eval.ppl import safe_exp
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.options import StreamOptions
 from yarnkit.models import forward_with_cache
 
 
@@ -153,7 +154,7 @@ class RecomputePolicy:
 class SinkPolicy:
     """Attention sinks + rolling window through the runtime's `StreamingEngine` (built lazily per model).
 
-    `window` is the whole cache, sinks included; `sinks=None` takes the runtime's default (`yarnkit.sink.streaming_sinks`: 1 for a
+    `window` is the whole cache, sinks included; `sinks=None` takes the runtime's default (`yarnkit.sink_token.streaming_sinks`: 1 for a
     model with a dedicated sink token, else 4). Other options are `StreamOptions`' (evict_batch, prefill_chunk,
     sirllm_keep, sirllm_decay, decode). With `evict_batch=1` this is exactly StreamingLLM's `sinks + (W - sinks)`
     cache; the default evicts in batches of `(W - sinks) // 16` (amortised re-rotation), so the cache then holds

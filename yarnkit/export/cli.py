@@ -32,8 +32,10 @@ import time
 from pathlib import Path
 
 from yarnkit.export import card, hf, verify
-from yarnkit.export.source import ExportError, ExportSource, find_export_source
-from yarnkit.models import check_device, make_temp_dir
+from yarnkit.export.source import ExportSource, find_export_source
+from yarnkit.errors import ExportError
+from yarnkit.models import check_device
+from yarnkit.model_files import make_temp_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from yarnkit.export import rope_keys
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 from yarnkit.rope import compute_inv_freq, default_inv_freq, head_dim as config_head_dim, yarn_get_mscale, yarn_inv_freq
-from yarnkit.sink import GGUF_SINK_KEY
+from yarnkit.sink_token import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}

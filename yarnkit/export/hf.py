@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from yarnkit.export import rope_keys
-from yarnkit.export.source import ExportError, ExportSource
-from yarnkit.patch import rebuild_rotary_modules, register_rope_types
+from yarnkit.export.source import ExportSource
+from yarnkit.errors import ExportError
+from yarnkit.patch import apply_yarn, rebuild_rotary_modules, register_rope_types
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -54,7 +55,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from yarnkit.models import local_hf_dir
+    from yarnkit.model_files import local_hf_dir
 
     register_rope_types()  # checkpoints trained with dynamic_yarn load (prepare_for_inference makes it static)
     notes: list[str] = []
@@ -68,7 +69,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
         config.vocab_size = base_vocab  # a sink-token run grew the vocabulary: load the base, then resize
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32, use_safetensors=True)
         if trained_vocab != base_vocab:
-            from yarnkit.sink import grow_vocabulary
+            from yarnkit.sink_token import grow_vocabulary
 
             grow_vocabulary(model, trained_vocab)  # the rows the trainer started from; the adapter holds trained ones
             notes.append(f"vocabulary resized {base_vocab} -> {trained_vocab} (sink token) before merging")
@@ -103,16 +104,8 @@ def _lora_config(source: ExportSource, base_dir: str, notes: list[str]):
     if (source.model_dir / "config.json").is_file():
         return AutoConfig.from_pretrained(source.model_dir)
     config = AutoConfig.from_pretrained(base_dir)
-    yarn = source.recipe().get("yarn") or {}
-    if float(yarn.get("factor", 1.0)) == 1.0 and not yarn.get("replace"):
-        return config
-    from yarnkit.patch import apply_rope_scaling
-
-    params = {k: yarn[k] for k in ("beta_fast", "beta_slow", "attention_factor") if yarn.get(k) is not None}
-    apply_rope_scaling(config, rope_type=yarn.get("rope_type", "yarn"), factor=float(yarn["factor"]),
-                       original_max_position_embeddings=yarn.get("original_max_position_embeddings") or None,
-                       replace=bool(yarn.get("replace")), **params)
-    notes.append(f"RoPE scaling taken from the recipe's yarn section ({source.recipe_path})")
+    if apply_yarn(config, source.yarn_args()) is not None:  # the same function the trainer applied
+        notes.append(f"RoPE scaling taken from the recipe's yarn section ({source.recipe_path})")
     return config
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 
 
 def _endpoint() -> str:

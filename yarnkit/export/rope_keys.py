@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 from yarnkit.rope import yarn_attention_factor, yarn_get_mscale
 
 YARN_OPTIONAL = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")

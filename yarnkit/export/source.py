@@ -19,13 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from yarnkit import models
-from yarnkit.errors import BadModel, UserError
-from yarnkit.train.checkpoint import find_checkpoint
-
-
-class ExportError(UserError, RuntimeError):
-    """An export input or output problem, with a message that names the path and the fix."""
+from yarnkit import model_files
+from yarnkit.errors import BadModel, ExportError
+from yarnkit.patch import YarnArgs, read_yarn_args
+from yarnkit.runs import find_checkpoint
 
 
 @dataclass(frozen=True)
@@ -45,17 +42,21 @@ class ExportSource:
             return {}
         return yaml.safe_load(self.recipe_path.read_text()) or {}
 
+    def yarn_args(self) -> YarnArgs:
+        """The recipe's `yarn` section, typed (defaults when there is no recipe): what the trainer applied."""
+        return read_yarn_args(self.recipe().get("yarn"), str(self.recipe_path))
+
 
 def check_safetensors(model_dir: Path) -> None:
     """Every weight file the folder promises exists and has a complete safetensors header."""
     if not any(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
         raise ExportError(f"no *.safetensors weights in {model_dir}; export reads safetensors only "
                           "(re-save the model with `save_pretrained(..., safe_serialization=True)`)")
-    _as_export_error(models.check_safetensors, model_dir)
+    _as_export_error(model_files.check_safetensors, model_dir)
 
 
 def check_safetensors_file(path: Path) -> None:
-    _as_export_error(models.check_safetensors_file, path)
+    _as_export_error(model_files.check_safetensors_file, path)
 
 
 def _as_export_error(check, path: Path) -> None:

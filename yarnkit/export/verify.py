@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.export import rope_keys
-from yarnkit.export.source import ExportError
+from yarnkit.errors import ExportError
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -103,7 +103,7 @@ def _check_stock_rope(model, stock: dict, tensors: dict) -> list[str]:
 def prompt_ids(tokenizer, n_tokens: int, vocab_size: int) -> torch.Tensor:
     """`[1, n_tokens]` ids from the bundled PG-19 book (repeated if short), kept below `vocab_size`."""
     from yarnkit.assets import sample_path
-    from yarnkit.train.corpus import read_text
+    from yarnkit.corpus import read_text
 
     text = read_text(sample_path("eval"))[: n_tokens * 8]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

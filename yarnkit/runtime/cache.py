@@ -1,10 +1,16 @@
 """`SinkCache`: a transformers `Cache` that keeps attention-sink tokens plus a rolling window of recent tokens.
 
+    cache = SinkCache(model_rotary(model), sinks=4, window=1024, evict_batch=64)
+    cache.evict_for_space(incoming)      # before each forward: drop old tokens so `incoming` more fit
+
 What it is: a small object that holds per-layer key/value tensors `[batch, kv_heads, length, head_dim]` and can
-drop tokens. It knows nothing about the model beyond those tensors and one callable, `rotary(positions) ->
-(cos, sin)`, that must return a *pure* rotation (the model's own rotary frequencies, attention factor removed);
-`model_rotary(model)` builds it from the model's patched rotary module. What it is not: a generator, a
-tokenizer or a chat loop (see `engine.py`).
+drop tokens. Like streaming-llm's `StartRecentKVCache(start_size, recent_size)` it is given its sizes: `sinks`
+first tokens that are never dropped and a `window` that counts the whole cache (so recent = window - sinks);
+`evict_for_space` (the rule `StartRecent`, shared with the static pool's rows) keeps those and the most recent
+tokens, dropping at least `evict_batch` at a time. It knows nothing about the model beyond those tensors and one
+callable, `rotary(positions) -> (cos, sin)`, that must return a *pure* rotation (the model's own rotary
+frequencies, attention factor removed); `model_rotary(model)` builds it from the model's patched rotary module.
+What it is not: a generator, a tokenizer or a chat loop (see `engine.py`).
 
 Design (see docs/runtime.md): positions are counted inside the cache (StreamingLLM §3.2), so the token in slot
 `i` sits at position `i`. Keys are stored *after* rotation, exactly as the stock attention forward writes them,
@@ -71,16 +77,59 @@ def model_rotary(model) -> Rotary:
     return rotary
 
 
-class SinkCache(Cache):
-    """Per-layer K/V with cache-relative positions; `keep(indices)` drops every other token and re-rotates.
+class StartRecent:
+    """The eviction rule of a sink cache: keep the first `sinks` slots and the most recent ones within `window`.
 
-    The cache never evicts inside `update` (a forward is never cut in half): the engine calls `keep` *before*
-    each chunk so that the tokens held plus the chunk fit in sinks + window.
+    A subclass sets `sinks`, `window` and `evict_batch` and provides `get_seq_length()` and `keep(indices)`.
     """
 
-    def __init__(self, rotary: Rotary):
+    sinks: int
+    window: int
+    evict_batch: int
+
+    def evict_for_space(self, incoming: int, protected: int = 0, scores: torch.Tensor | None = None,
+                        retain: int = 0) -> torch.Tensor | None:
+        """Drop tokens so that `incoming` more fit in the window; returns the kept slot indices (None: nothing
+        dropped). `protected` extends the sinks (a pinned system prompt); with `scores` (one per slot), `retain`
+        older slots with the highest scores are kept too (SirLLM)."""
+        length = self.get_seq_length()
+        need = length + incoming - self.window
+        if need <= 0:
+            return None
+        protected = min(max(self.sinks, protected), length)
+        drop = min(max(need, self.evict_batch), length - protected)
+        if drop < need:
+            raise ValueError(f"a chunk of {incoming} tokens does not fit next to {protected} protected tokens "
+                             f"in a cache of {self.window}")
+        keep = start_recent_slots(length, length - drop, protected, scores, retain)
+        self.keep(keep)
+        return keep
+
+
+def start_recent_slots(length: int, keep_total: int, protected: int, scores: torch.Tensor | None = None,
+                       retain: int = 0) -> torch.Tensor:
+    """`keep_total` sorted slots of `length`: the `protected` prefix, then up to `retain` older slots with the
+    highest `scores`, then the most recent ones."""
+    budget = keep_total - protected
+    retain = min(retain, budget) if scores is not None else 0
+    recent = budget - retain
+    older = torch.arange(protected, length - recent)
+    chosen = older[scores[older].topk(retain).indices] if retain else older[:0]
+    keep = torch.cat((torch.arange(protected), chosen, torch.arange(length - recent, length)))
+    return keep.sort().values
+
+
+class SinkCache(StartRecent, Cache):
+    """Per-layer K/V with cache-relative positions; `keep(indices)` drops every other token and re-rotates.
+
+    The cache never evicts inside `update` (a forward is never cut in half): the engine calls `evict_for_space`
+    *before* each chunk so that the tokens held plus the chunk fit in the window.
+    """
+
+    def __init__(self, rotary: Rotary, sinks: int, window: int, evict_batch: int = 1):
         super().__init__(layer_class_to_replicate=DynamicLayer)
         self.rotary = rotary
+        self.sinks, self.window, self.evict_batch = sinks, window, evict_batch
         self.rerotations = 0  # how many batched re-rotations happened (for stats and benchmarks)
 
     def clear(self) -> None:

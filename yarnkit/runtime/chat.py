@@ -7,7 +7,8 @@ of context, and memory stays flat however long it goes.
   printf 'Hi\\nAnd you?\\n' | yarnkit chat       # piped stdin: one user turn per line
 
 CKPT is a run dir, an HF model dir, a .gguf file, or `smollm2-135m`. `--window` is the whole cache, sinks
-included (the same meaning in `chat`, `serve` and `eval stream`). Interactive commands (handled here, never
+included (the same meaning in `chat`, `serve` and `eval stream`; every streaming flag is declared in
+yarnkit/runtime/options.py). Interactive commands (handled here, never
 sent to the model): /help, /reset (forget everything), /stats (tokens seen, cache size, memory), /quit.
 Ctrl-C stops the current reply; Ctrl-C or Ctrl-D at the prompt exits, and so does Ctrl-C while the model loads.
 `--prompt -` reads one (multi-line) message from stdin.
@@ -22,8 +23,8 @@ import sys
 import threading
 
 from yarnkit.errors import BadValue
-from yarnkit.runtime.conversation import Conversation, load_chat_model
-from yarnkit.runtime.engine import StreamOptions
+from yarnkit.runtime.conversation import Conversation
+from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
 
 COMMANDS = {"/help": "show these commands", "/reset": "forget the conversation (cache and history)",
             "/stats": "tokens seen, cache size and memory (JSON)", "/quit": "leave (also /exit, Ctrl-D)"}
@@ -36,50 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stream_arguments(parser)
 
 
-def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `chat` and `serve`."""
-    parser.add_argument("--window", type=int, default=1024,
-                        help="tokens the cache holds in all, sinks and a pinned system prompt included (default 1024)")
-    parser.add_argument("--sinks", type=int, default=None, help="sink tokens (default: 1 with a sink token, else 4)")
-    parser.add_argument("--evict-batch", type=int, default=None, help="tokens dropped per eviction (window//16)")
-    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"],
-                        help="decode path: auto = CUDA graph on a GPU (falls back loudly), eager growing cache on CPU "
-                             "(serve: the batched static cache on CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
-                             "a minute of compiling at start)")
-    parser.add_argument("--sirllm-keep", type=int, default=0, help="SirLLM: window slots for high-information tokens")
-    parser.add_argument("--sirllm-decay", type=float, default=0.9, help="SirLLM: score decay per dialogue round")
-    parser.add_argument("--compress-rate", type=float, default=None,
-                        help="LLMLingua-style: keep this fraction of long user messages' tokens (e.g. 0.5)")
-    parser.add_argument("--compress-over", type=int, default=512, help="compress user messages above this many tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable replies")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-
-
-def stream_options(args) -> StreamOptions:
-    return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
-                         sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
-                         compile=args.compile)
-
-
-def load_for_cli(args):
-    """`(model, tokenizer)`, or None when Ctrl-C interrupted the loading (a clean exit, no traceback)."""
-    try:
-        return load_chat_model(args.ckpt, dtype=args.dtype, device=args.device)
-    except KeyboardInterrupt:
-        print("\ninterrupted while loading the model", file=sys.stderr)
-        return None
-
-
 def build_conversation_factory(model, tokenizer, args):
-    """`new_conversation()` over an already loaded model."""
-    options = stream_options(args)
-    options.resolved(model.config)  # bad options fail now, not at serve's first request
+    """`new_conversation()` over an already loaded model; the options are resolved (and checked) here, once."""
+    options = stream_options(args).resolved(model.config, args.device)
 
     def new_conversation() -> Conversation:
         return Conversation(model, tokenizer, options, compress_rate=args.compress_rate,

@@ -7,7 +7,7 @@ only the context between them is pruned. The scorer is the chat model itself or 
 tokenizer. What it is not: LLMLingua's coarse demonstration-level filter, its distribution alignment, or
 LLMLingua-2's trained classifier.
 
-Test: `python -m pytest tests/test_runtime_policy.py -q -k compress`.
+Test: `python -m pytest tests/test_runtime_retention.py tests/test_runtime_chat.py -q -k compress`.
 """
 
 from __future__ import annotations

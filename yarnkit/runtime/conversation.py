@@ -8,7 +8,7 @@ chunks. The system prompt (everything before the first user message) is pinned s
 is driven step by step (`prefill_step`, `next_token`, `accept`, `take_text`, `close`), so the server's
 scheduler can interleave many of them and decode them in one batched step; `respond()` drives one turn alone
 (chat). `stop` strings, OpenAI roles (`developer` is rendered as `system`, `tool` as itself) and list-of-parts
-content are handled here. Also: checkpoint resolution for run dirs, and the no-template fallback.
+content are handled here, and so is the no-template fallback.
 What it is not: a terminal UI or an HTTP server.
 
 Test: `python -m pytest tests/test_runtime_chat.py -q`.
@@ -22,19 +22,14 @@ from typing import Iterator
 
 import torch
 
+from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.compress import compress_prompt
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, sample
-from yarnkit.train.checkpoint import model_location
+from yarnkit.runtime.engine import StreamingEngine, sample
+from yarnkit.runtime.options import StreamOptions
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _MARKER = "\u2063yarnkit-first-user\u2063"
-
-
-def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):
-    from yarnkit.models import load_model
-
-    return load_model(model_location(ckpt), dtype=dtype, device=device)  # a run dir: its newest checkpoint
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -62,10 +57,6 @@ def normalize_messages(messages) -> list[dict]:
     if out[-1]["role"] not in ("user", "tool") or not out[-1]["content"].strip():
         raise ValueError("messages: the last message must be a non-empty user (or tool) message")
     return out
-
-
-class PromptTooLong(ValueError):
-    """The prompt (as tokens) is longer than the configured limit; the message names the field."""
 
 
 @dataclass
@@ -218,8 +209,8 @@ class Turn:
         new = sum(len(ids) for _, ids, _ in self.pending)
         self.prompt_tokens = conversation.fed_tokens + new  # the whole prompt as the model sees it
         self.fed_prompt = 0
-        if new > self.engine.capacity:
-            info["warning"] = (f"the new text has {new} tokens, more than the {self.engine.capacity}-token cache: "
+        if new > self.engine.window:
+            info["warning"] = (f"the new text has {new} tokens, more than the {self.engine.window}-token cache: "
                                "it was streamed through and only its end stays in context")
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.produced: list[int] = []

@@ -1,6 +1,6 @@
 """The two decoders behind a `StreamingEngine`, one interface: eager (a growing `SinkCache`) and pooled static.
 
-Both expose `cache` (with `keep(indices)`, `get_seq_length()`, `layers[i].keys/values`, `rerotations`,
+Both expose `cache` (with `evict_for_space(incoming, ...)`, `keep(indices)`, `get_seq_length()`, `layers[i].keys/values`, `rerotations`,
 `nbytes()`), `forward(ids [1, n], logits_to_keep) -> float32 logits`, `reset()`, `release()`, `consistent(n)`,
 `path` and `fallback_reason`. The engine calls only these, so it has one code path; which decoder runs is
 `decode=` (eager | static | graph | auto). `PoolDecoder` additionally lets sessions that share a `SlotPool`
@@ -19,16 +19,17 @@ from yarnkit.runtime.static import SlotPool
 
 
 class EagerDecoder:
-    """The stock forward over a `SinkCache` that grows up to the capacity (any model with RoPE)."""
+    """The stock forward over a `SinkCache` that grows up to its window (any model with RoPE), given resolved
+    `StreamOptions`."""
 
     path = "eager"
     fallback_reason = None
     pool = None
 
-    def __init__(self, model, rotary: Rotary):
+    def __init__(self, model, rotary: Rotary, options):
         self.model, self.rotary = model, rotary
         self.device = next(model.parameters()).device
-        self.cache = SinkCache(rotary)
+        self.cache = SinkCache(rotary, options.sinks, options.window, options.evict_batch)
 
     def reset(self) -> None:
         self.cache.clear()

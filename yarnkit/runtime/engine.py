@@ -10,14 +10,14 @@ Optional SirLLM retention keeps the tokens with the highest self-information (-l
 pass) besides sinks and recent tokens, decayed by `decay` after each dialogue round (`end_round()`). What it is
 not: a chat template or a server (see `conversation.py`, `serve.py`).
 
-`window` is the whole cache: sinks (and a pinned system prompt) included, everywhere (`chat`, `serve`,
-`eval stream`). Decoders (`decoders.py`, one interface): `eager` grows a `SinkCache`; `static` / `graph` use a
-row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally `torch.compile`d); `auto` picks
-graph on CUDA, eager elsewhere.
-
-Sinks: `yarnkit.sink.streaming_sinks(config)`: 1 when the model's config records a dedicated sink token
-(`config.yarnkit_sink_token_id`; it is put in slot 0 automatically and never evicted), else 4. `pin()` also
-protects everything fed so far (a system prompt).
+The settings are `options.StreamOptions`, resolved once by the command that owns the sessions (an engine given
+unresolved options resolves them itself). `window` is the whole cache, sinks (and a pinned system prompt)
+included; the cache is built with the sinks and the window and evicts by its own rule (`cache.StartRecent`), the
+engine choosing only what else to protect (`pin()`: everything fed so far, e.g. a system prompt) and, with
+SirLLM, which older tokens to keep. Decoders (`decoders.py`, one interface): `eager` grows a `SinkCache`;
+`static` / `graph` use a row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally
+`torch.compile`d). A model trained with a dedicated sink token (`config.yarnkit_sink_token_id`) gets it put in
+slot 0 automatically.
 
 Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py tests/test_runtime_batch.py -q`.
 """
@@ -25,88 +25,39 @@ Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Iterator
 
 import torch
 
-from yarnkit.errors import BadValue
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
-from yarnkit.runtime.static import SlotPool
-from yarnkit.sink import streaming_sinks
-
-DECODE_PATHS = ("auto", "eager", "static", "graph")
-
-
-@dataclass
-class StreamOptions:
-    """Knobs of the streaming runtime; `None` means "derive from the model / the window"."""
-
-    sinks: int | None = None          # None: yarnkit.sink.streaming_sinks(config)
-    window: int = 1024                # tokens the cache holds in all, sinks and pinned tokens included
-    evict_batch: int | None = None    # tokens dropped per eviction; None: max(1, (window - sinks) // 16)
-    prefill_chunk: int = 512          # longest single forward (clipped to the free cache)
-    sirllm_keep: int = 0              # SirLLM: cache slots reserved for high self-information tokens (0: off)
-    sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
-    decode: str = "auto"              # eager | static | graph | auto (graph on CUDA, eager elsewhere)
-    compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
-
-    def resolved(self, config) -> "StreamOptions":
-        sinks = streaming_sinks(config, self.sinks)  # 1 with a sink token, else 4; 0 there warns
-        if sinks < 0 or self.window <= sinks:  # BadValue is a ValueError that the CLI boundary prints as one line
-            raise BadValue(f"--window {self.window} / --sinks {sinks}: need sinks >= 0 and a window larger than the "
-                           f"sinks (the window counts the whole cache, sinks included)", "e.g. --window 1024 --sinks 4")
-        recent = self.window - sinks
-        if not 0 <= self.sirllm_keep < recent:
-            raise BadValue(f"sirllm_keep={self.sirllm_keep} (--sirllm-keep) must be in [0, window - sinks = {recent})",
-                           "lower it")
-        if not 0.0 < self.sirllm_decay <= 1.0:
-            raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
-        if self.decode not in DECODE_PATHS:
-            raise BadValue(f"decode={self.decode!r} (--decode) is not a decode path",
-                           f"choose one of {', '.join(DECODE_PATHS)}")
-        evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
-        return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
-                       prefill_chunk=max(1, self.prefill_chunk))
-
-
-def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
-    """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
-    options = options.resolved(model.config)
-    device = next(model.parameters()).device
-    decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
-    if decode == "eager":
-        raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
-    return SlotPool(model, options.window, model_rotary(model), rows, graph=decode == "graph",
-                    compiled=options.compile)
-
+from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.static import SlotPool, make_pool
 
 class StreamingEngine:
     """One conversation's cache over a shared model; batch size 1 per engine (see `decode_together`)."""
 
     def __init__(self, model, options: StreamOptions | None = None, pool: SlotPool | None = None, **overrides):
         self.model = model
-        base = options or StreamOptions()
-        self.options = replace(base, **overrides).resolved(model.config)
+        self.device = next(model.parameters()).device
+        options = replace(options or StreamOptions(), **overrides)
+        self.options = options.resolved(model.config, self.device, pooled=pool is not None)  # a no-op when resolved
         check_supported(model.config, self.options.window)
         self.sink_token_id = getattr(model.config, "yarnkit_sink_token_id", None)
-        self.device = next(model.parameters()).device
-        decode = self.options.decode
-        if decode == "auto":
-            decode = "graph" if self.device.type == "cuda" else "eager"
         if pool is not None:
-            if pool.capacity != self.capacity:
-                raise ValueError(f"the pool holds {pool.capacity} tokens per session, the options {self.capacity}")
+            if (pool.window, pool.sinks) != (self.window, self.options.sinks):
+                raise ValueError(f"the pool holds {pool.window} tokens with {pool.sinks} sinks per session, the "
+                                 f"options {self.window} with {self.options.sinks}")
             self.decoder = PoolDecoder(pool)
-        elif decode == "eager":
-            self.decoder = EagerDecoder(model, model_rotary(model))
+        elif self.options.decode == "eager":
+            self.decoder = EagerDecoder(model, model_rotary(model), self.options)
         else:
-            self.decoder = PoolDecoder(make_pool(model, replace(self.options, decode=decode)))
+            self.decoder = PoolDecoder(make_pool(model, self.options))
         self.reset()
 
     @property
-    def capacity(self) -> int:
+    def window(self) -> int:
         return self.options.window
 
     @property
@@ -143,8 +94,8 @@ class StreamingEngine:
 
     def pin(self) -> None:
         """Protect every token fed so far (e.g. the system prompt) from eviction, like extra sinks."""
-        if self.capacity - len(self) < 16:
-            raise ValueError(f"cannot pin {len(self)} tokens: the cache holds {self.capacity} and needs room to "
+        if self.window - len(self) < 16:
+            raise ValueError(f"cannot pin {len(self)} tokens: the cache holds {self.window} and needs room to "
                              "stream; shorten the system prompt or raise --window")
         self.pinned = len(self)
 
@@ -153,31 +104,15 @@ class StreamingEngine:
         self.scores = self.scores * self.options.sirllm_decay
 
     def _make_room(self, incoming: int) -> None:
-        length = len(self)
-        need = length + incoming - self.capacity
-        if need <= 0:
+        """The cache drops what its sinks-and-window rule says, protecting pinned tokens and (SirLLM) keeping the
+        older tokens with the highest self-information; the bookkeeping follows the kept slots."""
+        scores = self.scores if self.scores.numel() == len(self) else None
+        keep = self.cache.evict_for_space(incoming, self.pinned, scores, self.options.sirllm_keep)
+        if keep is None:
             return
-        evictable = length - self.protected
-        drop = min(max(need, self.options.evict_batch), evictable)
-        if drop < need:
-            raise ValueError(f"a chunk of {incoming} tokens does not fit next to {self.protected} protected tokens "
-                             f"in a cache of {self.capacity}")
-        keep = self._choose_keep(length, length - drop)
-        self.cache.keep(keep)
         self.cache_ids = self.cache_ids[keep]
         if self.scores.numel():
             self.scores = self.scores[keep]
-
-    def _choose_keep(self, length: int, keep_total: int) -> torch.Tensor:
-        """Slots to keep: protected prefix, then (SirLLM) top-score older tokens, then the most recent ones."""
-        protected = self.protected
-        budget = keep_total - protected
-        retain = min(self.options.sirllm_keep, budget) if self.scores.numel() == length else 0
-        recent = budget - retain
-        older = torch.arange(protected, length - recent)
-        chosen = older[self.scores[older].topk(retain).indices] if retain else older[:0]
-        keep = torch.cat((torch.arange(protected), chosen, torch.arange(length - recent, length)))
-        return keep.sort().values
 
     def _self_information(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """-log p(x_i | x_<i) for each fed token; the first uses the previous chunk's last logits."""
@@ -214,7 +149,7 @@ class StreamingEngine:
         outputs = []
         start = 0
         while start < ids.shape[1]:
-            room = self.capacity - self.protected
+            room = self.window - self.protected
             chunk = ids[:, start:start + min(self.options.prefill_chunk, room)]
             self._make_room(chunk.shape[1])
             logits = self.decoder.forward(chunk, keep)  # float32, stays on the model's device
@@ -261,7 +196,7 @@ class StreamingEngine:
             logits = self.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
 
     def stats(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "cache_tokens": len(self), "cache_capacity": self.capacity,
+        return {"tokens_seen": self.tokens_seen, "cache_tokens": len(self), "cache_capacity": self.window,
                 "sinks": self.options.sinks, "pinned": self.pinned, "cache_mib": round(self.cache.nbytes() / 2**20, 3),
                 "rerotations": self.cache.rerotations, "decode_path": self.decode_path,
                 "graph_fallback": self.decoder.fallback_reason,

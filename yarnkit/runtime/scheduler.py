@@ -5,10 +5,10 @@ conversations (one cache row of a shared `SlotPool` each). Each loop iteration r
 every turn that is generating, then ONE prefill chunk of one turn that is still reading its prompt (round
 robin; at most `prefill_budget` tokens while others are decoding), so a long prompt never blocks other
 sessions' decoding: it only adds one small chunk per step. Turns are
-set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Named
-sessions (`X-Session-Id`) keep their conversation; a request without one gets an idle anonymous cache whose
-history is the longest prefix of the request, else a free row, else the least recently used idle cache; when
-every row is busy it waits (never a 409). Cancelled jobs (a client that went away) are finished at the next
+set up (template, tokenization: the tokenizer releases the GIL) on a helper thread, not in the worker. Which
+conversation serves a request is the session table's choice (`sessions.py`: named sessions keep theirs,
+anonymous requests reuse a cache whose history is a prefix of theirs); when every row is busy a request waits
+(never a 409). Cancelled jobs (a client that went away) are finished at the next
 step: the partial reply is kept, so cache and history stay consistent. Events go back through `Job.emit`:
 `started` (the prompt was tokenized and fits), `text`, `done`, `error` (payload: status, message, param).
 What it is not: HTTP (see `serve.py`).
@@ -21,15 +21,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from dataclasses import dataclass, field
 from typing import Callable
 
-from yarnkit.runtime.conversation import Conversation, PromptTooLong, Sampling, Turn
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.errors import PromptTooLong
+from yarnkit.runtime.conversation import Conversation, Sampling, Turn
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sessions import SessionTable
+from yarnkit.runtime.static import make_pool
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +66,13 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
                  prefill_budget: int = 128, max_prompt_tokens: int | None = None):
+        options = options.resolved(model.config, next(model.parameters()).device, pooled=True)  # no-op if resolved
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_budget = prefill_budget
-        device = next(model.parameters()).device
-        decode = options.decode if options.decode != "auto" else ("graph" if device.type == "cuda" else "static")
-        self.pool = None if decode == "eager" else make_pool(model, StreamOptions(**{**options.__dict__,
-                                                                                     "decode": decode}), rows)
-        self.make_conversation = make_conversation or (lambda pool: Conversation(model, tokenizer, options,
-                                                                                 pool=pool))
-        self.named: OrderedDict[str, Conversation] = OrderedDict()
-        self.anonymous: list[Conversation] = []
-        self.busy: set[int] = set()             # id() of conversations with a turn in flight
-        self.last_used: dict[int, float] = {}
+        self.pool = None if options.decode == "eager" else make_pool(model, options, rows)
+        new = make_conversation or (lambda pool: Conversation(model, tokenizer, options, pool=pool))
+        self.sessions = SessionTable(rows, lambda: new(self.pool))
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.cond = threading.Condition()
@@ -88,27 +85,19 @@ class Scheduler:
     # -- any thread -----------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self.cond:
-            if job.session is not None:
-                conversation = self.named.get(job.session)
-                if conversation is not None and id(conversation) in self.busy or any(
-                        j.session == job.session for j in self.waiting):
-                    raise SessionBusy(job.session)
+            if job.session is not None and (self.sessions.is_busy(job.session)
+                                            or any(j.session == job.session for j in self.waiting)):
+                raise SessionBusy(job.session)
             self.waiting.append(job)
             self.cond.notify()
 
     def drop_session(self, session: str) -> bool:
         with self.cond:
-            conversation = self.named.get(session)
-            if conversation is None or id(conversation) in self.busy:
-                return False
-            del self.named[session]
-            conversation.close()
-            return True
+            return self.sessions.drop(session)
 
     def stats(self) -> dict:
         with self.cond:
-            return {"sessions": len(self.named), "anonymous_caches": len(self.anonymous), "rows": self.rows,
-                    "active_requests": len(self.active), "waiting_requests": len(self.waiting),
+            return {**self.sessions.stats(), "active_requests": len(self.active), "waiting_requests": len(self.waiting),
                     "decode_path": "eager" if self.pool is None else "graph" if self.pool.use_graph else "static",
                     "steps": self.steps}
 
@@ -203,8 +192,7 @@ class Scheduler:
 
     def _release(self, job: Job, conversation: Conversation) -> None:
         with self.cond:
-            self.busy.discard(id(conversation))
-            self.last_used[id(conversation)] = time.monotonic()
+            self.sessions.release(conversation)
             if job.finished == job.choices and job in self.active:
                 self.active.remove(job)
                 self.cond.notify_all()
@@ -225,14 +213,13 @@ class Scheduler:
                 self.waiting.remove(job)
                 job.emit("cancelled", 0, None)
                 continue
-            conversations = self._conversations_for(job)
+            conversations = self.sessions.claim(job.session, job.choices, job.messages, job.text, job.rendered)
             if conversations is None:
                 continue  # every row is busy: wait for one
             self.waiting.remove(job)
             job.conversations = conversations
             self.active.append(job)
             for index, conversation in enumerate(conversations):
-                self.busy.add(id(conversation))
                 sampling = job.sampling
                 if sampling.seed is not None and index:
                     sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
@@ -261,46 +248,3 @@ class Scheduler:
         with self.cond:
             job.turns.append(turn)
             self.cond.notify()
-
-    def _conversations_for(self, job: Job) -> list[Conversation] | None:
-        if job.session is not None:
-            conversation = self.named.get(job.session)
-            if conversation is None:
-                conversation = self._new_conversation()
-                if conversation is None:
-                    return None
-                self.named[job.session] = conversation
-            self.named.move_to_end(job.session)
-            return [conversation]
-        chosen: list[Conversation] = []
-        for _ in range(job.choices):
-            idle = [c for c in self.anonymous if id(c) not in self.busy and c not in chosen]
-            reuse = {id(c): c.reusable(job.messages, job.text, job.rendered) for c in idle}
-            best = max(idle, key=lambda c: (reuse[id(c)], self.last_used.get(id(c), 0)), default=None)
-            if best is not None and reuse[id(best)] >= 0:
-                chosen.append(best)  # its history is a prefix of this request: only the rest is fed
-                continue
-            fresh = self._new_conversation(evict=False)
-            if fresh is None and idle:  # no free row: the least recently used idle anonymous cache starts over
-                chosen.append(min(idle, key=lambda c: self.last_used.get(id(c), 0)))
-                continue
-            fresh = fresh or self._new_conversation(protect=chosen)  # else drop the LRU idle named session
-            if fresh is None:
-                return None  # every row is busy: wait
-            self.anonymous.append(fresh)
-            chosen.append(fresh)
-        return chosen
-
-    def _new_conversation(self, protect=(), evict: bool = True) -> Conversation | None:
-        """A conversation on a free row; with `evict`, drops the least recently used idle one if every row is
-        taken (None: no row free, or all busy)."""
-        if len(self.named) + len(self.anonymous) >= self.rows:
-            idle = [c for c in list(self.named.values()) + self.anonymous if id(c) not in self.busy and c not in protect]
-            if not evict or not idle:
-                return None
-            victim = min(idle, key=lambda c: self.last_used.get(id(c), 0))
-            self.named = OrderedDict((k, c) for k, c in self.named.items() if c is not victim)
-            if victim in self.anonymous:
-                self.anonymous.remove(victim)
-            victim.close()
-        return self.make_conversation(self.pool)

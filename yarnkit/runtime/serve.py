@@ -33,8 +33,8 @@ import uuid
 
 from yarnkit.errors import BadValue
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
-from yarnkit.runtime.chat import add_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.conversation import Sampling
+from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.scheduler import Job, Scheduler, SessionBusy
 
 log = logging.getLogger("yarnkit.serve")
@@ -54,15 +54,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def create_app(service: Service, api_key: str | None = None):
-    """The FastAPI application over a `Service` (tests run it in-process with uvicorn)."""
+    """The FastAPI application over a `Service` (tests run it in-process with uvicorn): its routes, each behind
+    `api_key_check` but /health, with `add_error_handlers` and `add_access_log`."""
     from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     ChatRequest, CompletionRequest = request_models()
     app = FastAPI(title="yarnkit", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)
+    add_access_log(app)
+    authorized = [Depends(api_key_check(api_key))]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **service.scheduler.stats()}
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "yarnkit"}]}
+
+    @app.delete("/v1/sessions/{session}", dependencies=authorized)
+    async def delete_session(session: str):
+        if not service.scheduler.drop_session(session):
+            raise ApiError(404, f"no idle session {session!r}", "session", "session_not_found")
+        return {"id": session, "object": "session", "deleted": True}
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat(body: ChatRequest, request: Request):
+        session = request.headers.get("x-session-id") or body.session_id
+        jobs = await run_in_threadpool(service.chat_jobs, body, session)
+        return await answer(service, request, jobs, body, "chat.completion")
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(body: CompletionRequest, request: Request):
+        session = request.headers.get("x-session-id") or body.session_id
+        jobs = await run_in_threadpool(service.completion_jobs, body, session)
+        return await answer(service, request, jobs, body, "text_completion")
+
+    return app
+
+
+def api_key_check(api_key: str | None):
+    """The dependency every route but /health runs: `Authorization: Bearer KEY` must match (constant time)."""
+    from fastapi import Request
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -71,6 +106,15 @@ def create_app(service: Service, api_key: str | None = None):
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+
+    return authorize
+
+
+def add_error_handlers(app) -> None:
+    """Every error leaves as OpenAI-style JSON naming the field: ours, request validation, unknown routes, crashes."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -100,8 +144,13 @@ def create_app(service: Service, api_key: str | None = None):
         return JSONResponse(error_body(500, f"internal error: {type(error).__name__}", kind="server_error"),
                             status_code=500)
 
+
+def add_access_log(app) -> None:
+    """One JSON line per request on stderr: time, method, path, status, milliseconds; never contents."""
+    from fastapi import Request
+
     @app.middleware("http")
-    async def access_log(request: Request, call_next):  # one JSON line per request, never contents
+    async def access_log(request: Request, call_next):
         start = time.perf_counter()
         response = await call_next(request)
         print(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": request.url.path,
@@ -109,139 +158,115 @@ def create_app(service: Service, api_key: str | None = None):
               file=sys.stderr, flush=True)
         return response
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **service.scheduler.stats()}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "yarnkit"}]}
+async def answer(service: Service, request, jobs: list[Job], body, kind: str):
+    """Submit the jobs, wait until every prompt was accepted (then 200, else the 4xx), and reply: one JSON body,
+    or server-sent events with `stream: true`."""
+    from fastapi.responses import StreamingResponse
 
-    @app.delete("/v1/sessions/{session}", dependencies=[Depends(authorize)])
-    async def delete_session(session: str):
-        if not service.scheduler.drop_session(session):
-            raise ApiError(404, f"no idle session {session!r}", "session", "session_not_found")
-        return {"id": session, "object": "session", "deleted": True}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatRequest, request: Request):
-        session = request.headers.get("x-session-id") or body.session_id
-        jobs = await run_in_threadpool(service.chat_jobs, body, session)
-        return await answer(request, jobs, body, "chat.completion")
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest, request: Request):
-        session = request.headers.get("x-session-id") or body.session_id
-        jobs = await run_in_threadpool(service.completion_jobs, body, session)
-        return await answer(request, jobs, body, "text_completion")
-
-    async def answer(request: Request, jobs: list[Job], body, kind: str):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        offsets = [i * body.n for i in range(len(jobs))]
-        for job, offset in zip(jobs, offsets):
-            job.emit = lambda what, index, payload, offset=offset: loop.call_soon_threadsafe(
-                events.put_nowait, (what, offset + index, payload))
-        try:
-            for job in jobs:
-                service.scheduler.submit(job)
-        except SessionBusy as busy:
-            raise ApiError(409, f"session {str(busy)!r} is busy with another request; retry when it finishes or "
-                                "send no session id", "session_id", "session_busy") from None
-        total = sum(job.choices for job in jobs)
-        early, started = [], 0
-        try:
-            while started < total:  # every prompt tokenized and within the limit: only then 200 (or a 4xx)
-                what, index, payload = await events.get()
-                if what == "started":
-                    started += 1
-                elif what == "error":
-                    raise ApiError(payload["status"], payload["message"], payload.get("param"), payload.get("code"),
-                                   "invalid_request_error" if payload["status"] < 500 else "server_error")
-                else:
-                    early.append((what, index, payload))
-        except BaseException:
-            for job in jobs:
-                job.cancel()
-            raise
-        for item in early:
-            events.put_nowait(item)
-        ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-        base = {"id": ident, "created": int(time.time()), "model": service.model_name}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(events, jobs, total, base, kind, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, done, error = [""] * total, {}, None
-        try:
-            while len(done) < total and error is None:
-                try:
-                    what, index, payload = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
-                if what == "text":
-                    texts[index] += payload
-                elif what == "done":
-                    done[index] = payload
-                elif what == "error":
-                    error = payload["message"]
-        finally:
-            for job in jobs:
-                job.cancel()  # no-op for finished jobs; a vanished client stops generating
-        if error is not None:
-            raise RuntimeError(error)
-        choices = []
-        for index in range(total):
-            finish = done[index]["finish_reason"]
-            if kind == "chat.completion":
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
-                                "finish_reason": finish, "logprobs": None})
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    offsets = [i * body.n for i in range(len(jobs))]
+    for job, offset in zip(jobs, offsets):
+        job.emit = lambda what, index, payload, offset=offset: loop.call_soon_threadsafe(
+            events.put_nowait, (what, offset + index, payload))
+    try:
+        for job in jobs:
+            service.scheduler.submit(job)
+    except SessionBusy as busy:
+        raise ApiError(409, f"session {str(busy)!r} is busy with another request; retry when it finishes or "
+                            "send no session id", "session_id", "session_busy") from None
+    total = sum(job.choices for job in jobs)
+    early, started = [], 0
+    try:
+        while started < total:  # every prompt tokenized and within the limit: only then 200 (or a 4xx)
+            what, index, payload = await events.get()
+            if what == "started":
+                started += 1
+            elif what == "error":
+                raise ApiError(payload["status"], payload["message"], payload.get("param"), payload.get("code"),
+                               "invalid_request_error" if payload["status"] < 500 else "server_error")
             else:
-                choices.append({"index": index, "text": texts[index], "finish_reason": finish, "logprobs": None})
-        return {**base, "object": kind, "choices": choices, "usage": usage(done, jobs)}
+                early.append((what, index, payload))
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    for item in early:
+        events.put_nowait(item)
+    ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+    base = {"id": ident, "created": int(time.time()), "model": service.model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(events, jobs, total, base, kind, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    texts, done, error = [""] * total, {}, None
+    try:
+        while len(done) < total and error is None:
+            try:
+                what, index, payload = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            if what == "text":
+                texts[index] += payload
+            elif what == "done":
+                done[index] = payload
+            elif what == "error":
+                error = payload["message"]
+    finally:
+        for job in jobs:
+            job.cancel()  # no-op for finished jobs; a vanished client stops generating
+    if error is not None:
+        raise RuntimeError(error)
+    choices = []
+    for index in range(total):
+        finish = done[index]["finish_reason"]
+        if kind == "chat.completion":
+            choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
+                            "finish_reason": finish, "logprobs": None})
+        else:
+            choices.append({"index": index, "text": texts[index], "finish_reason": finish, "logprobs": None})
+    return {**base, "object": kind, "choices": choices, "usage": usage(done, jobs)}
 
-    async def stream(events, jobs, total, base, kind, include_usage):
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+async def stream_events(events, jobs, total, base, kind, include_usage):
+    """The events of `answer`'s jobs as OpenAI chunks (`data: {...}`), then `data: [DONE]`."""
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
-        def event(payload: dict) -> str:
-            return f"data: {json.dumps({**base, 'object': chunk_kind, **payload})}\n\n"
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps({**base, 'object': chunk_kind, **payload})}\n\n"
 
-        def choice(index, text=None, finish=None, first=False):
-            if kind == "chat.completion":
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    def choice(index, text=None, finish=None, first=False):
+        if kind == "chat.completion":
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
 
-        done = {}
-        try:
-            if kind == "chat.completion":
-                for index in range(total):
-                    yield event({"choices": [choice(index, first=True)]})
-            while len(done) < total:
-                what, index, payload = await events.get()
-                if what == "text":
-                    yield event({"choices": [choice(index, payload)]})
-                elif what == "done":
-                    done[index] = payload
-                    yield event({"choices": [choice(index, finish=payload["finish_reason"])]})
-                elif what == "error":
-                    yield f"data: {json.dumps(error_body(500, payload['message'], kind='server_error'))}\n\n"
-                    return
-            if include_usage:
-                yield event({"choices": [], "usage": usage(done, jobs)})
-            yield "data: [DONE]\n\n"
-        finally:
-            for job in jobs:
-                job.cancel()  # a client that left mid-stream: the scheduler keeps what was generated
-
-    return app
-
+    done = {}
+    try:
+        if kind == "chat.completion":
+            for index in range(total):
+                yield event({"choices": [choice(index, first=True)]})
+        while len(done) < total:
+            what, index, payload = await events.get()
+            if what == "text":
+                yield event({"choices": [choice(index, payload)]})
+            elif what == "done":
+                done[index] = payload
+                yield event({"choices": [choice(index, finish=payload["finish_reason"])]})
+            elif what == "error":
+                yield f"data: {json.dumps(error_body(500, payload['message'], kind='server_error'))}\n\n"
+                return
+        if include_usage:
+            yield event({"choices": [], "usage": usage(done, jobs)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for job in jobs:
+            job.cancel()  # a client that left mid-stream: the scheduler keeps what was generated
 
 def build_service(args, model, tokenizer) -> Service:
-    options = stream_options(args)
+    options = stream_options(args).resolved(model.config, args.device, pooled=True)  # checked once, before serving
     scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens)
     name = args.model_name or str(getattr(model.config, "_name_or_path", "") or args.ckpt)
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -1,8 +1,9 @@
 """Static-shape sink caches for many sessions: one pool of fixed K/V buffers, a slot mask, a batched decode step.
 
-What it is: the fast decode path of the streaming runtime, and the home of continuous batching. `SlotPool`
-preallocates ONE key and ONE value buffer `[layers, rows, kv_heads, capacity + 1, head_dim]`: each session
-(`RowCache`, one per `StreamingEngine`) owns a row, slots `0..capacity-1` hold its tokens and the last slot is a
+What it is: the fast decode path of the streaming runtime, and the home of continuous batching.
+`make_pool(model, options, rows)` builds one from resolved `StreamOptions` (its `window` and `sinks`). `SlotPool`
+preallocates ONE key and ONE value buffer `[layers, rows, kv_heads, window + 1, head_dim]`: each session
+(`RowCache`, one per `StreamingEngine`) owns a row, slots `0..window-1` hold its tokens and the last slot is a
 scratch slot that idle rows of a batched step write to. Every forward goes through one function,
 `SlotPool.forward_rows(first, ids [B, n], positions [B, n])`: rows `first..first+B-1` write their new K/V at their
 own positions (`scatter_`) and attend through a boolean mask `slot <= position`, so no tensor ever changes shape
@@ -36,29 +37,40 @@ from transformers.cache_utils import Cache
 
 from yarnkit import rope
 from yarnkit.models import cache_kwargs
-from yarnkit.runtime.cache import Rotary, rotate_back
+from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
+from yarnkit.runtime.options import StreamOptions
 
 log = logging.getLogger(__name__)
 
 
-class SlotPool(Cache):
-    """Fixed-capacity K/V rows for up to `rows` sessions over one model; also the `Cache` every forward sees."""
+def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
+    """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static)."""
+    options = options.resolved(model.config, next(model.parameters()).device, pooled=True)
+    if options.decode == "eager":
+        raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
+    return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
+                    compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch)
 
-    def __init__(self, model, capacity: int, rotary: Rotary, rows: int = 1, graph: bool = False,
-                 compiled: bool = False):
+
+class SlotPool(Cache):
+    """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every forward sees."""
+
+    def __init__(self, model, window: int, rotary: Rotary, rows: int = 1, graph: bool = False,
+                 compiled: bool = False, sinks: int = 0, evict_batch: int = 1):
         config = model.config
         parameter = next(model.parameters())
-        self.model, self.capacity, self.rotary = model, capacity, rotary
+        self.model, self.window, self.rotary = model, window, rotary
+        self.sinks, self.evict_batch = sinks, evict_batch  # how every row evicts (`cache.StartRecent`)
         self.device, self.dtype = parameter.device, parameter.dtype
         if graph and self.device.type != "cuda":
             raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
                              "use decode='static' or 'auto'")
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
-        shape = (layers, rows, config.num_key_value_heads, capacity + 1, rope.head_dim(config))
+        shape = (layers, rows, config.num_key_value_heads, window + 1, rope.head_dim(config))
         self.key_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.value_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.slots = torch.arange(capacity + 1, device=self.device)
+        self.slots = torch.arange(window + 1, device=self.device)
         self.rows = rows
         self.free = list(range(rows))
         self.first, self.count = 0, 1                   # the row range of the forward in flight
@@ -78,7 +90,7 @@ class SlotPool(Cache):
         return 0  # positions are always passed explicitly
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.capacity + 1, 0
+        return self.window + 1, 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if key_states.shape[-1] != self.key_buffer.shape[-1] or key_states.shape[1] != self.key_buffer.shape[2]:
@@ -119,8 +131,8 @@ class SlotPool(Cache):
     def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Feed `ids [1, n]` into the row's next free slots (the caller made room)."""
         start, count = cache.length, ids.shape[1]
-        if start + count > self.capacity:
-            raise ValueError(f"{count} tokens do not fit after {start} in a cache of {self.capacity}")
+        if start + count > self.window:
+            raise ValueError(f"{count} tokens do not fit after {start} in a cache of {self.window}")
         positions = torch.arange(start, start + count, device=self.device)[None]
         logits = self.forward_rows(cache.row, ids.to(self.device, non_blocking=True), positions, logits_to_keep)
         cache.length = start + count
@@ -132,12 +144,12 @@ class SlotPool(Cache):
         if len(set(rows)) != len(rows):
             raise ValueError("decode() got the same session twice")
         for cache in caches:
-            if cache.pool is not self or cache.length >= self.capacity:
+            if cache.pool is not self or cache.length >= self.window:
                 raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
         width = 1 << max(rows).bit_length()  # highest row + 1, rounded up to a power of two (one graph each)
         width = min(width, self.rows)
         ids = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.full((width, 1), self.capacity, dtype=torch.long)  # idle rows: the scratch slot
+        positions = torch.full((width, 1), self.window, dtype=torch.long)  # idle rows: the scratch slot
         for cache, token in zip(caches, tokens):
             ids[cache.row, 0], positions[cache.row, 0] = token, cache.length
         if self.use_graph:
@@ -231,11 +243,12 @@ class RowSlots:
         return c.pool.value_buffer[self.index, c.row:c.row + 1, :, :c.length]
 
 
-class RowCache:
+class RowCache(StartRecent):
     """One session's row of a `SlotPool`: its length (host int), eviction in place, per-layer views."""
 
     def __init__(self, pool: SlotPool, row: int):
         self.pool, self.row = pool, row
+        self.sinks, self.window, self.evict_batch = pool.sinks, pool.window, pool.evict_batch
         self.length = 0
         self.rerotations = 0
         self.rotary = pool.rotary

@@ -8,7 +8,7 @@ them or a glob (`/data/books/train_*.txt.gz`), a .jsonl file (`data.text_field`)
 paper's pre-tokenized PG-19, is used as tokens). Local sources can be joined with commas (`books/,python-stdlib`).
 Documents are joined with BOS/EOS bookends and cut into `seq_len` blocks, dropping each map batch's remainder
 (the paper's tokenization). `packing=true` adds `position_ids` that restart at every document inside a block. With a dedicated sink token
-(`model.sink_token`, see yarnkit/sink.py) blocks hold `seq_len - 1` text tokens after the sink at position 0.
+(`model.sink_token`, see yarnkit/sink_token.py) blocks hold `seq_len - 1` text tokens after the sink at position 0.
 The chunked dataset is written once with `datasets` under `$YARNKIT_CACHE/data/<key>`, the key covering the
 tokenizer, the source files (path, size, mtime), seq_len and packing; writes are atomic (temp dir + rename).
 
@@ -40,17 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yarnkit.assets import sample_path
-from yarnkit.errors import NotFound
-from yarnkit.models import cache_dir, rename_into_place
-from yarnkit.train.corpus import iter_documents, read_text
-from yarnkit.train.errors import DataError
+from yarnkit.corpus import PYTHON_STDLIB, expand_alias, local_documents, local_files, local_paths, source_parts
+from yarnkit.errors import DataError
+from yarnkit.model_files import cache_dir, rename_into_place
 from yarnkit.train.pose import far_position_ids, pose_generator, pose_position_ids
 from yarnkit.train.synthetic import Row, RowMaker, SyntheticArgs, training_phrasings
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
-PYTHON_STDLIB = "python-stdlib"
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 MIX_SOURCES = ("books", "code", "retrieval", "chat")
 
 
@@ -91,57 +87,6 @@ def check_mix(args: DataArgs) -> None:
                             "the synthetic rows")
     if args.mix.get("retrieval") or args.mix.get("chat") or synthetic.templates or synthetic.attributes:
         training_phrasings(synthetic)  # a template that collides with an evaluation one fails here
-
-
-def expand_alias(source: str) -> str:
-    """`bundled:NAME` -> the bundled book's path, `python-stdlib` -> the standard library folder; else unchanged."""
-    if source == PYTHON_STDLIB:
-        import sysconfig
-
-        return sysconfig.get_paths()["stdlib"]
-    if source.startswith("bundled:"):
-        return str(sample_path(source.split(":", 1)[1]))
-    return source
-
-
-def source_parts(source: str) -> list[str]:
-    """`a,b` -> [a, b]; an `hf:` source stays whole."""
-    return [source] if source.startswith("hf:") else [part.strip() for part in source.split(",") if part.strip()]
-
-
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files, without its tests, IDLE, lib2to3 and any installed packages."""
-    root = Path(expand_alias(PYTHON_STDLIB))
-    return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts[:-1]))
-
-
-def local_files(part: str) -> list[Path]:
-    """Every file one local source part reads (folders expanded), for fingerprints."""
-    if part == PYTHON_STDLIB:
-        return stdlib_files()
-    return [f for path in local_paths(expand_alias(part))
-            for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
-
-
-def local_documents(part: str, field: str) -> list[str]:
-    if part == PYTHON_STDLIB:
-        return [read_text(f) for f in stdlib_files()]
-    return [text for p in local_paths(expand_alias(part)) for _, text in iter_documents(p, field=field)]
-
-
-def local_paths(source: str) -> list[Path]:
-    """The file/folder named by `source`, or the sorted matches of a glob like `/data/books/train_*.txt.gz`."""
-    if any(char in source for char in "*?["):
-        base = Path(source).expanduser()
-        anchor = Path(base.anchor) if base.is_absolute() else Path(".")
-        matches = sorted(anchor.glob(str(base.relative_to(anchor)) if base.is_absolute() else source))
-        if not matches:
-            raise NotFound(f"no files match data.source={source}", "check the pattern, or name a file or folder")
-        return matches
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise NotFound(f"data path not found: {path}", "set data.source to a file, folder, glob or hf:NAME")
-    return [path]
 
 
 def _raw_dataset(args: DataArgs, workdir: str):

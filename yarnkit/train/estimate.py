@@ -31,8 +31,8 @@ import os
 import torch
 
 from yarnkit import rope
-from yarnkit.train.errors import MemoryBudgetError, RecipeError
-from yarnkit.train.model import scaled_config
+from yarnkit.errors import MemoryBudgetError, RecipeError
+from yarnkit.train.model_setup import scaled_config
 from yarnkit.train.recipe import check_context
 from yarnkit.train.seq_parallel import check_sequence_parallel
 
@@ -143,7 +143,7 @@ def check_memory(recipe, config, world: int, zero: int, device_bytes: int) -> No
         raise MemoryBudgetError(
             f"estimated {need / 2**30:.1f} GiB per device > {device_bytes / 2**30:.1f} GiB available "
             f"(ZeRO stage {zero}, {world} processes, seq_len {recipe.data.seq_len}); use more GPUs, ZeRO-3 "
-            f"(yarnkit/recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a "
+            f"(recipes/accelerate/zero3.yaml), model.gradient_checkpointing=true, lora.enabled=true or a "
             f"shorter data.seq_len; train.memory_check=false skips this check")
 
 
@@ -156,7 +156,7 @@ def dry_run(recipe, world: int) -> dict:
     sp = recipe.train.sp_size
     if sp > 1 and (zero == 0 or world % sp):
         raise RecipeError(f"the dry run of train.sp_size={sp} needs the launch it estimates: run it under `accelerate "
-                          f"launch --config_file yarnkit/recipes/accelerate/zero2.yaml --num_processes {sp} ...`, or "
+                          f"launch --config_file recipes/accelerate/zero2.yaml --num_processes {sp} ...`, or "
                           f"set WORLD_SIZE={sp} ACCELERATE_DEEPSPEED_ZERO_STAGE=2 (what that launch sets)")
     check_sequence_parallel(sp, world, config.get_text_config(), recipe.data.seq_len,
                             recipe.model.attn_implementation, recipe.data.packing, zero > 0)

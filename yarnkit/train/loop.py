@@ -17,8 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from yarnkit.train.errors import RecipeError
+from yarnkit.errors import RecipeError
+from yarnkit.recipe_files import deepspeed_json
 from yarnkit.train.seq_parallel import check_sequence_parallel, combine_loss, parallelism_config, shard_batch
+
+DEEPSPEED_JSON_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # `accelerate launch` passes deepspeed_config_file here
 
 
 @dataclass
@@ -60,6 +63,8 @@ def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"
     # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
     # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if os.environ.get(DEEPSPEED_JSON_ENV):  # a launcher config's `recipes/accelerate/X.json`, found from any folder
+        os.environ[DEEPSPEED_JSON_ENV] = deepspeed_json(os.environ[DEEPSPEED_JSON_ENV])
     cpu = not torch.cuda.is_available() and not deepspeed
     extra = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
     world = PartialState(cpu=cpu, **extra).num_processes

@@ -10,25 +10,17 @@ are recomputed in backward instead of kept). Peak logits memory is chunk_tokens 
 seq x vocab. The wrapper is what accelerate/DeepSpeed prepare, so
 DDP and ZeRO hooks see every parameter use. Tested against the plain `model(labels=...)` loss:
 `python -m pytest tests/test_trainer.py -k chunked`; the fused path on a GPU by `pytest -m gpu
-tests/test_speed_gpu.py`. `token_nll` is the evaluation form (per-token, no
-gradients), tested in tests/test_eval_loss.py.
+tests/test_speed_gpu.py`. The head + cross-entropy of one chunk, and its evaluation form `token_nll`, are
+`yarnkit.nll`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from yarnkit.nll import head_nll
 from yarnkit.train.speed import liger_missing
-
-
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                reduction: str = "sum"):
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction=reduction, ignore_index=-100)
 
 
 def _flat_targets(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None):
@@ -47,10 +39,10 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, input_ids
     for start in range(0, flat_targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, flat_hidden[piece], flat_targets[piece], softcap,
+            total = total + checkpoint(head_nll, head, flat_hidden[piece], flat_targets[piece], softcap,
                                        use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, flat_hidden[piece], flat_targets[piece], softcap)
+            total = total + head_nll(head, flat_hidden[piece], flat_targets[piece], softcap)
     return total / (flat_targets != -100).sum().clamp(min=1)
 
 
@@ -117,19 +109,5 @@ def answer_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Te
     """Mean next-token loss of the targets at flat `positions` (`yarnkit.train.data.answer_positions`); only
     those few hidden states go through the head."""
     flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    return _chunk_loss(head, flat_hidden, input_ids[:, 1:].reshape(-1).index_select(0, positions), softcap,
-                       reduction="mean")
-
-
-@torch.no_grad()
-def token_nll(model, input_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """NLL of tokens 1..L-1 of `input_ids` [1, L] given their prefixes: float32 [L-1] on the model's device."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"token_nll expects input_ids of shape [1, L], got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] < 2:
-        raise ValueError("token_nll needs at least 2 tokens (one context token and one target)")
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
-    targets = input_ids[0, 1:]
-    head, softcap = model.get_output_embeddings(), getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return torch.cat([_chunk_loss(head, hidden[start:start + chunk_size], targets[start:start + chunk_size], softcap,
-                                  reduction="none") for start in range(0, hidden.shape[0], chunk_size)])
+    return head_nll(head, flat_hidden, input_ids[:, 1:].reshape(-1).index_select(0, positions), softcap,
+                    reduction="mean")

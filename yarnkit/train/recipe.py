@@ -1,4 +1,4 @@
-"""Typed training recipes: dataclass defaults < a shipped recipe (`yarnkit/recipes/<name>.yaml`) or any YAML file
+"""Typed training recipes: dataclass defaults < a shipped recipe (`recipes/<name>.yaml`) or any YAML file
 < command-line `key=value` overrides.
 
 `load_recipe(["recipe=tiny", "optim.lr=1e-4"])` returns a `Recipe` whose sections are the `*Args` dataclasses
@@ -21,13 +21,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from yarnkit.errors import NotFound
-from yarnkit.recipes import recipe_file
-from yarnkit.train.checkpoint import RECIPE_FILE, CheckpointArgs
+from yarnkit.errors import NotFound, RecipeError
+from yarnkit.patch import YarnArgs, check_yarn, yarn_context
+from yarnkit.recipe_files import recipe_file
+from yarnkit.train.checkpoint import CheckpointArgs
+from yarnkit.runs import RECIPE_FILE
 from yarnkit.train.data import DataArgs, check_mix
-from yarnkit.train.errors import RecipeError
 from yarnkit.train.loop import TrainArgs
-from yarnkit.train.model import LoraArgs, ModelArgs, YarnArgs
+from yarnkit.train.model_setup import LoraArgs, ModelArgs
 from yarnkit.train.optim import OptimArgs
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention, check_speed_keys
@@ -49,7 +50,7 @@ class Recipe:
 
 
 def recipe_path(name: str) -> Path:
-    """`tiny` -> the shipped yarnkit/recipes/tiny.yaml (`yarnkit.recipes`); a path to a .yaml file is used as is."""
+    """`tiny` -> the shipped recipes/tiny.yaml (`yarnkit.recipe_files`); a path to a .yaml file is used as is."""
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -98,10 +99,10 @@ def _load_yaml(path: Path):
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise RecipeError(f"{where} is not valid YAML ({_first_line(err)})",
-                          "fix the file (compare it with yarnkit/recipes/tiny.yaml)") from err
+                          "fix the file (compare it with recipes/tiny.yaml)") from err
     if not isinstance(layer, DictConfig):
         raise RecipeError(f"{path} holds a YAML {type(layer).__name__}, not a mapping of recipe sections",
-                          "write `section:` blocks of `key: value` lines (see yarnkit/recipes/tiny.yaml)")
+                          "write `section:` blocks of `key: value` lines (see recipes/tiny.yaml)")
     return layer
 
 
@@ -195,17 +196,11 @@ def validate_recipe(recipe: Recipe) -> None:
     if data.seq_len < 2:
         raise RecipeError(f"data.seq_len={data.seq_len} is too short; use at least 2 tokens")
     check_mix(data)  # source names, weights, and training templates that must not collide with evaluation ones
-    if yarn.factor < 1.0:
-        raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
-    if yarn.original_max_position_embeddings:
-        context = int(yarn.factor * yarn.original_max_position_embeddings)
-        if data.seq_len > context:
-            raise RecipeError(f"data.seq_len={data.seq_len} exceeds the YaRN context {context} "
-                              f"(yarn.factor={yarn.factor} x yarn.original_max_position_embeddings="
-                              f"{yarn.original_max_position_embeddings}); raise yarn.factor or lower data.seq_len")
-        if pose.enabled and pose.target_len > context:
-            raise RecipeError(f"pose.target_len={pose.target_len} exceeds the YaRN context {context}; "
-                              f"lower pose.target_len or raise yarn.factor")
+    check_yarn(yarn)
+    context = yarn_context(yarn)
+    if context:
+        check_lengths(recipe, context, f"the YaRN context {context} (yarn.factor={yarn.factor} x "
+                                       f"yarn.original_max_position_embeddings={yarn.original_max_position_embeddings})")
     if data.synthetic.far and not pose.enabled:
         raise RecipeError(f"data.synthetic.far={data.synthetic.far} needs pose.enabled=true: a far row's question "
                           "part is moved away by PoSE's skip; enable PoSE or set data.synthetic.far=0")
@@ -248,14 +243,18 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"lora.r={recipe.lora.r}; use a rank >= 1 when lora.enabled")
 
 
+def check_lengths(recipe, context: int, what: str) -> None:
+    """seq_len and the PoSE target must fit `context` (`what` names it in the message)."""
+    if recipe.data.seq_len > context:
+        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds {what}; raise yarn.factor or lower data.seq_len")
+    if recipe.pose.enabled and recipe.pose.target_len > context:
+        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds {what}; raise yarn.factor or lower "
+                          "pose.target_len")
+
+
 def check_context(recipe, config) -> None:
     """seq_len and PoSE targets must fit the (scaled) model context; raises before weights load."""
     context = config.max_position_embeddings
-    if recipe.data.seq_len > context:
-        raise RecipeError(f"data.seq_len={recipe.data.seq_len} exceeds the model context {context} "
-                         f"(after yarn.factor={recipe.yarn.factor}); raise yarn.factor or lower data.seq_len")
-    if recipe.pose.enabled and recipe.pose.target_len > context:
-        raise RecipeError(f"pose.target_len={recipe.pose.target_len} exceeds the model context {context}; "
-                         f"raise yarn.factor or lower pose.target_len")
+    check_lengths(recipe, context, f"the model context {context} (after yarn.factor={recipe.yarn.factor})")
     if recipe.pose.enabled and (recipe.pose.target_len or context) <= recipe.data.seq_len:
         raise RecipeError(f"PoSE needs a target longer than data.seq_len={recipe.data.seq_len} (context {context})")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from yarnkit.train.errors import RecipeError
+from yarnkit.errors import RecipeError
 
 ULYSSES_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -36,7 +36,7 @@ def check_sequence_parallel(sp_size: int, world: int, text_config, seq_len: int,
         return
     if not deepspeed:
         raise RecipeError(f"train.sp_size={sp_size} needs a DeepSpeed launch (Ulysses is DeepSpeed's): accelerate "
-                          f"launch --config_file yarnkit/recipes/accelerate/zero2.yaml --num_processes {sp_size} ...")
+                          f"launch --config_file recipes/accelerate/zero2.yaml --num_processes {sp_size} ...")
     if world % sp_size:
         raise RecipeError(f"train.sp_size={sp_size} does not divide the {world} processes; use a divisor of {world} "
                      f"or launch a multiple of {sp_size} processes")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from yarnkit import needles
-from yarnkit.train.errors import DataError
+from yarnkit.errors import DataError
 
 SENTINEL = "\u2063HAYSTACK\u2063"
 VALUE_FORMATS = (("seven", 0.5), ("digits", 0.2), ("grouped", 0.1), ("code", 0.1), ("word", 0.1))

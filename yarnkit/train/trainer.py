@@ -1,7 +1,7 @@
 """The training run: accelerate (single process, DDP or DeepSpeed ZeRO-2/3) around a YaRN-scaled causal LM.
 
-    python scripts/train.py recipe=tiny                                   # one process (CPU or one GPU)
-    accelerate launch --config_file yarnkit/recipes/accelerate/zero3.yaml scripts/train.py recipe=yarn-64k
+    from yarnkit.train.recipe import load_recipe
+    result = train(load_recipe(["recipe=tiny", "train.max_steps=3"]))   # one process (CPU or one GPU)
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on every process. The loss is the
 cross-entropy of `yarnkit.train.loss` (fused or chunked, `train.loss_impl`); gradients are clipped to `train.clip`
@@ -11,15 +11,14 @@ step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seco
 events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
 Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
 exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser
-(`yarnkit.train.recipe`) nor the data builder (`yarnkit.train.data`). Tested by `python -m pytest
-tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
+(`yarnkit.train.recipe`), the data builder (`yarnkit.train.data`) nor the command (`yarnkit.train.cli`). Tested by
+`python -m pytest tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,19 +26,18 @@ from pathlib import Path
 import torch
 
 from yarnkit import rope
-from yarnkit.errors import AlreadyExists, NotFound
-from yarnkit.train.checkpoint import has_step_dirs, is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
+from yarnkit.errors import AlreadyExists, NotFound, RecipeError
+from yarnkit.runs import has_step_dirs, is_complete, latest_checkpoint
+from yarnkit.train.checkpoint import load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
-from yarnkit.train.errors import RecipeError
-from yarnkit.train.estimate import check_memory, dry_run, flops_per_token
+from yarnkit.train.estimate import check_memory, flops_per_token
 from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
                                 zero_stage)
 from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
 from yarnkit.train.metrics import MetricsLog
-from yarnkit.train.model import build_model, scaled_config
+from yarnkit.train.model_setup import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
-from yarnkit.train.recipe import (check_context, load_recipe, recipe_from_file, recipe_keys_help, recipe_to_yaml,
-                                  save_recipe)
+from yarnkit.train.recipe import check_context, recipe_from_file, recipe_to_yaml, save_recipe
 from yarnkit.train.seq_parallel import check_sequence_parallel
 from yarnkit.train.profiling import step_profile, summary
 from yarnkit.train.speed import activation_offload, resolve_choice
@@ -238,35 +236,3 @@ def _mark(cuda: bool):
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
-
-
-def add_arguments(parser) -> None:
-    """`yarnkit train recipe=tiny key=value ...` and `scripts/train.py` (which enters through `yarnkit.cli`)."""
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="recipe=NAME (recipes/NAME.yaml, or a path to a .yaml), then key=value overrides of the "
-                             "keys listed below, applied in order")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved recipe, parameter count and memory/time estimates, then stop "
-                             "(no weights load; works offline)")
-    parser.epilog = ("examples:\n  yarnkit train recipe=tiny train.max_steps=3 run_dir=runs/tiny-3\n"
-                     "  python scripts/train.py recipe=yarn-64k --dry-run\n\n"
-                     "recipe keys and their defaults (dataclass defaults < recipe=NAME < key=value):\n"
-                     + recipe_keys_help())
-
-
-def run(args) -> int:
-    """Dry-run or train; bad recipes and data raise `yarnkit.errors.UserError`s (one line at the CLI boundary)."""
-    recipe = load_recipe(list(args.overrides) + (["dry_run=true"] if args.dry_run else []))
-    if recipe.dry_run:
-        print(recipe_to_yaml(recipe))
-        print(json.dumps(dry_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
-        return 0
-    result = train(recipe)
-    if result.rank != 0:
-        return 0
-    if result.last_step >= result.first_step:
-        print(f"trained steps {result.first_step}..{result.last_step}; last loss "
-              f"{result.losses[result.last_step]:.4f}; outputs in {result.run_dir}")
-    else:
-        print(f"nothing to do: {result.run_dir} is already at step {result.last_step} (train.max_steps)")
-    return 0

@@ -8,7 +8,7 @@ from a streamer), `batch_throughput` (sessions decoded together vs one alone, gr
 (log-prob difference of a decode path against the eager cache), and `random_model` for timing-only models of
 named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed.
 
-Test: `python -m pytest tests/test_runtime_bench.py -q` (CPU, tiny shapes).
+Test: `python -m pytest tests/test_bench_streaming.py -q` (CPU, tiny shapes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import time
 import torch
 
 from yarnkit.models import cache_kwargs
-from yarnkit.runtime.engine import StreamingEngine, StreamOptions, make_pool
+from yarnkit.runtime.engine import StreamingEngine
+from yarnkit.runtime.static import make_pool
+from yarnkit.runtime.options import StreamOptions
 
 SHAPES = {  # timing-only model shapes (random init); vocabularies and widths of the named models
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -1,6 +1,6 @@
 """The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer).
 
-Run: `python -m pytest tests/test_runtime_bench.py -q`
+Run: `python -m pytest tests/test_bench_streaming.py -q`
 """
 
 from __future__ import annotations

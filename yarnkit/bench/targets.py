@@ -1,4 +1,4 @@
-"""Issue 13's targets for an extended model, read from `yarnkit eval` results; pure functions, no model.
+"""The targets an extended model must meet, read from `yarnkit eval` results; pure functions, no model.
 
 `context_targets(results, ...)` takes the result dicts by (task, role), role "base" (the unscaled model) or "tuned"
 (the fine-tuned one), and returns one row per target: `target`, `measured` (the numbers, in words), `met` (True,
@@ -10,7 +10,7 @@ False, or None when a result it needs is missing). The targets:
   the base model's;
 - perplexity at the longest length <= the base model's at its native context;
 - perplexity at the shortest length <= 1.03 x the base model's.
-Used by scripts/e2e.py (summary.json `targets`); tested in tests/test_eval_targets.py.
+Used by scripts/e2e.py (summary.json `targets`); tested in tests/test_bench_targets.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""The training benchmark's vocabulary and its tables: the peers (`scripts/bench_hf_baseline.py` flags), yarnkit's
+"""The training benchmark's vocabulary and its tables: the peers (`yarnkit.bench.hf_peer` flags), yarnkit's
 variants (recipe overrides), and what the measured rows become: MFU, speed-ups against each peer of the same shape,
 loss agreement with the reference peer, `-spN` against `-sp1`, and the markdown table. Cases are run by
-`yarnkit.train.bench`; this module runs nothing. Tested by `python -m pytest tests/test_multigpu_reports.py`.
+`yarnkit.bench.training`; this module runs nothing. Tested by `python -m pytest tests/test_multigpu_reports.py`.
 """
 
 from __future__ import annotations
 
-PEERS = {  # name -> scripts/bench_hf_baseline.py flags
+PEERS = {  # name -> yarnkit.bench.hf_peer flags
     "hf": ["--gradient-checkpointing"],
     "hf-nockpt": [],
     "hf-liger": ["--liger"],
@@ -27,7 +27,7 @@ VARIANTS = {
     "chunked-loss": {"train.loss_impl": "chunked"},
     "foreach-adamw": {"optim.fused": "false"},
     "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
-               "optim.fused": "false"},  # the recipe's speed keys as they were before issue 14
+               "optim.fused": "false"},  # the recipe's speed keys before the speed work (kernels, compile, fused loss)
     "alst": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full", "model.tiled_mlp": True,
              "train.offload_activations": True},  # + the tiled (chunked or Liger-fused) loss: longest sequences
 }

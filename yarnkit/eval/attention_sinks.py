@@ -64,7 +64,7 @@ def measure_run(run_dir: str | Path, sequences_for, device: str, done: set[int] 
     """`[{"step", "mass", "sink_heads"}]` for the run's complete checkpoints whose step is not in `done`.
     `sequences_for(model)` returns the [B, T] token ids to measure that model on (a sink-token model's rows
     start with its sink, as in its training)."""
-    from yarnkit.train.checkpoint import MODEL_DIR, list_checkpoints
+    from yarnkit.runs import MODEL_DIR, list_checkpoints
 
     rows = []
     for step, path in list_checkpoints(run_dir):
@@ -78,8 +78,8 @@ def measure_run(run_dir: str | Path, sequences_for, device: str, done: set[int] 
 
 def stream_documents(books: str, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """Tokenised books (a folder, file or glob; sorted) until `limit` tokens (BOS included) are collected."""
-    from yarnkit.eval.data import iter_eval_documents, tokenize_documents
-    from yarnkit.train.data import expand_alias, local_paths
+    from yarnkit.eval.documents import iter_eval_documents, tokenize_documents
+    from yarnkit.corpus import expand_alias, local_paths
 
     documents, total = [], 0
     for path in local_paths(expand_alias(books)):

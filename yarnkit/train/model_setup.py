@@ -1,10 +1,10 @@
 """Build the model to train from a recipe: load it, apply YaRN to its config, add LoRA, enable checkpointing.
 
-YaRN goes into the config *before* the weights load (`yarnkit.patch.apply_rope_scaling` on the config), so
+YaRN goes into the config *before* the weights load (`yarnkit.patch.apply_yarn`, the recipe's `yarn` section), so
 the rotary modules are built scaled and `save_pretrained` writes `rope_parameters` with the scaling. LoRA is
 peft's, optionally with full-rank trainable embeddings and norms (LongLoRA's `embed,norm`). `model.init=scratch`
 builds random weights from the named model's config reshaped by `model.scratch` (its tokenizer is kept), for
-pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink.py); under LoRA its
+pretraining experiments. `model.sink_token` adds a dedicated sink token (yarnkit/sink_token.py); under LoRA its
 embedding row is trained through peft's `trainable_token_indices` (tied heads included) unless `embed_tokens` is
 already fully trained via `lora.trainable_extra`. The speed keys (`model.kernels`, `checkpoint_policy`,
 `compile_layers`) are applied in that order through `yarnkit.train.speed`; `model.yarnkit_speed` records what
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from yarnkit.models import check_safetensors, load_config, local_hf_dir
-from yarnkit.patch import apply_rope_scaling
-from yarnkit.sink import add_sink_token, padded_vocab_size, register_sink_token
-from yarnkit.train.errors import RecipeError
+from yarnkit.models import load_config
+
+from yarnkit.model_files import check_safetensors, local_hf_dir
+from yarnkit.patch import YarnArgs, apply_yarn
+from yarnkit.sink_token import add_sink_token, padded_vocab_size, register_sink_token
+from yarnkit.errors import RecipeError
+from yarnkit.sdpa import use_sdpa_kernel
 from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
-                                 keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps,
-                                 use_sdpa_kernel)
+                                 keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps)
 
 
 @dataclass
@@ -62,17 +64,6 @@ class ModelArgs:
 
 
 @dataclass
-class YarnArgs:
-    rope_type: str = "yarn"  # one of yarnkit.rope.SCALING_TYPES (yarn, dynamic_yarn, linear, ntk, dynamic)
-    factor: float = 1.0  # context multiplier s; 1 = no scaling
-    original_max_position_embeddings: int = 0  # 0 = the checkpoint's native context
-    replace: bool = False  # re-scale a checkpoint that already has a scaling (e.g. 64k -> 128k continuation)
-    beta_fast: float | None = None  # None = the YaRN paper's 32
-    beta_slow: float | None = None  # None = the YaRN paper's 1
-    attention_factor: float | None = None  # None = 0.1 ln(s) + 1
-
-
-@dataclass
 class LoraArgs:
     enabled: bool = False
     r: int = 16
@@ -87,11 +78,7 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
     config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
     if model.init == "scratch":
         reshape_for_scratch(config, model.scratch)
-    if yarn.factor != 1.0 or yarn.replace:
-        params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
-        apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
-                           original_max_position_embeddings=yarn.original_max_position_embeddings or None,
-                           replace=yarn.replace, **params)
+    apply_yarn(config, yarn)
     return config
 
 

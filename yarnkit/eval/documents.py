@@ -1,4 +1,4 @@
-"""Documents for evaluation: files/folders/.jsonl via `yarnkit.train.corpus.iter_documents`, or a local `datasets` dataset.
+"""Documents for evaluation: files/folders/.jsonl via `yarnkit.corpus.iter_documents`, or a local `datasets` dataset.
 
 Yields `(name, text)`. A `datasets` name is loaded offline (HF_DATASETS_OFFLINE=1): machines have no hub access,
 so a dataset that is not already in the local cache fails with a message saying so. Empty documents are named
@@ -11,12 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from yarnkit.errors import BadValue, NotFound, UserError
-from yarnkit.train.corpus import iter_documents
-
-
-class DatasetUnavailable(UserError, RuntimeError):
-    """A `hf:` dataset that is not in the local cache of this offline machine."""
+from yarnkit.errors import BadValue, DatasetUnavailable, NotFound
+from yarnkit.corpus import iter_documents
 
 
 def iter_eval_documents(data: str, field: str = "text", split: str = "test") -> Iterator[tuple[str, str]]:

@@ -1,8 +1,8 @@
-"""Issue 13's targets read from result dicts (yarnkit/eval/targets.py).
-Run: python -m pytest tests/test_eval_targets.py
+"""The extended model's targets read from result dicts (yarnkit/bench/targets.py).
+Run: python -m pytest tests/test_bench_targets.py
 """
 
-from yarnkit.eval.targets import context_targets, targets_markdown
+from yarnkit.bench.targets import context_targets, targets_markdown
 
 LENGTHS, DEPTHS = [2048, 8192, 65536], [0.0, 0.5, 1.0]
 

@@ -31,14 +31,12 @@ from contextlib import contextmanager
 
 import torch
 
+from yarnkit.errors import SinkTokenError
+
 SINK_ATTR = "yarnkit_sink_token_id"
 GGUF_SINK_KEY = "yarnkit.sink_token_id"
 INITS = ("bos", "mean")
 VOCAB_MULTIPLE = 64
-
-
-class SinkTokenError(ValueError):
-    """A sink-token setting that cannot work; the message names the fix."""
 
 
 class SinkTokenWarning(UserWarning):
