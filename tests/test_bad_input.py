@@ -7,7 +7,8 @@ traceback, and that nothing under the inputs changed (the whole input folder is 
 contents, modes and the set of paths, so a half-written output folder counts). Most cases run in-process through
 `yarnkit.cli.main([...])` with the file descriptors captured; a few run as real subprocesses (scripts/train.py,
 the data-loss reproduction of issue 18, a busy port). Inputs are tiny and built here: a 2-layer Llama with a
-384-token BPE, a run folder as the trainer writes it, torn weights, a text file named .gguf, a GPT-2 config.
+384-token BPE, a run folder as the trainer writes it, torn weights, a text file named .gguf, a GPT-2 config, RoPE
+settings stock loaders would read differently (dynamic_yarn, a string truncate).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_fixtures import make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
+from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
 
 from yarnkit import model_files  # noqa: E402
 from yarnkit.cli import main  # noqa: E402
@@ -55,6 +56,15 @@ def inputs(tmp_path_factory):
         (root / "torn" / item.name).write_bytes(item.read_bytes())
     weights = (root / "torn" / "model.safetensors").read_bytes()
     (root / "torn" / "model.safetensors").write_bytes(weights[: len(weights) // 3])  # a killed copy
+    dynamic = tiny_yarn_model(rope={**YARN, "rope_type": "dynamic_yarn"})  # trained as yarn.rope_type=dynamic_yarn
+    dynamic.save_pretrained(root / "dynyarn")
+    tokenizer.save_pretrained(root / "dynyarn")
+    (root / "truncstr").mkdir()
+    for item in (root / "model").iterdir():
+        (root / "truncstr" / item.name).write_bytes(item.read_bytes())
+    config = json.loads((root / "truncstr" / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = "false"  # a hand edit loaders read as true
+    (root / "truncstr" / "config.json").write_text(json.dumps(config))
     (root / "notmodel").mkdir()
     (root / "notmodel" / "notes.txt").write_text("my notes, not a model\n")
     (root / "text.gguf").write_text("this is a text file, not a GGUF\n")
@@ -190,6 +200,10 @@ CASES = [
      "yarnkit export --help"),
     ("export-device-missing", ["export", "{root}/run", "--out", "{root}/out/x", "--device", "cuda"], "'cuda'",
      "--device cpu"),
+    ("export-rope-loaders-misread", ["export", "{root}/dynyarn", "--out", "{root}/out/x"],
+     "rope_type 'dynamic_yarn' with finetuned=false", "yarn.rope_type=yarn"),
+    ("export-rope-truncate-not-bool", ["export", "{root}/truncstr", "--out", "{root}/out/x"],
+     "rope_parameters.truncate='false'", "JSON boolean"),
     ("export-push-only-not-an-export", ["export", "{root}/model", "--push-only", "--push-to-hub", "u/m"],
      "export_report.json", "--push-only --push-to-hub"),
     # info

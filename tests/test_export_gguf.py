@@ -2,14 +2,17 @@
 
     python -m pytest tests/test_export_gguf.py -q
 
-Checks: the YaRN keys under the exact names in `gguf.constants.Keys.Rope` (read with gguf.GGUFReader);
-transformers' GGUF loader (which reverses llama.cpp's tensor names and Q/K permutation, but ignores Llama's
-rope-scaling keys) gives the same logits once the RoPE read from the metadata is applied: max |Δ| / max |logit|
-≤ 1e-4 against the model with its weights rounded as stored (every type), and the quantization error against the
-model itself ≤ 1e-6 (f32), 1e-2 (f16), 2e-2 (bf16), 5e-2 (q8_0); the tokenizer rebuilt from the GGUF encodes like
-the original. Real llama.cpp (llama-cpp-python, built from source by `make install` in CI, where a missing build
-fails rather than skips) loads the f32 and f16 files and its logits on a prompt past the native context match
-transformers' (1e-5 and 2e-3; measured 4.2e-7 and 5.2e-4), and are 0.17 off with its rope scaling turned off.
+Checks: the YaRN keys under the exact names in `gguf.constants.Keys.Rope` (read with gguf.GGUFReader); YaRN that
+llama.cpp's built-in one cannot run (betas other than 32/1, `truncate=false`) as per-pair frequency factors
+(`rope_freqs.weight`, scaling type none, the attention factor as is); transformers' GGUF loader (which reverses
+llama.cpp's tensor names and Q/K permutation, but ignores Llama's rope-scaling keys) gives the same logits once the
+RoPE rebuilt from the metadata is installed: max |Δ| / max |logit| ≤ 1e-4 against the model with its weights
+rounded as stored (every type), and the quantization error against the model itself ≤ 1e-6 (f32), 1e-2 (f16),
+2e-2 (bf16), 5e-2 (q8_0); the tokenizer rebuilt from the GGUF encodes like the original. Real llama.cpp
+(llama-cpp-python, built from source by `make install` in CI, where a missing build fails rather than skips)
+loads the f32 and f16 files of three YaRN x4 models (attention factor 1.3; with it betas 8/2; with it an
+untruncated ramp) and its logits on a prompt past the native context match transformers' (1e-5 and 2e-3;
+measured below), and are far off with its rope scaling turned off or against the model with YaRN's default betas.
 
 Tokenizer round trip, with SmolLM2's own tokenizer on a tiny model of its vocabulary: the export keeps the chat
 template, BOS/EOS, whether they are added, `add_space_prefix` and the pre-tokenizer's llama.cpp name (`smollm`, as
@@ -20,6 +23,7 @@ files get the user's umask. A slow test exports the real model and checks its ch
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -33,8 +37,8 @@ from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model 
 
 from yarnkit.export import verify  # noqa: E402
 from yarnkit.export.cli import export  # noqa: E402
-from yarnkit.export.gguf import read_metadata, rope_parameters_from_gguf, write_gguf  # noqa: E402
 from yarnkit.errors import ExportError  # noqa: E402
+from yarnkit.export.gguf import llama_cpp_rope, read_metadata, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +46,32 @@ def tokenizer():
     return tiny_bpe_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def gguf_export(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("gguf")
-    model = tiny_yarn_model(rope={**YARN, "attention_factor": 1.3})  # not 0.1 ln 4 + 1 = 1.139
+CASES = {  # YaRN x4 (native 256 -> 1024), attention factor 1.3 (not 0.1 ln 4 + 1 = 1.139), and what varies:
+    "yarn": {},  # llama.cpp's own YaRN: the rope.scaling keys
+    "betas": {"beta_fast": 8.0, "beta_slow": 2.0},  # ramp over pairs 1..3 instead of 0..4 (head_dim 16)
+    "untruncated": {"truncate": False},  # fractional ramp ends, as gpt-oss
+}
+
+
+def _export_case(root: Path, tokenizer, case: str):
+    model = tiny_yarn_model(rope={**YARN, "attention_factor": 1.3, **CASES[case]})
     run = make_run(root, model, tokenizer, with_eval=False)
     report = export(run, root / "tiny", gguf=True, gguf_type="f16")
     return model, root / "tiny", report
+
+
+@pytest.fixture(scope="module")
+def gguf_export(tmp_path_factory, tokenizer):
+    return _export_case(tmp_path_factory.mktemp("gguf"), tokenizer, "yarn")
+
+
+@pytest.fixture(scope="module")
+def gguf_exports(tmp_path_factory, tokenizer, gguf_export):
+    """Every case of CASES exported (f16 GGUF, both checks on)."""
+    exports = {"yarn": gguf_export}
+    for case in CASES.keys() - {"yarn"}:
+        exports[case] = _export_case(tmp_path_factory.mktemp(f"gguf-{case}"), tokenizer, case)
+    return exports
 
 
 def test_yarn_metadata_under_llama_cpp_key_names(gguf_export):
@@ -62,9 +85,30 @@ def test_yarn_metadata_under_llama_cpp_key_names(gguf_export):
     assert meta[key["SCALING_ORIG_CTX_LEN"]] == 256 and meta["llama.context_length"] == 1024
     # llama.cpp multiplies its own 0.1 ln s + 1 by attn_factor; transformers' attention_factor replaces it
     assert meta[key["SCALING_ATTN_FACTOR"]] == pytest.approx(1.3 / (0.1 * math.log(4.0) + 1), rel=1e-6)
-    assert not any("beta" in k for k in meta)  # llama.cpp reads no beta keys for Llama
+    assert not any("beta" in k for k in meta) and report["gguf_rope"] == "yarn"  # llama.cpp's built-in YaRN
     assert meta[key["FREQ_BASE"]] == 10000.0 and meta["tokenizer.ggml.model"] == "gpt2"
     assert "output.weight" in {t for t in _tensor_names(out / report["gguf_file"])}  # untied head kept
+    assert "rope_freqs.weight" not in _tensor_names(out / report["gguf_file"])
+
+
+@pytest.mark.parametrize("case", ["betas", "untruncated"])
+def test_yarn_llama_cpp_cannot_run_goes_in_as_frequency_factors(gguf_exports, case):
+    """llama.cpp's Llama loader reads no YaRN beta or truncate keys: such a YaRN is written as per-pair divisors of
+    the base frequencies, scaling type none, and the attention factor itself (no 0.1 ln s + 1 is applied then)."""
+    from gguf.constants import Keys
+
+    model, out, report = gguf_exports[case]
+    path = out / report["gguf_file"]
+    meta = read_metadata(path)
+    assert meta[Keys.Rope.SCALING_TYPE.format(arch="llama")] == "none" and report["gguf_rope"] == "freq_factors"
+    assert meta[Keys.Rope.SCALING_ATTN_FACTOR.format(arch="llama")] == pytest.approx(1.3, rel=1e-6)
+    assert not any("beta" in k or "scaling.factor" in k for k in meta)
+    rope = llama_cpp_rope(path)
+    assert rope["keys"]["frequency_factors"] == "rope_freqs.weight" and rope["context_length"] == 1024
+    assert torch.allclose(rope["inv_freq"], model.model.rotary_emb.inv_freq.double(), rtol=1e-6, atol=0)
+    assert any("per-pair frequency factors" in note for note in report["gguf_notes"])
+    assert "do not pass" in (out / "README.md").read_text()  # the card warns against --rope-scaling on top
+    assert report["gguf_check"]["passed"] and report["gguf_check"]["max_relative_difference"] <= 1e-4
 
 
 MIXED = ("def area(r: float) -> float:\n    return 3.14159 * r ** 2  # π r²\n\tcafé, naïve, Ünïcödé, 東京 🚀🎉\n"
@@ -170,7 +214,8 @@ def test_transformers_gguf_loader_matches_with_metadata_rope(gguf_export):
     assert check["passed"] and check["max_relative_difference"] <= 1e-4 and check["prompt_tokens"] == 320
     assert 0 < check["quantization_error"] <= 1e-2  # f16 weights: measured ~7e-4
     rope = check["rope_from_metadata"]
-    assert {k: rope[k] for k in YARN} == YARN and rope["attention_factor"] == pytest.approx(1.3, rel=1e-6)
+    assert rope["scaling_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_context_length"] == 256
+    assert rope["attention_factor"] == pytest.approx(1.3, rel=1e-6)
 
 
 def test_rope_metadata_matters(gguf_export, tokenizer):
@@ -207,7 +252,7 @@ def test_other_gguf_types_round_trip(gguf_export, tmp_path, tokenizer, gguf_type
     result = verify.verify_gguf(path, model, ids, gguf_type)
     assert result["max_relative_difference"] <= 1e-4  # against the same rounded weights
     assert result["quantization_error"] <= {"f32": 1e-6, "bf16": 2e-2, "q8_0": 5e-2}[gguf_type]
-    assert rope_parameters_from_gguf(path)[1] == 1024
+    assert llama_cpp_rope(path)["context_length"] == 1024
 
 
 def test_gguf_check_catches_a_wrong_rotary_layout(gguf_export, tmp_path, tokenizer, monkeypatch):
@@ -228,9 +273,10 @@ def test_refusals_name_the_reason(gguf_export, tmp_path, tokenizer):
 
     with pytest.raises(ExportError, match="Llama architecture only.*'qwen2'"):
         write_gguf(out, tiny_model("qwen2", vocab_size=384), tokenizer, tmp_path / "q.gguf")
-    for custom, named in (({"beta_fast": 16.0}, "beta_fast=16.0"), ({"truncate": False}, "truncate=false")):
-        with pytest.raises(ExportError, match=f"reads no beta or truncate keys.*{named}"):
-            write_gguf(out, tiny_yarn_model(rope={**YARN, **custom}), tokenizer, tmp_path / "c.gguf")
+    dynamic = tiny_yarn_model(rope={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(ExportError, match="rope_type 'dynamic' has no llama.cpp Llama equivalent — export without"):
+        write_gguf(out, dynamic, tokenizer, tmp_path / "d.gguf")
+    assert not (tmp_path / "d.gguf").exists()
 
 
 def test_byte_level_detection_ignores_an_inert_byte_fallback():
@@ -266,13 +312,16 @@ def llama_cpp_logits(path, ids, **options):
 
 
 @pytest.mark.parametrize("gguf_type", ["f32", "f16"])
-def test_llama_cpp_loads_the_yarn_export_and_agrees_with_transformers(gguf_export, tmp_path, tokenizer, gguf_type):
-    """The YaRN x4 export (native 256 -> 1024, attention factor 1.3) in real llama.cpp: its logits on a 320-token
-    prompt, past the native context, match transformers' within the stated tolerance; with llama.cpp told to
-    ignore the GGUF's rope-scaling keys they are far off, so the YaRN keys are what makes them agree."""
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_cpp_loads_the_yarn_export_and_agrees_with_transformers(gguf_exports, tmp_path, tokenizer, case,
+                                                                      gguf_type):
+    """Each YaRN x4 export (native 256 -> 1024, attention factor 1.3; CASES) in real llama.cpp: its logits on a
+    320-token prompt, past the native context, match transformers' within the stated tolerance; with llama.cpp
+    told to ignore the GGUF's rope scaling, or against the same weights with YaRN's default betas and ramp, they
+    are far off, so the RoPE keys and frequency factors are what makes them agree."""
     import llama_cpp
 
-    model, out, report = gguf_export
+    model, out, report = gguf_exports[case]
     path = out / report["gguf_file"]
     if gguf_type != report["gguf_file"].rsplit("-", 1)[1].removesuffix(".gguf"):
         path = tmp_path / f"tiny-{gguf_type}.gguf"
@@ -284,5 +333,12 @@ def test_llama_cpp_loads_the_yarn_export_and_agrees_with_transformers(gguf_expor
     theirs = llama_cpp_logits(path, ids)
     assert verify.max_relative_difference(ours, theirs) <= LLAMA_CPP_TOLERANCE[gguf_type]
     assert verify.max_relative_difference(ours[256:], theirs[256:]) <= LLAMA_CPP_TOLERANCE[gguf_type]
-    without_yarn = llama_cpp_logits(path, ids, rope_scaling_type=llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE)
-    assert verify.max_relative_difference(ours, without_yarn) > 50 * LLAMA_CPP_TOLERANCE[gguf_type]  # measured 0.17
+    if case == "yarn":
+        without_yarn = llama_cpp_logits(path, ids, rope_scaling_type=llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE)
+        assert verify.max_relative_difference(ours, without_yarn) > 50 * LLAMA_CPP_TOLERANCE[gguf_type]  # 0.17
+    else:
+        default_yarn = copy.deepcopy(model)
+        default_yarn.config.rope_parameters = {**YARN, "attention_factor": 1.3}
+        default_yarn.model.rotary_emb = type(model.model.rotary_emb)(config=default_yarn.config)
+        with torch.no_grad():
+            assert verify.max_relative_difference(default_yarn(torch.tensor([ids])).logits[0], theirs) > 1e-2

@@ -161,12 +161,13 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         raise ExportError(f"--merge-lora: {source.model_dir} holds full weights, no LoRA adapter to merge",
                           "leave out --merge-lora")
     max_shard_size = shard_bytes(max_shard_size)
+    hf.check_rope_config(source)
     if run_checks and verify_tokens and (source.model_dir / "config.json").is_file():
         check_verify_tokens(verify_tokens, load_config(source.model_dir))  # before the weights load
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
-    notes += hf.prepare_for_inference(model)
+    notes += hf.prepare_for_inference(model, tokenizer)
     tmp = make_temp_dir(out)
     try:
         progress("writing safetensors, config, tokenizer")
@@ -190,6 +191,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
             progress(f"writing {gguf_path.name}")
             report["gguf_notes"] = gguf_export.write_gguf(tmp, model, tokenizer, gguf_path, gguf_type, gguf_pre)
             report["gguf_file"] = gguf_path.name
+            report["gguf_rope"] = gguf_export.llama_cpp_encoding(model.config.rope_parameters)
             if run_checks:
                 progress("reading the GGUF back and comparing logits")
                 report["gguf_check"] = verify.verify_gguf(gguf_path, model.to(device), input_ids, gguf_type)
