@@ -53,8 +53,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "YARNKIT_API_KEY": "load-test", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "serve", str(model_dir), "--port", "0",
                                 "--window", "512", "--max-sessions", "8", "--max-prompt-tokens", "60000",
-                                "--model-name", "tiny", "--over-window", "truncate"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+                                "--model-name", "tiny", "--over-window", "truncate"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, line

@@ -1,4 +1,4 @@
-"""The tokenizer facts a GGUF states in llama.cpp's words and a `tokenizer.json` in Hugging Face's, kept equal both ways.
+"""The tokenizer facts a GGUF states in llama.cpp's words and a `tokenizer.json` in Hugging Face's, kept equal.
 
 llama.cpp names its pre-tokenizer (`tokenizer.ggml.pre`, e.g. `smollm`: digits split one by one, then GPT-2's
 regex); a tokenizer.json spells the same splitting as a `pre_tokenizer` tree. `PRE_TOKENIZERS` is the one table

@@ -9,11 +9,11 @@ then cached as safetensors under `$YARNKIT_CACHE` (default `~/.cache/yarnkit`), 
 instead of ~20 s; the tokenizer comes from the GGUF alone, with the pre-tokenizer its `tokenizer.ggml.pre` names
 (`yarnkit.gguf_tokenizer`), and the cached files get the user's umask. A folder without config.json or with one
 that is not JSON, names an unknown `model_type` or holds a wrongly typed field, a config without weights beside
-it, a `.gguf` that is not one, and torn safetensors fail here as one `yarnkit.errors` message. A hub id is looked up online only when the hub can be reached (offline, the local
-cache answers at once instead of retrying for 30 s); `hub_errors` names the offline choices when it cannot be
-loaded, and `bundled_config_dir` finds yarnkit's copy of the config.json of a hub model the recipes name
-(`yarnkit/assets/configs/`). Loading the model itself is `yarnkit.models`. Tested by
-`python -m pytest tests/test_models.py tests/test_bad_input.py`.
+it, a `.gguf` that is not one, and torn safetensors fail here as one `yarnkit.errors` message. A hub id is looked
+up online only when the hub can be reached (offline, the local cache answers at once instead of retrying for
+30 s); `hub_errors` names the offline choices when it cannot be loaded, and `bundled_config_dir` finds yarnkit's
+copy of the config.json of a hub model the recipes name (`yarnkit/assets/configs/`). Loading the model itself is
+`yarnkit.models`. Tested by `python -m pytest tests/test_models.py tests/test_bad_input.py`.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ def check_scaling(args, location: str) -> None:
         apply_rope_scaling(load_config(location), rope_type=args.rope_type, factor=args.factor)
     except AlreadyScaled as error:
         raise BadValue(f"{args.model} already uses {error.scaling}, so --rope-type {args.rope_type} "
-                       f"--factor {args.factor:g} would scale it twice", "leave out --rope-type/--factor to evaluate it "
-                       "as trained (--attention-factor changes only its temperature), or evaluate the unscaled base "
-                       "model") from None
+                       f"--factor {args.factor:g} would scale it twice",
+                       "leave out --rope-type/--factor to evaluate it as trained (--attention-factor changes only "
+                       "its temperature), or evaluate the unscaled base model") from None
 
 
 def load_for_eval(args):

@@ -282,7 +282,8 @@ def llama_cpp_rope(path: Path) -> dict:
     keys = {"scaling_type": kind, "attn_factor": attn_factor}
     inv_freq, attention = default_inv_freq(dim, base), attn_factor
     if kind == "yarn":
-        factor, original = float(meta[f"{arch}.rope.scaling.factor"]), int(meta[f"{arch}.rope.scaling.original_context_length"])
+        factor = float(meta[f"{arch}.rope.scaling.factor"])
+        original = int(meta[f"{arch}.rope.scaling.original_context_length"])
         inv_freq, attention = yarn_inv_freq(dim, base, factor, original), attn_factor * yarn_get_mscale(factor)
         keys.update(factor=factor, original_context_length=original)
     elif kind == "linear":

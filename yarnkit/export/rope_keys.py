@@ -57,7 +57,8 @@ def _static(params: dict, notes: list[str]) -> dict:
         notes.append(f"dynamic_yarn exported as static yarn at its trained factor {params['factor']} "
                      "(stock transformers, vLLM and llama.cpp have no dynamic YaRN)")
     elif rope_type not in STOCK_TYPES:
-        raise ExportError(f"rope_type {rope_type!r} has no stock-loader equivalent (stock types: {', '.join(STOCK_TYPES)})",
+        raise ExportError(f"rope_type {rope_type!r} has no stock-loader equivalent "
+                          f"(stock types: {', '.join(STOCK_TYPES)})",
                           "fine-tune with yarn.rope_type=yarn, or serve the checkpoint with yarnkit")
     if params["rope_type"] == "yarn":
         _portable_yarn(params, notes)
@@ -206,7 +207,8 @@ def check_vllm_rope(config: dict, tokenizer_max_length: int | None = None) -> tu
     before = yarn_get_mscale(legacy["factor"]) * legacy.get("attn_factor", 1.0)
     if not math.isclose(before, wanted, rel_tol=1e-9):
         errors.append(f"vLLM before PR #56446 would scale cos/sin by {before:.6g} (attn_factor × (0.1·ln s + 1)), "
-                      f"transformers by {wanted:.6g}: rope_scaling.attn_factor must be {wanted / yarn_get_mscale(legacy['factor']):.9g}")
+                      f"transformers by {wanted:.6g}: rope_scaling.attn_factor must be "
+                      f"{wanted / yarn_get_mscale(legacy['factor']):.9g}")
     expected = scaled_max_positions(v5)
     if config.get("max_position_embeddings") != expected:
         errors.append(f"max_position_embeddings={config.get('max_position_embeddings')} should be factor × original "
