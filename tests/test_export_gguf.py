@@ -188,8 +188,8 @@ def test_chat_reply_of_an_exported_gguf_stops_at_eos(tmp_path):
     """`yarnkit export SmolLM2 --gguf --gguf-type q8_0`, then chat with the GGUF: the greedy reply ends with EOS,
     not at the token limit (the tokenizer read back has the chat template and EOS)."""
     from yarnkit.model_files import local_hf_dir
-    from yarnkit.runtime.conversation import Conversation, load_chat_model
-    from yarnkit.runtime.engine import StreamOptions
+    from yarnkit.runtime.conversation import Conversation
+    from yarnkit.runtime.options import StreamOptions, load_chat_model
 
     report = export(local_hf_dir("smollm2-135m"), tmp_path / "exported", gguf=True, gguf_type="q8_0",
                     run_checks=False)
