@@ -178,6 +178,7 @@ def check_stream_arguments(args) -> None:
     if args.sirllm_keep < 0 or not 0.0 < args.sirllm_decay <= 1.0:
         raise BadValue(f"--sirllm-keep {args.sirllm_keep} / --sirllm-decay {args.sirllm_decay:g}: need keep >= 0 "
                        "and decay in (0, 1]", "e.g. --sirllm-keep 64 --sirllm-decay 0.9")
+    check_string(args)  # a decode path STRING cannot run is refused on any device, so before the CUDA checks
     on_gpu = str(args.device).startswith("cuda")
     if args.decode == "graph" and not on_gpu:
         raise BadValue(f"--decode graph needs a CUDA GPU (--device {args.device})",
