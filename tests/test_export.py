@@ -120,6 +120,20 @@ def test_bf16_export_within_bf16_tolerance(tmp_path, tokenizer):
         assert handle.get_tensor("model.norm.weight").dtype == torch.bfloat16
 
 
+def test_an_unscaled_model_is_checked_within_its_context(tmp_path, tokenizer):
+    """A model without RoPE scaling (the bundled SmolLM2 as shipped) exports with the default checks: they compare
+    logits on its whole native context, not on 64 tokens past it (which the context check refuses)."""
+    from conftest import tiny_model
+    from export_fixtures import VOCAB
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    report = export(tmp_path / "plain", tmp_path / "out")
+    assert report["rope_parameters"]["rope_type"] == "default" and report["max_position_embeddings"] == 256
+    assert report["hf_check"]["passed"] and report["hf_check"]["prompt_tokens"] == 256
+
+
 def test_lora_run_is_merged_and_matches_the_unmerged_adapter(tmp_path, tokenizer):
     from peft import PeftModel
 

@@ -60,7 +60,8 @@ def add_arguments(parser) -> None:
                         help="GGUF weight type (default f16; q8_0 is ~half the size, slightly less exact)")
     parser.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected or 'default')")
     parser.add_argument("--verify-tokens", type=int, default=None,
-                        help="verification prompt length (default: original context + 64, so YaRN matters)")
+                        help="verification prompt length (default: original context + 64, so YaRN matters; the "
+                             "whole context for a model without RoPE scaling)")
     parser.add_argument("--device", default="cpu", help="where the verification forwards run (cuda for big models)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare checks (not advised)")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
@@ -139,10 +140,11 @@ def check_verify_tokens(n_tokens: int, config) -> None:
 
 
 def default_verify_tokens(config) -> int:
+    """64 tokens past the original context, where a scaling matters; a model without one, its whole context."""
     from yarnkit.export.rope_keys import main_rope_dict
 
     original = main_rope_dict(config.rope_parameters).get("original_max_position_embeddings")
-    return int(original or config.max_position_embeddings) + 64
+    return min(int(original or config.max_position_embeddings) + 64, config.max_position_embeddings)
 
 
 def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",

@@ -118,7 +118,9 @@ def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSou
                 raise ExportError(f"raw DeepSpeed checkpoint {ds_dir} has no config.json beside it in {model_dir}")
             return ExportSource(model_dir, recipe_path, run_dir, None, deepspeed_dir=ds_dir)
         raise ExportError(f"no model weights in {model_dir}: expected *.safetensors (full model) or "
-                          "adapter_config.json + adapter_model.safetensors (LoRA); the checkpoint may be partial")
+                          "adapter_config.json + adapter_model.safetensors (LoRA)",
+                          "the checkpoint may be partial: export an earlier complete one, or copy the weights "
+                          "beside config.json")
     if (model_dir / "adapter_config.json").is_file():
         if not (model_dir / "adapter_model.safetensors").is_file():
             raise ExportError(f"LoRA adapter weights missing: {model_dir / 'adapter_model.safetensors'}")
