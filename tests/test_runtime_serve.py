@@ -393,9 +393,10 @@ def test_a_prompt_over_the_window_is_refused_or_answered_with_the_truncation_sta
         scheduler.close()
 
 
-def test_an_abandoned_request_stops_its_work_within_a_second(model, tokenizer):
+def test_an_abandoned_request_stops_its_work_within_a_second(model, tokenizer, capfd):
     """A non-streaming request whose client hangs up: the scheduler is idle again within a second, long before the
-    reply it was asked for (3000 tokens, ~10 s of decoding here) would be done."""
+    reply it was asked for (3000 tokens, ~10 s of decoding here) would be done; the access log says 499 (client
+    closed the request), and no traceback is printed."""
     scheduler = Scheduler(model, tokenizer, StreamOptions(window=4096, decode="static"), rows=1)
     service = Service(scheduler, tokenizer, "tiny", Sampling(max_new_tokens=4), max_tokens_limit=3000)
     server = LocalServer(create_app(service))
@@ -418,6 +419,11 @@ def test_an_abandoned_request_stops_its_work_within_a_second(model, tokenizer):
         assert time.perf_counter() - gone < 1.0, "the abandoned request kept the scheduler busy"
         produced = scheduler.steps - steps
         assert produced < 1000  # stopped long before its 3000 tokens
+        time.sleep(0.5)  # the handler ends at its next disconnect poll; the access line follows
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Exception in ASGI" not in err, err[-2000:]
+        access = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert [line["status"] for line in access if line["path"] == "/v1/chat/completions"] == [499], access
     finally:
         server.stop()
         scheduler.close()

@@ -41,6 +41,11 @@ log = logging.getLogger("yarnkit.serve")
 API_KEY_ENV = "YARNKIT_API_KEY"
 TRUNCATED_HEADER = "X-Yarnkit-Truncated"
 DISCONNECT_POLL = 0.2  # seconds between checks that a waiting (non-streaming) client is still there
+CLIENT_CLOSED = 499  # the access log's status for a client that hung up before its answer (nginx's code)
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready: its jobs are cancelled and nothing is sent."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +125,7 @@ def api_key_check(api_key: str | None):
 def add_error_handlers(app) -> None:
     """Every error leaves as OpenAI-style JSON naming the field: ours, request validation, unknown routes, crashes."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
@@ -150,6 +155,10 @@ def add_error_handlers(app) -> None:
         message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else str(
             error.detail)
         return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, error):
+        return Response(status_code=CLIENT_CLOSED)  # no one reads it; the access log records who left
 
     @app.exception_handler(Exception)
     async def crashed(request, error):
@@ -272,14 +281,14 @@ async def answer(service: Service, request, jobs: list[Job], body, kind: str):
 
 async def next_event(events: asyncio.Queue, request, checked: list[float]):
     """The next scheduler event. Every `DISCONNECT_POLL` seconds (also while events keep coming) it checks that the
-    client is still there; one that hung up raises CancelledError, and the caller's `finally` cancels its jobs.
+    client is still there; one that hung up raises `ClientGone`, and the caller's `finally` cancels its jobs.
     `checked` holds the time of the last check."""
     loop = asyncio.get_running_loop()
     while True:
         if loop.time() - checked[0] >= DISCONNECT_POLL:
             checked[0] = loop.time()
             if await request.is_disconnected():
-                raise asyncio.CancelledError
+                raise ClientGone
         try:
             return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
         except asyncio.TimeoutError:
