@@ -88,7 +88,8 @@ class SessionTable:
         """A new conversation on a free row; with `evict`, drops the least recently used idle one if every row is
         taken (None: no row free, or all busy)."""
         if len(self.named) + len(self.anonymous) >= self.rows:
-            idle = [c for c in list(self.named.values()) + self.anonymous if id(c) not in self.busy and c not in protect]
+            idle = [c for c in list(self.named.values()) + self.anonymous
+                    if id(c) not in self.busy and c not in protect]
             if not evict or not idle:
                 return None
             victim = min(idle, key=lambda c: self.last_used.get(id(c), 0))

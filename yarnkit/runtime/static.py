@@ -72,7 +72,8 @@ def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window
 
 
 class SlotPool(Cache):
-    """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every forward sees."""
+    """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every forward
+    sees."""
 
     def __init__(self, model, window: int, rotary: Rotary, rows: int = 1, graph: bool = False,
                  compiled: bool = False, sinks: int = 0, evict_batch: int = 1):
