@@ -47,7 +47,8 @@ def tiny_yarn_model(seed: int = 0, rope: dict | None = None, **overrides):
     params = {k: v for k, v in rope.items()
               if k not in ("rope_type", "factor", "rope_theta", "original_max_position_embeddings")}
     model = tiny_model("llama", seed=seed, vocab_size=VOCAB, **overrides)
-    apply_rope_scaling(model, rope["rope_type"], factor=rope["factor"], **params)
+    apply_rope_scaling(model, rope["rope_type"], factor=rope["factor"],
+                       original_max_position_embeddings=rope.get("original_max_position_embeddings"), **params)
     with torch.no_grad():  # sharper attention than the 0.02-std init, so positions (and so RoPE) matter:
         for name, weight in model.named_parameters():  # dropping YaRN moves logits by ~14% instead of ~1%
             if name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -7,13 +7,16 @@ traceback, and that nothing under the inputs changed (the whole input folder is 
 contents, modes and the set of paths, so a half-written output folder counts). Most cases run in-process through
 `yarnkit.cli.main([...])` with the file descriptors captured; a few run as real subprocesses (scripts/train.py,
 the data-loss reproduction of issue 18, a busy port). Inputs are tiny and built here: a 2-layer Llama with a
-384-token BPE, a run folder as the trainer writes it, torn weights, a text file named .gguf, a GPT-2 config.
+384-token BPE, a run folder as the trainer writes it, torn weights, a text file named .gguf, a GPT-2 config, RoPE
+settings stock loaders would read differently (dynamic_yarn, a string truncate).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -26,7 +29,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_fixtures import make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
+from export_fixtures import YARN, make_run, tiny_bpe_tokenizer, tiny_yarn_model  # noqa: E402
 
 from yarnkit import model_files  # noqa: E402
 from yarnkit.cli import main  # noqa: E402
@@ -43,6 +46,7 @@ def inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inputs")
     tokenizer = tiny_bpe_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE  # chat cases that fail after loading print no no-template notice
     model = tiny_yarn_model()
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -52,6 +56,15 @@ def inputs(tmp_path_factory):
         (root / "torn" / item.name).write_bytes(item.read_bytes())
     weights = (root / "torn" / "model.safetensors").read_bytes()
     (root / "torn" / "model.safetensors").write_bytes(weights[: len(weights) // 3])  # a killed copy
+    dynamic = tiny_yarn_model(rope={**YARN, "rope_type": "dynamic_yarn"})  # trained as yarn.rope_type=dynamic_yarn
+    dynamic.save_pretrained(root / "dynyarn")
+    tokenizer.save_pretrained(root / "dynyarn")
+    (root / "truncstr").mkdir()
+    for item in (root / "model").iterdir():
+        (root / "truncstr" / item.name).write_bytes(item.read_bytes())
+    config = json.loads((root / "truncstr" / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = "false"  # a hand edit loaders read as true
+    (root / "truncstr" / "config.json").write_text(json.dumps(config))
     (root / "notmodel").mkdir()
     (root / "notmodel" / "notes.txt").write_text("my notes, not a model\n")
     (root / "text.gguf").write_text("this is a text file, not a GGUF\n")
@@ -70,6 +83,22 @@ def inputs(tmp_path_factory):
     (root / "userdir").mkdir()
     (root / "userdir" / "keep.txt").write_text("a user's own file\n")
     (root / "afile").write_text("a file where a folder is expected\n")
+    for name, config in BROKEN_CONFIGS.items():  # the model folder with its config.json spoiled
+        (root / name).mkdir()
+        for item in (root / "model").iterdir():
+            (root / name / item.name).write_bytes(item.read_bytes())
+        original = json.loads((root / "model" / "config.json").read_text())
+        (root / name / "config.json").write_text(config(original) if callable(config) else config)
+    (root / "noweights").mkdir()
+    for item in (root / "model").iterdir():
+        if not item.name.endswith(".safetensors"):
+            (root / "noweights" / item.name).write_bytes(item.read_bytes())
+    (root / "latin1.txt").write_bytes("Les misérables, café au lait. ".encode("latin-1") * 40)
+    (root / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n' + '{"text": "café"}\n'.encode("latin-1"))
+    (root / "notgzip.txt.gz").write_text("plain text wearing a .gz name\n" * 40)
+    whole = gzip.compress((root / "book.txt").read_bytes() + bytes(range(256)) * 64)
+    (root / "truncated.txt.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    (root / "numberfield.jsonl").write_text(json.dumps({"text": 42}) + "\n")
     state = root / "trained" / "checkpoints" / "step_000001" / "state"
     state.mkdir(parents=True)
     (state / "trainer_state.json").write_text(json.dumps({"step": 1, "samples_seen": 1, "tokens_seen": 64}))
@@ -104,6 +133,16 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+BROKEN_CONFIGS = {  # folder -> config.json text (or a function of the good one)
+    "badjson": "{not json",
+    "emptyjson": "",
+    "listjson": "[1, 2]",
+    "typedconfig": lambda c: json.dumps({**c, "num_hidden_layers": "two"}),
+    "unknowntype": lambda c: json.dumps({**c, "model_type": "llamma"}),
+    "notype": lambda c: json.dumps({k: v for k, v in c.items() if k != "model_type"}),
+}
+UNWRITABLE = "/sys/yarnkit-out"  # a folder no one may create, root included (sysfs; read-only in containers)
 TRAIN = ["train", "model.name_or_path={root}/model", "run_dir={root}/out/train", "data.seq_len=64",
          "train.mixed_precision=fp32", "train.max_steps=1", "model.gradient_checkpointing=false"]
 OUT = "{root}/out/eval"
@@ -161,6 +200,10 @@ CASES = [
      "yarnkit export --help"),
     ("export-device-missing", ["export", "{root}/run", "--out", "{root}/out/x", "--device", "cuda"], "'cuda'",
      "--device cpu"),
+    ("export-rope-loaders-misread", ["export", "{root}/dynyarn", "--out", "{root}/out/x"],
+     "rope_type 'dynamic_yarn' with finetuned=false", "yarn.rope_type=yarn"),
+    ("export-rope-truncate-not-bool", ["export", "{root}/truncstr", "--out", "{root}/out/x"],
+     "rope_parameters.truncate='false'", "JSON boolean"),
     ("export-push-only-not-an-export", ["export", "{root}/model", "--push-only", "--push-to-hub", "u/m"],
      "export_report.json", "--push-only --push-to-hub"),
     # info
@@ -243,6 +286,184 @@ CASES = [
     ("serve-port-out-of-range", ["serve", "{root}/model", "--port", "70000"], "--port 70000", "1..65535"),
 ]
 
+# Every command given a model folder whose config.json or weights are broken (the value, the fix).
+BROKEN_MODELS = {
+    "badjson": ("badjson/config.json is not valid JSON", "restore it"),
+    "emptyjson": ("emptyjson/config.json is not valid JSON", "restore it"),
+    "listjson": ("holds a JSON list", "restore it"),
+    "typedconfig": ("typedconfig/config.json has a field transformers cannot use", "restore it"),
+    "unknowntype": ("model_type 'llamma'", "did you mean 'llama'"),
+    "notype": ("notype/config.json has no model_type", '"model_type": "llama"'),
+    "noweights": ("noweights has a config.json but no *.safetensors", "copy the weights"),
+}
+MODEL_COMMANDS = {  # command -> argv with {model}
+    "info": ["info", "{model}"],
+    "train": [*TRAIN[:1], "model.name_or_path={model}", *TRAIN[2:]],
+    "export": ["export", "{model}", "--out", "{root}/out/x"],
+    "chat": ["chat", "{model}", "--prompt", "hi"],
+    "serve": ["serve", "{model}", "--port", "0"],
+    "eval-ppl": ["eval", "ppl", "{model}", "--data", "{root}/book.txt", "--lengths", "64", "--out", OUT],
+    "eval-passkey": ["eval", "passkey", "{model}", "--lengths", "64", "--out", OUT],
+    "eval-stream": ["eval", "stream", "{model}", "--data", "{root}/book.txt", "--max-tokens", "64", "--out", OUT],
+}
+for folder, (value, fix) in BROKEN_MODELS.items():
+    for command, argv in MODEL_COMMANDS.items():
+        if folder == "noweights" and command == "info":
+            continue  # info reads the config only: a model without weights is fine there
+        named = ("no model weights in {root}/noweights", "expected *.safetensors") if (
+            folder == "noweights" and command == "export") else (value, fix)  # export's own check comes first
+        CASES.append((f"{command}-{folder}", [arg.replace("{model}", "{root}/" + folder) for arg in argv], *named))
+
+# chat and serve share their streaming flags: each value that cannot work fails before the model loads.
+STREAM_FLAGS = [
+    ("temperature-negative", ["--temperature", "-1"], "--temperature -1", "--temperature 0.7"),
+    ("temperature-nan", ["--temperature", "nan"], "--temperature nan", "--temperature 0.7"),
+    ("temperature-inf", ["--temperature", "inf"], "--temperature inf", "--temperature 0.7"),
+    ("top-p-zero", ["--top-p", "0"], "--top-p 0", "--top-p 0.9"),
+    ("top-p-above-one", ["--top-p", "1.5"], "--top-p 1.5", "--top-p 0.9"),
+    ("evict-batch-zero", ["--evict-batch", "0"], "--evict-batch 0", "--evict-batch 64"),
+    ("compress-rate-two", ["--compress-rate", "2"], "--compress-rate 2", "--compress-rate 0.5"),
+    ("compress-rate-zero", ["--compress-rate", "0"], "--compress-rate 0", "--compress-rate 0.5"),
+    ("compress-over-zero", ["--compress-over", "0"], "--compress-over 0", "--compress-over 512"),
+    ("max-new-tokens-zero", ["--max-new-tokens", "0"], "--max-new-tokens 0", "--max-new-tokens 256"),
+    ("max-new-tokens-negative", ["--max-new-tokens", "-5"], "--max-new-tokens -5", "--max-new-tokens 256"),
+    ("seed-above-64-bits", ["--seed", str(2**70), "--temperature", "0.7"], f"--seed {2**70}", "--seed 0"),
+    ("seed-below-64-bits", ["--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1}", "--seed 0"),
+    ("decode-graph-on-cpu", ["--decode", "graph"], "--decode graph needs a CUDA GPU", "--decode auto or static"),
+    ("compile-on-cpu", ["--compile"], "--compile", "leave out --compile"),
+    ("sinks-negative", ["--sinks", "-1"], "--sinks -1", "--sinks 4"),
+    ("sinks-fill-window", ["--window", "8", "--sinks", "8"], "--sinks 8", "--sinks 4"),
+    ("sirllm-decay-zero", ["--sirllm-decay", "0"], "--sirllm-decay 0", "--sirllm-decay 0.9"),
+    ("sirllm-keep-negative", ["--sirllm-keep", "-1"], "--sirllm-keep -1", "--sirllm-keep 64"),
+    ("window-negative", ["--window", "-4"], "--window -4", "--window 1024"),
+    ("window-beyond-memory", ["--window", str(10**10), "--decode", "static"], f"--window {10**10} x",
+     "lower --window"),
+]
+for name, flags, value, fix in STREAM_FLAGS:
+    CASES.append((f"chat-{name}", ["chat", "{root}/model", *flags, "--prompt", "hi"], value, fix))
+    CASES.append((f"serve-{name}", ["serve", "{root}/model", *flags, "--port", "0"], value, fix))
+
+# Recipe values that cannot work fail before anything is written (recipe.yaml included).
+RECIPE_VALUES = [
+    ("optim.lr=-1", "optim.lr=-1.0", "optim.lr=2e-5"),
+    ("optim.lr=nan", "optim.lr=nan", "optim.lr=2e-5"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]", "optim.betas=[0.9,0.95]"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]", "optim.betas=[0.9,0.95]"),
+    ("optim.eps=-1e-8", "optim.eps=-1e-08", "optim.eps=1e-8"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1", "optim.weight_decay=0"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps=-1", "optim.warmup_steps=20"),
+    ("optim.schedule_steps=-5", "optim.schedule_steps=-5", "optim.schedule_steps=0"),
+    ("optim.fused=maybe", "optim.fused='maybe'", "auto, true or false"),
+    ("optim.schedule=cosine", "optim.schedule='cosine'", "linear or constant"),
+    ("yarn.rope_type=yarnn", "yarn.rope_type='yarnn'", "did you mean 'yarn'"),
+    ("yarn.rope_type=rope", "yarn.rope_type='rope'", "choose one of linear"),
+    ("yarn.factor=inf", "yarn.factor=inf", "yarn.factor=4"),
+    ("yarn.factor=nan", "yarn.factor=nan", "yarn.factor=4"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0", "checkpoint.keep_last=2"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1", "checkpoint.keep_last=2"),
+    ("checkpoint.every=-1", "checkpoint.every=-1", "checkpoint.every=100"),
+    ("train.clip=-1", "train.clip=-1.0", "train.clip=1.0"),
+    ("train.log_every=0", "train.log_every=0", "train.log_every=1"),
+    ("train.loss_chunk_tokens=0", "train.loss_chunk_tokens=0", "train.loss_chunk_tokens=4096"),
+    ("train.peak_tflops=0", "train.peak_tflops=0.0", "train.peak_tflops=989"),
+    ("lora.dropout=2", "lora.dropout=2.0", "lora.dropout=0.05"),
+    ("train.micro_batch_size=100000000", "estimated", "train.memory_check=false"),
+    ("yarn.factor=4", "model.name_or_path={root}/model already uses rope_type 'yarn'", "yarn.replace=true"),
+]
+for override, value, fix in RECIPE_VALUES:
+    extra = ["lora.enabled=true"] if override.startswith("lora.") else []
+    CASES.append((f"recipe-{override}", [*TRAIN, *extra, override], value, fix))
+
+# Data that is not what it says: named with its path (and line or byte), in every command that reads data.
+BAD_DATA = [
+    ("latin1-text", "latin1.txt", "latin1.txt is not UTF-8 text (byte 7", "iconv -f latin1"),
+    ("latin1-jsonl", "latin1.jsonl", "latin1.jsonl:2 is not UTF-8 text", "iconv -f latin1"),
+    ("not-gzip", "notgzip.txt.gz", "notgzip.txt.gz is not a gzip file", "re-compress it with gzip"),
+    ("truncated-gzip", "truncated.txt.gz", "truncated.txt.gz is not a gzip file", "re-compress it with gzip"),
+    ("number-field", "numberfield.jsonl", "numberfield.jsonl:1: field 'text' holds a int", "--field NAME"),
+]
+for name, data, value, fix in BAD_DATA:
+    CASES.append((f"data-{name}", [*TRAIN, "data.source={root}/" + data], value, fix))
+    CASES.append((f"eval-ppl-{name}", ["eval", "ppl", "{root}/model", "--data", "{root}/" + data, "--lengths", "16",
+                                       "--out", OUT], value, fix))
+    CASES.append((f"eval-stream-{name}", ["eval", "stream", "{root}/model", "--data", "{root}/" + data,
+                                          "--max-tokens", "32", "--out", OUT], value, fix))
+for name, data, value, fix in [BAD_DATA[0], *BAD_DATA[2:4]]:  # a haystack is read as text, never as .jsonl
+    CASES.append((f"eval-needle-{name}", ["eval", "needle", "{root}/model", "--haystack", "{root}/" + data,
+                                          "--lengths", "64", "--out", OUT], value, fix))
+
+# Outputs that cannot be written fail before the long work: a file where a folder goes, a path through a file,
+# a folder that takes no files, a plot format matplotlib cannot write.
+OUTPUT_FOLDERS = {
+    "train": [*TRAIN, "run_dir={out}"],
+    "export": ["export", "{root}/run", "--out", "{out}"],
+    "eval-ppl": ["eval", "ppl", "{root}/model", "--data", "{root}/book.txt", "--lengths", "64", "--out", "{out}"],
+    "eval-passkey": ["eval", "passkey", "{root}/model", "--lengths", "64", "--out", "{out}"],
+    "eval-needle": ["eval", "needle", "{root}/model", "--lengths", "64", "--out", "{out}"],
+    "eval-stream": ["eval", "stream", "{root}/model", "--data", "{root}/book.txt", "--max-tokens", "64",
+                    "--out", "{out}"],
+    "eval-retrieval": ["eval", "retrieval", "{root}/model", "--lengths", "64", "--out", "{out}"],
+}
+for command, argv in OUTPUT_FOLDERS.items():
+    flag = "run_dir=" if command == "train" else "--out "
+    for kind, out, value, fix in (
+            ("is-a-file", "{root}/afile", "afile is a file", "folder path"),
+            ("under-a-file", "{root}/afile/sub", "afile is a file", "through folders only"),
+            ("unwritable", UNWRITABLE, f"{flag}{UNWRITABLE}: cannot write in /sys", "a folder you can write to")):
+        if command == "export" and kind == "is-a-file":
+            continue  # already in the table above (export-out-is-a-file)
+        CASES.append((f"{command}-out-{kind}", [arg.replace("{out}", out) for arg in argv], value, fix))
+PLOT = ["eval", "plot", "{root}/ppl.json", "--out"]
+REPORT = ["eval", "report", "{root}/ppl.json", "--output"]
+INFO_PLOT = ["info", "{root}/model", "--factor", "4", "--plot"]
+CASES += [
+    ("plot-out-json", [*PLOT, "{root}/out/x.json"], "cannot write a .json file", "out/x.png"),
+    ("plot-out-folder", [*PLOT, "{root}/emptydir"], "emptydir is a folder", "pass a file path"),
+    ("plot-out-unwritable", [*PLOT, UNWRITABLE + "/p.png"], "cannot write in /sys", "a folder you can write to"),
+    ("plot-out-under-a-file", [*PLOT, "{root}/afile/p.png"], "afile is a file", "through folders only"),
+    ("report-output-unwritable", [*REPORT, "/sys/r.md"], "cannot write in /sys", "a folder you can write to"),
+    ("report-output-folder", [*REPORT, "{root}/emptydir"], "emptydir is a folder", "pass a file path"),
+    ("info-plot-json", [*INFO_PLOT, "{root}/p.json"], "cannot write a .json file", "/p.png"),
+    ("info-plot-missing-folder", [*INFO_PLOT, "{root}/nowhere/p.png"], "the folder {root}/nowhere does not exist",
+     "create it first"),
+    ("info-plot-unwritable", [*INFO_PLOT, "/sys/p.png"], "cannot write in /sys", "a folder you can write to"),
+    ("info-plot-folder", [*INFO_PLOT, "{root}/emptydir"], "emptydir is a folder", "pass a file path"),
+    # numbers that are not numbers, sizes that are not sizes, flags that do not apply
+    ("info-factor-inf", ["info", "{root}/model", "--factor", "inf"], "--factor inf", "--factor 4"),
+    ("info-factor-nan", ["info", "{root}/model", "--factor", "nan"], "--factor nan", "factor > 1"),
+    ("info-beta-fast-inf", ["info", "{root}/model", "--factor", "4", "--beta-fast", "inf"], "--beta-fast inf",
+     "paper's 32 and 1"),
+    ("export-shard-size-word", ["export", "{root}/run", "--out", "{root}/out/x", "--max-shard-size", "abc"],
+     "--max-shard-size 'abc'", "2GB, 500MB"),
+    ("export-shard-size-negative", ["export", "{root}/run", "--out", "{root}/out/x", "--max-shard-size=-5GB"],
+     "--max-shard-size '-5GB'", "2GB, 500MB"),
+    ("export-shard-size-zero", ["export", "{root}/run", "--out", "{root}/out/x", "--max-shard-size", "0"],
+     "--max-shard-size '0'", "2GB, 500MB"),
+    ("export-verify-tokens-beyond-context", ["export", "{root}/run", "--out", "{root}/out/x", "--verify-tokens",
+                                             "99999999999"], "--verify-tokens 99999999999", "leave it out"),
+    ("eval-lengths-beyond-an-index", ["eval", "passkey", "{root}/model", "--lengths", str(10**20), "--out", OUT],
+     f"--lengths {10**20}", "--lengths 2048,4096"),
+    ("eval-factor-inf", ["eval", "ppl", "{root}/model", "--data", "{root}/book.txt", "--rope-type", "yarn",
+                         "--factor", "1e400", "--out", OUT], "--factor inf", "--factor 4"),
+    ("eval-rope-type-on-a-scaled-model", ["eval", "passkey", "{root}/model", "--rope-type", "yarn", "--factor", "4",
+                                          "--lengths", "64", "--out", OUT], "already uses rope_type 'yarn'",
+     "leave out --rope-type/--factor"),
+    ("export-merge-lora-without-lora", ["export", "{root}/run", "--out", "{root}/out/x", "--merge-lora"],
+     "no LoRA adapter to merge", "leave out --merge-lora"),
+    ("chat-system-not-utf8", ["chat", "{root}/model", "--system", "caf\udce9", "--prompt", "hi"],
+     "--system is not UTF-8 text", "UTF-8"),
+    ("chat-prompt-not-utf8", ["chat", "{root}/model", "--prompt", "caf\udce9"], "--prompt is not UTF-8 text",
+     "iconv -f latin1"),
+]
+STDIN_CASES = [  # (case id, argv, stdin bytes, value, fix)
+    ("chat-prompt-stdin-not-utf8", ["chat", "{root}/model", "--prompt", "-"], "café\n".encode("latin-1"),
+     "--prompt -: stdin is not UTF-8 text (byte 3", "iconv -f latin1"),
+    ("chat-piped-line-not-utf8", ["chat", "{root}/model"], "hello\ncafé\n".encode("latin-1"),
+     "a line of stdin is not UTF-8 text", "iconv -f latin1"),
+    ("chat-prompt-stdin-empty", ["chat", "{root}/model", "--prompt", "-"], b"  \n", "empty prompt",
+     "--prompt -"),
+]
+
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and not PROGRESS_LINE.search(line)]
@@ -279,6 +500,47 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(inputs, offline, capf
     out, err = capfd.readouterr()
     check_failure(code, out, err, value.format(root=inputs), fix)
     assert tree_hash(inputs) == before, "the failed command changed its inputs"
+
+
+@pytest.mark.parametrize("argv, stdin, value, fix", [case[1:] for case in STDIN_CASES],
+                         ids=[case[0] for case in STDIN_CASES])
+def test_bad_stdin_fails_with_one_line_and_changes_nothing(inputs, offline, capfd, monkeypatch, argv, stdin, value,
+                                                           fix):
+    """Piped stdin as Python decodes it in a UTF-8 locale (surrogate escapes for other bytes)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8",
+                                                       errors="surrogateescape"))
+    before = tree_hash(inputs)
+    with time_limit(CASE_SECONDS):
+        code = main([arg.format(root=inputs) for arg in argv])
+    out, err = capfd.readouterr()
+    check_failure(code, out, err, value.format(root=inputs), fix)
+    assert tree_hash(inputs) == before
+
+
+@pytest.mark.parametrize("task", ["ppl", "passkey", "stream", "retrieval"])
+def test_eval_refuses_an_unwritable_out_before_evaluating(inputs, offline, capfd, monkeypatch, task):
+    """The results would be written after the whole evaluation: the output folder is checked before any model
+    loads, so nothing is evaluated (and lost)."""
+    import yarnkit.eval.tasks
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("the model was loaded although --out cannot be written")
+
+    monkeypatch.setattr(yarnkit.eval.tasks, "load_for_eval", evaluate)
+    data = ["--data", str(inputs / "book.txt")] if task in ("ppl", "stream") else []
+    assert main(["eval", task, str(inputs / "model"), *data, "--out", UNWRITABLE]) == 2
+    assert f"--out {UNWRITABLE}: cannot write" in capfd.readouterr().err
+
+
+def test_the_table_covers_every_command():
+    """Each `yarnkit` command (and each eval task) has bad-input cases here; the sweep counts them all."""
+    from yarnkit.cli import COMMANDS
+    from yarnkit.eval.cli import TASKS
+
+    argvs = [case[1] for case in CASES] + [case[1] for case in STDIN_CASES]
+    assert {argv[0] for argv in argvs} == set(COMMANDS)
+    assert {argv[1] for argv in argvs if argv[0] == "eval"} >= set(TASKS) | {"plot", "report"}
+    assert len(argvs) >= 180, len(argvs)
 
 
 def run_cli(*argv, cwd=REPO, env_extra=None, timeout=180):

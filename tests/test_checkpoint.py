@@ -23,7 +23,7 @@ def fake_checkpoint(run: Path, name: str, model: bool = True, trainer_state: boo
     (folder / "state").mkdir(parents=True)
     if model:
         (folder / "model").mkdir()
-        (folder / "model" / "config.json").write_text("{}")
+        (folder / "model" / "config.json").write_text('{"model_type": "llama"}')
     if trainer_state:
         (folder / "state" / "trainer_state.json").write_text("{}")
     return folder

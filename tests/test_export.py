@@ -73,20 +73,30 @@ def test_exported_config_carries_yarn_for_v5_v4_and_vllm(exported):
     assert {k: loaded.rope_parameters[k] for k in YARN} == YARN
 
 
-def test_verification_fails_when_the_config_loses_yarn(exported, tmp_path, tokenizer):
-    """The check can fail: the same weights with YaRN dropped from config.json give different logits."""
+def test_verification_fails_when_the_config_loses_yarn_or_a_weight_changes(exported, tmp_path, tokenizer):
+    """The check can fail on both sides: YaRN dropped from config.json is caught in the RoPE stock transformers
+    builds (the rope keys it reads back, inv_freq, attention scaling); one changed weight, in the logits."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     model, out, _ = exported
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
-    config = json.loads((broken / "config.json").read_text())
+    ids = verify.prompt_ids(tokenizer, 320, model.config.vocab_size)
+    no_yarn = tmp_path / "no-yarn"
+    shutil.copytree(out, no_yarn)
+    config = json.loads((no_yarn / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     config["rope_scaling"] = None
-    (broken / "config.json").write_text(json.dumps(config))
-    ids = verify.prompt_ids(tokenizer, 320, model.config.vocab_size)
+    (no_yarn / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="different RoPE.*rope_parameters.rope_type='default' .the model has 'yarn'"):
+        verify.verify_hf(no_yarn, model, ids)
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    weights = load_file(edited / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] *= 1.5
+    save_file(weights, edited / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ExportError, match="max relative logit difference"):
-        verify.verify_hf(broken, model, ids)
+        verify.verify_hf(edited, model, ids)
 
 
 def test_model_card_has_recipe_yarn_eval_table_plot_and_load_commands(exported):
@@ -108,6 +118,20 @@ def test_bf16_export_within_bf16_tolerance(tmp_path, tokenizer):
 
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as handle:
         assert handle.get_tensor("model.norm.weight").dtype == torch.bfloat16
+
+
+def test_an_unscaled_model_is_checked_within_its_context(tmp_path, tokenizer):
+    """A model without RoPE scaling (the bundled SmolLM2 as shipped) exports with the default checks: they compare
+    logits on its whole native context, not on 64 tokens past it (which the context check refuses)."""
+    from conftest import tiny_model
+    from export_fixtures import VOCAB
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    report = export(tmp_path / "plain", tmp_path / "out")
+    assert report["rope_parameters"]["rope_type"] == "default" and report["max_position_embeddings"] == 256
+    assert report["hf_check"]["passed"] and report["hf_check"]["prompt_tokens"] == 256
 
 
 def test_lora_run_is_merged_and_matches_the_unmerged_adapter(tmp_path, tokenizer):
@@ -275,7 +299,7 @@ def test_zero_shards_need_a_deepspeed_checkpoint_and_strip_the_trainer_wrapper(s
 def test_dynamic_yarn_becomes_static_yarn_at_the_trained_factor():
     params, notes = rope_keys.export_rope_parameters({**YARN, "rope_type": "dynamic_yarn", "finetuned": True})
     assert params == YARN and "static yarn at its trained factor 4.0" in notes[0]
-    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+    with pytest.raises(ExportError, match="no original_max_position_embeddings .* — set rope_parameters"):
         rope_keys.export_rope_parameters({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
 
 
@@ -297,7 +321,7 @@ def test_vllm_key_check_accepts_the_export_and_rejects_what_vllm_misreads():
     assert "rope_scaling block missing" in rope_keys.check_vllm_rope(no_legacy)[0][0]
     custom = {**YARN, "attention_factor": 1.2, "truncate": False}
     errors, warnings = rope_keys.check_vllm_rope(_vllm_config(rope_parameters=custom, **rope_keys.legacy_rope_keys(custom)))
-    assert errors == [] and len(warnings) == 2
+    assert errors == [] and len(warnings) == 1 and "PR #28244" in warnings[0]
 
 
 def test_cli_help_run_and_bad_input_exit_code(small_run, tmp_path, capsys):

@@ -165,7 +165,8 @@ def test_gguf_conversion_race_keeps_the_first_complete_copy(tmp_path, monkeypatc
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
-    monkeypatch.setattr("yarnkit.model_files.read_gguf_sink_token", lambda config, path: None)  # no GGUF file to read
+    monkeypatch.setattr("yarnkit.model_files.gguf_scalars", lambda path: {})  # no GGUF file to read
+    monkeypatch.setattr("yarnkit.model_files.restore_pre_tokenizer", lambda tokenizer, name: False)
     target = tmp_path / "gguf" / "model-key"
     _convert_gguf(ModelSource("x", gguf_file="x.gguf"), target)
     first = (target / "config.json").stat().st_mtime_ns

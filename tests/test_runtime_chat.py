@@ -236,3 +236,94 @@ def test_ctrl_c_while_loading_exits_cleanly(monkeypatch, capsys):
     chat.add_arguments(parser)
     assert chat.run(parser.parse_args(["--prompt", "hi"])) == 130
     assert "interrupted while loading" in capsys.readouterr().err
+
+
+class Terminal:
+    """`yarnkit chat` on a pseudo-terminal in canonical mode, as a user's shell leaves it (4095-byte lines)."""
+
+    def __init__(self, *args):
+        import pty
+
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "chat", *args], cwd=ROOT, env=env,
+                                        stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen, self.cursor = b"", 0  # all output, and how much of it was already read
+
+    def read_until(self, marker: bytes, timeout: float = 120) -> bytes:
+        """The output from the cursor up to and including the next `marker`."""
+        import select
+
+        end = time.monotonic() + timeout
+        while marker not in self.seen[self.cursor:]:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, end - time.monotonic()))
+            assert ready, f"no {marker!r} within {timeout} s; the terminal shows: {self.seen[-600:]!r}"
+            self.seen += os.read(self.master, 65536)
+        start, self.cursor = self.cursor, self.seen.index(marker, self.cursor) + len(marker)
+        return self.seen[start:self.cursor]
+
+    def prompt(self) -> None:
+        self.read_until(b"> ")
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def stats(self) -> dict:
+        self.type(b"/stats\r")
+        shown = self.read_until(b"}\r\n")
+        self.prompt()
+        return json.loads(shown[shown.index(b"{"):shown.rindex(b"}") + 1])
+
+    def close(self) -> int:
+        self.type(b"\x04")  # Ctrl-D at an empty prompt
+        code = self.process.wait(timeout=60)
+        os.close(self.master)
+        return code
+
+
+def prompt_tokens(model, tokenizer, text):
+    """What `Conversation` counts for `text` as the one user message of a fresh session."""
+    return Conversation(model, tokenizer, StreamOptions(window=1024)).start(
+        [{"role": "user", "content": text}]).prompt_tokens
+
+
+def test_pasted_page_and_lines_arrive_whole_at_a_terminal(tiny_dir, model, tokenizer):
+    """A 6 KB line (input() would keep 4095 bytes of it), a bracketed multi-line paste and a paste without
+    markers each arrive as ONE message, whole: the model is fed exactly that message, as one user turn."""
+    page = " ".join(f"fact{i} is {i * 7}." for i in range(600)) + " QUESTION: which fact was first?"
+    assert len(page.encode()) > 6000
+    lines = "first line\nsecond line\n\tthird line, indented"
+    terminal = Terminal(str(tiny_dir), "--max-new-tokens", "2")
+    try:
+        terminal.prompt()
+        for typed, message in ((page.encode() + b"\r", page),
+                               (b"\x1b[200~" + lines.replace("\n", "\r").encode() + b"\x1b[201~\r", lines),
+                               (lines.replace("\n", "\r").encode() + b"\r", lines)):  # a terminal without markers
+            terminal.type(typed)
+            terminal.prompt()
+            stats = terminal.stats()
+            assert stats["messages"] == 2, stats  # one user message + one reply, not one turn per line
+            assert stats["prompt_tokens"] == prompt_tokens(model, tokenizer, message)
+            terminal.type(b"/reset\r")
+            terminal.prompt()
+        terminal.type(b"abc\x7f\x7fx\x1b[D\r")  # Backspace twice and an arrow key: "ax" is sent
+        terminal.prompt()
+        assert terminal.stats()["prompt_tokens"] == prompt_tokens(model, tokenizer, "ax")
+    finally:
+        assert terminal.close() == 0
+
+
+def test_over_window_note_comes_before_the_reply(tiny_dir, model, tokenizer):
+    """stdout and stderr in one pipe, in the order they were written: the [note] line, then the reply."""
+    text = "Remember PLUM. " + "filler words here " * 80 + "Which fruit?"
+    merged = subprocess.run([sys.executable, "-m", "yarnkit.cli", "chat", str(tiny_dir), "--window", "64",
+                             "--max-new-tokens", "4", "--prompt", text], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=240, env={**os.environ,
+                                                                                   "PYTHONPATH": str(ROOT)})
+    assert merged.returncode == 0, merged.stdout[-2000:]
+    expected = "".join(Conversation(model, tokenizer, StreamOptions(window=64)).respond(
+        [{"role": "user", "content": text}], max_new_tokens=4))
+    note = next(line for line in merged.stdout.splitlines() if line.startswith("[note]"))
+    assert "more than the 64-token cache" in note
+    assert merged.stdout.endswith(note + "\n" + expected + "\n")  # the note, then the reply, in that order

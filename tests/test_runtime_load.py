@@ -2,7 +2,8 @@
 
 Run: `python -m pytest tests/test_runtime_load.py -q` (about 40 s on 2 cores).
 
-A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8 cache rows, window 512) takes:
+A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8 cache rows, window 512, and
+`--over-window truncate`, since the long prompts are meant to stream through the window) takes:
 1. memory: the server's peak RSS after a 50,000-token prompt is within 1.2x its peak after a 1,000-token prompt
    (the cache and one chunk bound memory, not the prompt; what remains is the tokenizer's transient);
 2. 10 concurrent streaming clients x 5 rounds (50 requests, 3 of them cancelled after a few chunks), alongside
@@ -52,8 +53,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "YARNKIT_API_KEY": "load-test", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "serve", str(model_dir), "--port", "0",
                                 "--window", "512", "--max-sessions", "8", "--max-prompt-tokens", "60000",
-                                "--model-name", "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+                                "--model-name", "tiny", "--over-window", "truncate"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, line

@@ -12,7 +12,14 @@ thread, FastAPI app, the same `Service` and `Scheduler` as `yarnkit serve`). Wha
 - concurrent requests without a session id all succeed (no 409); a busy named session gets 409;
 - a client that hangs up mid-stream leaves its session consistent and the server serving;
 - bad input gets a 4xx OpenAI-style error naming the field, and the same keep-alive connection keeps working;
-- the API key is required on every route but /health.
+- the API key is required on every route but /health;
+- every field of both bodies (and of a message) at its type's extreme values, raw NaN/Infinity/lone surrogates
+  included, gets a 4xx naming it or a 200, never a 5xx; parameters the server cannot honour and unknown keys get
+  a 400 naming them, their no-op values (logprobs false, top_k -1, ...) a 200; a seed outside int64 a 400;
+- `GET /v1/models` lists the name the server was started with and its `--model-name` aliases, each usable;
+- a prompt over the window is refused (400) or, with `--over-window truncate`, answered with the truncation in a
+  header, the body and the log;
+- a non-streaming request whose client hangs up stops within a second.
 """
 
 from __future__ import annotations
@@ -234,3 +241,189 @@ def test_api_key_on_every_route_but_health(served):
         status, body = raw(port, method, path, {"model": "tiny", "prompt": "x"}, key="wrong")
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert raw(port, "GET", "/v1/models", key=None)[0] == 401
+
+
+# Every field of both request bodies at its type's extremes (and at other types' values), raw JSON included
+# (NaN, Infinity, a lone UTF-16 surrogate, a NUL): never a 5xx; a 4xx names the field that made it.
+EXTREMES = [None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**63, -2**63, -2**63 - 1, 10**40, -10**40, 0.0, 1e-300,
+            1e308, -1e308, "", "x" * 5000, "\u0000", "\U0001f680", [], [None], [[]], ["a"] * 300, {}, {"a": 1},
+            {"type": "text"}]
+RAW_EXTREMES = ["NaN", "Infinity", "-Infinity", '"\\ud800"', '["\\udfff"]', "1e400", '{"include_usage": "\\ud800"}']
+ENDPOINTS = {"/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 2},
+             "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2}}
+
+
+def fuzz_fields(path):
+    from yarnkit.runtime.api import request_models
+
+    chat_model, completion_model = request_models()
+    model = chat_model if "chat" in path else completion_model
+    return sorted(model.model_fields) + ["top_k", "min_p", "repetition_penalty", "zzz_unknown"]
+
+
+def post_raw(port, path, text):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", path, body=text.encode("utf-8", "surrogatepass"),
+                           headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", list(ENDPOINTS))
+def test_every_field_at_extreme_values_never_gets_a_5xx(served, path):
+    port = served[0].port
+    failures = []
+    for field in fuzz_fields(path):
+        base = {k: v for k, v in ENDPOINTS[path].items() if k != field}
+        for value in [json.dumps(v) for v in EXTREMES] + RAW_EXTREMES:
+            text = json.dumps(base)[:-1] + f', "{field}": {value}}}'
+            status, body = post_raw(port, path, text)
+            if status >= 500:
+                failures.append((field, value[:40], status, body[:200]))
+            elif status >= 400:
+                message = json.loads(body)["error"]
+                named = field in (message.get("param") or "") + message["message"]
+                if not named and field not in ("model",):
+                    failures.append((field, value[:40], status, message["message"][:120]))
+    assert not failures, f"{len(failures)} bad answers, e.g. " + "\n".join(map(str, failures[:40]))
+
+
+def test_message_fields_at_extreme_values_never_get_a_5xx(served):
+    port, failures = served[0].port, []
+    for key in ("content", "role", "name", "tool_calls", "zzz_unknown"):
+        for value in [json.dumps(v) for v in EXTREMES] + RAW_EXTREMES:
+            message = {"role": "user", "content": "hi"}
+            message.pop(key, None)
+            text = json.dumps(message)[:-1] + f', "{key}": {value}}}'
+            status, body = post_raw(port, "/v1/chat/completions",
+                                    f'{{"model": "tiny", "max_tokens": 2, "messages": [{text}]}}')
+            if status >= 500 or status >= 400 and "messages" not in json.loads(body)["error"]["message"]:
+                failures.append((key, value[:40], status, body[:160]))
+    assert not failures, f"{len(failures)} bad answers, e.g. " + "\n".join(map(str, failures[:20]))
+
+
+UNSUPPORTED = [("top_k", 40), ("repetition_penalty", 1.3), ("min_p", 0.05), ("tool_choice", "auto"),
+               ("reasoning_effort", "high"), ("frequency_penalty", 0.5), ("logprobs", True), ("top_logprobs", 3),
+               ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+               ("an_unknown_key", 1), ("seed", 2**63), ("seed", -2**63 - 1)]
+
+
+@pytest.mark.parametrize("key, value", UNSUPPORTED, ids=[f"{k}={v}"[:30] for k, v in UNSUPPORTED])
+def test_every_parameter_works_or_is_refused_by_name(served, key, value):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, key: value}
+    status, error = raw(served[0].port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and error["error"]["param"] == key and key in error["error"]["message"], error
+
+
+def test_no_op_values_of_unsupported_parameters_are_accepted(served):
+    """What clients send by default: logprobs false, top_k off, tool_choice none, penalties at their neutral value,
+    and a seed at either end of the 64-bit range."""
+    for extra in ({"logprobs": False}, {"top_k": -1}, {"tool_choice": "none"}, {"repetition_penalty": 1.0},
+                  {"min_p": 0.0}, {"presence_penalty": 0}, {"seed": 2**63 - 1, "temperature": 0.5},
+                  {"seed": -2**63, "temperature": 0.5}, {"parallel_tool_calls": False}, {"store": False}):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+        status, answer = raw(served[0].port, "POST", "/v1/chat/completions", body)
+        assert status == 200, (extra, answer)
+
+
+def test_model_ids_are_the_name_the_server_was_started_with_plus_aliases(model, tokenizer):
+    from yarnkit.cli import Parser
+    from yarnkit.runtime.serve import add_arguments, build_service
+
+    parser = Parser(prog="yarnkit serve")
+    add_arguments(parser)
+    args = parser.parse_args(["smollm2-135m", "--model-name", "my-model", "--model-name", "gpt-4o-mini",
+                              "--window", "256", "--max-sessions", "1"])
+    service = build_service(args, model, tokenizer)
+    server = LocalServer(create_app(service))
+    try:
+        status, listed = raw(server.port, "GET", "/v1/models", key=None)
+        assert status == 200 and [m["id"] for m in listed["data"]] == ["smollm2-135m", "my-model", "gpt-4o-mini"]
+        for name in ("smollm2-135m", "gpt-4o-mini"):
+            status, answer = raw(server.port, "POST", "/v1/chat/completions", {
+                "model": name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}, key=None)
+            assert status == 200 and answer["model"] == name
+        status, error = raw(server.port, "POST", "/v1/chat/completions", {
+            "model": str(model.config._name_or_path) or "/cache/x", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]}, key=None)
+        assert status == 404 and "smollm2-135m" in error["error"]["message"]
+    finally:
+        server.stop()
+        service.scheduler.close()
+
+
+@pytest.mark.parametrize("policy", ["refuse", "truncate"])
+def test_a_prompt_over_the_window_is_refused_or_answered_with_the_truncation_stated(model, tokenizer, policy,
+                                                                                     capfd, caplog):
+    scheduler = Scheduler(model, tokenizer, StreamOptions(window=64, decode="static"), rows=1, over_window=policy)
+    service = Service(scheduler, tokenizer, "tiny", Sampling(max_new_tokens=4))
+    server = LocalServer(create_app(service))
+    messages = [{"role": "user", "content": "Remember the word PLUM. " + "filler text " * 60 + "What word?"}]
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        for stream in (False, True):
+            connection.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"model": "tiny", "messages": messages, "max_tokens": 3, "stream": stream,
+                 "stream_options": {"include_usage": True} if stream else None}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            payload = response.read().decode()
+            if policy == "refuse":
+                error = json.loads(payload)["error"]
+                assert response.status == 400 and error["code"] == "context_length_exceeded"
+                assert "64-token window" in error["message"] and "--over-window truncate" in error["message"]
+                continue
+            assert response.status == 200
+            prompt_tokens = int(response.headers["X-Yarnkit-Truncated"].split()[0])
+            assert prompt_tokens > 64 and "64-token window" in response.headers["X-Yarnkit-Truncated"]
+            body = json.loads(payload) if not stream else json.loads(
+                [line for line in payload.splitlines() if '"usage"' in line][-1][len("data: "):])
+            assert body["yarnkit"]["truncated"]["prompt_tokens"] == prompt_tokens == body["usage"]["prompt_tokens"]
+        time.sleep(0.2)  # the access line is written once the response (the stream too) has ended
+        access_log = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+        if policy == "truncate":
+            assert [line["truncated_prompt_tokens"] > 64 for line in access_log] == [True, True]
+            assert sum("longer than the 64-token window" in record.getMessage() for record in caplog.records) == 2
+    finally:
+        server.stop()
+        scheduler.close()
+
+
+def test_an_abandoned_request_stops_its_work_within_a_second(model, tokenizer, capfd):
+    """A non-streaming request whose client hangs up: the scheduler is idle again within a second, long before the
+    reply it was asked for (3000 tokens, ~10 s of decoding here) would be done; the access log says 499 (client
+    closed the request), and no traceback is printed."""
+    scheduler = Scheduler(model, tokenizer, StreamOptions(window=4096, decode="static"), rows=1)
+    service = Service(scheduler, tokenizer, "tiny", Sampling(max_new_tokens=4), max_tokens_limit=3000)
+    server = LocalServer(create_app(service))
+    try:
+        body = json.dumps({"model": "tiny", "max_tokens": 3000, "messages": [{"role": "user", "content": "Go on"}]})
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        for _ in range(200):
+            if scheduler.stats()["active_requests"]:
+                break
+            time.sleep(0.01)
+        time.sleep(0.5)
+        steps = scheduler.steps
+        assert scheduler.stats()["active_requests"] == 1 and steps > 0  # generating
+        client.close()
+        gone = time.perf_counter()
+        while scheduler.stats()["active_requests"] and time.perf_counter() - gone < 10:
+            time.sleep(0.01)
+        assert time.perf_counter() - gone < 1.0, "the abandoned request kept the scheduler busy"
+        produced = scheduler.steps - steps
+        assert produced < 1000  # stopped long before its 3000 tokens
+        time.sleep(0.5)  # the handler ends at its next disconnect poll; the access line follows
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Exception in ASGI" not in err, err[-2000:]
+        access = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert [line["status"] for line in access if line["path"] == "/v1/chat/completions"] == [499], access
+    finally:
+        server.stop()
+        scheduler.close()

@@ -25,7 +25,7 @@ import torch
 
 from conftest import tiny_model
 from yarnkit.sdpa import use_sdpa_kernel
-from yarnkit.train.speed import activation_offload, check_attention, tile_mlps
+from yarnkit.train.speed import activation_offload, check_attention, full_checkpointing, tile_mlps
 from yarnkit.train.recipe import load_recipe
 from yarnkit.errors import RecipeError
 
@@ -65,9 +65,20 @@ def test_tiled_mlp_matches_plain_loss_and_grads():
         torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_full_checkpointing_uses_the_current_transformers_name_without_a_warning():
+    """transformers 5.25 warns that `gradient_checkpointing_enable` goes in v6; 5.17 has only that name."""
+    import warnings
+
+    model = tiny_model("llama", seed=3).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        full_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
 def test_activation_offload_keeps_loss_and_grads():
     model, ids = tiny_model("llama", seed=3).train(), _ids(128)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    full_checkpointing(model)
     loss_a, grads_a = _loss_and_grads(model, ids)
     offload = activation_offload(True)
     with offload:
@@ -130,7 +141,7 @@ def test_keep_attention_checkpointing_saves_attention_and_keeps_grads(keep, expe
     ids = _ids(96)
     plain, checked = tiny_model("llama", seed=4).train(), tiny_model("llama", seed=4).train()
     if keep is None:
-        checked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(checked)
     else:
         assert keep_attention_checkpointing(checked, keep=keep) == (keep or 2)
     loss_a, grads_a = _loss_and_grads(plain, ids)

@@ -7,7 +7,8 @@ itself (`info.py`, and the runtime's two, `runtime/chat.py` and `runtime/serve.p
 `scripts/train.py` enters here too (`main(["train", ...])`).
 
 Error boundary (`main`): a `yarnkit.errors.UserError` (the recipe, data, paths or flags are wrong; argparse's
-usage errors become one too) prints one line, `yarnkit: error: <what> — <fix>`, and exits 2. `--debug`
+usage errors become one too) prints one line, `yarnkit: error: <what> — <fix>` (on a line of its own: a progress
+bar left open by the failed loop is closed first), and exits 2. `--debug`
 anywhere on the command line, or YARNKIT_DEBUG=1, prints its traceback as well. Any other exception is a bug
 and keeps its traceback. Ctrl-C exits 130 without one. Before a command runs, the known-harmless warnings of
 the libraries below are silenced (`yarnkit.quiet`), and a command with a `--port` checks that it can bind
@@ -61,11 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             traceback.print_exc()
+        close_progress_bars()
         print(f"yarnkit: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("yarnkit: interrupted", file=sys.stderr)
         return 130
+
+
+def close_progress_bars() -> None:
+    """End any progress bar still drawn (an error met mid-loop), so the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def dispatch(argv: list[str]) -> int:

@@ -5,14 +5,18 @@ Shared by training data, evaluation and export checks; it yields `(name, text)` 
 A source part is a file, a folder, a glob (`/data/books/train_*.txt.gz`) or an alias: `bundled:NAME` (a book
 shipped in yarnkit.assets) or `python-stdlib` (this interpreter's standard-library .py sources, tests and
 site-packages left out: an offline code corpus). Missing paths, a .jsonl line that is not JSON or lacks the text
-field fail with the path (and line) in the message; empty documents are skipped by the callers, which name them.
+field, text that is not UTF-8 and a `.gz` that is not gzip fail with the path (and line or byte offset) in the
+message; nothing is decoded with replacement characters behind the user's back. Empty documents are skipped by
+the callers, which name them.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from yarnkit.assets import sample_path
@@ -23,13 +27,31 @@ PYTHON_STDLIB = "python-stdlib"
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 
 
+@contextmanager
+def binary_lines(path: Path) -> Iterator[Iterator[bytes]]:
+    """The file's lines as bytes, gunzipped for `.gz`; a `.gz` that is not (whole) gzip fails naming the file."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            yield iter(handle)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is not a gzip file ({error})",
+                        "rename it without .gz if it is plain text, or re-compress it with gzip") from None
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where} is not UTF-8 text (byte {error.start}: {data[error.start:error.start + 1]!r})",
+                        "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
+
+
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"document not found: {path}", "check the path")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        return handle.read()
+    with binary_lines(path) as lines:
+        return decode_utf8(b"".join(lines), str(path))
 
 
 def iter_documents(source: str | Path, field: str = "text") -> Iterator[tuple[str, str]]:
@@ -45,9 +67,9 @@ def iter_documents(source: str | Path, field: str = "text") -> Iterator[tuple[st
         for file in files:
             yield str(file.relative_to(path)), read_text(file)
     elif path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
+        with binary_lines(path) as lines:
+            for line_no, raw in enumerate(lines, 1):
+                line = decode_utf8(raw, f"{path}:{line_no}")
                 if not line.strip():
                     continue
                 try:
@@ -55,9 +77,12 @@ def iter_documents(source: str | Path, field: str = "text") -> Iterator[tuple[st
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}:{line_no} is not a JSON object ({error.msg})",
                                     "write one JSON object per line") from error
-                if not isinstance(record, dict) or field not in record:
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise DataError(f"{path}:{line_no} has no text field {field!r} (it has {fields})",
+                    raise DataError(f"{path}:{line_no} has no text field {field!r} (it has {fields})"
+                                    if not isinstance(record, dict) or field not in record else
+                                    f"{path}:{line_no}: field {field!r} holds a {type(record[field]).__name__}, "
+                                    "not text",
                                     "name the field: data.text_field=NAME for training, --field NAME for "
                                     "yarnkit eval")
                 yield f"{path.name}:{line_no}", record[field]

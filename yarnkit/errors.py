@@ -43,8 +43,18 @@ class HubUnavailable(UserError, OSError):
     """A hub id that is not in the local cache while the hub cannot be reached."""
 
 
-class RopeScalingError(ValueError):
+class RopeScalingError(BadValue):
     """A scaling request that cannot be applied as asked; the message names the value and the fix."""
+
+
+class AlreadyScaled(RopeScalingError):
+    """The model already has a scaling (and `replace` was not asked): scaling it again would compound them."""
+
+    def __init__(self, model_type: str, rope_type: str, factor):
+        self.scaling = f"rope_type {rope_type!r} (factor {factor})"
+        super().__init__(f"this {model_type} model already uses {self.scaling}: patching twice would compound the "
+                         "scalings. Undo the earlier patch (handle.undo()), load the unscaled base model, or pass "
+                         "replace=True to re-scale relative to its original context.")
 
 
 class SinkTokenError(ValueError):

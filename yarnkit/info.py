@@ -13,9 +13,11 @@ Only the config is read; no weights are loaded (a GGUF is converted once and cac
 from __future__ import annotations
 
 import json
+import math
 
 from yarnkit import rope
 from yarnkit.errors import BadValue
+from yarnkit.outputs import PLOT_SUFFIXES, check_output_file
 
 
 def add_arguments(parser) -> None:
@@ -51,12 +53,16 @@ def check_arguments(args) -> None:
     """What can be wrong before the config is read."""
     if args.factor is not None and not args.factor > 1:
         raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    if args.factor is not None and not math.isfinite(args.factor):
+        raise BadValue(f"--factor {args.factor:g} is not a finite number", "pass a factor such as --factor 4")
     if args.plot and args.factor is None:
         raise BadValue("--plot needs --factor (the plot compares wavelengths before and after YaRN)",
                        f"add --factor, e.g. --factor 4 --plot {args.plot}")
+    if args.plot:
+        check_output_file(args.plot, "--plot", PLOT_SUFFIXES, create_parent=False)
     if args.original is not None and args.original < 1:
         raise BadValue(f"--original {args.original} is not a context length", "pass the native context in tokens")
-    if not args.beta_fast > args.beta_slow > 0:
+    if not (math.isfinite(args.beta_fast) and args.beta_fast > args.beta_slow > 0):
         raise BadValue(f"--beta-fast {args.beta_fast:g} / --beta-slow {args.beta_slow:g}: need beta_fast > "
                        "beta_slow > 0", "leave them out for the paper's 32 and 1")
 

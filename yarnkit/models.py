@@ -61,6 +61,14 @@ def check_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+def host_memory_bytes() -> int:
+    """This machine's physical memory (POSIX); a huge number where it cannot be read, so nothing is refused."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

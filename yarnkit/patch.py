@@ -25,6 +25,7 @@ stock loaders).
 from __future__ import annotations
 
 import copy
+import math
 import difflib
 from dataclasses import dataclass, field, fields
 
@@ -32,7 +33,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from yarnkit import rope
-from yarnkit.errors import RecipeError, RopeScalingError
+from yarnkit.errors import AlreadyScaled, RecipeError, RopeScalingError
 
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
@@ -72,6 +73,9 @@ def check_yarn(yarn: YarnArgs) -> None:
     """The section can be applied to any model: a known rope type and a factor of 1 (off) or more."""
     if yarn.factor < 1.0:
         raise RecipeError(f"yarn.factor={yarn.factor} < 1 would shrink the context; use 1 (off) or more")
+    if not math.isfinite(yarn.factor):
+        raise RecipeError(f"yarn.factor={yarn.factor} is not a finite number",
+                          "use 1 (off) or more, e.g. yarn.factor=4")
     if yarn.rope_type not in rope.SCALING_TYPES:
         close = difflib.get_close_matches(yarn.rope_type, rope.SCALING_TYPES, n=1)
         raise RecipeError(f"yarn.rope_type={yarn.rope_type!r} is unknown" + (f"; did you mean {close[0]!r}?" if close else ""),
@@ -83,16 +87,21 @@ def yarn_context(yarn: YarnArgs) -> int | None:
     return int(yarn.factor * yarn.original_max_position_embeddings) if yarn.original_max_position_embeddings else None
 
 
-def apply_yarn(config, yarn: YarnArgs) -> "PatchHandle | None":
+def apply_yarn(config, yarn: YarnArgs, model: str = "the model") -> "PatchHandle | None":
     """Apply the recipe's `yarn` section to `config` (in place, before any weights load); None when it is off
-    (factor 1 and no `replace`)."""
+    (factor 1 and no `replace`). `model` names the checkpoint in the error when it already has a scaling."""
     check_yarn(yarn)
     if yarn.factor == 1.0 and not yarn.replace:
         return None
     params = {k: v for k in ("beta_fast", "beta_slow", "attention_factor") if (v := getattr(yarn, k)) is not None}
-    return apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
-                              original_max_position_embeddings=yarn.original_max_position_embeddings or None,
-                              replace=yarn.replace, **params)
+    try:
+        return apply_rope_scaling(config, rope_type=yarn.rope_type, factor=yarn.factor,
+                                  original_max_position_embeddings=yarn.original_max_position_embeddings or None,
+                                  replace=yarn.replace, **params)
+    except AlreadyScaled as error:
+        raise RecipeError(f"{model} already uses {error.scaling}, so yarn.factor={yarn.factor} would scale it twice",
+                          "set yarn.replace=true to re-scale it from its original context, or yarn.factor=1 to "
+                          "train it with its own scaling") from None
 
 
 def read_yarn_args(section: dict | None, source: str = "recipe") -> YarnArgs:
@@ -244,11 +253,7 @@ def _rope_dict(config, key: str | None) -> dict:
 def _original_length(config, current: dict, explicit: int | None, replace: bool) -> int:
     current_type = current.get("rope_type", "default")
     if current_type != "default" and not replace:
-        raise RopeScalingError(
-            f"this {config.model_type} model already uses rope_type {current_type!r} "
-            f"(factor {current.get('factor')}): patching twice would compound the scalings. Undo the earlier patch "
-            "(handle.undo()), load the unscaled base model, or pass replace=True to re-scale relative to its "
-            "original context.")
+        raise AlreadyScaled(config.model_type, current_type, current.get("factor"))
     if explicit is not None:
         return int(explicit)
     if current_type == "default":

@@ -138,12 +138,13 @@ def streaming_sinks(config, requested: int | None = None) -> int:
     return requested
 
 
-def read_gguf_sink_token(config, gguf_path) -> int | None:
-    """Copy a GGUF's `yarnkit.sink_token_id` into `config` (in place); returns it, or None when absent."""
-    import gguf
+def read_gguf_sink_token(config, gguf_path, metadata: dict | None = None) -> int | None:
+    """Copy a GGUF's `yarnkit.sink_token_id` into `config` (in place); returns it, or None when absent.
+    `metadata`: the file's metadata when the caller has read it already (`yarnkit.gguf_tokenizer.gguf_scalars`)."""
+    from yarnkit.gguf_tokenizer import gguf_scalars
 
-    field = gguf.GGUFReader(str(gguf_path)).get_field(GGUF_SINK_KEY)
-    if field is None:
+    value = (metadata if metadata is not None else gguf_scalars(gguf_path)).get(GGUF_SINK_KEY)
+    if value is None:
         return None
-    setattr(config, SINK_ATTR, int(field.contents()))
+    setattr(config, SINK_ATTR, int(value))
     return getattr(config, SINK_ATTR)

@@ -38,6 +38,7 @@ from yarnkit.model_files import local_hf_dir
 from yarnkit.patch import YarnArgs, apply_yarn
 from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.train.profiling import step_profile, summary
+from yarnkit.train.speed import full_checkpointing
 
 SEED = 42  # yarnkit's train.seed / data.seed defaults: the same weights and batches as the trainer
 
@@ -64,7 +65,7 @@ def build(args, device: str):
         model = AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **options).to(device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(model)
     if args.precision == "bf16-weights":
         model.to(torch.bfloat16)
     model.train()

@@ -23,10 +23,12 @@ loading the model is `yarnkit.eval.loading`, running a task and saving its resul
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
 from pathlib import Path
 
-from yarnkit.errors import BadValue, NotFound
+from yarnkit.errors import BadValue
+from yarnkit.outputs import PLOT_SUFFIXES, check_output_dir, check_output_file
 from yarnkit.eval.tasks import finish, plot_results, run_retrieval, run_task
 from yarnkit.rope import SCALING_TYPES
 from yarnkit.runtime.options import add_cache_arguments
@@ -157,13 +159,17 @@ def add_arguments(parser) -> None:
     report.add_argument("--output", help="also write the markdown to this file")
 
 
+MAX_COUNT = 2**31 - 1  # lengths and counts beyond this are no evaluation this tool can run (nor index)
+
+
 def _positive(args, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
         values = value if isinstance(value, list) else [value]
-        if value is not None and (not values or any(item < 1 for item in values)):
+        if value is not None and (not values or any(not 1 <= item <= MAX_COUNT for item in values)):
             flag = "--" + name.replace("_", "-")
-            raise BadValue(f"{flag} {','.join(map(str, values)) or '(empty)'}: needs positive whole numbers",
+            raise BadValue(f"{flag} {','.join(map(str, values)) or '(empty)'}: needs positive whole numbers"
+                           + (f" up to {MAX_COUNT}" if values and max(values) > MAX_COUNT else ""),
                            f"e.g. {flag} {'2048,4096' if name == 'lengths' else 8}")
 
 
@@ -173,8 +179,9 @@ def check_arguments(args) -> None:
 
     if (args.rope_type is None) != (args.factor is None):
         raise BadValue("--rope-type and --factor go together", "e.g. --rope-type yarn --factor 8")
-    if args.factor is not None and not args.factor > 1:
-        raise BadValue(f"--factor {args.factor:g} does not extend the context", "pass a factor > 1, e.g. --factor 4")
+    if args.factor is not None and not (args.factor > 1 and math.isfinite(args.factor)):
+        raise BadValue(f"--factor {args.factor:g} does not extend the context" if not args.factor > 1 else
+                       f"--factor {args.factor:g} is not a finite number", "pass a factor > 1, e.g. --factor 4")
     if args.attention_factor is not None and not 0 < args.attention_factor < 10:
         raise BadValue(f"--attention-factor {args.attention_factor:g} is not a temperature scale",
                        "pass a value near YaRN's 0.1 ln s + 1, e.g. --attention-factor 1.2")
@@ -194,6 +201,7 @@ def check_arguments(args) -> None:
         check_device(args.device)
     if args.dtype != "auto":
         to_dtype(args.dtype)
+    check_output_dir(args.out, "--out")  # results are written after the evaluation: fail now, not then
 
 
 def check_string(args) -> None:
@@ -212,6 +220,7 @@ def check_retrieval_args(args) -> None:
     from yarnkit.eval.retrieval import TASKS as RETRIEVAL_TASKS
     from yarnkit.eval.retrieval import eval_template
 
+    check_output_dir(args.out, "--out")
     check_string(args)
     bad = [depth for depth in args.depths if not 0.0 <= depth <= 1.0]
     if bad:
@@ -237,10 +246,9 @@ def run(args) -> int:
     if args.task == "report":
         from yarnkit.eval.report import load_results, markdown_report
 
+        if args.output:
+            check_output_file(args.output, "--output", create_parent=False)
         text = markdown_report(load_results(args.results))
-        if args.output and not Path(args.output).parent.is_dir():
-            raise NotFound(f"--output {args.output}: the folder {Path(args.output).parent} does not exist",
-                           "create it first, or write the report elsewhere")
         print(text)
         if args.output:
             Path(args.output).write_text(text)
@@ -248,11 +256,13 @@ def run(args) -> int:
     if args.task == "plot":
         from yarnkit.eval.report import load_results
 
+        check_output_file(args.out, "--out", PLOT_SUFFIXES)
         print(plot_results(load_results(args.results), args.out))
         return 0
     from yarnkit.eval.report import load_results
 
     check_arguments(args)
+    compare = load_results(args.compare) if args.task == "ppl" else []  # a bad file fails before the evaluation
     result = run_task(args)
-    finish(result, args.out, load_results(args.compare) if args.task == "ppl" else [])
+    finish(result, args.out, compare)
     return 0

@@ -15,6 +15,22 @@ from yarnkit.errors import BadValue
 from yarnkit.runs import model_location
 
 
+def check_scaling(args, location: str) -> None:
+    """--rope-type/--factor tried on the model's config before its weights load (a model that already has a
+    scaling would be scaled twice: that is refused here, with the eval flags to use instead)."""
+    from yarnkit.models import load_config
+    from yarnkit.errors import AlreadyScaled
+    from yarnkit.patch import apply_rope_scaling
+
+    try:
+        apply_rope_scaling(load_config(location), rope_type=args.rope_type, factor=args.factor)
+    except AlreadyScaled as error:
+        raise BadValue(f"{args.model} already uses {error.scaling}, so --rope-type {args.rope_type} "
+                       f"--factor {args.factor:g} would scale it twice",
+                       "leave out --rope-type/--factor to evaluate it as trained (--attention-factor changes only "
+                       "its temperature), or evaluate the unscaled base model") from None
+
+
 def load_for_eval(args):
     """`(model, tokenizer, meta)` with the requested device, dtype and RoPE scaling applied."""
     from yarnkit.models import load_model
@@ -23,6 +39,8 @@ def load_for_eval(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     location = model_location(args.model)  # a training run: its newest complete checkpoint's model/
+    if getattr(args, "rope_type", None):  # before the weights load
+        check_scaling(args, location)
     model, tokenizer = load_model(location, dtype=dtype, device=device)
     if hasattr(args, "sdpa_kernel"):  # process-wide: "auto" restores transformers' own sdpa
         from yarnkit.sdpa import use_sdpa_kernel

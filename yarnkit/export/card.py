@@ -62,7 +62,7 @@ def eval_section(run_dir: Path | None, out: Path) -> str:
     return "\n".join(parts) or "The run's eval folder holds no results.\n"
 
 
-def _usage(name: str, rope: dict, context: int, gguf_file: str | None) -> str:
+def _usage(name: str, rope: dict, context: int, gguf_file: str | None, gguf_rope: str | None = None) -> str:
     lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto")',
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
@@ -71,7 +71,10 @@ def _usage(name: str, rope: dict, context: int, gguf_file: str | None) -> str:
     if gguf_file:
         lines += ["", "llama.cpp reads YaRN from the GGUF metadata:", "", "```bash",
                   f"llama-cli -m {gguf_file} -c {context}"]
-        if rope.get("rope_type") == "yarn":
+        if gguf_rope == "freq_factors":
+            lines += ["# the GGUF carries this YaRN as per-pair frequency factors (rope_freqs.weight): do not pass",
+                      "# --rope-scaling or --rope-scale, they would scale the frequencies a second time"]
+        elif rope.get("rope_type") == "yarn":
             lines += ["# or explicitly:",
                       f"llama-cli -m {gguf_file} -c {context} --rope-scaling yarn --rope-scale {rope['factor']:g} "
                       f"--yarn-orig-ctx {rope['original_max_position_embeddings']}"]
@@ -115,6 +118,7 @@ def write_card(out: Path, report: dict, source, name: str) -> None:
         "## Recipe", "", f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```" if recipe else "No recipe (plain model folder).",
         "", "## Evaluation", "", eval_section(source.run_dir, out),
         "## Export verification", "", _checks(report),
-        "## How to load", "", _usage(report.get("hub_repo") or name, rope, context, report.get("gguf_file")),
+        "## How to load", "", _usage(report.get("hub_repo") or name, rope, context, report.get("gguf_file"),
+                                        report.get("gguf_rope")),
     ]
     (out / "README.md").write_text("\n".join(sections))

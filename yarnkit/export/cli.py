@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,8 +35,9 @@ from pathlib import Path
 from yarnkit.export import card, hf, verify
 from yarnkit.export.source import ExportSource, find_export_source
 from yarnkit.errors import ExportError
-from yarnkit.models import check_device
-from yarnkit.model_files import make_temp_dir
+from yarnkit.models import check_device, load_config
+from yarnkit.model_files import apply_umask, make_temp_dir
+from yarnkit.outputs import check_output_dir
 
 REPORT_FILE = "export_report.json"  # marks a folder as a yarnkit export: the only kind --overwrite replaces
 
@@ -58,7 +60,8 @@ def add_arguments(parser) -> None:
                         help="GGUF weight type (default f16; q8_0 is ~half the size, slightly less exact)")
     parser.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected or 'default')")
     parser.add_argument("--verify-tokens", type=int, default=None,
-                        help="verification prompt length (default: original context + 64, so YaRN matters)")
+                        help="verification prompt length (default: original context + 64, so YaRN matters; the "
+                             "whole context for a model without RoPE scaling)")
     parser.add_argument("--device", default="cpu", help="where the verification forwards run (cuda for big models)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare checks (not advised)")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
@@ -117,11 +120,31 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub reads them
+
+
+def shard_bytes(size: str | int) -> int:
+    """`--max-shard-size` ("2GB", "500MB", or bytes) in bytes; anything else fails naming it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
+    value = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()]) if match else 0
+    if value < 1:
+        raise ExportError(f"--max-shard-size {size!r} is not a size", "write it like 2GB, 500MB or a number of bytes")
+    return value
+
+
+def check_verify_tokens(n_tokens: int, config) -> None:
+    if n_tokens > config.max_position_embeddings:
+        raise ExportError(f"--verify-tokens {n_tokens} is beyond the model's context of "
+                          f"{config.max_position_embeddings} tokens",
+                          "leave it out (original context + 64 tokens) or pass a length within the context")
+
+
 def default_verify_tokens(config) -> int:
+    """64 tokens past the original context, where a scaling matters; a model without one, its whole context."""
     from yarnkit.export.rope_keys import main_rope_dict
 
     original = main_rope_dict(config.rope_parameters).get("original_max_position_embeddings")
-    return int(original or config.max_position_embeddings) + 64
+    return min(int(original or config.max_position_embeddings) + 64, config.max_position_embeddings)
 
 
 def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False, gguf=False, gguf_type="f16",
@@ -135,10 +158,18 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         check_device(device)
     source = find_export_source(source_path, zero_shards=zero_shards)
     check_out_dir(out, overwrite, source, Path(source_path).expanduser())
+    check_output_dir(out, "--out")  # the export is written beside --out and renamed onto it at the end
+    if merge_lora and not source.is_lora:
+        raise ExportError(f"--merge-lora: {source.model_dir} holds full weights, no LoRA adapter to merge",
+                          "leave out --merge-lora")
+    max_shard_size = shard_bytes(max_shard_size)
+    hf.check_rope_config(source)
+    if run_checks and verify_tokens and (source.model_dir / "config.json").is_file():
+        check_verify_tokens(verify_tokens, load_config(source.model_dir))  # before the weights load
     progress = Progress(3 + run_checks + gguf * (1 + run_checks))
     progress(f"loading {source.model_dir}")
     model, tokenizer, notes = hf.load_for_export(source, dtype=dtype, merge_lora=merge_lora)
-    notes += hf.prepare_for_inference(model)
+    notes += hf.prepare_for_inference(model, tokenizer)
     tmp = make_temp_dir(out)
     try:
         progress("writing safetensors, config, tokenizer")
@@ -150,6 +181,7 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
         input_ids = None
         if run_checks:
             n_tokens = verify_tokens or default_verify_tokens(model.config)
+            check_verify_tokens(n_tokens, model.config)
             input_ids = verify.prompt_ids(tokenizer, n_tokens, model.config.vocab_size)
             progress(f"reloading with plain transformers in a fresh process, comparing logits on {n_tokens} tokens")
             report["hf_check"] = verify.verify_hf(tmp, model.to(device), input_ids)
@@ -161,12 +193,14 @@ def export(source_path, out, *, overwrite=False, dtype="auto", merge_lora=False,
             progress(f"writing {gguf_path.name}")
             report["gguf_notes"] = gguf_export.write_gguf(tmp, model, tokenizer, gguf_path, gguf_type, gguf_pre)
             report["gguf_file"] = gguf_path.name
+            report["gguf_rope"] = gguf_export.llama_cpp_encoding(model.config.rope_parameters)
             if run_checks:
                 progress("reading the GGUF back and comparing logits")
                 report["gguf_check"] = verify.verify_gguf(gguf_path, model.to(device), input_ids, gguf_type)
         progress(f"model card, {REPORT_FILE}, moving into {out}")
         card.write_card(tmp, report, source, out.name)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        apply_umask(tmp)  # safetensors writes weights 0600; the export's files get the user's umask like the rest
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

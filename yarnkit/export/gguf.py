@@ -1,19 +1,27 @@
 """Write a llama.cpp GGUF of an exported Llama-architecture HF folder, YaRN included, and read its RoPE back.
 
 `write_gguf(folder, model, path, gguf_type)` writes what llama.cpp's own `convert_hf_to_gguf.py` writes for a
-Llama model: the hyper-parameters, the byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`), the tensors
-under llama.cpp's names (`gguf.get_tensor_name_map`) with Q and K rows permuted to llama.cpp's rotary layout, and
-the YaRN keys from `gguf.constants.Keys.Rope`: `llama.rope.scaling.type = "yarn"`, `.factor`,
-`.original_context_length`, and `.attn_factor` when the attention factor is not 0.1·ln(s)+1 (llama.cpp
-multiplies its own by it); `llama.context_length` is the extended context. llama.cpp reads the
-`.yarn_beta_fast/.yarn_beta_slow` keys only for grok and mistral3 (checked in its source), so none are written
-and a Llama with other betas is refused. `rope_parameters_from_gguf(path)` turns the keys back into a
-transformers `rope_parameters` dict, as llama.cpp runs them, for verification (transformers' GGUF loader
-ignores Llama's rope-scaling keys).
+Llama model: the hyper-parameters, the byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) with its
+pre-tokenizer's llama.cpp name (`yarnkit.gguf_tokenizer`), BOS/EOS ids, whether they are added
+(`add_bos_token`/`add_eos_token`, measured on the tokenizer), `add_space_prefix` and the chat template, the tensors
+under llama.cpp's names (`gguf.get_tensor_name_map`) with Q and K rows permuted to llama.cpp's rotary layout.
+`llama.context_length` is the extended context. The RoPE goes in one of two exact forms (`llama_cpp_encoding`):
 
-Not supported (clear error): other architectures, sentencepiece tokenizers, YaRN betas other than 32/1, and
-`truncate=false`.
-Tested by tests/test_export_gguf.py.
+- `yarn`: the keys of `gguf.constants.Keys.Rope`, `llama.rope.scaling.type = "yarn"`, `.factor`,
+  `.original_context_length`, and `.attn_factor` when the attention factor is not 0.1·ln(s)+1 (llama.cpp's
+  llama-context.cpp multiplies its own 0.1·ln(s)+1 by `rope.scaling.attn_factor`, so the value is transformers'
+  factor / (0.1·ln s + 1)). Used when the model's YaRN is llama.cpp's built-in one: betas 32/1, truncated ramp.
+- `freq_factors`: llama.cpp reads `rope.scaling.yarn_beta_fast/slow` only for a few other architectures (grok,
+  laguna, ...; measured: a Llama GGUF with those keys runs betas 32/1) and always truncates the ramp, so other
+  betas or `truncate=false` are written as the per-pair frequency divisors Llama 3.1 GGUFs carry:
+  `rope_freqs.weight` = θ_i / θ'_i (θ' = the model's YaRN frequencies), `rope.scaling.type = "none"` and
+  `.attn_factor` = transformers' attention factor (with no YaRN scaling llama.cpp applies it as is).
+
+`llama_cpp_rope(path)` rebuilds, from the metadata and `rope_freqs`, the inverse frequencies and attention factor
+llama.cpp runs, for verification (transformers' GGUF loader ignores Llama's rope-scaling keys).
+
+Not supported (clear error): other architectures, sentencepiece tokenizers, rope types other than yarn/linear.
+Tested by tests/test_export_gguf.py, against llama.cpp itself (llama-cpp-python) included.
 """
 
 from __future__ import annotations
@@ -27,17 +35,13 @@ import torch
 
 from yarnkit.export import rope_keys
 from yarnkit.errors import ExportError
-from yarnkit.rope import head_dim as config_head_dim, yarn_attention_factor, yarn_get_mscale
+from yarnkit.gguf_tokenizer import adds_special_tokens, pre_tokenizer_name
+from yarnkit.rope import compute_inv_freq, default_inv_freq, head_dim as config_head_dim, yarn_get_mscale, yarn_inv_freq
 from yarnkit.sink_token import GGUF_SINK_KEY
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-# tokenizer.json pre_tokenizer (trim_offsets ignored) -> llama.cpp `tokenizer.ggml.pre` with the same splitting
-KNOWN_PRE_TOKENIZERS = [
-    (_BYTE_LEVEL, "gpt-2"),  # GPT-2's regex
-    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}, "smollm"),
-]
-LLAMA_CPP_FIXED_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}  # llama.cpp reads beta keys only for grok/mistral3
+LLAMA_CPP_YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}  # the only YaRN llama.cpp runs for Llama
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def _check_supported(config) -> dict:
@@ -47,40 +51,44 @@ def _check_supported(config) -> dict:
     rope = dict(config.rope_parameters)
     if rope_keys.is_per_layer_type(rope):
         raise ExportError("--gguf: per-layer-type RoPE is not supported for Llama")
-    custom = [f"{k}={rope[k]}" for k, default in LLAMA_CPP_FIXED_BETAS.items() if rope.get(k, default) != default]
-    if rope.get("truncate") is False:
-        custom.append("truncate=false")
-    if custom:
-        raise ExportError(f"--gguf: llama.cpp reads no beta or truncate keys for Llama (it always uses beta_fast=32, "
-                          f"beta_slow=1, truncated ranges); this model sets {', '.join(custom)}. Export without --gguf "
-                          "and run llama.cpp with --yarn-beta-fast/--yarn-beta-slow on a converted file")
+    llama_cpp_encoding(rope)  # refuses what llama.cpp cannot run
     return rope
+
+
+def llama_cpp_encoding(rope: dict) -> str:
+    """How the GGUF carries `rope` exactly: "default", "linear", "yarn" (llama.cpp's built-in YaRN is the model's)
+    or "freq_factors" (other betas or an untruncated ramp: per-pair divisors in `rope_freqs.weight`)."""
+    kind = rope.get("rope_type", "default")
+    if kind == "yarn":
+        builtin = all(rope.get(key, value) == value for key, value in LLAMA_CPP_YARN.items())
+        return "yarn" if builtin else "freq_factors"
+    if kind in ("default", "linear"):
+        return kind
+    raise ExportError(f"--gguf: rope_type {kind!r} has no llama.cpp Llama equivalent",
+                      "export without --gguf, or fine-tune with yarn.rope_type=yarn")
 
 
 def llama_cpp_attn_factor(rope: dict) -> float:
     """llama.cpp's `rope.scaling.attn_factor` multiplies its built-in 0.1·ln(s)+1; transformers' attention factor
     (explicit, or the mscale ratio) replaces it. The ratio of the two expresses one in the other."""
-    factor = float(rope["factor"])
-    wanted = yarn_attention_factor(factor, rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim"))
-    return wanted / yarn_get_mscale(factor)
+    return rope_keys.attention_factor(rope) / yarn_get_mscale(float(rope["factor"]))
 
 
-def _without_offsets(node):
-    if isinstance(node, dict):
-        return {k: _without_offsets(v) for k, v in node.items() if k != "trim_offsets"}
-    if isinstance(node, list):
-        return [_without_offsets(v) for v in node]
-    return node
+def frequency_factors(config, rope: dict) -> np.ndarray:
+    """θ_i / θ'_i per rotary pair, θ' the model's YaRN frequencies (float64 maths, stored float32): llama.cpp
+    divides each pair's base frequency by its factor."""
+    dim = config_head_dim(config)
+    scaled, _ = compute_inv_freq(rope, dim, config.max_position_embeddings)
+    return (default_inv_freq(dim, float(rope["rope_theta"])) / scaled).numpy().astype(np.float32)
 
 
-def pre_tokenizer_name(tokenizer_json: dict, override: str | None) -> tuple[str, list[str]]:
+def gguf_pre_name(tokenizer_json: dict, override: str | None) -> tuple[str, list[str]]:
     """llama.cpp's pre-tokenizer name for this tokenizer.json, or "default" with a note saying how to fix it."""
     if override:
         return override, []
-    pre = _without_offsets(tokenizer_json.get("pre_tokenizer"))
-    for known, name in KNOWN_PRE_TOKENIZERS:
-        if pre == known:
-            return name, []
+    name = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"))
+    if name is not None:
+        return name, []
     return "default", ["unknown pre-tokenizer: wrote tokenizer.ggml.pre=default; pass --gguf-pre with llama.cpp's "
                        "name for it (e.g. llama-bpe, qwen2, smollm) for exact tokenization in llama.cpp"]
 
@@ -116,12 +124,19 @@ def _add_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre: str | 
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    name, notes = pre_tokenizer_name(tokenizer_json, pre)
+    name, notes = gguf_pre_name(tokenizer_json, pre)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.update(adds_special_tokens(tokenizer))  # measured, not guessed from the files
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template  # transformers 5 keeps it in chat_template.jinja
+    special.add_to_gguf(writer, quiet=True)
+    pre_tokenizer = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    writer.add_add_space_prefix(any(part.get("add_prefix_space") for part in parts if part.get("type") == "ByteLevel"))
     return notes
 
 
@@ -179,18 +194,23 @@ def _add_hparams(writer, config, rope: dict, name: str, gguf_type: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(gguf_type))
-    if rope.get("rope_type") == "yarn":
+    encoding = llama_cpp_encoding(rope)
+    if encoding == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         attn_factor = llama_cpp_attn_factor(rope)
         if not math.isclose(attn_factor, 1.0, rel_tol=1e-7):
             writer.add_rope_scaling_attn_factors(attn_factor)
-    elif rope.get("rope_type") == "linear":
+    elif encoding == "freq_factors":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        attn_factor = rope_keys.attention_factor(rope)
+        if not math.isclose(attn_factor, 1.0, rel_tol=1e-7):
+            writer.add_rope_scaling_attn_factors(attn_factor)
+        writer.add_tensor(ROPE_FREQS, frequency_factors(config, rope))
+    elif encoding == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope.get("rope_type", "default") != "default":
-        raise ExportError(f"--gguf: rope_type {rope['rope_type']!r} has no llama.cpp Llama equivalent here")
     sink = getattr(config, "yarnkit_sink_token_id", None)
     if sink is not None:
         writer.add_uint32(GGUF_SINK_KEY, int(sink))
@@ -208,6 +228,11 @@ def write_gguf(folder: Path, model, tokenizer, path: Path, gguf_type: str = "f16
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, rope, path.stem, gguf_type)
     notes = _add_tokenizer(writer, folder, tokenizer, config.vocab_size, pre)
+    if llama_cpp_encoding(rope) == "freq_factors":
+        custom = ", ".join(f"{k}={rope.get(k, v)}" for k, v in LLAMA_CPP_YARN.items() if rope.get(k, v) != v)
+        notes.append(f"YaRN with {custom} written as per-pair frequency factors ({ROPE_FREQS}, rope.scaling.type "
+                     "none): llama.cpp's Llama loader reads no YaRN beta or truncate keys. Run it without "
+                     "--rope-scaling/--rope-scale, which would scale the frequencies a second time")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for hf_name, tensor in tqdm(model.state_dict().items(), desc="GGUF tensors", leave=False):
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -242,19 +267,32 @@ def read_metadata(path: Path) -> dict:
     return out
 
 
-def rope_parameters_from_gguf(path: Path) -> tuple[dict, int]:
-    """`(rope_parameters, context_length)` in transformers' terms, as llama.cpp runs a Llama GGUF: betas 32/1,
-    attention factor = `rope.scaling.attn_factor` × (0.1·ln s + 1)."""
+def llama_cpp_rope(path: Path) -> dict:
+    """The RoPE llama.cpp runs for a Llama GGUF, from its metadata: `inv_freq` (float64, per rotary pair),
+    `attention_factor` (what cos and sin are multiplied by), `context_length`, and the keys it came from.
+    YaRN keys mean llama.cpp's built-in YaRN (betas 32/1, truncated ramp, attention factor = `attn_factor` ×
+    (0.1·ln s + 1)); `rope_freqs.weight` divides every pair's frequency, whatever the scaling type."""
+    import gguf
+
     meta = read_metadata(path)
     arch = meta["general.architecture"]
-    rope = {"rope_type": "default", "rope_theta": float(meta[f"{arch}.rope.freq_base"])}
+    dim, base = int(meta[f"{arch}.rope.dimension_count"]), float(meta[f"{arch}.rope.freq_base"])
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    attn_factor = float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    keys = {"scaling_type": kind, "attn_factor": attn_factor}
+    inv_freq, attention = default_inv_freq(dim, base), attn_factor
     if kind == "yarn":
-        rope.update(rope_type="yarn", factor=float(meta[f"{arch}.rope.scaling.factor"]),
-                    original_max_position_embeddings=int(meta[f"{arch}.rope.scaling.original_context_length"]))
-        attn_factor = float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
-        if attn_factor != 1.0:
-            rope["attention_factor"] = attn_factor * yarn_get_mscale(rope["factor"])
+        factor = float(meta[f"{arch}.rope.scaling.factor"])
+        original = int(meta[f"{arch}.rope.scaling.original_context_length"])
+        inv_freq, attention = yarn_inv_freq(dim, base, factor, original), attn_factor * yarn_get_mscale(factor)
+        keys.update(factor=factor, original_context_length=original)
     elif kind == "linear":
-        rope.update(rope_type="linear", factor=float(meta[f"{arch}.rope.scaling.factor"]))
-    return rope, int(meta[f"{arch}.context_length"])
+        factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+        inv_freq = inv_freq / factor
+        keys.update(factor=factor)
+    freqs = [t for t in gguf.GGUFReader(str(path)).tensors if t.name == ROPE_FREQS]
+    if freqs:
+        inv_freq = inv_freq / torch.from_numpy(np.asarray(freqs[0].data, dtype=np.float64).reshape(-1))
+        keys["frequency_factors"] = ROPE_FREQS
+    return {"inv_freq": inv_freq, "attention_factor": attention, "context_length": int(meta[f"{arch}.context_length"]),
+            "keys": keys}

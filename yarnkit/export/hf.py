@@ -35,6 +35,22 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def check_rope_config(source: ExportSource) -> None:
+    """Refuse, before any weight is loaded, a RoPE setting in the source's config.json that stock loaders would
+    read differently (`rope_keys.export_rope_parameters` raises with the key and the fix). The raw JSON is read,
+    as a stock loader would see it: a legacy `rope_scaling` block replaces `rope_parameters`."""
+    path = source.model_dir / "config.json"
+    if not path.is_file():
+        return  # a LoRA adapter without config.json: its recipe's scaling is checked once applied
+    raw = json.loads(path.read_text())
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if isinstance(rope, dict) and rope:
+        rope = dict(rope)
+        if not rope_keys.is_per_layer_type(rope):
+            rope.setdefault("rope_type", rope.get("type", "default"))
+        rope_keys.export_rope_parameters(rope)
+
+
 def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora: bool = True):
     """`(model, tokenizer, notes)` in eval mode on CPU; LoRA adapters are merged (`merge_and_unload`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -61,7 +77,7 @@ def load_for_export(source: ExportSource, dtype: str | None = "auto", merge_lora
 
         # merged in float32, then cast: merging in bf16 would round the sum W + BA once more
         model = PeftModel.from_pretrained(model, str(source.model_dir)).merge_and_unload()
-        model = model.to(_torch_dtype(dtype, config))
+        model = cast_weights(model, _torch_dtype(dtype, config))
         notes.append(f"LoRA adapter merged into base model {source.base_model}")
         tokenizer_dir = source.model_dir if _has_tokenizer(source.model_dir) else Path(base_dir)
     elif source.deepspeed_dir is not None:
@@ -112,7 +128,16 @@ def _gather_deepspeed(source: ExportSource, dtype: str | None):
     if missing or unexpected:
         raise ExportError(f"DeepSpeed state in {source.deepspeed_dir} does not match config.json: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    return model.to(_torch_dtype(dtype, config))
+    return cast_weights(model, _torch_dtype(dtype, config))
+
+
+def cast_weights(model, dtype: torch.dtype):
+    """`model.to(dtype)` with the rotary `inv_freq` kept in float32, as transformers' `from_pretrained(dtype=...)`
+    keeps it: a model-wide cast would round it (bf16: up to 2^-9 relative, radians of error at 64k positions)."""
+    model = model.to(dtype)
+    if dtype != torch.float32:
+        rebuild_rotary_modules(model)
+    return model
 
 
 def _without_wrapper_prefix(state: dict, expected: set[str], prefix: str = "model.") -> dict:
@@ -125,10 +150,12 @@ def _without_wrapper_prefix(state: dict, expected: set[str], prefix: str = "mode
     return stripped if set(stripped) <= expected else state
 
 
-def prepare_for_inference(model) -> list[str]:
-    """Rewrite `model.config` for serving: stock-loader RoPE (dynamic_yarn → yarn), max_position_embeddings =
-    factor × original for yarn, the KV cache back on (trainers turn it off); the rotary modules are rebuilt so the
-    in-memory model computes what is exported."""
+def prepare_for_inference(model, tokenizer=None) -> list[str]:
+    """Rewrite `model.config` for serving: stock-loader RoPE (`rope_keys.export_rope_parameters`: dynamic_yarn →
+    yarn, a setting loaders would read differently refused), max_position_embeddings = factor × original for yarn,
+    the KV cache back on (trainers turn it off), the tokenizer's `model_max_length` at least that context (vLLM
+    and transformers cap prompts by it); the rotary modules are rebuilt so the in-memory model computes what is
+    exported."""
     config = model.config
     notes = []
     if getattr(config, "use_cache", True) is False:
@@ -144,6 +171,10 @@ def prepare_for_inference(model) -> list[str]:
         notes.append(f"max_position_embeddings set to factor × original = {scaled} "
                      f"(was {config.max_position_embeddings})")
         config.max_position_embeddings = scaled
+    if tokenizer is not None and tokenizer.model_max_length < config.max_position_embeddings:
+        notes.append(f"tokenizer model_max_length raised from {tokenizer.model_max_length} to "
+                     f"{config.max_position_embeddings}, the extended context")
+        tokenizer.model_max_length = config.max_position_embeddings
     return notes
 
 

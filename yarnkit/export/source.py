@@ -106,6 +106,8 @@ def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSou
         run_dir, path = checkpoint.parent.parent, checkpoint
     model_dir = path / "model" if (path / "model").is_dir() else path
     recipe_path = _find_recipe(path, run_dir)
+    if (model_dir / "config.json").is_file():
+        model_files.check_config_file(model_dir / "config.json")
     if zero_shards:
         return _zero_shards_source(path, checkpoint, model_dir, recipe_path, run_dir)
     has_weights = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()
@@ -116,7 +118,9 @@ def find_export_source(path: str | Path, zero_shards: bool = False) -> ExportSou
                 raise ExportError(f"raw DeepSpeed checkpoint {ds_dir} has no config.json beside it in {model_dir}")
             return ExportSource(model_dir, recipe_path, run_dir, None, deepspeed_dir=ds_dir)
         raise ExportError(f"no model weights in {model_dir}: expected *.safetensors (full model) or "
-                          "adapter_config.json + adapter_model.safetensors (LoRA); the checkpoint may be partial")
+                          "adapter_config.json + adapter_model.safetensors (LoRA)",
+                          "the checkpoint may be partial: export an earlier complete one, or copy the weights "
+                          "beside config.json")
     if (model_dir / "adapter_config.json").is_file():
         if not (model_dir / "adapter_model.safetensors").is_file():
             raise ExportError(f"LoRA adapter weights missing: {model_dir / 'adapter_model.safetensors'}")

@@ -1,15 +1,21 @@
 """Check an exported folder the way its users will load it.
 
 - `verify_hf(dir, model, input_ids)`: a fresh `python -I` subprocess loads `dir` with plain transformers (it
-  asserts `yarnkit` was never imported there), runs `input_ids`, and its logits are compared with the in-memory
-  model's. The metric is max |Δlogit| / max |logit| over the compared positions (every `stride`-th one plus the
-  last 128, so positions past the original context are always in).
-- `verify_config(dir)`: vLLM's reading of the YaRN keys (`rope_keys.check_vllm_rope`) and the sink token.
+  asserts `yarnkit` was never imported there), runs `input_ids`, and returns its logits, its `rope_parameters`,
+  and each rotary module's `inv_freq` and attention scaling. The RoPE it built must be the in-memory model's
+  (every rope key of the model's config read back equal, `inv_freq` float32 and equal to 1e-6, the attention
+  scaling to 1e-9), and its logits must agree: the metric is max |Δlogit| / max |logit| over the compared
+  positions (every `stride`-th one plus the last 128, so positions past the original context are always in).
+- `verify_config(dir, tokenizer)`: what both vLLM generations read from the YaRN keys (`rope_keys.check_vllm_rope`)
+  and the sink token.
+- `verify_gguf(path, model, ...)`: the RoPE llama.cpp builds from the GGUF (`gguf.llama_cpp_rope`) must be the
+  model's (inv_freq and attention factor to 1e-6); then transformers' GGUF loader, given that RoPE, must give the
+  model's logits (see its docstring).
 - `prompt_ids(tokenizer, n)`: a deterministic long prompt: the bundled PG-19 book, tokenized.
 
 Tolerances (`TOLERANCE`) are per dtype: fp32 1e-4 (only summation order differs), bf16/fp16 2e-2. The GGUF check
 compares against the model with its weights rounded as the GGUF stores them, so it holds 1e-4 for every type.
-Tested by tests/test_export.py.
+Tested by tests/test_export.py, tests/test_export_rope.py and tests/test_export_gguf.py.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from yarnkit.errors import ExportError
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 _CHILD = r"""
-import sys, torch
+import json, sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 folder, io_path, out_path, device = sys.argv[1:5]
@@ -40,10 +46,58 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetenso
 with torch.no_grad():
     logits = model(inputs["input_ids"], logits_to_keep=inputs["positions"]).logits[0].float().cpu()
 assert "yarnkit" not in sys.modules, "yarnkit was imported while loading the export"
-rope = getattr(model.config, "rope_parameters", None)
-print("ROPE", rope)
-save_file({"logits": logits.contiguous()}, out_path)
+tensors, scaling = {"logits": logits.contiguous()}, {}
+rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "config")]
+for i, module in enumerate(rotary):
+    for name, buffer in module.named_buffers():
+        if name.endswith("inv_freq") and not name.startswith("original"):
+            tensors[f"{i}.{name}"] = buffer.detach().cpu().contiguous()
+    scaling.update({f"{i}.{k}": float(v) for k, v in vars(module).items() if k.endswith("attention_scaling")})
+print("STOCK " + json.dumps({"rope_parameters": model.config.rope_parameters, "attention_scaling": scaling}))
+save_file(tensors, out_path)
 """
+
+
+def rotary_state(model) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each rotary module's inv_freq buffers and attention scalings, named as the verification child names them."""
+    from yarnkit.patch import rotary_modules
+
+    buffers, scaling = {}, {}
+    for i, (_, _, module) in enumerate(rotary_modules(model)):
+        buffers.update({f"{i}.{name}": buffer for name, buffer in module.named_buffers()
+                        if name.endswith("inv_freq") and not name.startswith("original")})
+        scaling.update({f"{i}.{k}": float(v) for k, v in vars(module).items() if k.endswith("attention_scaling")})
+    return buffers, scaling
+
+
+def rope_mismatches(ours: dict, theirs: dict, prefix: str = "rope_parameters") -> list[str]:
+    """Every key of `ours` (a rope_parameters dict, flat or per layer type) that `theirs` reads differently."""
+    wrong = []
+    for key, value in ours.items():
+        other = theirs.get(key) if isinstance(theirs, dict) else None
+        if isinstance(value, dict):
+            wrong += rope_mismatches(value, other or {}, f"{prefix}.{key}")
+        elif not (other == value or isinstance(value, float) and isinstance(other, (int, float))
+                  and math.isclose(other, value, rel_tol=1e-9)):
+            wrong.append(f"{prefix}.{key}={other!r} (the model has {value!r})")
+    return wrong
+
+
+def _check_stock_rope(model, stock: dict, tensors: dict) -> list[str]:
+    """How the RoPE stock transformers built differs from the in-memory model's (empty: identical)."""
+    wrong = rope_mismatches(model.config.rope_parameters, stock["rope_parameters"])
+    buffers, scaling = rotary_state(model)
+    for name, ours in buffers.items():
+        theirs = tensors.get(name)
+        if theirs is None or theirs.dtype != torch.float32 or ours.dtype != torch.float32:
+            wrong.append(f"rotary {name}: stock {None if theirs is None else theirs.dtype}, in memory {ours.dtype} "
+                         "(must be float32 on both sides)")
+        elif not torch.allclose(theirs.double(), ours.detach().cpu().double(), rtol=1e-6, atol=0):
+            wrong.append(f"rotary {name} differs (max relative {((theirs - ours.cpu()) / ours.cpu()).abs().max():.3g})")
+    for name, ours in scaling.items():
+        if not math.isclose(stock["attention_scaling"].get(name, float("nan")), ours, rel_tol=1e-9):
+            wrong.append(f"attention scaling {name}: stock {stock['attention_scaling'].get(name)}, in memory {ours}")
+    return wrong
 
 
 def prompt_ids(tokenizer, n_tokens: int, vocab_size: int) -> torch.Tensor:
@@ -89,12 +143,19 @@ def verify_hf(folder: Path, model, input_ids: torch.Tensor, timeout_s: int = 180
             raise ExportError(f"reloading the export took over {timeout_s} s; pass a smaller --verify-tokens") from error
         if done.returncode != 0:
             raise ExportError(f"plain transformers could not load the export {folder}:\n{done.stderr[-3000:]}")
-        loaded = load_file(out_path)["logits"]
-    difference = max_relative_difference(reference, loaded)
+        tensors = load_file(out_path)
+    stock = json.loads(next(line[6:] for line in done.stdout.splitlines() if line.startswith("STOCK ")))
+    wrong = _check_stock_rope(model, stock, tensors)
+    if wrong:
+        raise ExportError("plain transformers builds a different RoPE from the export than the trained model has: "
+                          + "; ".join(wrong[:4]), "this is a yarnkit export bug; report it with the config.json")
+    difference = max_relative_difference(reference, tensors["logits"])
     tolerance = TOLERANCE[dtype]
     result = {"loader": "transformers (fresh subprocess, yarnkit not imported)", "dtype": str(dtype).replace("torch.", ""),
               "prompt_tokens": int(input_ids.shape[1]), "compared_positions": len(positions),
-              "max_relative_difference": difference, "tolerance": tolerance, "passed": difference <= tolerance}
+              "max_relative_difference": difference, "tolerance": tolerance, "passed": difference <= tolerance,
+              "stock_rope_parameters": stock["rope_parameters"], "stock_attention_scaling": stock["attention_scaling"],
+              "inv_freq_dtype": "float32"}
     if not result["passed"]:
         raise ExportError(f"exported model disagrees with the trained one: max relative logit difference {difference:.3g} "
                           f"> {tolerance:g} on a {input_ids.shape[1]}-token prompt; the exported RoPE config is wrong")
@@ -104,13 +165,14 @@ def verify_hf(folder: Path, model, input_ids: torch.Tensor, timeout_s: int = 180
 def verify_config(folder: Path, tokenizer) -> dict:
     """vLLM's view of the YaRN keys and the sink token's presence. Raises ExportError on errors."""
     config = json.loads((folder / "config.json").read_text())
-    errors, warnings = rope_keys.check_vllm_rope(config)
+    tokenizer_max = tokenizer.model_max_length if tokenizer.model_max_length < 2**40 else None
+    errors, warnings = rope_keys.check_vllm_rope(config, tokenizer_max)
     sink = config.get("yarnkit_sink_token_id")
     if sink is not None and not 0 <= sink < len(tokenizer):
         errors.append(f"yarnkit_sink_token_id={sink} is not in the exported tokenizer (size {len(tokenizer)})")
     if errors:
         raise ExportError("exported config.json is not loadable as intended:\n  " + "\n  ".join(errors))
-    return {"vllm_max_model_len": rope_keys.vllm_max_model_len(config), "warnings": warnings,
+    return {"vllm_max_model_len": rope_keys.vllm_max_model_len(config, True, tokenizer_max), "warnings": warnings,
             "sink_token_id": sink}
 
 
@@ -118,25 +180,37 @@ GGUF_TOLERANCE = 1e-4  # same weights on both sides (see verify_gguf): only floa
 
 
 def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str) -> dict:
-    """Read the GGUF back with transformers' GGUF loader, give it the RoPE the GGUF metadata describes (that
-    loader ignores Llama's rope-scaling keys), and compare its float32 logits with a copy of `model` whose weights
-    went through the same quantize/dequantize round trip: the check isolates names, Q/K layout, hyper-parameters
-    and RoPE from the precision the user chose. The quantization error against `model` itself is reported too."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The RoPE llama.cpp builds from the GGUF's metadata (`gguf.llama_cpp_rope`) must be the model's: same
+    inverse frequencies and attention factor (1e-6), context = max_position_embeddings. Then the GGUF is read back
+    with transformers' GGUF loader, given that RoPE (the loader ignores Llama's rope-scaling keys), and its float32
+    logits are compared with a copy of `model` whose weights went through the same quantize/dequantize round
+    trip: the check isolates names, Q/K layout, hyper-parameters and RoPE from the precision the user chose. The
+    quantization error against `model` itself is reported too."""
+    from transformers import AutoModelForCausalLM
 
-    from yarnkit.export.gguf import rope_parameters_from_gguf, stored_values
+    from yarnkit.export.gguf import llama_cpp_rope, stored_values
+    from yarnkit.patch import rotary_module
 
-    rope, context = rope_parameters_from_gguf(gguf_path)
-    expected = {k: v for k, v in model.config.rope_parameters.items()
-                if k in ("rope_type", "rope_theta", "factor", "original_max_position_embeddings")}
-    mismatched = {k: (rope.get(k), v) for k, v in expected.items()
-                  if not (rope.get(k) == v or isinstance(v, float) and math.isclose(rope.get(k), v, rel_tol=1e-6))}
-    if mismatched or context != model.config.max_position_embeddings:
-        raise ExportError(f"GGUF RoPE metadata {rope} (context {context}) does not match the model: {mismatched}")
+    rope = llama_cpp_rope(gguf_path)
+    rotary = rotary_module(model)
+    ours = rotary.inv_freq.detach().cpu().double()
+    wrong = []
+    if rope["inv_freq"].shape != ours.shape or not torch.allclose(rope["inv_freq"], ours, rtol=1e-6, atol=0):
+        wrong.append("inverse frequencies")
+    if not math.isclose(rope["attention_factor"], rotary.attention_scaling, rel_tol=1e-6):
+        wrong.append(f"attention factor {rope['attention_factor']:.6g} (the model's is {rotary.attention_scaling:.6g})")
+    if rope["context_length"] != model.config.max_position_embeddings:
+        wrong.append(f"context {rope['context_length']} (the model's is {model.config.max_position_embeddings})")
+    if wrong:
+        raise ExportError(f"the RoPE llama.cpp builds from {gguf_path.name} ({rope['keys']}) is not the model's: "
+                          + ", ".join(wrong), "this is a yarnkit export bug; report it with the model's config.json")
     folder, name = str(gguf_path.parent), gguf_path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.rope_parameters = rope
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    loaded_rotary = rotary_module(loaded)
+    with torch.no_grad():  # llama.cpp's RoPE, as read from the metadata, in place of the loader's plain one
+        loaded_rotary.inv_freq.copy_(rope["inv_freq"].float())
+        loaded_rotary.original_inv_freq = loaded_rotary.inv_freq.clone()
+    loaded_rotary.attention_scaling = rope["attention_factor"]
     positions = compared_positions(input_ids.shape[1])
     device = next(model.parameters()).device
     reference_model = copy.deepcopy(model).float()
@@ -151,7 +225,8 @@ def verify_gguf(gguf_path: Path, model, input_ids: torch.Tensor, gguf_type: str)
     difference = max_relative_difference(reference, other)
     tolerance = GGUF_TOLERANCE
     result = {"loader": "transformers GGUF loader + RoPE from GGUF metadata", "gguf_type": gguf_type,
-              "rope_from_metadata": rope, "context_length": context, "prompt_tokens": int(input_ids.shape[1]),
+              "rope_from_metadata": {**rope["keys"], "attention_factor": rope["attention_factor"]},
+              "context_length": rope["context_length"], "prompt_tokens": int(input_ids.shape[1]),
               "max_relative_difference": difference, "tolerance": tolerance, "passed": difference <= tolerance,
               "quantization_error": max_relative_difference(trained, other)}
     if not result["passed"]:

@@ -6,7 +6,9 @@ a second request on a named session that is busy or already queued is refused (`
 conversations from the session table (one cache row per choice; when every row is busy it keeps waiting, never
 refused), and each choice's turn is started on a helper thread (chat template and tokenization, which release
 the GIL), choice `i` sampling with seed `seed + i`. A started turn joins `job.turns` and so the loop; a turn that
-cannot start (`PromptTooLong`: a 400 event; anything else: a 500) gives its row back at once. A job cancelled
+cannot start (`PromptTooLong`: a 400 event; anything else: a 500) gives its row back at once; a prompt over the
+window is refused (`PromptTooLong`) or, with `over_window="truncate"`, keeps its end and says so in its
+`started` event and the log. A job cancelled
 while it waits gets the `cancelled` event and never takes a row. `finish(job, conversation)` ends one choice:
 its row goes back to the table, and a job whose choices all ended leaves `active`. One lock (`lock`) guards the
 queue, the active jobs and the session table; the loop sleeps on it between requests.
@@ -57,8 +59,8 @@ class Job:
 class Admission:
     """Waiting and active jobs over a `SessionTable`; `submit`, `drop_session`, `stats` are safe from any thread."""
 
-    def __init__(self, sessions: SessionTable, max_prompt_tokens: int | None = None):
-        self.sessions, self.max_prompt_tokens = sessions, max_prompt_tokens
+    def __init__(self, sessions: SessionTable, max_prompt_tokens: int | None = None, over_window: str = "refuse"):
+        self.sessions, self.max_prompt_tokens, self.over_window = sessions, max_prompt_tokens, over_window
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.lock = threading.Condition()
@@ -132,7 +134,8 @@ class Admission:
     def _start(self, job: Job, index: int, conversation: Conversation, sampling: Sampling) -> None:
         """On a helper thread: template + tokenization of the new text; the turn then joins the loop."""
         try:
-            turn = conversation.start(job.messages, job.text, sampling, job.rendered, self.max_prompt_tokens)
+            turn = conversation.start(job.messages, job.text, sampling, job.rendered, self.max_prompt_tokens,
+                                      self.over_window)
         except Exception as error:  # noqa: BLE001 - e.g. a template that rejects the roles
             if isinstance(error, PromptTooLong):
                 payload = {"status": 400, "message": str(error), "param": str(error).split(":")[0],
@@ -146,7 +149,11 @@ class Admission:
             self.finish(job, conversation)
             return
         turn.job, turn.index = job, index
-        job.emit("started", index, None)
+        if "truncated" in turn.info:
+            cut = turn.info["truncated"]
+            log.warning("prompt of %d tokens is longer than the %d-token window: only its end is in context "
+                        "(--over-window truncate)", cut["prompt_tokens"], cut["window"])
+        job.emit("started", index, {"truncated": turn.info.get("truncated")})
         with self.lock:
             job.turns.append(turn)
             self.lock.notify()

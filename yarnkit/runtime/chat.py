@@ -11,7 +11,9 @@ included (the same meaning in `chat`, `serve` and `eval stream`; every streaming
 yarnkit/runtime/options.py). Interactive commands (handled here, never
 sent to the model): /help, /reset (forget everything), /stats (tokens seen, cache size, memory), /quit.
 Ctrl-C stops the current reply; Ctrl-C or Ctrl-D at the prompt exits, and so does Ctrl-C while the model loads.
-`--prompt -` reads one (multi-line) message from stdin.
+At a terminal a message may be long and span lines: a pasted page arrives whole as one message (bracketed paste,
+`yarnkit.runtime.terminal`) and Enter sends it. `--prompt -` reads one (multi-line) message from stdin. When a
+message does not fit the window, or is compressed, a `[note]` on stderr says so before the reply.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import threading
 
 from yarnkit.errors import BadValue
 from yarnkit.runtime.conversation import Conversation
-from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
+from yarnkit.runtime.options import (add_stream_arguments, check_stream_arguments, load_for_cli,
+                                     stream_options)
+from yarnkit.runtime.terminal import can_read_messages, read_message
 
 COMMANDS = {"/help": "show these commands", "/reset": "forget the conversation (cache and history)",
             "/stats": "tokens seen, cache size and memory (JSON)", "/quit": "leave (also /exit, Ctrl-D)"}
@@ -48,42 +52,87 @@ def build_conversation_factory(model, tokenizer, args):
     return new_conversation
 
 
-def reply(conversation: Conversation, history: list[dict], text: str, args, out=None) -> None:
-    """Stream one reply to `out`. Ctrl-C stops it between two tokens (never inside a forward, so the cache stays
-    whole); the partial reply stays in the history. `out` defaults to the sys.stdout of the moment of the call."""
-    out = out or sys.stdout
+def reply(conversation: Conversation, history: list[dict], text: str, args, out=None,
+          keep_going: bool = True) -> None:
+    """Stream one reply to `out`; what the turn had to do to the input (streamed past the window, compressed) is
+    said on stderr before the reply's first word. Ctrl-C stops it between two tokens (never inside a forward, so
+    the cache stays whole); the partial reply stays in the history. Bad input (a system prompt that cannot fit) is
+    printed and the chat goes on; with `keep_going=False` (one --prompt) it is raised as a `BadValue`."""
+    out = out or sys.stdout  # looked up now: a default bound at import would outlive a replaced stdout
     messages = history + [{"role": "user", "content": text}]
     pieces = conversation.respond(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
     stop = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if in_main else None
+    announced = False
     try:
         for piece in pieces:
+            if not announced:
+                announced = announce(conversation.last_info)
             out.write(piece)
             out.flush()
             if stop.is_set():
                 out.write(" [stopped]")
                 break
-    except ValueError as error:  # bad input (e.g. a system prompt that cannot fit): say so, keep chatting
+    except ValueError as error:
+        if not keep_going:
+            raise BadValue(str(error)) from None
         print(f"error: {error}", file=sys.stderr)
     finally:
         pieces.close()
         if in_main:
             signal.signal(signal.SIGINT, previous)
+    if not announced:  # an empty reply: the notes still come before the (empty) line
+        announce(conversation.last_info)
     out.write("\n")
     out.flush()
-    if "warning" in conversation.last_info:
-        print(f"[note] {conversation.last_info['warning']}", file=sys.stderr)
-    if "ratio" in conversation.last_info:
-        print(f"[compressed the message {conversation.last_info['ratio']}x]", file=sys.stderr)
     history[:] = conversation.messages
 
 
+def announce(info: dict) -> bool:
+    """Print the notes of a turn (`Conversation.last_info`) on stderr; True once printed."""
+    if "warning" in info:
+        print(f"[note] {info['warning']}", file=sys.stderr, flush=True)
+    if "ratio" in info:
+        print(f"[compressed the message {info['ratio']}x]", file=sys.stderr, flush=True)
+    return True
+
+
+def checked_text(text: str, where: str, fix: str) -> str:
+    """`text` from argv or stdin, which Python decodes with surrogate escapes: bytes that are not UTF-8 fail here,
+    naming `where`, instead of inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadValue(f"{where} is not UTF-8 text (byte {error.start}: "
+                       f"{text[error.start].encode('utf-8', 'surrogateescape')!r})", fix) from None
+    return text
+
+
+def read_prompt(prompt: str) -> str:
+    """`--prompt TEXT`, or with `--prompt -` all of stdin; either must be UTF-8."""
+    fix = "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | yarnkit chat --prompt -"
+    if prompt != "-":
+        return checked_text(prompt, "--prompt", fix)
+    return checked_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "--prompt -: stdin", fix)
+
+
+def read_turn(interactive: bool) -> str:
+    """The next message: from the terminal whole (long lines, pastes), or one line of piped stdin."""
+    if interactive and can_read_messages():
+        return read_message("> ")
+    return checked_text(input("> " if interactive else ""), "a line of stdin",
+                        "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | yarnkit chat")
+
+
 def run(args) -> int:
+    check_stream_arguments(args)
+    if args.system is not None:
+        checked_text(args.system, "--system", "pass the system prompt as UTF-8 text")
     text = None
     if args.prompt is not None:
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        text = read_prompt(args.prompt)
         if not text.strip():
             raise BadValue("empty prompt", "pass some text with --prompt (or on stdin with --prompt -)")
     loaded = load_for_cli(args)
@@ -92,14 +141,14 @@ def run(args) -> int:
     conversation = build_conversation_factory(*loaded, args)()  # bad options raise BadValue: yarnkit/cli.py prints it
     history = [{"role": "system", "content": args.system}] if args.system else []
     if text is not None:
-        reply(conversation, history, text, args)
+        reply(conversation, history, text, args, keep_going=False)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
         print("yarnkit chat: /help for commands; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = read_turn(interactive)
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0

@@ -141,9 +141,12 @@ class Conversation:
 
     def start(self, messages: list[dict] | None = None, text: str | None = None,
               sampling: Sampling | None = None, rendered: str | None = None,
-              max_prompt_tokens: int | None = None) -> "Turn":
+              max_prompt_tokens: int | None = None, over_window: str | None = None) -> "Turn":
         """A turn answering `messages` (normalized, see `normalize_messages`) or continuing raw `text`; raises
-        `PromptTooLong` (feeding nothing) when the whole prompt has more than `max_prompt_tokens` tokens."""
+        `PromptTooLong` (feeding nothing) when the whole prompt has more than `max_prompt_tokens` tokens.
+
+        A prompt longer than the window keeps only its end in context. `over_window="refuse"` raises
+        `PromptTooLong` for it instead; "truncate" (and None) serve it, with `info["truncated"]` saying so."""
         info: dict = {}
         history, to_feed, full, reuse = self._plan(messages, text, info, rendered)
         pieces = []
@@ -165,6 +168,14 @@ class Conversation:
             field = "messages" if messages is not None else "prompt"
             raise PromptTooLong(f"{field}: the prompt has {turn.prompt_tokens} tokens, more than this server's limit "
                                 f"of {max_prompt_tokens} (--max-prompt-tokens)")
+        if turn.prompt_tokens > self.engine.window:
+            if over_window == "refuse":
+                field = "messages" if messages is not None else "prompt"
+                raise PromptTooLong(f"{field}: the prompt has {turn.prompt_tokens} tokens, more than the "
+                                    f"{self.engine.window}-token window (--window): its start would be cut off; "
+                                    "shorten it, raise --window, or start the server with --over-window truncate "
+                                    "to answer from its end")
+            turn.info["truncated"] = {"prompt_tokens": turn.prompt_tokens, "window": self.engine.window}
         self.mode = "chat" if messages is not None else "text"
         return turn
 
@@ -177,6 +188,7 @@ class Conversation:
         """
         turn = self.start(normalize_messages(messages), sampling=Sampling(max_new_tokens, temperature, top_p,
                                                                           seed, tuple(stop)))
+        self.last_info = turn.info  # what the turn did to the input, readable before the reply (chat's notes)
         try:
             while turn.prefilling:
                 turn.prefill_step()

@@ -220,7 +220,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     logits = logits.float().cpu()
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = (logits.double() - logits.max()) / temperature  # float64, max first: a tiny temperature stays finite
+    probs = torch.softmax(scaled, dim=-1).float()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p

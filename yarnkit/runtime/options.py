@@ -23,6 +23,7 @@ Test: `python -m pytest tests/test_runtime_chat.py tests/test_runtime_static.py 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, replace
 
@@ -31,6 +32,7 @@ from yarnkit.runs import model_location
 from yarnkit.sink_token import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer: what torch's generator and OpenAI's `seed` take
 DEFAULT_WINDOW = 1024
 
 
@@ -145,6 +147,45 @@ def stream_options(args) -> StreamOptions:
     return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
                          sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
                          compile=args.compile)
+
+
+def check_stream_arguments(args) -> None:
+    """The `chat`/`serve` flags that cannot work, refused before the model loads (the window against the model's
+    sinks is checked once its config is known: `StreamOptions.resolved`)."""
+    def positive(flag: str, value) -> None:
+        if value is not None and value < 1:
+            raise BadValue(f"{flag} {value} must be at least 1", f"e.g. {flag} {defaults.get(flag, 8)}")
+
+    defaults = {"--window": 1024, "--max-new-tokens": 256, "--evict-batch": 64, "--compress-over": 512}
+    positive("--window", args.window)
+    positive("--max-new-tokens", args.max_new_tokens)
+    positive("--evict-batch", args.evict_batch)
+    positive("--compress-over", args.compress_over)
+    if args.sinks is not None and not 0 <= args.sinks < args.window:
+        raise BadValue(f"--sinks {args.sinks} must be in [0, --window {args.window})", "e.g. --sinks 4")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise BadValue(f"--temperature {args.temperature:g} is not a sampling temperature",
+                       "use 0 (greedy) or a positive value, e.g. --temperature 0.7")
+    if not 0.0 < args.top_p <= 1.0:
+        raise BadValue(f"--top-p {args.top_p:g} must be in (0, 1]: the probability mass sampled from",
+                       "e.g. --top-p 0.9 (1 turns it off)")
+    if args.compress_rate is not None and not 0.0 < args.compress_rate < 1.0:
+        raise BadValue(f"--compress-rate {args.compress_rate:g} must be in (0, 1): the fraction of tokens kept",
+                       "e.g. --compress-rate 0.5, or leave it out to keep every token")
+    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise BadValue(f"--seed {args.seed} is outside the 64-bit range", f"use a seed in [{SEED_RANGE[0]}, "
+                       f"{SEED_RANGE[1]}], e.g. --seed 0")
+    if args.sirllm_keep < 0 or not 0.0 < args.sirllm_decay <= 1.0:
+        raise BadValue(f"--sirllm-keep {args.sirllm_keep} / --sirllm-decay {args.sirllm_decay:g}: need keep >= 0 "
+                       "and decay in (0, 1]", "e.g. --sirllm-keep 64 --sirllm-decay 0.9")
+    check_string(args)  # a decode path STRING cannot run is refused on any device, so before the CUDA checks
+    on_gpu = str(args.device).startswith("cuda")
+    if args.decode == "graph" and not on_gpu:
+        raise BadValue(f"--decode graph needs a CUDA GPU (--device {args.device})",
+                       "use --decode auto or static on CPU, or --device cuda on a GPU machine")
+    if args.compile and not on_gpu:
+        raise BadValue(f"--compile compiles the CUDA-graph decode step; --device {args.device} has none",
+                       "leave out --compile on CPU")
 
 
 def load_chat_model(ckpt: str, dtype: str = "float32", device: str = "cpu"):

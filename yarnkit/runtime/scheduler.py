@@ -37,14 +37,14 @@ class Scheduler:
     """Owns the pool, the session table, admission and the worker thread; `submit(job)` is safe from any thread."""
 
     def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
-                 prefill_budget: int = 128, max_prompt_tokens: int | None = None):
+                 prefill_budget: int = 128, max_prompt_tokens: int | None = None, over_window: str = "refuse"):
         options = options.resolved(model.config, next(model.parameters()).device, pooled=True)  # no-op if resolved
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
         self.prefill_budget = prefill_budget
         self.pool = None if options.decode == "eager" else make_pool(model, options, rows)
         new = make_conversation or (lambda pool: Conversation(model, tokenizer, options, pool=pool))
         self.sessions = SessionTable(rows, lambda: new(self.pool))
-        self.admission = Admission(self.sessions, max_prompt_tokens)
+        self.admission = Admission(self.sessions, max_prompt_tokens, over_window)
         self.steps = 0
         self.worker = threading.Thread(target=self._loop, name="yarnkit-scheduler", daemon=True)
         self.worker.start()

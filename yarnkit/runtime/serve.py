@@ -35,11 +35,18 @@ from yarnkit.errors import BadValue
 from yarnkit.runtime.admission import Job, SessionBusy
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
 from yarnkit.runtime.conversation import Sampling
-from yarnkit.runtime.options import add_stream_arguments, load_for_cli, stream_options
+from yarnkit.runtime.options import add_stream_arguments, check_stream_arguments, load_for_cli, stream_options
 from yarnkit.runtime.scheduler import Scheduler
 
 log = logging.getLogger("yarnkit.serve")
 API_KEY_ENV = "YARNKIT_API_KEY"
+TRUNCATED_HEADER = "X-Yarnkit-Truncated"
+DISCONNECT_POLL = 0.2  # seconds between checks that a waiting (non-streaming) client is still there
+CLIENT_CLOSED = 499  # the access log's status for a client that hung up before its answer (nginx's code)
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready: its jobs are cancelled and nothing is sent."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     parser.add_argument("--max-prompt-tokens", type=int, default=65536, help="longest prompt accepted (tokens)")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
-    parser.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint's name)")
+    parser.add_argument("--model-name", action="append", default=[], metavar="NAME",
+                        help="another model id clients may send (repeatable); CKPT as given is always one")
+    parser.add_argument("--over-window", default="refuse", choices=["refuse", "truncate"],
+                        help="a prompt longer than --window: refuse it with a 400 (default), or answer from its end "
+                             "and say so (header X-Yarnkit-Truncated, body field yarnkit.truncated, a log line)")
+
     add_stream_arguments(parser)
 
 
@@ -72,8 +84,8 @@ def create_app(service: Service, api_key: str | None = None):
 
     @app.get("/v1/models", dependencies=authorized)
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "yarnkit"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "yarnkit"}
+                                           for name in service.model_names]}
 
     @app.delete("/v1/sessions/{session}", dependencies=authorized)
     async def delete_session(session: str):
@@ -114,7 +126,7 @@ def api_key_check(api_key: str | None):
 def add_error_handlers(app) -> None:
     """Every error leaves as OpenAI-style JSON naming the field: ours, request validation, unknown routes, crashes."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
@@ -129,15 +141,25 @@ def add_error_handlers(app) -> None:
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(400, f"body is not valid JSON: {first.get('msg')}"), status_code=400)
         param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "body"
-        for union_tag in ("str", "list[TextPart]", "list[str]", "function-after", "int", "bool", "float"):
+        for union_tag in ("str", "list[TextPart]", "list[str]", "function-after", "int", "bool", "float",
+                          "dict[any,any]", "list[any]"):
             param = param.replace(f".{union_tag}", "")
+        if first.get("type") == "extra_forbidden":
+            return JSONResponse(error_body(400, f"{param}: not a parameter this server supports (unknown parameters "
+                                                "are refused, not ignored)", param, "unsupported_parameter"),
+                                status_code=400)
         return JSONResponse(error_body(400, f"{param}: {first.get('msg')}", param), status_code=400)
+
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error):
         message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else str(
             error.detail)
         return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, error):
+        return Response(status_code=CLIENT_CLOSED)  # no one reads it; the access log records who left
 
     @app.exception_handler(Exception)
     async def crashed(request, error):
@@ -146,24 +168,43 @@ def add_error_handlers(app) -> None:
                             status_code=500)
 
 
-def add_access_log(app) -> None:
-    """One JSON line per request on stderr: time, method, path, status, milliseconds; never contents."""
-    from fastapi import Request
+class AccessLog:
+    """One JSON line per request on stderr (method, path, status, ms, a truncated prompt's size; never contents).
+    Plain ASGI, not Starlette's BaseHTTPMiddleware, which hides a client's disconnect from the endpoint."""
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        print(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": request.url.path,
-                          "status": response.status_code, "ms": round(1000 * (time.perf_counter() - start), 1)}),
-              file=sys.stderr, flush=True)
-        return response
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            line = {"time": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
+                    "status": status[0], "ms": round(1000 * (time.perf_counter() - start), 1)}
+            truncated = (scope.get("state") or {}).get("truncated")
+            if truncated:
+                line["truncated_prompt_tokens"] = truncated
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+def add_access_log(app) -> None:
+    """One JSON line per request on stderr (`AccessLog`)."""
+    app.add_middleware(AccessLog)
 
 
 async def answer(service: Service, request, jobs: list[Job], body, kind: str):
     """Submit the jobs, wait until every prompt was accepted (then 200, else the 4xx), and reply: one JSON body,
     or server-sent events with `stream: true`."""
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -178,12 +219,14 @@ async def answer(service: Service, request, jobs: list[Job], body, kind: str):
         raise ApiError(409, f"session {str(busy)!r} is busy with another request; retry when it finishes or "
                             "send no session id", "session_id", "session_busy") from None
     total = sum(job.choices for job in jobs)
-    early, started = [], 0
+    early, started, truncated, checked = [], 0, [], [loop.time()]
     try:
         while started < total:  # every prompt tokenized and within the limit: only then 200 (or a 4xx)
-            what, index, payload = await events.get()
+            what, index, payload = await next_event(events, request, checked)
             if what == "started":
                 started += 1
+                if payload and payload.get("truncated"):
+                    truncated.append(payload["truncated"])
             elif what == "error":
                 raise ApiError(payload["status"], payload["message"], payload.get("param"), payload.get("code"),
                                "invalid_request_error" if payload["status"] < 500 else "server_error")
@@ -196,20 +239,22 @@ async def answer(service: Service, request, jobs: list[Job], body, kind: str):
     for item in early:
         events.put_nowait(item)
     ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-    base = {"id": ident, "created": int(time.time()), "model": service.model_name}
+    base = {"id": ident, "created": int(time.time()), "model": body.model}
+    headers, notice = {}, None
+    if truncated:  # --over-window truncate: said in a header, in the body and in the log, never silently
+        worst = max(truncated, key=lambda cut: cut["prompt_tokens"])
+        headers[TRUNCATED_HEADER] = f"{worst['prompt_tokens']} prompt tokens > {worst['window']}-token window"
+        notice = {"truncated": {**worst, "note": "the prompt is longer than the window: only its end was in "
+                                                 "context (--over-window truncate)"}}
+        request.state.truncated = worst["prompt_tokens"]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(events, jobs, total, base, kind, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream_events(events, jobs, total, base, kind, include_usage, notice),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
     texts, done, error = [""] * total, {}, None
     try:
         while len(done) < total and error is None:
-            try:
-                what, index, payload = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
-                continue
+            what, index, payload = await next_event(events, request, checked)
             if what == "text":
                 texts[index] += payload
             elif what == "done":
@@ -229,9 +274,29 @@ async def answer(service: Service, request, jobs: list[Job], body, kind: str):
                             "finish_reason": finish, "logprobs": None})
         else:
             choices.append({"index": index, "text": texts[index], "finish_reason": finish, "logprobs": None})
-    return {**base, "object": kind, "choices": choices, "usage": usage(done, jobs)}
+    answer_body = {**base, "object": kind, "choices": choices, "usage": usage(done, jobs)}
+    if notice:
+        answer_body["yarnkit"] = notice
+    return JSONResponse(answer_body, headers=headers)
 
-async def stream_events(events, jobs, total, base, kind, include_usage):
+
+async def next_event(events: asyncio.Queue, request, checked: list[float]):
+    """The next scheduler event. Every `DISCONNECT_POLL` seconds (also while events keep coming) it checks that the
+    client is still there; one that hung up raises `ClientGone`, and the caller's `finally` cancels its jobs.
+    `checked` holds the time of the last check."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if loop.time() - checked[0] >= DISCONNECT_POLL:
+            checked[0] = loop.time()
+            if await request.is_disconnected():
+                raise ClientGone
+        try:
+            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
+        except asyncio.TimeoutError:
+            continue
+
+
+async def stream_events(events, jobs, total, base, kind, include_usage, notice=None):
     """The events of `answer`'s jobs as OpenAI chunks (`data: {...}`), then `data: [DONE]`."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
@@ -260,7 +325,7 @@ async def stream_events(events, jobs, total, base, kind, include_usage):
                 yield f"data: {json.dumps(error_body(500, payload['message'], kind='server_error'))}\n\n"
                 return
         if include_usage:
-            yield event({"choices": [], "usage": usage(done, jobs)})
+            yield event({"choices": [], "usage": usage(done, jobs), **({"yarnkit": notice} if notice else {})})
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:
@@ -268,10 +333,11 @@ async def stream_events(events, jobs, total, base, kind, include_usage):
 
 def build_service(args, model, tokenizer) -> Service:
     options = stream_options(args).resolved(model.config, args.device, pooled=True)  # checked once, before serving
-    scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens)
-    name = args.model_name or str(getattr(model.config, "_name_or_path", "") or args.ckpt)
+    scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens,
+                          over_window=args.over_window)
+    names = [str(args.ckpt).rstrip("/") or str(args.ckpt), *args.model_name]  # what the user typed, as clients send it
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    return Service(scheduler, tokenizer, name, defaults, args.max_prompt_tokens, args.max_tokens_limit)
+    return Service(scheduler, tokenizer, names, defaults, args.max_prompt_tokens, args.max_tokens_limit)
 
 
 def run(args) -> int:
@@ -280,6 +346,7 @@ def run(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.max_sessions < 1 or args.max_prompt_tokens < 1 or args.max_tokens_limit < 1:
         raise BadValue("--max-sessions, --max-prompt-tokens and --max-tokens-limit must be >= 1", "raise the one below 1")
+    check_stream_arguments(args)
     loaded = load_for_cli(args)
     if loaded is None:
         return 130
@@ -299,7 +366,7 @@ def run(args) -> int:
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(service, api_key), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=2))
-    print(f"serving {service.model_name} on http://{host}:{port}/v1", flush=True)
+    print(f"serving {', '.join(service.model_names)} on http://{host}:{port}/v1", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

@@ -38,7 +38,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from yarnkit import rope
-from yarnkit.models import cache_kwargs
+from yarnkit.errors import BadValue
+from yarnkit.models import cache_kwargs, host_memory_bytes
 from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
 from yarnkit.runtime.options import StreamOptions
 
@@ -54,6 +55,24 @@ def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
                     compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch)
 
 
+def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window: int, rows: int):
+    """The pool's zeroed key and value buffers; a size this device cannot hold fails as one line, before trying
+    (a CPU allocation beyond physical memory may only fail once its pages are touched, mid-conversation)."""
+    size = 2 * torch.Size(shape).numel() * dtype.itemsize
+    room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_bytes()
+
+    def too_big(reason: str) -> BadValue:
+        return BadValue(f"--window {window} x {rows} session(s) needs a {size / 2**30:.1f} GiB cache on {device}, "
+                        f"{reason}", "lower --window (or --max-sessions)")
+
+    if size > room:
+        raise too_big(f"more than the {room / 2**30:.1f} GiB there")
+    try:
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        raise too_big(f"which cannot be allocated ({str(error).splitlines()[0][:80]})") from None
+
+
 class SlotPool(Cache):
     """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every
     forward sees."""
@@ -66,13 +85,12 @@ class SlotPool(Cache):
         self.sinks, self.evict_batch = sinks, evict_batch  # how every row evicts (`cache.StartRecent`)
         self.device, self.dtype = parameter.device, parameter.dtype
         if graph and self.device.type != "cuda":
-            raise ValueError(f"decode='graph' needs a CUDA model (the model is on {self.device}); "
-                             "use decode='static' or 'auto'")
+            raise BadValue(f"decode='graph' (--decode graph) needs a CUDA model; the model is on {self.device}",
+                           "use --decode auto or static (or --device cuda on a GPU machine)")
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
         shape = (layers, rows, config.num_key_value_heads, window + 1, rope.head_dim(config))
-        self.key_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.value_buffer = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.key_buffer, self.value_buffer = allocate_rows(shape, self.device, self.dtype, window, rows)
         self.slots = torch.arange(window + 1, device=self.device)
         self.rows = rows
         self.free = list(range(rows))

@@ -39,7 +39,7 @@ class TrainArgs:
     log_every: int = 1
     tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (needs `tensorboard`)
     peak_tflops: float = 989.0  # dense bf16 peak per device (H100/H200) for MFU and dry-run time estimates
-    memory_check: bool = True  # on GPU, stop before loading weights if the memory estimate exceeds the device
+    memory_check: bool = True  # stop before loading weights if the memory estimate exceeds the GPU (or host RAM)
     sp_size: int = 1  # sequence parallelism: GPUs sharing one sequence (DeepSpeed Ulysses); 1 = off
     offload_activations: bool = False  # checkpointed layer inputs wait in pinned CPU memory (needs checkpointing)
     profile_step: int = 0  # > 0: torch.profiler over that step; RUN/profile.md lists top kernels and host gaps

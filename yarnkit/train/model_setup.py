@@ -26,7 +26,7 @@ from yarnkit.patch import YarnArgs, apply_yarn
 from yarnkit.sink_token import add_sink_token, padded_vocab_size, register_sink_token
 from yarnkit.errors import RecipeError
 from yarnkit.sdpa import use_sdpa_kernel
-from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing,
+from yarnkit.train.speed import (apply_liger, check_attention, compile_layers, compile_missing, full_checkpointing,
                                  keep_attention_checkpointing, liger_missing, resolve_choice, tile_mlps)
 
 
@@ -78,7 +78,7 @@ def scaled_config(model: ModelArgs, yarn: YarnArgs):
     config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
     if model.init == "scratch":
         reshape_for_scratch(config, model.scratch)
-    apply_yarn(config, yarn)
+    apply_yarn(config, yarn, f"model.name_or_path={model.name_or_path}")
     return config
 
 
@@ -135,7 +135,7 @@ def build_model(model_args: ModelArgs, config, lora: LoraArgs, init_device: str 
         kept = keep_attention_checkpointing(model, model_args.checkpoint_layers, model_args.keep_attention_layers)
         runs["checkpointing"] = f"keep_attention in {kept} layers"
     elif model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_checkpointing(model)
         if model_args.checkpoint_layers:
             for layer in model.get_decoder().layers[model_args.checkpoint_layers:]:
                 layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this flag

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
+
+from yarnkit.errors import RecipeError
 
 
 @dataclass
@@ -24,6 +28,26 @@ class OptimArgs:
     schedule: str = "linear"  # linear: warmup then linear decay to 0 at schedule_steps; constant: warmup then flat
     schedule_steps: int = 0  # length of the decay; 0 = train.max_steps (set it to stop early on the same curve)
     fused: str = "auto"  # torch's fused AdamW kernel: auto (on CUDA) | true | false (multi-tensor foreach)
+
+
+def check_optim(args: OptimArgs) -> None:
+    """Values AdamW or the schedule would reject (or silently misuse), refused before anything is written."""
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        raise RecipeError(f"optim.lr={args.lr} is not a learning rate", "use a positive number, e.g. optim.lr=2e-5")
+    if len(args.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in args.betas):
+        raise RecipeError(f"optim.betas={list(args.betas)}: AdamW needs two values in [0, 1)",
+                          "e.g. optim.betas=[0.9,0.95]")
+    if not (math.isfinite(args.eps) and args.eps >= 0) or not (math.isfinite(args.weight_decay)
+                                                                 and args.weight_decay >= 0):
+        raise RecipeError(f"optim.eps={args.eps} / optim.weight_decay={args.weight_decay}: both must be >= 0",
+                          "e.g. optim.eps=1e-8 optim.weight_decay=0")
+    if args.warmup_steps < 0 or args.schedule_steps < 0:
+        raise RecipeError(f"optim.warmup_steps={args.warmup_steps} / optim.schedule_steps={args.schedule_steps}: "
+                          "step counts cannot be negative", "e.g. optim.warmup_steps=20 optim.schedule_steps=0")
+    if args.schedule not in ("linear", "constant"):
+        raise RecipeError(f"optim.schedule={args.schedule!r}; choose linear or constant")
+    if str(args.fused).lower() not in ("auto", "true", "false"):
+        raise RecipeError(f"optim.fused={args.fused!r}; choose auto, true or false")
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:

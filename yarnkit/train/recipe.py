@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from yarnkit.runs import RECIPE_FILE
 from yarnkit.train.data import DataArgs, check_mix
 from yarnkit.train.loop import TrainArgs
 from yarnkit.train.model_setup import LoraArgs, ModelArgs
-from yarnkit.train.optim import OptimArgs
+from yarnkit.train.optim import OptimArgs, check_optim
 from yarnkit.train.pose import PoseArgs
 from yarnkit.train.speed import check_attention, check_speed_keys
 
@@ -228,10 +229,24 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"train.max_steps={train.max_steps}; use at least 1")
     if train.micro_batch_size < 1 or train.grad_accum < 1:
         raise RecipeError("train.micro_batch_size and train.grad_accum must be >= 1")
+    for key, least in (("clip", 0), ("log_every", 1), ("loss_chunk_tokens", 1), ("global_batch", 0),
+                       ("profile_step", 0)):
+        value = getattr(train, key)
+        if not (math.isfinite(value) and value >= least):
+            raise RecipeError(f"train.{key}={value} must be at least {least}",
+                              f"e.g. train.{key}={getattr(TrainArgs(), key)}")
+    if not (math.isfinite(train.peak_tflops) and train.peak_tflops > 0):
+        raise RecipeError(f"train.peak_tflops={train.peak_tflops} must be a positive number",
+                          "e.g. train.peak_tflops=989")
+    if recipe.lora.enabled and not 0.0 <= recipe.lora.dropout < 1.0:
+        raise RecipeError(f"lora.dropout={recipe.lora.dropout} must be in [0, 1)", "e.g. lora.dropout=0.05")
     if train.mixed_precision not in ("fp32", "bf16", "fp16"):
         raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
-    if recipe.optim.schedule not in ("linear", "constant"):
-        raise RecipeError(f"optim.schedule={recipe.optim.schedule!r}; choose linear or constant")
+    check_optim(recipe.optim)
+    if recipe.checkpoint.keep_last < 1 or recipe.checkpoint.every < 0:
+        raise RecipeError(f"checkpoint.keep_last={recipe.checkpoint.keep_last} / checkpoint.every="
+                          f"{recipe.checkpoint.every}: keep_last counts the checkpoints kept (at least 1) and every "
+                          "is a step interval (0: only the last)", "e.g. checkpoint.keep_last=2 checkpoint.every=100")
     if train.sp_size < 1:
         raise RecipeError(f"train.sp_size={train.sp_size}; use 1 (off) or the number of GPUs sharing one sequence")
     if train.offload_activations and not recipe.model.gradient_checkpointing:

@@ -12,6 +12,8 @@ activation-checkpoint offload.
 - `apply_liger(model)`: Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE on a transformers model instance (Triton:
   CUDA only). The loss side (fused linear cross-entropy) is `yarnkit.train.loss`.
 - `compile_layers(model)`: `torch.compile` each decoder layer in place (regional compilation).
+- `full_checkpointing(model)`: non-reentrant checkpointing of every decoder layer through transformers'
+  `activation_checkpointing_enable` (5.25+), or `gradient_checkpointing_enable` where that is the only name (5.17).
 - `keep_attention_checkpointing(model, layers, keep)`: non-reentrant checkpointing of each decoder layer whose
   selective policy saves the SDPA kernel's outputs (attention output + log-sum-exp, so the attention forward is
   never recomputed) and recomputes the rest (norms, projections, RoPE, MLP) in backward.
@@ -183,6 +185,16 @@ def _checkpointed_forward(self, *args, **kwargs):
         if kwargs.get(name) is not None:
             kwargs[name] = None
     return checkpoint(self._yarnkit_forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+
+def full_checkpointing(model) -> None:
+    """Recompute every decoder layer in backward (non-reentrant), under the name this transformers version takes:
+    `gradient_checkpointing_enable` warns that v6 removes it in favour of `activation_checkpointing_enable`."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def keep_attention_checkpointing(model, layers: int = 0, keep: int = 0) -> int:

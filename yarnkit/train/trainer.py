@@ -27,6 +27,8 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import AlreadyExists, NotFound, RecipeError
+from yarnkit.models import host_memory_bytes
+from yarnkit.outputs import check_output_dir
 from yarnkit.runs import has_step_dirs, is_complete, latest_checkpoint
 from yarnkit.train.checkpoint import load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
@@ -92,6 +94,7 @@ def train(recipe) -> TrainResult:
 
     stages = StageClock()
     args, run_dir = recipe.train, Path(recipe.run_dir)
+    check_output_dir(run_dir, "run_dir=")  # a run that could not save its checkpoints fails now, not after training
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_memory_gb is this run's, also when a process runs several
     accelerator = make_accelerator(args, recipe.data.seq_len, recipe.model.attn_implementation)
@@ -109,6 +112,8 @@ def train(recipe) -> TrainResult:
     source_fingerprint(recipe.data)  # a missing data path fails here, before any weights load
     if args.memory_check and torch.cuda.is_available():
         check_memory(recipe, config, world, zero_stage(accelerator), torch.cuda.get_device_properties(0).total_memory)
+    elif args.memory_check:  # CPU: every process of this launch shares the machine's memory
+        check_memory(recipe, config, world, zero_stage(accelerator), host_memory_bytes() // world)
     set_seed(args.seed)
     stages.lap("set-up")
     model, tokenizer = build_model(recipe.model, config, recipe.lora,  # all ranks together: ZeRO-3 init
