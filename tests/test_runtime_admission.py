@@ -84,7 +84,7 @@ def test_a_job_waits_for_a_busy_row_and_gets_the_one_given_back(admit):
     assert admitted(admission.next_work()) == [first]
     assert admission.waiting == [second] and second.events == []
     wait_for(lambda: first.turns)
-    assert first.events == [("started", 0, None)]
+    assert first.events == [("started", 0, {"truncated": None})]
     assert admission.stats() == {"sessions": 0, "anonymous_caches": 1, "rows": 1, "active_requests": 1,
                                  "waiting_requests": 1}
     assert admitted(admission.next_work()) == [first]  # still no row for the second one
