@@ -342,3 +342,16 @@ def test_llama_cpp_loads_the_yarn_export_and_agrees_with_transformers(gguf_expor
         default_yarn.model.rotary_emb = type(model.model.rotary_emb)(config=default_yarn.config)
         with torch.no_grad():
             assert verify.max_relative_difference(default_yarn(torch.tensor([ids])).logits[0], theirs) > 1e-2
+
+
+def test_bos_and_eos_come_from_the_gguf_ids():
+    """transformers 5.17 reads SmolLM2's GGUF with EOS = BOS; the conversion restores the ids the file names."""
+    from yarnkit.gguf_tokenizer import restore_bos_eos
+    from yarnkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer.eos_token = tokenizer.bos_token  # what 5.17's conversion gives
+    metadata = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    assert restore_bos_eos(tokenizer, metadata)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert not restore_bos_eos(tokenizer, metadata)  # already right: nothing to change

@@ -76,6 +76,20 @@ def restore_pre_tokenizer(tokenizer, gguf_pre: str | None) -> bool:
     return True
 
 
+def restore_bos_eos(tokenizer, metadata: dict) -> bool:
+    """Give `tokenizer` the BOS and EOS tokens its GGUF names (`tokenizer.ggml.bos_token_id` / `eos_token_id`):
+    transformers 5.17 reads a GPT-2-type GGUF tokenizer with EOS = BOS (SmolLM2: `<|im_start|>` for both), so a
+    chat reply would never stop. True when it changed something."""
+    changed = False
+    for role in ("bos", "eos"):
+        token_id = metadata.get(f"tokenizer.ggml.{role}_token_id")
+        if token_id is None or getattr(tokenizer, f"{role}_token_id") == int(token_id):
+            continue
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+        changed = True
+    return changed
+
+
 def adds_special_tokens(tokenizer) -> dict[str, bool]:
     """`{"bos": ..., "eos": ...}`: whether encoding a text with special tokens puts BOS first / EOS last."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 
 from yarnkit.errors import BadModel, HubUnavailable, NotFound, UserError
-from yarnkit.gguf_tokenizer import gguf_scalars, restore_pre_tokenizer
+from yarnkit.gguf_tokenizer import gguf_scalars, restore_bos_eos, restore_pre_tokenizer
 from yarnkit.patch import register_rope_types
 from yarnkit.sink_token import read_gguf_sink_token
 
@@ -182,7 +182,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("YARNKIT_CACHE", Path.home() / ".cache" / "yarnkit"))
 
 
-GGUF_CONVERSION = 2  # part of the cache key: raised when a conversion writes something different (2: tokenizer fixes)
+GGUF_CONVERSION = 3  # part of the cache key: raised when a conversion writes something different (3: BOS/EOS)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
@@ -248,6 +248,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=source.gguf_file, dtype=torch.float32)
     metadata = gguf_scalars(path)
     restore_pre_tokenizer(tokenizer, metadata.get("tokenizer.ggml.pre"))
+    restore_bos_eos(tokenizer, metadata)
     read_gguf_sink_token(model.config, path, metadata)  # transformers skips yarnkit's key
     # The tensors are already de-quantized; drop the GGUF marker so the model saves as plain safetensors.
     del model.config.quantization_config
