@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF models built in-process, and the real SmolLM2-135M (slow, cached on disk).
+"""Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, and the real
+SmolLM2-135M (slow, cached on disk).
 
 Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
 """
@@ -33,6 +34,14 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     config = tiny_config(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled SmolLM2-135M-Instruct tokenizer (a test file may define its own `tokenizer`, e.g. a tiny BPE)."""
+    from yarnkit.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

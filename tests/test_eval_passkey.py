@@ -14,13 +14,6 @@ from yarnkit.eval.passkey import (GARBAGE, INTRO, KEY_SENTENCE, QUESTION, build_
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", seed=7, vocab_size=49152)
 

@@ -23,13 +23,6 @@ from yarnkit.models import cache_argument
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def haystack(tokenizer):
     return Haystack.from_books(sample_path("eval"), tokenizer, 4096)
 

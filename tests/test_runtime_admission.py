@@ -29,13 +29,6 @@ OPTIONS = StreamOptions(window=64, decode="static")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", vocab_size=49152)
 

@@ -24,13 +24,6 @@ from yarnkit.runtime.options import StreamOptions
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", vocab_size=49152)
 

@@ -27,13 +27,6 @@ OPTIONS = StreamOptions(window=256, decode="static")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", vocab_size=49152, max_position_embeddings=4096)
 

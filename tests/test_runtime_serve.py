@@ -70,13 +70,6 @@ class LocalServer:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", vocab_size=49152, max_position_embeddings=4096)
 

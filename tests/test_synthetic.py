@@ -23,13 +23,6 @@ from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, mark
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from yarnkit.models import load_tokenizer
-
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def book(tokenizer):
     from yarnkit.assets import sample_path
     from yarnkit.corpus import read_text
