@@ -6,7 +6,8 @@ and of asking for it (question, answer prefix, and the plural forms for several 
 states variable assignments and asks which variables hold a value (RULER's variable tracking). Every template has a
 `split`: "eval" templates are what `yarnkit eval retrieval` asks and must never be trained on; "train" templates
 are what the synthetic training data (yarnkit/train/synthetic.py) draws from, together with the train-only
-attribute nouns, key names and intros below. The key-name vocabularies are split the same way.
+attribute nouns, key names, intros and answer prefixes that restate the key below. The key-name vocabularies are
+split the same way.
 
 `check_train_template` is the one rule that keeps the splits apart, and training calls it on every template it
 would use (the registry's and any from a recipe): a training template collides with an evaluation template when
@@ -121,6 +122,19 @@ TRAIN_QUESTIONS_ALL = (  # (question about {keys}, answer prefix); several value
     ("Q: Name all {attr}s that belong to {keys}.", "A:"),
     ("Collect the {attr}s of {keys} from the text.", "Collected:"),
 )
+# Answer prefixes that restate the key and the attribute before the value (`data.synthetic.restate`): the answer
+# names what it looks up, then gives the value, instead of a bare "A:". Like every phrasing above they are train-only:
+# `train_templates()` carries them, so `check_registry` holds them to the evaluation templates' sentences and markers
+# (no evaluation answer, e.g. "The archive reference of {key} is", may ever be one of them).
+TRAIN_RESTATED = (  # answer prefix about one {key}
+    "The {attr} of {key} is", "{key}'s {attr} is", "The {attr} for {key} is", "The {attr} given for {key} is",
+    "For {key}, the {attr} is", "The {attr} that belongs to {key} is", "The {attr} listed for {key} is",
+    "{key} has the {attr}", "The text gives {key} the {attr}",
+)
+TRAIN_RESTATED_ALL = (  # answer prefix about {keys}: several values of one key, or one value of each of several keys
+    "The {attr}s given for {keys} are", "The {attr}s of {keys} are", "For {keys}, the {attr}s are",
+    "The {attr}s listed for {keys} are",
+)
 TRAIN_ATTRIBUTES = (
     "access code", "locker combination", "serial number", "PIN", "tracking number", "account number",
     "room number", "ticket number", "badge number", "order number", "membership number", "parcel code",
@@ -190,11 +204,16 @@ def eval_templates() -> tuple:
 
 
 def train_templates() -> list[Template]:
-    """Every training fact x question pair as a Template ({attr} left as a slot)."""
+    """Every training fact x question pair as a Template ({attr} left as a slot), and each restating answer."""
+    first_question, first_answer = TRAIN_QUESTIONS[0]
     return [Template(f"train-{f}-{q}", "train", fact, question, answer)
             for f, fact in enumerate(TRAIN_FACTS) for q, (question, answer) in enumerate(TRAIN_QUESTIONS)] + \
-        [Template(f"train-all-{q}", "train", TRAIN_FACTS[0], TRAIN_QUESTIONS[0][0], TRAIN_QUESTIONS[0][1],
-                  question, answer) for q, (question, answer) in enumerate(TRAIN_QUESTIONS_ALL)]
+        [Template(f"train-all-{q}", "train", TRAIN_FACTS[0], first_question, first_answer, question, answer)
+         for q, (question, answer) in enumerate(TRAIN_QUESTIONS_ALL)] + \
+        [Template(f"train-restated-{r}", "train", TRAIN_FACTS[0], first_question, answer)
+         for r, answer in enumerate(TRAIN_RESTATED)] + \
+        [Template(f"train-restated-all-{r}", "train", TRAIN_FACTS[0], first_question, first_answer,
+                  TRAIN_QUESTIONS_ALL[0][0], answer) for r, answer in enumerate(TRAIN_RESTATED_ALL)]
 
 
 @functools.lru_cache(maxsize=1)

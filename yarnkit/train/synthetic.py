@@ -50,6 +50,7 @@ class SyntheticArgs:
     # and PoSE's skip between them (from pose.target_len - seq_len halved up to all of it; see pose.far_position_ids)
     lookalike: float = 0.0  # share of rows whose facts look alike: one kind of key, one attribute, one phrasing
     preview: float = 0.0  # share of plain rows that also ask their questions before the text (query before and after)
+    restate: float = 0.0  # share of rows (plain and chat) whose answers restate key and attribute before the value
     templates: list[str] = field(default_factory=list)  # extra phrasings 'FACT | QUESTION | ANSWER' ({attr} ok)
     attributes: list[str] = field(default_factory=list)  # extra attribute nouns
 
@@ -142,6 +143,17 @@ def _variable(rng: random.Random, style: int) -> str:
     return rng.choice(needles.TRAIN_CODENAMES).lower() + str(rng.randint(1, 9))
 
 
+def _restated(question: str, answer: str, restated: tuple[str, ...], slot: str, rng: random.Random) -> str:
+    """An answer prefix that names the key(s) (`slot`: "{key}" or "{keys}") and the attribute before the value: the
+    pair's own when it does already, else a label it opens with ("A:", "Found:") and a phrasing from `restated`
+    (the registry's train split). A recipe's question without {attr} keeps its answer: the row never names an
+    attribute there to restate."""
+    if slot in answer or "{attr}" not in question:
+        return answer
+    label = answer if answer.endswith(":") else ""
+    return " ".join(filter(None, (label, rng.choice(restated))))
+
+
 def _join(items: list[str], rng: random.Random) -> str:
     if len(items) == 1:
         return items[0]
@@ -160,10 +172,11 @@ class RowMaker:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def _world(self, rng: random.Random, length: int, lookalike: bool = False):
+    def _world(self, rng: random.Random, length: int, lookalike: bool = False, restate: bool = False):
         """Facts [(key, attribute, value, text)] and questions [(question, answer, fact indices, the answer's
         values as text)]. A `lookalike` world states every fact with one attribute and one phrasing about keys of
-        one form (same-form distractors)."""
+        one form (same-form distractors); a `restate` world's answers name the key(s) and the attribute before the
+        values (`_restated`)."""
         attributes = rng.sample(self.attributes, 1 if lookalike else rng.randint(1, 3))
         kind = rng.choices([k for k, _ in VALUE_FORMATS], [w for _, w in VALUE_FORMATS])[0]
         count = max(2, round(self.args.facts * length / 8192 * rng.uniform(0.5, 1.5)))
@@ -201,10 +214,14 @@ class RowMaker:
                     chosen = sorted(rng.sample(same_attr, min(len(same_attr), rng.randint(2, 4))))
                     names = _join([facts[i][0] for i in chosen], rng)
                 question, answer = rng.choice(needles.TRAIN_QUESTIONS_ALL)
+                if restate:
+                    answer = _restated(question, answer, needles.TRAIN_RESTATED_ALL, "{keys}", rng)
                 values = [facts[i][2] for i in chosen]
                 question, answer = (t.format(keys=names, attr=attribute) for t in (question, answer))
             else:
                 question, answer = rng.choice(self.questions)
+                if restate:
+                    answer = _restated(question, answer, needles.TRAIN_RESTATED, "{key}", rng)
                 chosen, values = [index], [facts[index][2]]
                 question, answer = (t.format(key=key, attr=attribute) for t in (question, answer))
             asked.update(chosen)
@@ -227,7 +244,8 @@ class RowMaker:
         """One row of exactly `length` tokens: haystack text with facts inserted and questions answered."""
         far = self.args.far > 0 and rng.random() < self.args.far
         lookalike = self.args.lookalike > 0 and rng.random() < self.args.lookalike
-        facts, questions = self._world(rng, length, lookalike)
+        restate = self.args.restate > 0 and rng.random() < self.args.restate  # no draw at 0: rows stay as they were
+        facts, questions = self._world(rng, length, lookalike, restate)
         intro = rng.choice(needles.TRAIN_INTROS)
         fact_ids = self._encode([" " + fact[3] for fact in facts])
         if chat:
@@ -267,6 +285,9 @@ class RowMaker:
             far_split = len(head) + split + sum(len(piece) for point, piece in zip(points, pieces) if point <= split)
         body = needles.splice(hay.tolist(), points, pieces)
         ids = np.asarray(head + body + tail, dtype=np.int64)  # budget was set so that this is `length` tokens
+        # Only the values carry the answer loss, also where the answer restates its key first: the restated key and
+        # attribute are copied from the question a few tokens back, so they need no context and keep the plain
+        # loss; weighing them too would spread the answer loss's mean over easy tokens and dilute it on the values.
         return Row(ids, mark_last(ids, self._encode([f" {values}." for _, _, _, values in questions])), far_split)
 
     def _chat_parts(self, intro: str, questions, rng: random.Random) -> tuple[list[int], list[int], list]:
