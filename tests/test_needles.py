@@ -45,3 +45,19 @@ def test_key_vocabularies_share_no_word():
     training = " ".join(needles.TRAIN_FIRST + needles.TRAIN_LAST + needles.TRAIN_PLACES + needles.TRAIN_THINGS +
                         needles.TRAIN_CODENAMES + needles.TRAIN_ATTRIBUTES).lower().split()
     assert not evaluation & set(training)
+
+
+def test_restating_answers_name_key_and_attribute_and_an_evaluation_answer_among_them_is_refused(monkeypatch):
+    assert all("{key}" in a and "{attr}" in a for a in needles.TRAIN_RESTATED)
+    assert all("{keys}" in a and "{attr}" in a for a in needles.TRAIN_RESTATED_ALL)
+    names = {t.name for t in needles.train_templates()}
+    assert {f"train-restated-{r}" for r in range(len(needles.TRAIN_RESTATED))} <= names  # checked by check_registry
+    needles.check_registry()
+    added = len(needles.TRAIN_RESTATED)
+    monkeypatch.setattr(needles, "TRAIN_RESTATED", needles.TRAIN_RESTATED + ("The archive reference of {key} is",))
+    with pytest.raises(needles.TemplateCollision, match=f"'train-restated-{added}'.*'archive'"):
+        needles.check_registry()
+    monkeypatch.setattr(needles, "TRAIN_RESTATED_ALL", ("The special magic numbers for {keys} are",))
+    monkeypatch.setattr(needles, "TRAIN_RESTATED", needles.TRAIN_RESTATED[:-1])
+    with pytest.raises(needles.TemplateCollision, match="'train-restated-all-0'.*'magic'"):
+        needles.check_registry()

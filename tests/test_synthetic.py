@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_synthetic.py -q
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections import Counter
@@ -19,7 +20,7 @@ from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.errors import DataError
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.pose import far_position_ids
-from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, mark_last
+from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, _restated, mark_last
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,7 @@ def test_the_mix_follows_its_weights_and_long_micro_batches_are_contiguous(mixed
     ("data.mix={books: 0}", "not all 0"),
     ("data.long_share=1.5", "outside \\[0, 1\\]"),
     ("data.synthetic.lookalike=2", "lookalike=2.0 is outside \\[0, 1\\]"),
+    ("data.synthetic.restate=-0.5", "restate=-0.5 is outside \\[0, 1\\]"),
     ("data.synthetic.templates=['Remember this: {key} holds {value}. | What does {key} hold? | It holds']",
      "collides with evaluation template 'archive'.*rephrase it"),
     ("data.synthetic.attributes=['special magic number']", "collides with evaluation template 'magic'"),
@@ -218,3 +220,82 @@ def test_micro_batches_carry_answer_masks_and_far_positions(tmp_path, tokenizer)
             gap = int(positions[row.far_split] - positions[row.far_split - 1])
             assert gap - 1 >= (16384 - 2048) // 2  # the question part is >= 7k positions after the facts
         assert not row.answers.any() or data.source(k) == "retrieval"
+
+
+# sha256 of (ids, answers, far_split) of 8 rows (seeds 0-7, 2048 tokens, odd seeds chat) per SyntheticArgs below, made
+# by the code before data.synthetic.restate existed (commit e678f1e). Rows are meant to change only with intent: when
+# they do, recompute these from the new code and say why in the commit.
+ROWS_BEFORE_RESTATE = {
+    "default": "ca3f0ce4c0a7dded0abaa4a4536b766c691145611d52819c5010825a23e599ae",
+    "far, lookalike, preview": "b59b0c950d25fe878fdd8e294e717acc2607d673f55951c19eea87e11cb1912f",
+}
+
+
+@pytest.mark.parametrize("name, args", [("default", SyntheticArgs(restate=0.0)),
+                                        ("far, lookalike, preview", SyntheticArgs(far=0.5, lookalike=0.5, preview=0.3,
+                                                                                  restate=0.0))])
+def test_restate_zero_leaves_rows_byte_identical_to_before(tokenizer, book, name, args):
+    maker, digest = RowMaker(tokenizer, args), hashlib.sha256()
+    for seed in range(8):
+        row = maker.make(book[seed * 1000:], random.Random(seed), 2048, chat=seed % 2 == 1)
+        digest.update(row.ids.tobytes())
+        digest.update(row.answers.tobytes())
+        digest.update(str(row.far_split).encode())
+    assert digest.hexdigest() == ROWS_BEFORE_RESTATE[name]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_restated_answers_name_key_and_attribute_before_the_value_and_only_the_values_are_marked(tokenizer, book,
+                                                                                                   chat):
+    maker = RowMaker(tokenizer, SyntheticArgs(restate=1.0))
+    checked = 0
+    for seed in range(10):
+        rng = random.Random(seed)
+        state = rng.getstate()
+        assert rng.random() < 1.0  # make() draws "does this row restate" first (far and lookalike are off)
+        facts, questions = maker._world(rng, 2048, restate=True)
+        rng.setstate(state)
+        row = maker.make(book[seed * 700:], rng, 2048, chat=chat)
+        assert row.ids.shape == (2048,) and row.answers.shape == (2048,)
+        text = tokenizer.decode(row.ids.tolist())
+        shown = [(question, answer, asked, values) for question, answer, asked, values in questions
+                 if question in text]
+        for question, answer, asked, values in shown:
+            if not facts[asked[0]][1]:  # a variable chain's answer names its value already; it is not restated
+                continue
+            where = text.index(answer, text.index(question))  # the answer follows its question
+            prefix = answer[: answer.rindex(f" {values}.")]
+            for index in asked:  # every key asked about, and the attribute, come before the values
+                assert facts[index][0] in prefix and facts[index][1] in prefix, (seed, answer)
+            assert text.index(values, where) > where + len(prefix) - 1
+            checked += 1
+        spans = _spans(row.answers)
+        marked = [tokenizer.decode(row.ids[a:b].tolist()) for a, b in spans]
+        assert sorted(marked) == sorted(f" {values}." for _, _, _, values in shown)  # the values, nothing else
+        for (a, _), (question, answer, _, values) in zip(spans, sorted(shown, key=lambda q: text.index(q[1]))):
+            prefix = answer[: answer.rindex(f" {values}.")]
+            assert tokenizer.decode(row.ids[:a].tolist()).endswith(prefix)  # the restated key stays unmarked
+    assert checked >= 20
+
+
+def test_restated_rows_keep_their_length_and_never_use_evaluation_wording(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs(restate=1.0, far=0.5, lookalike=0.5, preview=0.3))
+    markers = [f" {needles._stems(m)} " for t in needles.eval_templates() for m in t.markers]
+    for seed in range(24):
+        length = 4096 if seed % 3 == 0 else 2048
+        row = maker.make(book[seed * 500:], random.Random(seed), length, chat=seed % 2 == 1)
+        assert row.ids.shape == (length,) and row.ids.dtype == np.int64
+        text = tokenizer.decode(row.ids.tolist())
+        assert not [m for m in markers if m in f" {needles._stems(text)} "], seed
+        assert not re.search(r"(?i)special magic|archive reference|pass key|provided text|VAR [A-Z]{5} =", text)
+
+
+def test_restated_keeps_an_answer_that_already_restates_and_keeps_its_label():
+    rng = random.Random(0)
+    assert _restated("What is the {attr} of {key}?", "The {attr} of {key} is", ("X {key} {attr}",), "{key}", rng) \
+        == "The {attr} of {key} is"
+    assert _restated("Q: What {attr} was assigned to {key}?", "A:", ("The {attr} of {key} is",), "{key}", rng) \
+        == "A: The {attr} of {key} is"
+    assert _restated("Tell me the {attr} of {key}.", "It is", ("{key}'s {attr} is",), "{key}", rng) \
+        == "{key}'s {attr} is"
+    assert _restated("What does {key} keep?", "It keeps", ("The {attr} of {key} is",), "{key}", rng) == "It keeps"
