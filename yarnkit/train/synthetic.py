@@ -20,8 +20,14 @@ Three kinds of rows aim at what a short extension leaves weak (each a share of r
 - `lookalike`: every fact has one attribute, one phrasing and keys of one form (same first name, same project
   word): same-form distractors, as in multi-key retrieval (Xiong et al. 2024; NExtLong 2025).
 - `preview`: the questions are also stated before the text (query before and after, Liu et al. 2024).
-`Row.answers` marks the tokens of every answer's values, which `train.answer_loss_weight` weighs in the loss
-(LongCE-style emphasis on the tokens that need the context). Tested by tests/test_synthetic.py.
+A fourth share, `restate` (also off by default), aims at the answer's form: every answer of the row, plain or chat,
+names its key(s) and attribute before the values ("A: The PIN of Alice Abbott is 4837993.", from the train split's
+restating prefixes, `needles.TRAIN_RESTATED`) where many answers are otherwise terse ("A:", "It is", "Found:" +
+value). The guess it tests: terse answers teach a model to answer before it has named what it looks up, and so its
+free chat replies open with a number of the book although, teacher-forced, it knows the value. A variable chain's
+answer already names its value and is left as it is.
+`Row.answers` marks the tokens of every answer's values (not a restated key), which `train.answer_loss_weight`
+weighs in the loss (LongCE-style emphasis on the tokens that need the context). Tested by tests/test_synthetic.py.
 """
 
 from __future__ import annotations
