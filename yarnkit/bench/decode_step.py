@@ -82,13 +82,14 @@ class PhaseClock:
 
 def instrument(stack: ExitStack, clock: PhaseClock, pool) -> None:
     """Wrap the callables each phase is made of (see the module docstring); undone when `stack` closes."""
-    from yarnkit.runtime import conversation
+    from yarnkit.runtime import conversation, scheduler
     from yarnkit.runtime.engine import StreamingEngine
 
     stack.enter_context(clock.patched(pool, "_step", "forward", synchronise=True))
     stack.enter_context(clock.patched(pool, "_replay", "forward", synchronise=True))
     stack.enter_context(clock.patched(torch.Tensor, "cpu", "to_host"))
     stack.enter_context(clock.patched(conversation, "sample", "sampling"))
+    stack.enter_context(clock.patched(scheduler, "choose_tokens", "sampling"))
     stack.enter_context(clock.patched(StreamingEngine, "_make_room", "eviction"))
     stack.enter_context(clock.patched(StreamingEngine, "_record", "bookkeeping"))
     for name in ("next_token", "accept", "take_text"):

@@ -24,8 +24,9 @@ import torch
 
 from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.compress import compress_prompt
-from yarnkit.runtime.engine import StreamingEngine, sample
+from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import sample
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -232,6 +233,7 @@ class Turn:
         self.finish_reason: str | None = None
         self.cut_text: str | None = None
         self.logits = None if self.pending else self.engine.last_logits
+        self.chosen: int | None = None       # the next token, when a batched step already sampled it
         self.closed = False
         self.job, self.index = None, 0       # set by the server's scheduler: the request and choice it answers
         info.update(prompt_tokens=self.prompt_tokens)
@@ -274,7 +276,8 @@ class Turn:
         if len(self.produced) >= self.sampling.max_new_tokens:
             return self._finish("length")
         s = self.sampling
-        token = sample(self.logits, s.temperature, s.top_p, self.generator)
+        token = self.chosen if self.chosen is not None else sample(self.logits, s.temperature, s.top_p, self.generator)
+        self.chosen = None
         if token in self.conversation.stop_ids:
             return self._finish("stop")
         self.produced.append(token)
@@ -300,10 +303,12 @@ class Turn:
             return self.cut_text
         return self.tokenizer.decode(self.produced, skip_special_tokens=True)
 
-    def accept(self, logits: torch.Tensor) -> None:
-        """The token from `next_token` was fed; `logits` predict the one after it."""
+    def accept(self, logits: torch.Tensor, chosen: int | None = None) -> None:
+        """The token from `next_token` was fed; `logits` predict the one after it. `chosen`: that next token,
+        already sampled from `logits` with this turn's settings and generator (the scheduler samples a whole
+        batched step at once, `sampling.choose_tokens`); None: `next_token` samples it."""
         self.fed += 1
-        self.logits = logits
+        self.logits, self.chosen = logits, chosen
 
     def take_text(self) -> str:
         """Text that became visible since the last call (everything left once the reply is finished)."""

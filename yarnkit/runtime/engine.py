@@ -33,6 +33,7 @@ import torch
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import sample
 from yarnkit.runtime.static import SlotPool, make_pool
 
 class StreamingEngine:
@@ -164,13 +165,14 @@ class StreamingEngine:
 
     @staticmethod
     @torch.no_grad()
-    def decode_together(engines: list["StreamingEngine"], tokens: list[int]) -> list[torch.Tensor]:
-        """Feed one token to each engine; returns each one's next-token logits `[vocab]`. Engines that share a
-        `SlotPool` run ONE batched step (each keeps its own cache and positions); others are fed one by one."""
+    def decode_together(engines: list["StreamingEngine"], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each engine; returns their next-token logits `[len(engines), vocab]` (float32, on the
+        model's device: choose the next tokens there, `sampling.choose_tokens`). Engines that share a `SlotPool`
+        run ONE batched step (each keeps its own cache and positions); others are fed one by one."""
         pools = {id(engine.decoder.pool) for engine in engines}
         if len(engines) == 1 or len(pools) > 1 or engines[0].decoder.pool is None:
-            return [engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
-                    for engine, token in zip(engines, tokens)]
+            return torch.stack([engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
+                                for engine, token in zip(engines, tokens)])
         for engine in engines:
             if len(engine) == 0:
                 raise ValueError("decode_together() needs sessions that were fed a prompt")
@@ -178,7 +180,7 @@ class StreamingEngine:
         logits = engines[0].decoder.pool.decode([engine.cache for engine in engines], tokens)
         for engine, token, row in zip(engines, tokens, logits):
             engine._record(torch.tensor([[token]]), row.view(1, 1, -1))
-        return list(logits)
+        return logits
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset(),
@@ -213,18 +215,3 @@ def check_supported(config, window: int) -> None:
     if own and window > own:
         raise ValueError(f"window = {window} exceeds the model's own sliding_window={own}; pass --window {own} or less")
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """Greedy (temperature 0) or temperature + nucleus sampling from one logits vector."""
-    logits = logits.float().cpu()
-    if temperature <= 0:
-        return int(logits.argmax())
-    scaled = (logits.double() - logits.max()) / temperature  # float64, max first: a tiny temperature stays finite
-    probs = torch.softmax(scaled, dim=-1).float()
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))

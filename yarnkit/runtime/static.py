@@ -168,17 +168,21 @@ class SlotPool(Cache):
             if cache.pool is not self or cache.length >= self.window:
                 raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
         first, width = self.step_rows(rows)
-        ids = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.full((width, 1), self.window, dtype=torch.long)  # idle rows: the scratch slot
+        ids, positions = [0] * width, [self.window] * width  # idle rows: the scratch slot
         for cache, token in zip(caches, tokens):
-            ids[cache.row - first, 0], positions[cache.row - first, 0] = token, cache.length
+            ids[cache.row - first], positions[cache.row - first] = token, cache.length
+        inputs = torch.tensor([ids, positions])[:, :, None]  # [2, width, 1]: ONE host-to-device copy
         if self.use_graph:
-            logits = self._replay(width, ids, positions)
+            logits = self._replay(width, inputs)
         else:
-            logits = self._step(first, ids.to(self.device), positions.to(self.device), 1)
+            inputs = inputs.to(self.device)
+            logits = self._step(first, inputs[0], inputs[1], 1)
         for cache in caches:
             cache.length += 1
-        return logits[[row - first for row in rows], -1]
+        picked = [row - first for row in rows]
+        if picked == list(range(len(picked))):  # the usual order: a view, no index to copy to the device
+            return logits[:len(picked), -1]
+        return logits[picked, -1]
 
     def step_rows(self, rows: list[int]) -> tuple[int, int]:
         """`(first, count)`: the rows `first..first+count-1` a decode step for sessions in `rows` runs. Eagerly,
@@ -189,11 +193,12 @@ class SlotPool(Cache):
             return 0, min(1 << max(rows).bit_length(), self.rows)
         return min(rows), max(rows) - min(rows) + 1
 
-    def _replay(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _replay(self, width: int, inputs: torch.Tensor) -> torch.Tensor:
+        """The captured step for rows 0..width-1 on host `inputs [2, width, 1]` (token ids, positions)."""
         graph = self._graphs.get(width)
         if graph is None:
             try:
-                graph = self._capture(width, ids, positions)
+                graph = self._capture(width, inputs)
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
                 self.use_graph = self.graph_moves = False
                 self.fallback_reason = f"{type(error).__name__}: {error}"
@@ -201,16 +206,17 @@ class SlotPool(Cache):
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                return self._step(0, ids.to(self.device), positions.to(self.device), 1)
-        graph.ids.copy_(ids, non_blocking=True)
-        graph.positions.copy_(positions, non_blocking=True)
+                inputs = inputs.to(self.device)
+                return self._step(0, inputs[0], inputs[1], 1)
+        graph.inputs.copy_(inputs, non_blocking=True)
         graph.graph.replay()
-        return graph.logits.clone()
+        return graph.logits.clone()  # the graph's own buffer is overwritten by the next replay
 
-    def _capture(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> "DecodeGraph":
+    def _capture(self, width: int, inputs: torch.Tensor) -> "DecodeGraph":
         """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1. Warm-up and capture
         write only the slots these very tokens are about to fill (or the scratch slot)."""
-        static_ids, static_positions = ids.to(self.device), positions.to(self.device)
+        static_inputs = inputs.to(self.device)
+        static_ids, static_positions = static_inputs[0], static_inputs[1]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -221,15 +227,14 @@ class SlotPool(Cache):
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = self._step(0, static_ids, static_positions, 1)
         self._graph_pool = graph.pool()
-        self._graphs[width] = DecodeGraph(graph, static_ids, static_positions, logits)
+        self._graphs[width] = DecodeGraph(graph, static_inputs, logits)
         return self._graphs[width]
 
 
 @dataclass
 class DecodeGraph:
     graph: "torch.cuda.CUDAGraph"
-    ids: torch.Tensor
-    positions: torch.Tensor
+    inputs: torch.Tensor       # [2, width, 1]: token ids, positions (the captured step reads these addresses)
     logits: torch.Tensor
 
 
