@@ -67,7 +67,8 @@ class StreamingEngine:
 
     def reset(self) -> None:
         self.decoder.reset()
-        self.cache_ids = torch.empty(0, dtype=torch.long)    # token id in each slot
+        self._slot_ids = torch.empty(self.window, dtype=torch.long)  # token id in each slot, the first `_filled`
+        self._filled = 0
         self.scores = torch.empty(0)                         # SirLLM self-information per slot
         self.pinned = 0
         self.tokens_seen = 0
@@ -76,6 +77,11 @@ class StreamingEngine:
     def close(self) -> None:
         """Give the cache (a pool row) back; the engine must not be used afterwards."""
         self.decoder.release()
+
+    @property
+    def cache_ids(self) -> torch.Tensor:
+        """The token id in each filled slot, on the host (a view: it changes as the engine feeds and evicts)."""
+        return self._slot_ids[:self._filled]
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -111,7 +117,8 @@ class StreamingEngine:
         keep = self.cache.evict_for_space(incoming, self.pinned, scores, self.options.sirllm_keep)
         if keep is None:
             return
-        self.cache_ids = self.cache_ids[keep]
+        self._slot_ids[:keep.numel()] = self._slot_ids[keep]
+        self._filled = keep.numel()
         if self.scores.numel():
             self.scores = self.scores[keep]
 
@@ -130,9 +137,22 @@ class StreamingEngine:
         """Bookkeeping after a forward completed: slot ids, SirLLM scores, the logits that predict the next token."""
         if self.options.sirllm_keep:
             self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
-        self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
+        count = chunk.shape[1]
+        self._slot_ids[self._filled:self._filled + count] = chunk[0]
+        self._filled += count
         self.last_logits = logits[0, -1]
-        self.tokens_seen += chunk.shape[1]
+        self.tokens_seen += count
+
+    def _record_token(self, token: int, logits: torch.Tensor) -> None:
+        """`_record` of one decoded token and its next-token logits `[vocab]` (the batched step's path: without
+        SirLLM no tensor is built for it)."""
+        if self.options.sirllm_keep:
+            self._record(torch.tensor([[token]]), logits.view(1, 1, -1))
+            return
+        self._slot_ids[self._filled] = token
+        self._filled += 1
+        self.last_logits = logits
+        self.tokens_seen += 1
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
@@ -179,7 +199,7 @@ class StreamingEngine:
             engine._make_room(1)
         logits = engines[0].decoder.pool.decode([engine.cache for engine in engines], tokens)
         for engine, token, row in zip(engines, tokens, logits):
-            engine._record(torch.tensor([[token]]), row.view(1, 1, -1))
+            engine._record_token(token, row)
         return logits
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
