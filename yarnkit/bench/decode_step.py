@@ -17,8 +17,10 @@ and an instrumented one, where a few callables are wrapped to split the step int
   strings;
 - rest: the step's total less all the above (the scheduler's Python, building the step's inputs).
 
-The instrumented pass synchronises the device around each forward, so its total is a little above the plain
-step's on a GPU. Timing only: nothing here asserts speed.
+Each phase is reported as its median over the timed steps (a step the OS preempted on a shared machine moves
+no median; the phases' medians need not add up to the step's). The instrumented pass synchronises the device
+around each forward, so its total is a little above the plain step's on a GPU. Timing only: nothing here
+asserts speed.
 
   python -m yarnkit.bench.decode_step                                  # bundled SmolLM2-135M, CPU, float32
   python -m yarnkit.bench.decode_step --sessions 1 8 --steps 16 --modes greedy --threads 1
@@ -133,35 +135,37 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             turns.append(turn)
         return turns
 
-    def run(clock: PhaseClock | None) -> list[float]:
+    def run(instrumented: bool) -> list[dict]:
+        """Per timed step: its seconds (`total`) and, instrumented, each phase's."""
         turns = start_turns()
-        times = []
+        rows = []
         for step in range(warmup + steps):
+            clock = PhaseClock(device)
             with ExitStack() as stack:
-                if clock is not None and step >= warmup:
+                if instrumented:
                     instrument(stack, clock, scheduler.pool)
                 sync(device)
                 start = time.perf_counter()
                 scheduler._decode(turns)
                 sync(device)
-                if step >= warmup:
-                    times.append(time.perf_counter() - start)
+                total = time.perf_counter() - start
+            if step >= warmup:
+                rows.append({**clock.totals, "rest": total - sum(clock.totals.values()), "total": total})
         for turn in turns:
             turn.close()
-        return times
+        return rows
 
     try:
-        plain = run(None)
-        clock = PhaseClock(device)
-        instrumented = run(clock)
+        plain = run(False)
+        instrumented = run(True)
     finally:
         scheduler.close()
-    split = {phase: 1e3 * clock.totals[phase] / steps for phase in PHASES if phase != "rest"}
-    split["rest"] = 1e3 * sum(instrumented) / steps - sum(split.values())
-    step_ms = 1e3 * statistics.median(plain)
+    # medians over the steps: a step the OS preempted (a shared machine) does not move them
+    split = {phase: 1e3 * statistics.median(row.get(phase, 0.0) for row in instrumented) for phase in PHASES}
+    step_ms = 1e3 * statistics.median(row["total"] for row in plain)
     return {"sessions": sessions, "mode": mode, "step_ms_p50": step_ms, "tokens_per_s": 1e3 * sessions / step_ms,
-            "instrumented_step_ms_mean": 1e3 * statistics.fmean(instrumented), "split_ms_per_step": split,
-            "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
+            "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
+            "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
             "decode_path": scheduler.stats()["decode_path"]}
 
@@ -175,7 +179,7 @@ def table(rows: list[dict]) -> str:
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
         lines.append(f"{r['mode']:<8} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} {r['tokens_per_s']:>7.1f} {cells} "
                      f"{r['host_ms_per_step'] / r['sessions']:>12.3f}")
-    return "\n".join(lines + ["(phases: ms per step, exclusive; host/session: ms of non-forward time per session)"])
+    return "\n".join(lines + ["(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"])
 
 
 def main(argv=None) -> int:
@@ -189,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--window", type=int, default=256, help="cache tokens per session (sinks included)")
-    p.add_argument("--prompt", type=int, default=160, help="prompt tokens per session (evictions start soon)")
+    p.add_argument("--prompt", type=int, default=232, help="prompt tokens per session (with the template the "
+                   "cache is nearly full: decoding evicts)")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per pass")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own); 1 on "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.compress import compress_prompt
@@ -227,6 +228,7 @@ class Turn:
                                "it was streamed through and only its end stays in context")
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.produced: list[int] = []
+        self.reply = ReplyText(self.tokenizer)
         self.fed = 0
         self.shown = ""
         self.visible = ""
@@ -281,7 +283,7 @@ class Turn:
         if token in self.conversation.stop_ids:
             return self._finish("stop")
         self.produced.append(token)
-        text = self.tokenizer.decode(self.produced, skip_special_tokens=True)
+        text = self.reply.extend(self.produced)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.cut_text = text[:cut]
@@ -339,6 +341,30 @@ class Turn:
             conversation.messages, conversation.fed_messages = self.history + [answer], self.to_feed + [answer]
         conversation.fed_text += self.tokenizer.decode(self.produced, skip_special_tokens=False)
         engine.end_round()
+
+
+class ReplyText:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` of a reply that grows one token at a time, without decoding
+    the whole reply at every token: a fast tokenizer's own incremental decoder (`tokenizers.decoders.DecodeStream`)
+    appends each token's text. Where the stream holds a token back (part of a character, a skipped special token),
+    and for tokenizers without one (slow ones, or those that clean up spaces across tokens), the whole reply is
+    decoded instead, so the text is always a whole decode's (tests/test_runtime_chat.py checks every step)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        streams = self.backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.stream = DecodeStream(skip_special_tokens=True) if streams else None
+        self.streamed = ""
+
+    def extend(self, ids: list[int]) -> str:
+        """The text of `ids`: the reply so far, whose last id is new since the previous call."""
+        if self.stream is not None:
+            piece = self.stream.step(self.backend, ids[-1])
+            if piece is not None:
+                self.streamed += piece
+                return self.streamed
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
