@@ -179,7 +179,8 @@ def table(rows: list[dict]) -> str:
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
         lines.append(f"{r['mode']:<8} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} {r['tokens_per_s']:>7.1f} {cells} "
                      f"{r['host_ms_per_step'] / r['sessions']:>12.3f}")
-    return "\n".join(lines + ["(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"])
+    note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
+    return "\n".join(lines + [note])
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,10 @@ not extend what was fed (an edited history, a client's own truncation) the turn 
 chunks. The system prompt (everything before the first user message) is pinned so it is never evicted. A `Turn`
 is driven step by step (`prefill_step`, `next_token`, `accept`, `take_text`, `close`), so the server's
 scheduler can interleave many of them and decode them in one batched step; `respond()` drives one turn alone
-(chat). `stop` strings, OpenAI roles (`developer` is rendered as `system`, `tool` as itself) and list-of-parts
-content are handled here, and so is the no-template fallback.
+(chat); a batched step hands each turn its next token already sampled (`accept(logits, chosen)`). The reply's
+text grows through the tokenizer's incremental decoder (`ReplyText`). `stop` strings, OpenAI roles
+(`developer` is rendered as `system`, `tool` as itself) and list-of-parts content are handled here, and so is
+the no-template fallback.
 What it is not: a terminal UI or an HTTP server.
 
 Test: `python -m pytest tests/test_runtime_chat.py -q`.

@@ -2,9 +2,11 @@
 
 What it is: the prefill/decode split of the runtime. `feed(ids)` runs the model over new tokens in chunks that
 never exceed the free cache (a prompt longer than the cache is never prefilled densely), evicting in batches of
-`evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens and keeps
-evicting during long generations; `decode_together(engines, tokens)` decodes many sessions in one batched step
-(continuous batching: each session keeps its own cache row and positions). Logits are computed only where they
+`evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens (chosen on
+the model's device, `sampling.py`) and keeps evicting during long generations; `decode_together(engines,
+tokens)` decodes many sessions in one batched step (continuous batching: each session keeps its own cache row
+and positions) and returns their logits as one device tensor. The token id in each slot is kept on the host in
+a preallocated buffer (`cache_ids` is a view of it). Logits are computed only where they
 are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
 Optional SirLLM retention keeps the tokens with the highest self-information (-log p, free from the forward
 pass) besides sinks and recent tokens, decayed by `decay` after each dialogue round (`end_round()`). What it is

@@ -15,9 +15,10 @@ Python int (no `.item()` inside a step).
   from the lowest to the highest decoding row, so a lone session's step is one row wherever it sits; with a
   graph or a compiled step, rows `0..B-1` (B = the highest decoding row + 1, rounded up to a power of two: one
   fixed shape per B). Rows in the range that are not decoding write to the scratch slot and their output is
-  dropped. On CUDA with `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed;
-  `compiled=True` first wraps the step in `torch.compile` (kernel fusion) inside that graph. A capture or
-  compile failure is logged and the same function keeps running eagerly.
+  dropped. The step's token ids and positions travel in ONE host-to-device copy (`[2, B, 1]`). On CUDA with
+  `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed; `compiled=True` first wraps the
+  step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
+  function keeps running eagerly.
 
 Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
 are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
