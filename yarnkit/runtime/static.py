@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from math import inf
 
 import torch
 from transformers.cache_utils import Cache
@@ -93,6 +94,7 @@ class SlotPool(Cache):
         shape = (layers, rows, config.num_key_value_heads, window + 1, rope.head_dim(config))
         self.key_buffer, self.value_buffer = allocate_rows(shape, self.device, self.dtype, window, rows)
         self.slots = torch.arange(window + 1, device=self.device)
+        self._open, self._shut = (torch.full((), value, dtype=self.dtype, device=self.device) for value in (0.0, -inf))
         self.rows = rows
         self.free = list(range(rows))
         self.first, self.count = 0, 1                   # the row range of the forward in flight
@@ -145,7 +147,9 @@ class SlotPool(Cache):
     def forward_rows(self, first: int, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0):
         """THE forward: rows `first..first+B-1` take `ids [B, n]` at device `positions [B, n]` -> float32 logits."""
         self.first, self.count, self.positions = first, ids.shape[0], positions
-        mask = (self.slots[None, None, None, :] <= positions[:, None, :, None])
+        visible = self.slots[None, None, None, :] <= positions[:, None, :, None]
+        mask = torch.where(visible, self._open, self._shut)  # additive, built once: SDPA converts a boolean
+        # mask in every layer (two kernels each); the values are the same, so is every logit
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                          logits_to_keep=logits_to_keep, **self._cache_kwargs)
         return out.logits.float()
