@@ -145,12 +145,11 @@ class StreamingEngine:
         self.last_logits = logits[0, -1]
         self.tokens_seen += count
 
-    def _record_token(self, token: int, logits: torch.Tensor) -> None:
-        """`_record` of one decoded token and its next-token logits `[vocab]` (the batched step's path: without
-        SirLLM no tensor is built for it)."""
+    def _record_token(self, token: int, logits: torch.Tensor, information: torch.Tensor | None = None) -> None:
+        """`_record` of one decoded token, its next-token logits `[vocab]` and (SirLLM) its self-information `[1]`
+        on the host: the batched step's path, which builds no tensor and copies nothing per session."""
         if self.options.sirllm_keep:
-            self._record(torch.tensor([[token]]), logits.view(1, 1, -1))
-            return
+            self.scores = torch.cat((self.scores, information))
         self._slot_ids[self._filled] = token
         self._filled += 1
         self.last_logits = logits
@@ -199,9 +198,14 @@ class StreamingEngine:
             if len(engine) == 0:
                 raise ValueError("decode_together() needs sessions that were fed a prompt")
             engine._make_room(1)
+        retaining = {i: j for j, i in enumerate(i for i, engine in enumerate(engines) if engine.options.sirllm_keep)}
+        previous = [engines[i].last_logits for i in retaining]
         logits = engines[0].decoder.pool.decode([engine.cache for engine in engines], tokens)
-        for engine, token, row in zip(engines, tokens, logits):
-            engine._record_token(token, row)
+        if retaining:  # SirLLM: every session's -log p of its token, in one go and one copy to the host
+            chosen = torch.tensor([tokens[i] for i in retaining], device=logits.device)
+            information = -torch.log_softmax(torch.stack(previous).float(), dim=-1).gather(-1, chosen[:, None]).cpu()
+        for i, (engine, token, row) in enumerate(zip(engines, tokens, logits)):
+            engine._record_token(token, row, information[retaining[i]] if i in retaining else None)
         return logits
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
