@@ -24,7 +24,7 @@ asserts speed.
 
   python -m yarnkit.bench.decode_step                                  # bundled SmolLM2-135M, CPU, float32
   python -m yarnkit.bench.decode_step --sessions 1 8 --steps 16 --modes greedy --threads 1
-  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --out runs/decode-step.json
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --out runs/ds.json
 """
 
 from __future__ import annotations
@@ -101,12 +101,14 @@ def instrument(stack: ExitStack, clock: PhaseClock, pool) -> None:
 
 
 def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
-    """`count` different passages of about `tokens` tokens from the bundled book."""
+    """`count` passages of about `tokens` tokens from the bundled book, each starting elsewhere (they overlap when
+    the book is shorter than all of them together)."""
     from yarnkit.assets import sample_path
     from yarnkit.corpus import read_text
 
-    ids = tokenizer(read_text(sample_path("eval"))[:count * tokens * 8], add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode(ids[i * tokens:(i + 1) * tokens]) for i in range(count)]
+    ids = tokenizer(read_text(sample_path("eval")), add_special_tokens=False)["input_ids"]
+    starts = [(i * tokens) % max(1, len(ids) - tokens) for i in range(count)]
+    return [tokenizer.decode(ids[start:start + tokens]) for start in starts]
 
 
 @torch.no_grad()
