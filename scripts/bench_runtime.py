@@ -17,7 +17,8 @@ Parts (`--parts`; each result is written to OUT/bench_runtime.json as soon as it
 - peers: transformers' `generate` at the largest cache with a dynamic cache, and a static cache without compile.
 - hf-compiled: `generate` with a static cache and its own default auto-compile (slow to start: run it last).
 - compiled: the runtime's graph with `torch.compile` inside the captured step (latency, stream, path check).
-- batch: `--sessions` sessions decoded together vs one alone (aggregate tokens/s, greedy agreement).
+- batch: for each of `--sessions` (e.g. 1 2 4 8 16), that many sessions decoded together vs one alone
+  (aggregate tokens/s, greedy agreement with each session's solo run).
 - scale: runtime vs re-computation at the largest cache for `--scale-shapes` (random init, timing only).
 - ppl: streaming perplexity with eval/stream's policies (sink vs recompute vs window) over `--tokens` tokens.
 - recall: a fact stated early, asked after `--recall-filler` tokens: plain sinks vs SirLLM.
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--caches", type=int, nargs="+", default=[256, 1024, 4096], help="cache sizes (sinks included)")
     p.add_argument("--steps", type=int, default=512, help="timed decode steps per measurement (recompute: /8)")
     p.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"])
-    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")
     p.add_argument("--scale-shapes", nargs="+", default=["smollm2-135m", "llama-1.2b", "llama-7b"])
     p.add_argument("--deadline", type=float, default=None, help="seconds: parts that would start later are skipped")
     p.add_argument("--tokens", type=int, default=100_000, help="ppl: stream length")
@@ -237,8 +238,10 @@ def main(argv=None):
             report["compiled"] = {"latency": latency(model, args, [max(args.caches)], compile=True),
                                   "path_check": bench.path_check(model, args.decode, compile=True, **check)}
         elif part == "batch":
-            report["batch"] = bench.batch_throughput(model, max(args.caches), args.sessions, args.steps,
-                                                     decode="static" if args.decode == "eager" else args.decode)
+            report["batch"] = {str(count): bench.batch_throughput(model, max(args.caches), count, args.steps,
+                                                                  decode="static" if args.decode == "eager"
+                                                                  else args.decode)
+                               for count in args.sessions}
         elif part == "scale":
             report["scale"] = scale(args)
         elif part == "ppl":
@@ -271,8 +274,7 @@ def summary(report) -> str:
     for name, peer in {**report.get("peers", {}), **({"static+compile": report["peers_compiled"]}
                                                      if "peers_compiled" in report else {})}.items():
         lines.append(f"HF generate {name:<15} p50 {peer['p50_ms']:.2f} ms/token (first call {peer['first_call_seconds']} s)")
-    if "batch" in report:
-        b = report["batch"]
+    for b in report.get("batch", {}).values():
         lines.append(f"batch {b['sessions']} sessions: {b['tokens_per_s_together']:.0f} tok/s vs "
                      f"{b['tokens_per_s_alone']:.0f} alone = {b['speedup']:.2f}x; identical prefixes "
                      f"{b['identical_prefix_tokens']} of {b['check_tokens']}")

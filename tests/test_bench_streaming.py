@@ -26,7 +26,7 @@ def load_script():
 def test_bench_runtime_timing_parts(tmp_path, capsys):
     out = tmp_path / "out"
     load_script().main(["--model", "tiny", "--random-init", "--out", str(out), "--caches", "32", "64", "--steps", "8",
-                        "--decode", "static", "--sessions", "3", "--scale-shapes", "tiny",
+                        "--decode", "static", "--sessions", "2", "3", "--scale-shapes", "tiny",
                         "--parts", "latency", "peers", "batch", "scale", "compiled"])
     saved = json.loads((out / "bench_runtime.json").read_text())
     assert (out / "bench_runtime.png").stat().st_size > 0 and saved["skipped"] == []
@@ -36,7 +36,8 @@ def test_bench_runtime_timing_parts(tmp_path, capsys):
     check = saved["path_check"]
     assert check["rerotations"] > 0 and check["max_abs_logprob_diff"] < 1e-4 and check["greedy_agreement"] == 1
     assert set(saved["peers"]) == {"dynamic", "static"} and saved["peers"]["static"]["p50_ms"] > 0
-    batch = saved["batch"]
+    assert set(saved["batch"]) == {"2", "3"}
+    batch = saved["batch"]["3"]
     assert batch["sessions"] == 3 and batch["all_identical"] and batch["tokens_per_s_together"] > 0
     assert saved["scale"]["tiny"]["speedup_vs_recompute"] > 0
     assert saved["compiled"]["latency"]["64"]["sinks"]["compiled"] is False  # torch.compile only on the CUDA graph

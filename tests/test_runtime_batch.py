@@ -4,7 +4,8 @@ Run: `python -m pytest tests/test_runtime_batch.py -q`
 
 What is proven (tiny random Llama, float32, CPU; the same code runs as a CUDA graph on a GPU):
 - three sessions with different prompts, lengths and SirLLM settings, decoded together through evictions,
-  produce exactly the greedy tokens of each one decoded alone (fresh engine, eager cache), logits within 1e-5;
+  produce exactly the greedy tokens and kept tokens of each one decoded alone (fresh engine, eager cache),
+  logits within 1e-5, SirLLM scores (computed for the whole step at once) within 1e-4;
 - sessions in non-adjacent rows (a freed row in between) are unaffected by the idle row;
 - a lone session's step runs its own row only (batch 1 in the last row of a pool, not rows 0..3), with exactly the
   logits of the same session in row 0; two sessions step the span of their rows (a graph: rows 0..B-1);
@@ -26,8 +27,10 @@ def prompt(n, seed):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def alone(model, ids, steps, **options):
+def alone(model, ids, steps, keep: list | None = None, **options):
     engine = StreamingEngine(model, decode="eager", **options)
+    if keep is not None:
+        keep.append(engine)
     tokens, rows = [], []
     logits = engine.feed(ids, all_logits=False)[0, -1]
     for _ in range(steps):
@@ -59,9 +62,12 @@ def test_batched_decode_equals_each_session_alone(model):
             rows[i].append(row)
     assert all(engine.cache.rerotations >= 3 for engine in engines)
     for i, (ids, extra) in enumerate(setups):
-        solo_tokens, solo_rows = alone(model, ids, steps, sinks=4, window=32, evict_batch=5, **extra)
+        solo = []
+        solo_tokens, solo_rows = alone(model, ids, steps, solo, sinks=4, window=32, evict_batch=5, **extra)
         assert tokens[i] == solo_tokens
         torch.testing.assert_close(torch.stack(rows[i]), solo_rows, atol=1e-5, rtol=0)
+        assert engines[i].cache_ids.tolist() == solo[0].cache_ids.tolist()
+        torch.testing.assert_close(engines[i].scores, solo[0].scores, atol=1e-4, rtol=0)  # SirLLM: batched -log p
         assert engines[i].cache_ids.tolist()[:4] == (ids[0].tolist() + tokens[i])[:4]  # sinks kept
 
 

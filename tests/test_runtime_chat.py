@@ -32,6 +32,30 @@ def collect(conversation, messages, **kwargs):
     return "".join(conversation.respond(messages, **kwargs))
 
 
+@pytest.mark.parametrize("kind", ["text", "random", "special"])
+def test_reply_text_equals_a_whole_decode_at_every_token(tokenizer, kind):
+    """The turn's incremental detokenizer gives `decode(reply)` exactly after each token: multi-byte characters
+    split over tokens, random ids, skipped special tokens (the stream holds those back: a whole decode then)."""
+    import torch
+
+    from yarnkit.runtime.conversation import ReplyText
+
+    ids = tokenizer("Héllo wörld — naïve café 日本語のテキスト 🙂🙃! It was a bright cold day in April. " * 4,
+                    add_special_tokens=False)["input_ids"]
+    if kind == "random":
+        ids = torch.randint(0, len(tokenizer), (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    if kind == "special":
+        ids = ids[:20] + [tokenizer.eos_token_id, 0, 1] + ids[20:60] + [tokenizer.eos_token_id]
+    reply = ReplyText(tokenizer)
+    assert reply.stream is not None  # the bundled tokenizer streams
+    held = 0
+    for count in range(1, len(ids) + 1):
+        streamed = len(reply.streamed)
+        assert reply.extend(ids[:count]) == tokenizer.decode(ids[:count], skip_special_tokens=True)
+        held += len(reply.streamed) == streamed
+    assert held < len(ids) // 2  # most tokens came from the stream, not from a whole decode
+
+
 def test_incremental_turns_equal_a_fresh_session(model, tokenizer):
     opts = StreamOptions(window=4000)
     chat = Conversation(model, tokenizer, opts)

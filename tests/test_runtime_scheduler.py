@@ -7,7 +7,7 @@ that records the shape of every `input_ids` it gets. What is proven:
 - a lone request whose session sits in the last cache row (the rows before it held by idle sessions) decodes
   in steps of ONE row, and answers what a lone `Conversation` answers (greedy);
 - two requests decoding at the same time share one step (a forward of both rows), and each answers what it
-  answers alone;
+  answers alone, greedy and sampled (temperature, top-p, a seed each: tokens chosen together on the device);
 - a job cancelled mid-reply is finished at the next step (`done` with `cancelled`) and keeps its partial reply.
 """
 
@@ -51,9 +51,9 @@ def shapes(model):
 class Request(Job):
     """A job that records its events and says when all its choices are done."""
 
-    def __init__(self, content: str, max_new_tokens: int = 12, session: str | None = None):
-        super().__init__([{"role": "user", "content": content}], None, Sampling(max_new_tokens=max_new_tokens),
-                         session=session)
+    def __init__(self, content: str, max_new_tokens: int = 12, session: str | None = None, **sampling):
+        super().__init__([{"role": "user", "content": content}], None,
+                         Sampling(max_new_tokens=max_new_tokens, **sampling), session=session)
         self.events, self.over = [], threading.Event()
         self.on_started, self.on_text = (lambda: None), (lambda: None)
         self.emit = self.record
@@ -75,9 +75,10 @@ class Request(Job):
         return "".join(payload for kind, payload in self.events if kind == "text")
 
 
-def alone(model, tokenizer, content: str, max_new_tokens: int = 12) -> str:
+def alone(model, tokenizer, content: str, max_new_tokens: int = 12, **sampling) -> str:
     conversation = Conversation(model, tokenizer, OPTIONS)
-    return "".join(conversation.respond([{"role": "user", "content": content}], max_new_tokens=max_new_tokens))
+    return "".join(conversation.respond([{"role": "user", "content": content}], max_new_tokens=max_new_tokens,
+                                        **sampling))
 
 
 def test_a_lone_request_in_the_last_row_decodes_one_row(scheduler, shapes, model, tokenizer):
@@ -104,6 +105,23 @@ def test_requests_decoding_at_the_same_time_share_one_step(scheduler, shapes, mo
     assert (2, 1) in shapes  # one forward decoded both rows
     assert answers == (alone(model, tokenizer, "Tell me about the sea", 16),
                        alone(model, tokenizer, "What is a river?"))
+
+
+def test_sampled_requests_decoding_together_answer_what_each_answers_alone(scheduler, shapes, model, tokenizer):
+    """Sampling runs batched on the model's device; each turn's seed still gives its solo reply, token for token."""
+    settings = [dict(temperature=0.9, top_p=0.8, seed=7), dict(temperature=1.3, seed=-3)]
+    first = Request("Tell me about the sea", max_new_tokens=16, **settings[0])
+    second = Request("What is a river?", **settings[1])
+    second_started = threading.Event()
+    second.on_started = second_started.set
+    first.on_text = lambda: second_started.wait(30)
+    scheduler.submit(first)
+    scheduler.submit(second)
+    answers = first.answer(), second.answer()
+    assert (2, 1) in shapes
+    assert answers == (alone(model, tokenizer, "Tell me about the sea", 16, **settings[0]),
+                       alone(model, tokenizer, "What is a river?", **settings[1]))
+    assert answers[1] != alone(model, tokenizer, "What is a river?", **{**settings[1], "seed": 4})  # seeds matter
 
 
 def test_a_cancelled_job_is_finished_at_the_next_step_with_its_partial_reply(scheduler):

@@ -10,6 +10,8 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
 - a failing graph capture falls back loudly (logged reason, reported in stats) and still returns right logits;
 - bad decode choices are refused with a clear error;
 - the decode step traces as one graph for torch.compile (no graph break) and keeps the eager logits;
+- the step builds its additive slot mask once (one `where` for all layers; SDPA would convert a boolean mask in
+  every layer) and its logits are bitwise those of the boolean mask;
 - slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
 CUDA-graph capture and compilation need a GPU: tests/test_runtime_gpu.py (gpu marker) and scripts/bench_runtime.py.
 """
@@ -93,6 +95,36 @@ def test_graph_capture_failure_falls_back_loudly(caplog):
     assert "falling back" in caplog.text and engine.decode_path == "static"
     assert engine.stats()["graph_fallback"] and engine.stats()["decode_path"] == "static"
     torch.testing.assert_close(logits, reference.feed(token), atol=1e-5, rtol=0)
+
+
+def test_the_step_builds_one_additive_mask_with_the_boolean_masks_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    engine = StreamingEngine(model, sinks=4, window=24, decode="static")
+    engine.feed(tokens(10))
+    pool = engine.decoder.pool
+    ids, positions = torch.tensor([[5]]), torch.tensor([[len(engine)]])
+    keys, values = pool.key_buffer.clone(), pool.value_buffer.clone()
+    with torch.no_grad(), CountOps() as seen:
+        ours = pool.forward_rows(0, ids, positions, 1)
+    assert seen.names.count("where") == 1 and "scalar_tensor" not in seen.names
+    pool.key_buffer.copy_(keys)
+    pool.value_buffer.copy_(values)
+    boolean = pool.slots[None, None, None, :] <= positions[:, None, :, None]
+    with torch.no_grad():
+        reference = model(input_ids=ids, position_ids=positions, attention_mask=boolean, use_cache=True,
+                          logits_to_keep=1, **pool._cache_kwargs).logits.float()
+    assert torch.equal(ours, reference)
 
 
 def test_bad_decode_choice_is_refused():

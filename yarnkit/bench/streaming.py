@@ -20,8 +20,9 @@ import torch
 
 from yarnkit.models import cache_kwargs
 from yarnkit.runtime.engine import StreamingEngine
-from yarnkit.runtime.static import make_pool
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import choose_tokens
+from yarnkit.runtime.static import make_pool
 
 SHAPES = {  # timing-only model shapes (random init); vocabularies and widths of the named models
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -202,8 +203,8 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
     def run(count: int, total_steps: int, record: int):
         pool = make_pool(model, options, rows=count)
         engines = [StreamingEngine(model, options, pool=pool) for _ in range(count)]
-        logits = [engine.feed(random_ids(cache - 16, vocab, seed=10 + i)[None], all_logits=False)[0, -1]
-                  for i, engine in enumerate(engines)]
+        logits = torch.stack([engine.feed(random_ids(cache - 16, vocab, seed=10 + i)[None], all_logits=False)[0, -1]
+                              for i, engine in enumerate(engines)])
         produced = [[] for _ in engines]
         sync(device)
         start = None
@@ -211,7 +212,8 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
             if step == warmup:
                 sync(device)
                 start = time.perf_counter()
-            chosen = [int(row.argmax()) for row in logits]  # the host reads every token, as a server does
+            chosen = choose_tokens(logits, [0.0] * count, [1.0] * count, [None] * count)  # as the server: on the
+            # device, one copy of the ids to the host per step
             for i, token in enumerate(chosen):
                 if len(produced[i]) < record:
                     produced[i].append(token)

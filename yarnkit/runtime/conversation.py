@@ -7,8 +7,10 @@ not extend what was fed (an edited history, a client's own truncation) the turn 
 chunks. The system prompt (everything before the first user message) is pinned so it is never evicted. A `Turn`
 is driven step by step (`prefill_step`, `next_token`, `accept`, `take_text`, `close`), so the server's
 scheduler can interleave many of them and decode them in one batched step; `respond()` drives one turn alone
-(chat). `stop` strings, OpenAI roles (`developer` is rendered as `system`, `tool` as itself) and list-of-parts
-content are handled here, and so is the no-template fallback.
+(chat); a batched step hands each turn its next token already sampled (`accept(logits, chosen)`). The reply's
+text grows through the tokenizer's incremental decoder (`ReplyText`). `stop` strings, OpenAI roles
+(`developer` is rendered as `system`, `tool` as itself) and list-of-parts content are handled here, and so is
+the no-template fallback.
 What it is not: a terminal UI or an HTTP server.
 
 Test: `python -m pytest tests/test_runtime_chat.py -q`.
@@ -21,11 +23,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from yarnkit.errors import PromptTooLong
 from yarnkit.runtime.compress import compress_prompt
-from yarnkit.runtime.engine import StreamingEngine, sample
+from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import sample
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -226,12 +230,14 @@ class Turn:
                                "it was streamed through and only its end stays in context")
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.produced: list[int] = []
+        self.reply = ReplyText(self.tokenizer)
         self.fed = 0
         self.shown = ""
         self.visible = ""
         self.finish_reason: str | None = None
         self.cut_text: str | None = None
         self.logits = None if self.pending else self.engine.last_logits
+        self.chosen: int | None = None       # the next token, when a batched step already sampled it
         self.closed = False
         self.job, self.index = None, 0       # set by the server's scheduler: the request and choice it answers
         info.update(prompt_tokens=self.prompt_tokens)
@@ -274,11 +280,12 @@ class Turn:
         if len(self.produced) >= self.sampling.max_new_tokens:
             return self._finish("length")
         s = self.sampling
-        token = sample(self.logits, s.temperature, s.top_p, self.generator)
+        token = self.chosen if self.chosen is not None else sample(self.logits, s.temperature, s.top_p, self.generator)
+        self.chosen = None
         if token in self.conversation.stop_ids:
             return self._finish("stop")
         self.produced.append(token)
-        text = self.tokenizer.decode(self.produced, skip_special_tokens=True)
+        text = self.reply.extend(self.produced)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.cut_text = text[:cut]
@@ -300,10 +307,12 @@ class Turn:
             return self.cut_text
         return self.tokenizer.decode(self.produced, skip_special_tokens=True)
 
-    def accept(self, logits: torch.Tensor) -> None:
-        """The token from `next_token` was fed; `logits` predict the one after it."""
+    def accept(self, logits: torch.Tensor, chosen: int | None = None) -> None:
+        """The token from `next_token` was fed; `logits` predict the one after it. `chosen`: that next token,
+        already sampled from `logits` with this turn's settings and generator (the scheduler samples a whole
+        batched step at once, `sampling.choose_tokens`); None: `next_token` samples it."""
         self.fed += 1
-        self.logits = logits
+        self.logits, self.chosen = logits, chosen
 
     def take_text(self) -> str:
         """Text that became visible since the last call (everything left once the reply is finished)."""
@@ -334,6 +343,30 @@ class Turn:
             conversation.messages, conversation.fed_messages = self.history + [answer], self.to_feed + [answer]
         conversation.fed_text += self.tokenizer.decode(self.produced, skip_special_tokens=False)
         engine.end_round()
+
+
+class ReplyText:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` of a reply that grows one token at a time, without decoding
+    the whole reply at every token: a fast tokenizer's own incremental decoder (`tokenizers.decoders.DecodeStream`)
+    appends each token's text. Where the stream holds a token back (part of a character, a skipped special token),
+    and for tokenizers without one (slow ones, or those that clean up spaces across tokens), the whole reply is
+    decoded instead, so the text is always a whole decode's (tests/test_runtime_chat.py checks every step)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        streams = self.backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.stream = DecodeStream(skip_special_tokens=True) if streams else None
+        self.streamed = ""
+
+    def extend(self, ids: list[int]) -> str:
+        """The text of `ids`: the reply so far, whose last id is new since the previous call."""
+        if self.stream is not None:
+            piece = self.stream.step(self.backend, ids[-1])
+            if piece is not None:
+                self.streamed += piece
+                return self.streamed
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

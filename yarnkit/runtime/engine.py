@@ -2,9 +2,11 @@
 
 What it is: the prefill/decode split of the runtime. `feed(ids)` runs the model over new tokens in chunks that
 never exceed the free cache (a prompt longer than the cache is never prefilled densely), evicting in batches of
-`evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens and keeps
-evicting during long generations; `decode_together(engines, tokens)` decodes many sessions in one batched step
-(continuous batching: each session keeps its own cache row and positions). Logits are computed only where they
+`evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens (chosen on
+the model's device, `sampling.py`) and keeps evicting during long generations; `decode_together(engines,
+tokens)` decodes many sessions in one batched step (continuous batching: each session keeps its own cache row
+and positions) and returns their logits as one device tensor. The token id in each slot is kept on the host in
+a preallocated buffer (`cache_ids` is a view of it). Logits are computed only where they
 are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
 Optional SirLLM retention keeps the tokens with the highest self-information (-log p, free from the forward
 pass) besides sinks and recent tokens, decayed by `decay` after each dialogue round (`end_round()`). What it is
@@ -33,6 +35,7 @@ import torch
 from yarnkit.runtime.cache import model_rotary
 from yarnkit.runtime.decoders import EagerDecoder, PoolDecoder
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import sample
 from yarnkit.runtime.static import SlotPool, make_pool
 
 class StreamingEngine:
@@ -66,7 +69,8 @@ class StreamingEngine:
 
     def reset(self) -> None:
         self.decoder.reset()
-        self.cache_ids = torch.empty(0, dtype=torch.long)    # token id in each slot
+        self._slot_ids = torch.empty(self.window, dtype=torch.long)  # token id in each slot, the first `_filled`
+        self._filled = 0
         self.scores = torch.empty(0)                         # SirLLM self-information per slot
         self.pinned = 0
         self.tokens_seen = 0
@@ -75,6 +79,11 @@ class StreamingEngine:
     def close(self) -> None:
         """Give the cache (a pool row) back; the engine must not be used afterwards."""
         self.decoder.release()
+
+    @property
+    def cache_ids(self) -> torch.Tensor:
+        """The token id in each filled slot, on the host (a view: it changes as the engine feeds and evicts)."""
+        return self._slot_ids[:self._filled]
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -110,7 +119,8 @@ class StreamingEngine:
         keep = self.cache.evict_for_space(incoming, self.pinned, scores, self.options.sirllm_keep)
         if keep is None:
             return
-        self.cache_ids = self.cache_ids[keep]
+        self._slot_ids[:keep.numel()] = self._slot_ids[keep]
+        self._filled = keep.numel()
         if self.scores.numel():
             self.scores = self.scores[keep]
 
@@ -129,9 +139,21 @@ class StreamingEngine:
         """Bookkeeping after a forward completed: slot ids, SirLLM scores, the logits that predict the next token."""
         if self.options.sirllm_keep:
             self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
-        self.cache_ids = torch.cat((self.cache_ids, chunk[0]))
+        count = chunk.shape[1]
+        self._slot_ids[self._filled:self._filled + count] = chunk[0]
+        self._filled += count
         self.last_logits = logits[0, -1]
-        self.tokens_seen += chunk.shape[1]
+        self.tokens_seen += count
+
+    def _record_token(self, token: int, logits: torch.Tensor, information: torch.Tensor | None = None) -> None:
+        """`_record` of one decoded token, its next-token logits `[vocab]` and (SirLLM) its self-information `[1]`
+        on the host: the batched step's path, which builds no tensor and copies nothing per session."""
+        if self.options.sirllm_keep:
+            self.scores = torch.cat((self.scores, information))
+        self._slot_ids[self._filled] = token
+        self._filled += 1
+        self.last_logits = logits
+        self.tokens_seen += 1
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
@@ -164,21 +186,27 @@ class StreamingEngine:
 
     @staticmethod
     @torch.no_grad()
-    def decode_together(engines: list["StreamingEngine"], tokens: list[int]) -> list[torch.Tensor]:
-        """Feed one token to each engine; returns each one's next-token logits `[vocab]`. Engines that share a
-        `SlotPool` run ONE batched step (each keeps its own cache and positions); others are fed one by one."""
+    def decode_together(engines: list["StreamingEngine"], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each engine; returns their next-token logits `[len(engines), vocab]` (float32, on the
+        model's device: choose the next tokens there, `sampling.choose_tokens`). Engines that share a `SlotPool`
+        run ONE batched step (each keeps its own cache and positions); others are fed one by one."""
         pools = {id(engine.decoder.pool) for engine in engines}
         if len(engines) == 1 or len(pools) > 1 or engines[0].decoder.pool is None:
-            return [engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
-                    for engine, token in zip(engines, tokens)]
+            return torch.stack([engine.feed(torch.tensor([[token]]), all_logits=False)[0, -1]
+                                for engine, token in zip(engines, tokens)])
         for engine in engines:
             if len(engine) == 0:
                 raise ValueError("decode_together() needs sessions that were fed a prompt")
             engine._make_room(1)
+        retaining = {i: j for j, i in enumerate(i for i, engine in enumerate(engines) if engine.options.sirllm_keep)}
+        previous = [engines[i].last_logits for i in retaining]
         logits = engines[0].decoder.pool.decode([engine.cache for engine in engines], tokens)
-        for engine, token, row in zip(engines, tokens, logits):
-            engine._record(torch.tensor([[token]]), row.view(1, 1, -1))
-        return list(logits)
+        if retaining:  # SirLLM: every session's -log p of its token, in one go and one copy to the host
+            chosen = torch.tensor([tokens[i] for i in retaining], device=logits.device)
+            information = -torch.log_softmax(torch.stack(previous).float(), dim=-1).gather(-1, chosen[:, None]).cpu()
+        for i, (engine, token, row) in enumerate(zip(engines, tokens, logits)):
+            engine._record_token(token, row, information[retaining[i]] if i in retaining else None)
+        return logits
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset(),
@@ -213,18 +241,3 @@ def check_supported(config, window: int) -> None:
     if own and window > own:
         raise ValueError(f"window = {window} exceeds the model's own sliding_window={own}; pass --window {own} or less")
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """Greedy (temperature 0) or temperature + nucleus sampling from one logits vector."""
-    logits = logits.float().cpu()
-    if temperature <= 0:
-        return int(logits.argmax())
-    scaled = (logits.double() - logits.max()) / temperature  # float64, max first: a tiny temperature stays finite
-    probs = torch.softmax(scaled, dim=-1).float()
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))

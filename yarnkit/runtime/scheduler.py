@@ -6,7 +6,9 @@ which conversation, one cache row of a shared `SlotPool` each, serves a request)
 queue of `Job`s, one or more choices each, waiting for rows; turns are set up on a helper thread) and this loop.
 Each iteration runs ONE batched decode step for every turn that is generating, then ONE prefill chunk of one turn
 that is still reading its prompt (round robin; at most `prefill_budget` tokens while others are decoding), so a
-long prompt never blocks other sessions' decoding: it only adds one small chunk per step. Cancelled jobs (a
+long prompt never blocks other sessions' decoding: it only adds one small chunk per step. The decoding turns'
+next tokens are chosen together on the model's device (`sampling.choose_tokens`: greedy or each turn's own
+temperature, top-p and seeded generator); only their ids come to the host. Cancelled jobs (a
 client that went away) are finished at the next step: the partial reply is kept, so cache and history stay
 consistent. Events go back through `Job.emit`: `started` (the prompt was tokenized and fits), `text`, `done`,
 `error` (payload: status, message, param).
@@ -21,12 +23,11 @@ import logging
 import threading
 import time
 
-import torch
-
 from yarnkit.runtime.admission import Admission, Job
 from yarnkit.runtime.conversation import Conversation, Turn
 from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.sampling import choose_tokens
 from yarnkit.runtime.sessions import SessionTable
 from yarnkit.runtime.static import make_pool
 
@@ -99,14 +100,16 @@ class Scheduler:
             return
         try:
             logits = StreamingEngine.decode_together([turn.engine for turn in ready], tokens)
+            chosen = choose_tokens(logits, [turn.sampling.temperature for turn in ready],  # on the device: only
+                                   [turn.sampling.top_p for turn in ready],               # the ids come back
+                                   [turn.generator for turn in ready])
         except Exception as error:  # noqa: BLE001 - one bad step fails these requests, not the server
             log.exception("batched decode step failed")
             for turn in ready:
                 self._fail(turn, error)
             return
-        rows = torch.stack(logits).cpu()  # one device-to-host copy for the whole batch (sampling runs on the host)
-        for turn, row in zip(ready, rows):
-            turn.accept(row)
+        for turn, row, token in zip(ready, logits, chosen):
+            turn.accept(row, token)
             self._flush(turn)
 
     def _guarded(self, turn: Turn, action):

@@ -15,9 +15,10 @@ Python int (no `.item()` inside a step).
   from the lowest to the highest decoding row, so a lone session's step is one row wherever it sits; with a
   graph or a compiled step, rows `0..B-1` (B = the highest decoding row + 1, rounded up to a power of two: one
   fixed shape per B). Rows in the range that are not decoding write to the scratch slot and their output is
-  dropped. On CUDA with `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed;
-  `compiled=True` first wraps the step in `torch.compile` (kernel fusion) inside that graph. A capture or
-  compile failure is logged and the same function keeps running eagerly.
+  dropped. The step's token ids and positions travel in ONE host-to-device copy (`[2, B, 1]`). On CUDA with
+  `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed; `compiled=True` first wraps the
+  step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
+  function keeps running eagerly.
 
 Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
 are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from math import inf
 
 import torch
 from transformers.cache_utils import Cache
@@ -92,6 +94,7 @@ class SlotPool(Cache):
         shape = (layers, rows, config.num_key_value_heads, window + 1, rope.head_dim(config))
         self.key_buffer, self.value_buffer = allocate_rows(shape, self.device, self.dtype, window, rows)
         self.slots = torch.arange(window + 1, device=self.device)
+        self._open, self._shut = (torch.full((), value, dtype=self.dtype, device=self.device) for value in (0.0, -inf))
         self.rows = rows
         self.free = list(range(rows))
         self.first, self.count = 0, 1                   # the row range of the forward in flight
@@ -144,7 +147,9 @@ class SlotPool(Cache):
     def forward_rows(self, first: int, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0):
         """THE forward: rows `first..first+B-1` take `ids [B, n]` at device `positions [B, n]` -> float32 logits."""
         self.first, self.count, self.positions = first, ids.shape[0], positions
-        mask = (self.slots[None, None, None, :] <= positions[:, None, :, None])
+        visible = self.slots[None, None, None, :] <= positions[:, None, :, None]
+        mask = torch.where(visible, self._open, self._shut)  # additive, built once: SDPA converts a boolean
+        # mask in every layer (two kernels each); the values are the same, so is every logit
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                          logits_to_keep=logits_to_keep, **self._cache_kwargs)
         return out.logits.float()
@@ -168,17 +173,21 @@ class SlotPool(Cache):
             if cache.pool is not self or cache.length >= self.window:
                 raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
         first, width = self.step_rows(rows)
-        ids = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.full((width, 1), self.window, dtype=torch.long)  # idle rows: the scratch slot
+        ids, positions = [0] * width, [self.window] * width  # idle rows: the scratch slot
         for cache, token in zip(caches, tokens):
-            ids[cache.row - first, 0], positions[cache.row - first, 0] = token, cache.length
+            ids[cache.row - first], positions[cache.row - first] = token, cache.length
+        inputs = torch.tensor([ids, positions])[:, :, None]  # [2, width, 1]: ONE host-to-device copy
         if self.use_graph:
-            logits = self._replay(width, ids, positions)
+            logits = self._replay(width, inputs)
         else:
-            logits = self._step(first, ids.to(self.device), positions.to(self.device), 1)
+            inputs = inputs.to(self.device)
+            logits = self._step(first, inputs[0], inputs[1], 1)
         for cache in caches:
             cache.length += 1
-        return logits[[row - first for row in rows], -1]
+        picked = [row - first for row in rows]
+        if picked == list(range(len(picked))):  # the usual order: a view, no index to copy to the device
+            return logits[:len(picked), -1]
+        return logits[picked, -1]
 
     def step_rows(self, rows: list[int]) -> tuple[int, int]:
         """`(first, count)`: the rows `first..first+count-1` a decode step for sessions in `rows` runs. Eagerly,
@@ -189,11 +198,12 @@ class SlotPool(Cache):
             return 0, min(1 << max(rows).bit_length(), self.rows)
         return min(rows), max(rows) - min(rows) + 1
 
-    def _replay(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _replay(self, width: int, inputs: torch.Tensor) -> torch.Tensor:
+        """The captured step for rows 0..width-1 on host `inputs [2, width, 1]` (token ids, positions)."""
         graph = self._graphs.get(width)
         if graph is None:
             try:
-                graph = self._capture(width, ids, positions)
+                graph = self._capture(width, inputs)
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
                 self.use_graph = self.graph_moves = False
                 self.fallback_reason = f"{type(error).__name__}: {error}"
@@ -201,16 +211,17 @@ class SlotPool(Cache):
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                return self._step(0, ids.to(self.device), positions.to(self.device), 1)
-        graph.ids.copy_(ids, non_blocking=True)
-        graph.positions.copy_(positions, non_blocking=True)
+                inputs = inputs.to(self.device)
+                return self._step(0, inputs[0], inputs[1], 1)
+        graph.inputs.copy_(inputs, non_blocking=True)
         graph.graph.replay()
-        return graph.logits.clone()
+        return graph.logits.clone()  # the graph's own buffer is overwritten by the next replay
 
-    def _capture(self, width: int, ids: torch.Tensor, positions: torch.Tensor) -> "DecodeGraph":
+    def _capture(self, width: int, inputs: torch.Tensor) -> "DecodeGraph":
         """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1. Warm-up and capture
         write only the slots these very tokens are about to fill (or the scratch slot)."""
-        static_ids, static_positions = ids.to(self.device), positions.to(self.device)
+        static_inputs = inputs.to(self.device)
+        static_ids, static_positions = static_inputs[0], static_inputs[1]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -221,15 +232,14 @@ class SlotPool(Cache):
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = self._step(0, static_ids, static_positions, 1)
         self._graph_pool = graph.pool()
-        self._graphs[width] = DecodeGraph(graph, static_ids, static_positions, logits)
+        self._graphs[width] = DecodeGraph(graph, static_inputs, logits)
         return self._graphs[width]
 
 
 @dataclass
 class DecodeGraph:
     graph: "torch.cuda.CUDAGraph"
-    ids: torch.Tensor
-    positions: torch.Tensor
+    inputs: torch.Tensor       # [2, width, 1]: token ids, positions (the captured step reads these addresses)
     logits: torch.Tensor
 
 
