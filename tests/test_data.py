@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainer_helpers import char_tokenizer
-from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, cache_key, chunk_tokens, micro_batch
+from yarnkit.train.data import (DataArgs, SampleOrder, build_dataset, cache_key, chunk_tokens, encode_documents,
+                                micro_batch)
 from yarnkit.errors import DataError
 from yarnkit.train.pose import pose_generator, pose_position_ids
 
@@ -61,6 +62,17 @@ def test_jsonl_source_bookends_and_cache(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == cached  # second build reads the cache
     args.seq_len = 5
     assert cache_key(args, tok) != cached[0].name
+
+
+def test_fast_encoding_gives_the_tokenizers_own_ids(tokenizer):
+    """The data path asks the tokenizer without character offsets; the ids must be those of a plain call (the
+    reference), on prose, code, digits, Unicode and text that looks like special tokens."""
+    from yarnkit.assets import sample_path
+    from yarnkit.corpus import read_text
+
+    texts = [read_text(sample_path("train"))[:200_000], read_text(__file__), "1234567 and 3.14159",
+             "naïve café — “quotes” 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", "", "  two  spaces\n\n\nnewlines"]
+    assert encode_documents(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def test_two_runs_building_one_cache_key_at_once_both_succeed(tmp_path, monkeypatch):

@@ -221,6 +221,20 @@ def test_fused_adamw_takes_the_same_steps_as_foreach():
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_fused_adamw_is_taken_on_cuda_and_fails_with_the_fix_when_forced_where_it_cannot_run(capsys):
+    from yarnkit.train.optim import OptimArgs, build_optimizer
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    assert build_optimizer(weights, OptimArgs(fused="auto"), 10, device="cuda")[0].defaults["fused"] is True
+    assert build_optimizer(weights, OptimArgs(fused="auto"), 10, device="cpu")[0].defaults["fused"] is None
+    assert build_optimizer(weights, OptimArgs(fused="true"), 10, device="cpu")[0].defaults["fused"] is True
+    assert capsys.readouterr().out == ""  # auto means CUDA: on the CPU foreach is the choice, not a fallback
+    with pytest.raises(RecipeError, match=r"optim.fused=true cannot run here: torch has no fused AdamW kernel for "
+                                          r"meta here; fix that, or set optim.fused=auto"):
+        build_optimizer(weights, OptimArgs(fused="true"), 10, device="meta")
+    assert build_optimizer(weights, OptimArgs(fused="false"), 10, device="cuda")[0].defaults["fused"] is None
+
+
 def test_prefetcher_serves_the_same_batches_in_order_or_out_of_it():
     from yarnkit.train.loop import Prefetcher
 

@@ -240,8 +240,14 @@ def check_train_template(template, attributes=TRAIN_ATTRIBUTES) -> None:
 
 
 def check_registry(attributes=TRAIN_ATTRIBUTES) -> None:
-    """Every training template and attribute of the registry against every evaluation template."""
-    check_attributes(attributes)
+    """Every training template and attribute of the registry against every evaluation template. A set of
+    attributes that passed is not checked again in this process (a training run asks three times)."""
+    _check_registry(tuple(attributes))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_registry(attributes: tuple) -> None:
+    check_attributes(attributes)  # a collision raises, and exceptions are not cached
     for template in train_templates() + list(TRAIN_CHAINS):
         check_train_template(template, attributes)
 

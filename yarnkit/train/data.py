@@ -163,13 +163,23 @@ def chunk_tokens(docs: list[list[int]], seq_len: int, packing: bool, sink_token_
     return out
 
 
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, no special tokens: `tokenizer(texts, add_special_tokens=False)["input_ids"]`. A fast
+    tokenizer is asked through `encode_batch_fast` (tokenizers >= 0.20), which skips the character offsets that
+    nothing here reads: the same ids in about half the time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def _tokenize(ds, tokenizer, args: DataArgs):
     if "input_ids" in ds.column_names:
         return ds
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def encode(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = encode_documents(tokenizer, batch["text"])
         return {"input_ids": [([bos] if bos is not None else []) + x + ([eos] if eos is not None else [])
                               for x in ids]}
 

@@ -2,8 +2,9 @@
 
 Defaults are the YaRN paper's (§4.1): lr 2e-5, AdamW betas (0.9, 0.95), no weight decay, 20 warmup steps,
 linear decay over the run. `lr_multiplier` is a pure function so the schedule is testable without a model.
-`optim.fused` picks torch's fused (single-kernel) AdamW: `auto` = on CUDA, the same update as the default
-multi-tensor one up to float rounding.
+`optim.fused` picks torch's fused (single-kernel) AdamW, the same update as the multi-tensor (foreach) one up to
+float rounding: `auto` takes it when training runs on CUDA (elsewhere foreach); `true` on a device without the
+kernel fails naming the fix (`yarnkit.train.speed.resolve_choice`, the rule of every speed key).
 Tested by `python -m pytest tests/test_trainer.py`.
 """
 
@@ -16,6 +17,9 @@ import math
 import torch
 
 from yarnkit.errors import RecipeError
+from yarnkit.train.speed import resolve_choice
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch (>= 2.4) has the fused AdamW kernel
 
 
 @dataclass
@@ -59,12 +63,23 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def build_optimizer(params, args: OptimArgs, total_steps: int):
-    """`(optimizer, scheduler)`; only parameters that require grad are optimized."""
+def fused_adamw_missing(device: torch.device) -> str | None:
+    """Why torch's fused AdamW cannot run training on `device` (None: it can; trainable parameters are floats)."""
+    if device.type not in FUSED_ADAMW_DEVICES:
+        return f"torch has no fused AdamW kernel for {device.type} here"
+    return None
+
+
+def build_optimizer(params, args: OptimArgs, total_steps: int, device: str | torch.device | None = None):
+    """`(optimizer, scheduler)`; only parameters that require grad are optimized. `device`: where training runs
+    (the parameters may still be on the CPU until accelerate moves them); default CUDA if there is one."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check lora.* / model settings")
-    fused = str(args.fused).lower() == "true" or (str(args.fused).lower() == "auto" and torch.cuda.is_available())
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    asked = str(args.fused).lower()
+    fused = (asked != "auto" or device.type == "cuda") and resolve_choice(
+        "optim.fused", asked, fused_adamw_missing(device), "true", "false")
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                                   weight_decay=args.weight_decay, fused=fused or None)
     steps = args.schedule_steps or total_steps

@@ -130,7 +130,8 @@ def train(recipe) -> TrainResult:
     speed = {**getattr(model, "yarnkit_speed", {}), "loss": "liger fused linear cross-entropy" if fused_loss
              else f"chunked ({args.loss_chunk_tokens} tokens)"}
     wrapper = CausalLMLoss(model, args.loss_chunk_tokens, fused=fused_loss, answer_weight=args.answer_loss_weight)
-    optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps)
+    optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps,
+                                           accelerator.device)
     speed["optimizer"] = "AdamW " + ("fused" if optimizer.defaults.get("fused") else "foreach")
     if accelerator.is_main_process:
         print("yarnkit: speed: " + ", ".join(f"{key}={value}" for key, value in speed.items()), flush=True)
