@@ -4,7 +4,8 @@ Run: `python -m pytest tests/test_runtime_gpu.py -q -m gpu`
 
 A SmolLM2-135M-shaped Llama (random init, on CUDA) is fed the same 4,192 tokens (a 4,096-token cache, then 96
 decode steps evicting 16 tokens at a time: 6 evictions). Exactness is asserted in float32, where the paths differ
-only in summation order (max |log-prob difference| within 1e-3, every greedy token equal):
+only in summation order (max |log-prob difference| within 1e-3, the same greedy token in every row whose best token
+leads by more than 2e-3; a random model's near-ties may round either way):
 - the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
 - the graph with `torch.compile` inside vs the eager cache;
 - 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal.
@@ -53,8 +54,15 @@ def close(a, b, worst=0.1, agreement=0.95):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= agreement
 
 
-def exact(a, b):
-    close(a, b, worst=1e-3, agreement=1.0)
+def exact(a, b, worst=1e-3):
+    """Float32: every log-prob within `worst`, and the same greedy token wherever `a`'s best token leads its
+    runner-up by more than 2 x `worst` (random weights give near-ties, which a 1e-5 rounding may break either way;
+    such a row is counted, never skipped silently: at least half the rows must be decided)."""
+    assert (a - b).abs().max().item() <= worst
+    top2 = a.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * worst
+    assert decided.float().mean().item() >= 0.5, f"only {int(decided.sum())} of {len(a)} rows have a clear best token"
+    assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
 
 
 def test_float32_graph_equals_the_same_step_run_eagerly_and_the_eager_cache(model32):
