@@ -80,3 +80,21 @@ def test_lone_session_benchmark_times_every_row_stepping_one_row():
     assert [r["row"] for r in results] == [0, 1, 2] and all(r["steps"] == 3 for r in results)
     assert [(r["step_rows"], r["forward_batches"]) for r in results] == [(1, [1])] * 3  # one row each
     assert all(r["tokens_per_s"] > 0 for r in results)
+
+
+def test_decode_step_split_covers_every_phase_on_cpu(tmp_path):
+    """`python -m yarnkit.bench.decode_step` at a tiny shape: each (mode, sessions) row has every phase, bookkeeping
+    (`StreamingEngine._remember`) and sampling were reached, and every decode step ran on the pool."""
+    from yarnkit.bench import decode_step
+
+    out = tmp_path / "split.json"
+    assert decode_step.main(["--sessions", "1", "2", "--steps", "2", "--warmup", "1", "--window", "64",
+                             "--prompt", "32", "--modes", "greedy", "sampled", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mode"], row["sessions"]) for row in rows] == [("greedy", 1), ("greedy", 2), ("sampled", 1),
+                                                                ("sampled", 2)]
+    for row in rows:
+        split = row["split_ms_per_step"]
+        assert set(split) == {"forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest"}
+        assert split["forward"] > 0 and split["bookkeeping"] > 0 and split["sampling"] > 0
+        assert row["decode_path"] == "static" and row["tokens_per_s"] > 0

@@ -11,8 +11,8 @@ and an instrumented one, where a few callables are wrapped to split the step int
 - sampling: choosing the next tokens (greedy argmax, or temperature / top-p with a per-session seed), the copy
   of the chosen ids to the host included;
 - eviction: `StreamingEngine._make_room` (the sink rule, the kept-slot plan, the in-place move);
-- bookkeeping: `StreamingEngine._record` / `_record_token` (slot ids, SirLLM scores, the logits kept for the
-  next token);
+- bookkeeping: `StreamingEngine._remember` (slot ids, SirLLM scores, the logits kept for the next token; both
+  the batched step and a one-session feed record through it);
 - text: the turn's own work (`Turn.next_token` / `accept` / `take_text` less sampling): detokenization, stop
   strings;
 - rest: the step's total less all the above (the scheduler's Python, building the step's inputs).
@@ -94,8 +94,7 @@ def instrument(stack: ExitStack, clock: PhaseClock, pool) -> None:
     stack.enter_context(clock.patched(conversation, "sample", "sampling"))
     stack.enter_context(clock.patched(scheduler, "choose_tokens", "sampling"))
     stack.enter_context(clock.patched(StreamingEngine, "_make_room", "eviction"))
-    stack.enter_context(clock.patched(StreamingEngine, "_record", "bookkeeping"))
-    stack.enter_context(clock.patched(StreamingEngine, "_record_token", "bookkeeping"))
+    stack.enter_context(clock.patched(StreamingEngine, "_remember", "bookkeeping"))
     for name in ("next_token", "accept", "take_text"):
         stack.enter_context(clock.patched(conversation.Turn, name, "text"))
 

@@ -136,24 +136,20 @@ class StreamingEngine:
         return torch.cat((first.reshape(1), info))
 
     def _record(self, chunk: torch.Tensor, logits: torch.Tensor) -> None:
-        """Bookkeeping after a forward completed: slot ids, SirLLM scores, the logits that predict the next token."""
-        if self.options.sirllm_keep:
-            self.scores = torch.cat((self.scores, self._self_information(chunk, logits)))
-        count = chunk.shape[1]
-        self._slot_ids[self._filled:self._filled + count] = chunk[0]
-        self._filled += count
-        self.last_logits = logits[0, -1]
-        self.tokens_seen += count
+        """Bookkeeping after a forward of `chunk [1, n]` completed (see `_remember`)."""
+        information = self._self_information(chunk, logits) if self.options.sirllm_keep else None
+        self._remember(chunk[0], logits[0, -1], information)
 
-    def _record_token(self, token: int, logits: torch.Tensor, information: torch.Tensor | None = None) -> None:
-        """`_record` of one decoded token, its next-token logits `[vocab]` and (SirLLM) its self-information `[1]`
-        on the host: the batched step's path, which builds no tensor and copies nothing per session."""
+    def _remember(self, ids: torch.Tensor | int, last_logits: torch.Tensor, information: torch.Tensor | None) -> None:
+        """The fed `ids` (`[n]`, or one int: the batched step's path, which builds no tensor per session) fill the
+        next slots; `last_logits` predict the next token; `information`: their SirLLM self-information on the host."""
+        count = 1 if isinstance(ids, int) else ids.numel()
         if self.options.sirllm_keep:
             self.scores = torch.cat((self.scores, information))
-        self._slot_ids[self._filled] = token
-        self._filled += 1
-        self.last_logits = logits
-        self.tokens_seen += 1
+        self._slot_ids[self._filled:self._filled + count] = ids
+        self._filled += count
+        self.last_logits = last_logits
+        self.tokens_seen += count
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
@@ -205,7 +201,7 @@ class StreamingEngine:
             chosen = torch.tensor([tokens[i] for i in retaining], device=logits.device)
             information = -torch.log_softmax(torch.stack(previous).float(), dim=-1).gather(-1, chosen[:, None]).cpu()
         for i, (engine, token, row) in enumerate(zip(engines, tokens, logits)):
-            engine._record_token(token, row, information[retaining[i]] if i in retaining else None)
+            engine._remember(token, row, information[retaining[i]] if i in retaining else None)
         return logits
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
