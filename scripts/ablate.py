@@ -55,6 +55,9 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "terse": ["data.synthetic.restate=0"],  # answers as terse as the question asks (37% name their key, not all)
     "temperature": ["yarn.attention_factor=1.1"],  # logits x1.21 instead of YaRN's (0.1 ln 12 + 1)^2 = 1.56
     "x16": ["yarn.factor=16"],  # 60k looks like 3.75k to the interpolated dimensions
+    "lr2x": ["optim.lr=1e-4"],  # twice the recipe's peak learning rate (5e-5), same warmup and linear decay
+    "lr4x": ["optim.lr=2e-4"],  # four times it
+    "lr2x-questions": ["optim.lr=1e-4", "data.synthetic.questions=16"],  # + every fact of a row asked (16, not 8)
 }
 TASKS = ("niah", "multikey", "chat")
 SMOKE_OVERRIDES = ["data.seq_len=1024", "train.micro_batch_size=2", "train.mixed_precision=fp32", "data.num_proc=1",
