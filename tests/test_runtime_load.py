@@ -153,6 +153,7 @@ def test_serve_load_benchmark_runs_end_to_end(tiny_serve_model, tmp_path):
     assert json.loads((out / "serve_load.json").read_text()) == report and report["server_alive"]
     assert [(c["streams"], c["long_prompt"]) for c in report["cases"]] == [(1, False), (1, True), (3, False), (3, True)]
     assert "--over-window truncate" in " ".join(report["server"]["flags"])
+    assert "fed through the window" in report["server"]["long_prompt_prefill"]
     for case in report["cases"]:
         assert case["errors"] == [] and len(case["per_stream"]) == case["streams"]
         for stream in case["per_stream"]:

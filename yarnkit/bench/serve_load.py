@@ -252,7 +252,7 @@ def stream_row(stream: Stream, began: float) -> dict:
     raw = asdict(stream)
     raw.update(sent_s=stream.sent - began, end_s=stream.end - began, ttft_s=stream.ttft,
                chunks_s=[round(t - began, 5) for t in stream.chunks], gaps_ms=[round(1e3 * g, 3) for g in stream.gaps])
-    del raw["sent"], raw["end"]
+    del raw["sent"], raw["end"], raw["chunks"]  # the client's own clock: chunks_s holds the same, from the case start
     return raw
 
 
@@ -312,6 +312,13 @@ def write_json(path: Path, report: dict) -> None:
     os.replace(partial, path)
 
 
+def prefill_note(longer_than_window: bool) -> str:
+    if longer_than_window:
+        return (f"the whole prompt is fed through the window, {CHUNK_WHILE_DECODING} tokens per step while streams "
+                "decode; only its end stays in context (--over-window truncate)")
+    return f"the prompt fits the window: one context, {CHUNK_WHILE_DECODING} tokens per step while streams decode"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m yarnkit.bench.serve_load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,9 +369,7 @@ def main(argv=None) -> dict:
         ["python", "-m", "yarnkit.bench.serve_load", *(sys.argv[1:] if argv is None else argv)]),
               "machine": machine(), "openai": openai.__version__, "model": args.model,
               "server": {"flags": flags, "window": args.window, "over_window": "truncate",
-                         "long_prompt_prefill": "the whole prompt is fed through the window, "
-                         f"{CHUNK_WHILE_DECODING} tokens per step while streams decode; only its end stays in context"
-                         if args.long_tokens > args.window else "the prompt fits the window: one context"},
+                         "long_prompt_prefill": prefill_note(args.long_tokens > args.window)},
               "settings": {k: getattr(args, k) for k in ("streams", "max_tokens", "prompt_tokens", "long_tokens",
                                                          "long_max_tokens", "warmup_tokens", "threads")},
               "cases": []}
@@ -389,6 +394,8 @@ def main(argv=None) -> dict:
                     client, model, f"case{index}", make_prompts(tokenizer, n, args.prompt_tokens), args.max_tokens,
                     long_text if long else None, args.long_max_tokens, args.timeout)
                 report["cases"].append(summarize(streams, long_stream, began))
+                if long_stream is not None:  # what the server did, from its own notice
+                    report["server"]["long_prompt_prefill"] = prefill_note(long_stream.truncated is not None)
                 write_json(args.out / "serve_load.json", report)
                 print("    " + progress_line(report["cases"][-1]), flush=True)
             report["server_alive"] = process.poll() is None
