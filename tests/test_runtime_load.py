@@ -1,6 +1,6 @@
 """Load and fault test of `yarnkit serve` with the official `openai` client (CPU, tiny model, 127.0.0.1 only).
 
-Run: `python -m pytest tests/test_runtime_load.py -q` (about 40 s on 2 cores).
+Run: `python -m pytest tests/test_runtime_load.py -q` (about 50 s on 2 cores).
 
 A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8 cache rows, window 512, and
 `--over-window truncate`, since the long prompts are meant to stream through the window) takes:
@@ -11,6 +11,8 @@ A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8
    alone on the idle server afterwards (greedy);
 3. a short request sent while a 50,000-token prompt is being prefilled: it must not wait for the prefill.
    Bound: at most 3x its latency on the idle server + 0.5 s, and less than half the long request's time.
+4. the serve-load benchmark (`python -m yarnkit.bench.serve_load`, its own server) end to end at a tiny shape:
+   structure only (every stream decoded, gaps counted, the long prompt fed whole after the streams started).
 Traffic goes only to the server on 127.0.0.1; every loop is bounded; the server is stopped at the end.
 """
 
@@ -172,8 +174,9 @@ def test_serve_load_benchmark_runs_end_to_end(tiny_serve_model, tmp_path):
             # sent mid-stream: after every short stream's first text
             assert long["sent_s"] >= max(s["sent_s"] + s["ttft_s"] for s in case["per_stream"])
             first = long["sent_s"] + long["ttft_s"]
-            overlapping = [g for s in case["per_stream"] for a, b, g in zip(s["chunks_s"], s["chunks_s"][1:],
-                                                                             s["gaps_ms"]) if b > long["sent_s"] and a < first]
+            overlapping = [g for s in case["per_stream"]
+                           for a, b, g in zip(s["chunks_s"], s["chunks_s"][1:], s["gaps_ms"])
+                           if b > long["sent_s"] and a < first]
             assert case["during_prefill_gap_ms"]["count"] == len(overlapping)
     table = (out / "serve_load.md").read_text()
     assert table.count("\n| 1 |") == 2 and table.count("\n| 3 |") == 2 and "3,0" in table

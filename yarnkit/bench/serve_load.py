@@ -54,7 +54,6 @@ import numpy as np
 import yarnkit
 
 READY_LINE = "serving "  # what `yarnkit serve` prints once it listens: "serving NAME on http://HOST:PORT/v1"
-CHUNK_WHILE_DECODING = 128  # the scheduler's prefill budget per step while other sessions decode
 
 
 @contextmanager
@@ -282,7 +281,7 @@ def table(report: dict) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
     lines = ["| streams | long prompt | TTFT p50 / p90 / p99 (s) | gap p50 / p99 / max (ms) | tok/s | "
-             "gaps during its prefill: n, p99 / max (ms) | long prompt tokens, TTFT (s) |", "|---|---|---|---|---|---|---|"]
+             "gaps during its prefill: n, p99 / max (ms) | long prompt tokens, TTFT (s) |", "|---" * 7 + "|"]
     for case in report["cases"]:
         ttft, gap = case["ttft_s"], case["gap_ms"]
         row = [str(case["streams"]), "yes" if case["long_prompt"] else "no",
@@ -313,10 +312,12 @@ def write_json(path: Path, report: dict) -> None:
 
 
 def prefill_note(longer_than_window: bool) -> str:
+    from yarnkit.runtime.scheduler import PREFILL_BUDGET
+
     if longer_than_window:
-        return (f"the whole prompt is fed through the window, {CHUNK_WHILE_DECODING} tokens per step while streams "
+        return (f"the whole prompt is fed through the window, {PREFILL_BUDGET} tokens per step while streams "
                 "decode; only its end stays in context (--over-window truncate)")
-    return f"the prompt fits the window: one context, {CHUNK_WHILE_DECODING} tokens per step while streams decode"
+    return f"the prompt fits the window: one context, {PREFILL_BUDGET} tokens per step while streams decode"
 
 
 def parse_args(argv=None):
@@ -348,7 +349,8 @@ def server_flags(args) -> list[str]:
     """`yarnkit serve`'s flags for this run: rows for the most streams plus the long prompt, a prompt limit above
     it, and `--over-window truncate` so a prompt longer than the window streams through it."""
     return ["--device", args.device, "--dtype", args.dtype, "--decode", args.decode, "--window", str(args.window),
-            "--max-sessions", str(max(args.streams) + 1), "--max-prompt-tokens", str(max(65536, args.long_tokens + 4096)),
+            "--max-sessions", str(max(args.streams) + 1),
+            "--max-prompt-tokens", str(max(65536, args.long_tokens + 4096)),
             "--max-tokens-limit", str(max(4096, args.max_tokens, args.long_max_tokens)), "--over-window", "truncate",
             *shlex.split(args.serve_args)]
 
@@ -402,9 +404,10 @@ def main(argv=None) -> dict:
     except RuntimeError as error:
         raise SystemExit(f"serve_load: {error}") from None
     write_json(args.out / "serve_load.json", report)
-    header = [f"`{report['command']}`", "", f"{report['date']}; {report['machine'].get('gpu') or report['machine']['cpu']}"
-              f" ({report['machine']['cpu_count']} CPUs); model {args.model}, {args.device} {args.dtype}, window "
-              f"{args.window}, {args.max_tokens} tokens per stream; long prompt: {report['server']['long_prompt_prefill']}", ""]
+    where = report["machine"].get("gpu") or report["machine"]["cpu"]
+    header = [f"`{report['command']}`", "", f"{report['date']}; {where} ({report['machine']['cpu_count']} CPUs); "
+              f"model {args.model}, {args.device} {args.dtype}, window {args.window}, {args.max_tokens} tokens per "
+              f"stream; long prompt: {report['server']['long_prompt_prefill']}", ""]
     (args.out / "serve_load.md").write_text("\n".join(header) + table(report) + "\n")
     print(table(report))
     return report
