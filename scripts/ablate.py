@@ -56,6 +56,8 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "lr2x": ["optim.lr=1e-4"],  # half the shipped peak learning rate (twice the old one)
     "lr8x": ["optim.lr=4e-4"],  # twice the shipped peak learning rate
     "questions": ["data.synthetic.questions=16"],  # every fact of a row asked (16 questions, not 8)
+    "seed7": ["train.seed=7", "data.seed=7"],  # the recipe with another data order and other synthetic rows: the noise
+    "long-half": ["data.long_share=0.5"],  # one true 32k row in half the steps, not a quarter
     "rcd": ["yarn.beta_slow=4"],  # the lower critical dimension at YaRN x12
     "preview": ["data.synthetic.preview=0.3"],  # questions before and after the text in 30% of the synthetic rows
     "temperature": ["yarn.attention_factor=1.1"],  # logits x1.21 instead of YaRN's (0.1 ln 12 + 1)^2 = 1.56

@@ -41,3 +41,19 @@ def test_one_variant_trains_is_evaluated_and_tabled(tmp_path):
         assert (out / "winner.txt").read_text().splitlines() == row["overrides"]
     again = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
     assert "start data-x8" not in again.stdout  # evaluated already: nothing runs again
+
+
+def test_every_variant_is_a_valid_recipe():
+    """Each variant's overrides load on the shipped recipe (the recipe is strict: a misspelt key fails here, not
+    minutes into a GPU run)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import ablate
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from yarnkit.train.recipe import load_recipe
+
+    for name, overrides in ablate.VARIANTS.items():
+        recipe = load_recipe(["recipe=smollm2-yarn-64k-retrieval", *overrides])
+        assert recipe.run_dir, name
+    assert load_recipe(["recipe=smollm2-yarn-64k-retrieval", *ablate.VARIANTS["seed7"]]).data.seed == 7
