@@ -51,7 +51,7 @@ def logprobs(model, decode, **options):
 
 def close(a, b, worst=0.1, agreement=0.95):
     assert (a - b).abs().max().item() <= worst
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= agreement
+    assert bench.share(a.argmax(-1) == b.argmax(-1)) >= agreement
 
 
 def exact(a, b, worst=1e-3):

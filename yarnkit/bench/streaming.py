@@ -247,6 +247,12 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
 NEAR_TIE = 2e-3  # nats: a row whose best token leads by less is a near-tie that a rounding may break either way
 
 
+def share(mask: torch.Tensor) -> float:
+    """The share of True in `mask`, counted in integers: a float32 mean on CUDA multiplies by a rounded 1/n, so 97
+    agreeing rows of 97 came out as 0.99999994 and failed an equality bound."""
+    return int(mask.sum()) / mask.numel()
+
+
 def decided_agreement(reference: torch.Tensor, other: torch.Tensor, margin: float = NEAR_TIE) -> tuple[float, int]:
     """Greedy agreement of two `[rows, vocab]` log-prob tables over the rows where `reference`'s best token leads its
     runner-up by more than `margin` (float32 paths differ by ~1e-5, enough to flip a near-tie), and that row count."""
@@ -255,7 +261,7 @@ def decided_agreement(reference: torch.Tensor, other: torch.Tensor, margin: floa
     if not decided.any():
         return 0.0, 0
     same = reference.argmax(-1)[decided] == other.argmax(-1)[decided]
-    return same.float().mean().item(), int(decided.sum())
+    return share(same), int(decided.sum())
 
 
 @torch.no_grad()
@@ -274,7 +280,7 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     diff = (logps[0] - logps[1]).abs().max().item()
     result = {"decode_path": engines[0].decode_path, "compiled": compiled(engines[0]), "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
-              "greedy_agreement": (logps[0].argmax(-1) == logps[1].argmax(-1)).float().mean().item()}
+              "greedy_agreement": share(logps[0].argmax(-1) == logps[1].argmax(-1))}
     result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])
     for engine in engines:
         engine.close()
