@@ -24,7 +24,8 @@
   the rows; a real-weights near-tie flipped once, H100, 2026-12-06), every batched token equal to its solo run.
   bf16 is measured and reported next to it, with a gross-error guard only (greedy agreement >= 0.9): real
   weights give large logits, so bf16 rounding moves tail log-probs by tenths to ~1.4 nats (1.36 compiled, H100,
-  2026-12-06) while greedy tokens stay ~91-96% equal; a decode that reads wrong cache rows or positions agrees on few tokens.
+  2026-12-06) while greedy tokens stay ~91-96% equal; a decode that reads wrong cache rows or positions agrees
+  on few tokens.
 - `retrieval`: `yarnkit eval retrieval` (niah, YaRN x2) at one length (4,096 tokens); a result with its cells.
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
@@ -200,7 +201,8 @@ def runtime(args) -> tuple[str, dict]:
             worst, bound = result["max_abs_logprob_diff"], limits["worst_logprob_diff"]
             kind = next(key for key in ("decided_agreement", "greedy_agreement") if key in limits)
             agreement, rows = result[kind], result["decided_rows"] if kind == "decided_agreement" else result["steps"]
-            check(rows * 2 >= result["steps"], f"{label}: only {rows} of {result['steps']} rows have a clear best token")
+            check(rows * 2 >= result["steps"],
+                  f"{label}: only {rows} of {result['steps']} rows have a clear best token")
             check((bound is None or worst <= bound) and agreement >= limits[kind],
                   f"{label} vs the eager cache: max |dlogp| {worst:.3g} (limit {bound}), "
                   f"{kind.replace('_', ' ')} {agreement:.4f} over {rows} rows (limit {limits[kind]})")

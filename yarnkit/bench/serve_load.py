@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 import yarnkit
+from yarnkit.outputs import write_json_atomic
 
 READY_LINE = "serving "  # what `yarnkit serve` prints once it listens: "serving NAME on http://HOST:PORT/v1"
 
@@ -305,12 +306,6 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def write_json(path: Path, report: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(partial, path)
-
-
 def prefill_note(longer_than_window: bool) -> str:
     from yarnkit.runtime.scheduler import PREFILL_BUDGET
 
@@ -398,12 +393,12 @@ def main(argv=None) -> dict:
                 report["cases"].append(summarize(streams, long_stream, began))
                 if long_stream is not None:  # what the server did, from its own notice
                     report["server"]["long_prompt_prefill"] = prefill_note(long_stream.truncated is not None)
-                write_json(args.out / "serve_load.json", report)
+                write_json_atomic(args.out / "serve_load.json", report)
                 print("    " + progress_line(report["cases"][-1]), flush=True)
             report["server_alive"] = process.poll() is None
     except RuntimeError as error:
         raise SystemExit(f"serve_load: {error}") from None
-    write_json(args.out / "serve_load.json", report)
+    write_json_atomic(args.out / "serve_load.json", report)
     where = report["machine"].get("gpu") or report["machine"]["cpu"]
     header = [f"`{report['command']}`", "", f"{report['date']}; {where} ({report['machine']['cpu_count']} CPUs); "
               f"model {args.model}, {args.device} {args.dtype}, window {args.window}, {args.max_tokens} tokens per "
