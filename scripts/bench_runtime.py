@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--caches", type=int, nargs="+", default=[256, 1024, 4096], help="cache sizes (sinks included)")
     p.add_argument("--steps", type=int, default=512, help="timed decode steps per measurement (recompute: /8)")
     p.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "split", "flex"],
+                   help="attention kernel of the pooled decode step (latency, batch, compiled; its path check "
+                        "compares it with the eager SDPA cache)")
     p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")
     p.add_argument("--scale-shapes", nargs="+", default=["smollm2-135m", "llama-1.2b", "llama-7b"])
     p.add_argument("--deadline", type=float, default=None, help="seconds: parts that would start later are skipped")
@@ -135,7 +138,8 @@ def recall(model, tokenizer, args) -> dict:
 def latency(model, args, caches, **options) -> dict:
     rows = {}
     for cache in caches:
-        row = {"sinks": bench.engine_stream(model, cache, args.steps, decode=args.decode, **options)}
+        row = {"sinks": bench.engine_stream(model, cache, args.steps, decode=args.decode,
+                                            decode_attention=args.decode_attention, **options)}
         if not options:
             row["recompute"] = bench.recompute(model, cache, max(4, args.steps // 16))
             row["speedup_vs_recompute"] = row["recompute"]["p50_ms"] / row["sinks"]["p50_ms"]
@@ -225,7 +229,8 @@ def main(argv=None):
         started = time.time()
         if part == "latency":
             report["latency"] = latency(model, args, args.caches)
-            report["path_check"] = bench.path_check(model, args.decode, **check)
+            report["path_check"] = bench.path_check(model, args.decode, decode_attention=args.decode_attention,
+                                                    **check)
         elif part == "peers":
             cache = max(args.caches)
             report["peers"] = {name: bench.hf_generate(model, cache, max(8, args.steps // 8), name, False)
@@ -236,11 +241,13 @@ def main(argv=None):
         elif part == "compiled":
             # one cache size: each new shape is a new compilation (about a minute on a GPU)
             report["compiled"] = {"latency": latency(model, args, [max(args.caches)], compile=True),
-                                  "path_check": bench.path_check(model, args.decode, compile=True, **check)}
+                                  "path_check": bench.path_check(model, args.decode, compile=True,
+                                                                 decode_attention=args.decode_attention, **check)}
         elif part == "batch":
             report["batch"] = {str(count): bench.batch_throughput(model, max(args.caches), count, args.steps,
                                                                   decode="static" if args.decode == "eager"
-                                                                  else args.decode)
+                                                                  else args.decode,
+                                                                  decode_attention=args.decode_attention)
                                for count in args.sessions}
         elif part == "scale":
             report["scale"] = scale(args)
@@ -264,7 +271,8 @@ def summary(report) -> str:
                                                                 report.get("compiled", {}).get("latency", {}))):
         for cache, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
             s = row["sinks"]
-            cells = f"sinks[{s['decode_path']}{'+compile' if s['compiled'] else ''}] p50 {s['p50_ms']:.3f} p99 " \
+            cells = f"sinks[{s['decode_path']}{'+compile' if s['compiled'] else ''}, " \
+                    f"{s.get('decode_attention', 'sdpa')}] p50 {s['p50_ms']:.3f} p99 " \
                     f"{s['p99_ms']:.3f} p99/p50 {s['p99_over_p50']:.2f}"
             if "recompute" in row:
                 cells += f"  recompute {row['recompute']['p50_ms']:.2f}  x{row['speedup_vs_recompute']:.1f} vs recompute"

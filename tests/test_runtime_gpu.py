@@ -8,7 +8,8 @@ only in summation order (max |log-prob difference| within 1e-3, the same greedy 
 leads by more than 2e-3; a random model's near-ties may round either way):
 - the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
 - the graph with `torch.compile` inside vs the eager cache;
-- 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal.
+- 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal;
+- `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph.
 bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
 graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
 not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions
@@ -94,3 +95,18 @@ def test_bf16_graph_and_compiled_stay_near_the_eager_cache(model):
     close(graph, eager)
     _, compiled = logprobs(model, "graph", compile=True)
     close(compiled, eager)
+
+
+@pytest.mark.parametrize("kernel", ["split", "flex"])
+def test_decode_attention_kernels_equal_sdpa_in_the_graph(model32, model, kernel):
+    """`--decode-attention split|flex` in the captured (and compiled) step: float32 equals the SDPA graph through
+    evictions; bf16 stays near the eager cache."""
+    path, ours = logprobs(model32, "graph", decode_attention=kernel)
+    assert path == "graph"
+    _, sdpa = logprobs(model32, "graph")
+    exact(ours, sdpa)
+    _, compiled = logprobs(model32, "graph", compile=True, decode_attention=kernel)
+    exact(compiled, sdpa)
+    _, half = logprobs(model, "graph", decode_attention=kernel)
+    _, eager = logprobs(model, "eager")
+    close(half, eager)

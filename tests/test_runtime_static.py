@@ -123,7 +123,7 @@ def test_the_step_builds_one_additive_mask_with_the_boolean_masks_logits():
     boolean = pool.slots[None, None, None, :] <= positions[:, None, :, None]
     with torch.no_grad():
         reference = model(input_ids=ids, position_ids=positions, attention_mask=boolean, use_cache=True,
-                          logits_to_keep=1, **pool._cache_kwargs).logits.float()
+                          logits_to_keep=1, **pool._forward_kwargs).logits.float()
     assert torch.equal(ours, reference)
 
 

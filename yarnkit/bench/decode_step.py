@@ -25,6 +25,8 @@ asserts speed.
   python -m yarnkit.bench.decode_step                                  # bundled SmolLM2-135M, CPU, float32
   python -m yarnkit.bench.decode_step --sessions 1 8 --steps 16 --modes greedy --threads 1
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --out runs/ds.json
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
+      --sessions 1 8 16 --decode-attention sdpa split flex          # the pooled step's attention kernels compared
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
-            mode: str, decode: str) -> dict:
+            mode: str, decode: str, decode_attention: str = "sdpa") -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each)."""
     from yarnkit.runtime.admission import Job
     from yarnkit.runtime.conversation import Sampling
@@ -120,7 +122,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     from yarnkit.runtime.scheduler import Scheduler
 
     device = next(model.parameters()).device
-    scheduler = Scheduler(model, tokenizer, StreamOptions(window=window, decode=decode), rows=sessions)
+    scheduler = Scheduler(model, tokenizer, StreamOptions(window=window, decode=decode,
+                                                                decode_attention=decode_attention), rows=sessions)
     conversations = [scheduler.sessions.new_conversation() for _ in range(sessions)]
     prompts = book_prompts(tokenizer, sessions, prompt_tokens)
 
@@ -164,7 +167,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     # medians over the steps: a step the OS preempted (a shared machine) does not move them
     split = {phase: 1e3 * statistics.median(row.get(phase, 0.0) for row in instrumented) for phase in PHASES}
     step_ms = 1e3 * statistics.median(row["total"] for row in plain)
-    return {"sessions": sessions, "mode": mode, "step_ms_p50": step_ms, "tokens_per_s": 1e3 * sessions / step_ms,
+    return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention, "step_ms_p50": step_ms, "tokens_per_s": 1e3 * sessions / step_ms,
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
@@ -172,13 +175,13 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'N':>3} {'step ms':>8} {'tok/s':>7} " + " ".join(f"{p:>11}" for p in PHASES) + \
+    head = f"{'mode':<8} {'attn':<5} {'N':>3} {'step ms':>8} {'tok/s':>7} " + " ".join(f"{p:>11}" for p in PHASES) + \
         f" {'host/session':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} {r['tokens_per_s']:>7.1f} {cells} "
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} {r['tokens_per_s']:>7.1f} {cells} "
                      f"{r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
     return "\n".join(lines + [note])
@@ -192,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--decode", default="auto", choices=["auto", "static", "graph"])
+    p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=["sdpa", "split", "flex"],
+                   help="attention kernels of the pooled step to compare, each at every session count")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--window", type=int, default=256, help="cache tokens per session (sinks included)")
@@ -208,10 +213,11 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     rows = []
     for mode in args.modes:
-        for sessions in args.sessions:
-            rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps, args.warmup, mode,
-                                args.decode))
-            print(json.dumps(rows[-1]), flush=True)
+        for kernel in args.decode_attention:
+            for sessions in args.sessions:
+                rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps, args.warmup,
+                                    mode, args.decode, kernel))
+                print(json.dumps(rows[-1]), flush=True)
     report = {"model": args.model, "device": args.device, "dtype": args.dtype, "window": args.window,
               "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

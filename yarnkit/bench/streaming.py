@@ -103,6 +103,7 @@ def engine_stream(model, cache: int, steps: int, warmup: int = 8, sinks: int = 4
               "evicting_step_p50_ms": 1e3 * statistics.median(spikes) if spikes else None,
               "plain_step_p50_ms": 1e3 * statistics.median(plain) if plain else None,
               "warmup_seconds": round(warm_seconds, 2), "decode_path": engine.decode_path,
+              "decode_attention": engine.options.decode_attention,
               "compiled": compiled(engine), "graph_fallback": engine.decoder.fallback_reason,
               "evict_batch": evict, "cache": cache}
     result["p99_over_p50"] = result["p99_ms"] / result["p50_ms"]
@@ -240,7 +241,8 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
         same = next((k for k, (a, b) in enumerate(zip(solo, produced[i])) if a != b), len(solo))
         agree.append(same)
     return {"sessions": sessions, "cache": cache, "tokens_per_s_together": together, "tokens_per_s_alone": alone_rate,
-            "speedup": together / alone_rate, "decode_path": path, "check_tokens": check_tokens,
+            "speedup": together / alone_rate, "decode_path": path,
+            "decode_attention": options.decode_attention, "check_tokens": check_tokens,
             "identical_prefix_tokens": agree, "all_identical": all(a == check_tokens for a in agree)}
 
 
@@ -278,7 +280,8 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
         logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
         engines.append(engine)
     diff = (logps[0] - logps[1]).abs().max().item()
-    result = {"decode_path": engines[0].decode_path, "compiled": compiled(engines[0]), "steps": steps + 1,
+    result = {"decode_path": engines[0].decode_path, "decode_attention": engines[0].options.decode_attention,
+              "compiled": compiled(engines[0]), "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
               "greedy_agreement": share(logps[0].argmax(-1) == logps[1].argmax(-1))}
     result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])

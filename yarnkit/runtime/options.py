@@ -14,6 +14,9 @@ batch; the decode path) and checks every value, so bad options fail before the f
 the command that builds the sessions, and resolved options pass through the scheduler, the conversation and the
 engine unchanged. Decode paths: `eager` grows a `SinkCache`; `static` / `graph` use a row of a `SlotPool`;
 `auto` is `graph` on CUDA, and on CPU `eager` for one session or `static` for a shared pool (serve batches).
+`--decode-attention sdpa|split|flex` picks the attention kernel of the pooled steps (`resolve_decode_attention`,
+`yarnkit/runtime/attention.py`): on the eager path only `sdpa` runs, so an `auto` decode that resolves to eager
+says so in one line and runs sdpa, while a forced `--decode eager` with another kernel is refused.
 `--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
 `static` only (`resolve_decode`: `graph` and `--compile` refused, `auto` is `static` on CUDA).
 
@@ -23,6 +26,7 @@ Test: `python -m pytest tests/test_runtime_chat.py tests/test_runtime_static.py 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -32,8 +36,11 @@ from yarnkit.runs import model_location
 from yarnkit.sink_token import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
+DECODE_ATTENTION = ("sdpa", "split", "flex")  # yarnkit.runtime.attention.KERNELS
 SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer: what torch's generator and OpenAI's `seed` take
 DEFAULT_WINDOW = 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +55,7 @@ class StreamOptions:
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
     decode: str = "auto"              # eager | static | graph | auto (see resolve_decode)
     compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
+    decode_attention: str = "sdpa"    # sdpa | split | flex: the pooled steps' attention kernel (attention.py)
 
     @property
     def is_resolved(self) -> bool:
@@ -70,8 +78,9 @@ class StreamOptions:
             raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
         decode = resolve_decode(self.decode, device, pooled, string=runs_string(config), compile=self.compile)
+        attention = resolve_decode_attention(self.decode_attention, config, device, decode, forced=self.decode)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
-                       prefill_chunk=max(1, self.prefill_chunk), decode=decode)
+                       prefill_chunk=max(1, self.prefill_chunk), decode=decode, decode_attention=attention)
 
 
 def resolve_decode(decode: str, device, pooled: bool = False, string: bool = False, compile: bool = False) -> str:
@@ -97,6 +106,51 @@ def resolve_decode(decode: str, device, pooled: bool = False, string: bool = Fal
     if cuda:
         return "graph"
     return "static" if pooled else "eager"
+
+
+def resolve_decode_attention(kernel: str, config, device, decode: str, forced: str = "auto") -> str:
+    """The attention kernel the pooled steps run for `kernel` (`--decode-attention`) on resolved path `decode`.
+    `split` and `flex` replace SDPA in the pool's single-row steps, so they need a model on SDPA (not STRING, not
+    eager attention) and a pooled path: when `auto` resolved to `eager` (one session on CPU) the kernel falls back
+    to sdpa in one logged line; a forced `--decode eager` is refused, like any kernel that cannot run."""
+    if kernel not in DECODE_ATTENTION:
+        raise BadValue(f"decode_attention={kernel!r} (--decode-attention) is not a decode attention kernel",
+                       f"choose one of {', '.join(DECODE_ATTENTION)}")
+    if kernel == "sdpa":
+        return kernel
+    from yarnkit.runtime.attention import IMPLEMENTATION
+
+    running = getattr(config.get_text_config(), "_attn_implementation", None)
+    if running not in ("sdpa", IMPLEMENTATION):
+        what = "STRING's own attention (--string)" if runs_string(config) else f"{running!r} attention"
+        raise BadValue(f"--decode-attention {kernel} replaces SDPA in the pooled decode step; this model runs {what}",
+                       "use --decode-attention sdpa (or load the model with SDPA attention)")
+    if kernel == "flex":
+        check_flex(device)
+    if decode == "eager":
+        if forced == "eager":
+            raise BadValue(f"--decode-attention {kernel} runs on the pooled static/graph decode paths, not on --decode "
+                           "eager", "use --decode static (or graph on a GPU), or --decode-attention sdpa")
+        log.warning("decode attention %s runs on the pooled static/graph paths; this session decodes on the eager "
+                    "path (--decode auto, one session on CPU), which runs sdpa (pass --decode static for %s)",
+                    kernel, kernel)
+        return "sdpa"
+    return kernel
+
+
+def check_flex(device) -> None:
+    """FlexAttention needs `torch.nn.attention.flex_attention`, and Triton on CUDA (it is compiled there)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        raise BadValue("--decode-attention flex needs torch.nn.attention.flex_attention (torch >= 2.5)",
+                       "upgrade torch, or use --decode-attention split") from None
+    if str(device).startswith("cuda"):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise BadValue("--decode-attention flex compiles FlexAttention with Triton, which is not installed",
+                           "pip install triton, or use --decode-attention split")
 
 
 def runs_string(config) -> bool:
@@ -126,6 +180,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
+    parser.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
+                        help="attention kernel of the pooled decode step: sdpa (default), split (plain torch, "
+                             "float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
     parser.add_argument("--string", metavar="SHIFT[,WINDOW]",
                         help="STRING attention: cache distances >= SHIFT are read as distance - SHIFT + WINDOW "
                              "(default window 128; SHIFT below --window; eager/static decode paths)")
@@ -146,7 +203,7 @@ def stream_options(args) -> StreamOptions:
     """The parsed flags of `add_stream_arguments` as (unresolved) `StreamOptions`."""
     return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
                          sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
-                         compile=args.compile)
+                         compile=args.compile, decode_attention=args.decode_attention)
 
 
 def check_stream_arguments(args) -> None:

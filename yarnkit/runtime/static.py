@@ -20,6 +20,10 @@ Python int (no `.item()` inside a step).
   step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
   function keeps running eagerly.
 
+The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): SDPA by default,
+or `split` / `flex` (`yarnkit/runtime/attention.py`, reached through transformers' attention registry); `split`
+rounds the row's slots up to whole key chunks (the extra slots are masked for every row and never written).
+
 Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
 are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
 `index_select`, rotated back by each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to
@@ -42,6 +46,7 @@ from transformers.cache_utils import Cache
 from yarnkit import rope
 from yarnkit.errors import BadValue
 from yarnkit.models import cache_kwargs, host_memory_bytes
+from yarnkit.runtime import attention as decode_attention
 from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
 from yarnkit.runtime.options import StreamOptions
 
@@ -54,7 +59,8 @@ def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
     if options.decode == "eager":
         raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
     return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
-                    compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch)
+                    compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch,
+                    attention=options.decode_attention)
 
 
 def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window: int, rows: int):
@@ -80,7 +86,7 @@ class SlotPool(Cache):
     forward sees."""
 
     def __init__(self, model, window: int, rotary: Rotary, rows: int = 1, graph: bool = False,
-                 compiled: bool = False, sinks: int = 0, evict_batch: int = 1):
+                 compiled: bool = False, sinks: int = 0, evict_batch: int = 1, attention: str = "sdpa"):
         config = model.config
         parameter = next(model.parameters())
         self.model, self.window, self.rotary = model, window, rotary
@@ -91,9 +97,14 @@ class SlotPool(Cache):
                            "use --decode auto or static (or --device cuda on a GPU machine)")
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
-        shape = (layers, rows, config.num_key_value_heads, window + 1, rope.head_dim(config))
+        self.attention = attention  # the single-row steps' kernel (yarnkit/runtime/attention.py)
+        if attention != "sdpa":
+            decode_attention.install(model)
+        shape = (layers, rows, config.num_key_value_heads, decode_attention.slot_count(window, attention),
+                 rope.head_dim(config))
         self.key_buffer, self.value_buffer = allocate_rows(shape, self.device, self.dtype, window, rows)
-        self.slots = torch.arange(window + 1, device=self.device)
+        self.slots = torch.arange(shape[3], device=self.device)  # slots past the scratch slot (split's padding)
+        # are masked for every row: no position reaches them
         self._open, self._shut = (torch.full((), value, dtype=self.dtype, device=self.device) for value in (0.0, -inf))
         self.rows = rows
         self.free = list(range(rows))
@@ -104,7 +115,9 @@ class SlotPool(Cache):
         self.fallback_reason: str | None = None
         self._graphs: dict[int, DecodeGraph] = {}
         self._graph_pool = None
-        self._cache_kwargs = cache_kwargs(self)  # looked up here, not inside a traced step
+        self._forward_kwargs = cache_kwargs(self)  # looked up here, not inside a traced step
+        if attention != "sdpa":
+            self._forward_kwargs[decode_attention.KERNEL_ARGUMENT] = attention  # reaches the attention function
         self._step = self.forward_rows
         if self.compiled:
             self._step = torch.compile(self.forward_rows, dynamic=False)
@@ -114,7 +127,7 @@ class SlotPool(Cache):
         return 0  # positions are always passed explicitly
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.window + 1, 0
+        return self.slots.numel(), 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if key_states.shape[-1] != self.key_buffer.shape[-1] or key_states.shape[1] != self.key_buffer.shape[2]:
@@ -151,7 +164,7 @@ class SlotPool(Cache):
         mask = torch.where(visible, self._open, self._shut)  # additive, built once: SDPA converts a boolean
         # mask in every layer (two kernels each); the values are the same, so is every logit
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         logits_to_keep=logits_to_keep, **self._cache_kwargs)
+                         logits_to_keep=logits_to_keep, **self._forward_kwargs)
         return out.logits.float()
 
     def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
