@@ -246,13 +246,15 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
 
 @torch.no_grad()
 def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: int = 96, evict_batch: int = 16,
-               ids: torch.Tensor | None = None, **options) -> dict:
+               ids: torch.Tensor | None = None, float32_logits: bool | None = None, **options) -> dict:
     """`decode` path vs the eager cache on the same tokens through evictions: max |log-prob difference|, greedy
-    agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random)."""
+    agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random);
+    `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
     logps, engines = [], []
     for path, extra in ((decode, options), ("eager", {})):
-        engine = StreamingEngine(model, sinks=4, window=window, evict_batch=evict_batch, decode=path, **extra)
+        engine = StreamingEngine(model, sinks=4, window=window, evict_batch=evict_batch, decode=path,
+                                 float32_logits=float32_logits, **extra)
         rows = [engine.feed(ids[:prompt][None], all_logits=False)[0, -1]]
         rows += [engine.feed(token.view(1, 1), all_logits=False)[0, -1] for token in ids[prompt:]]
         logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))

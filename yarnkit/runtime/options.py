@@ -48,6 +48,8 @@ class StreamOptions:
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
     decode: str = "auto"              # eager | static | graph | auto (see resolve_decode)
     compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
+    float32_logits: bool | None = None  # bf16/fp16 model: the head's logits in float32 (runtime/head.py); None:
+                                        # where free (CUDA), True: also where it costs (CPU), False: never
 
     @property
     def is_resolved(self) -> bool:
