@@ -98,3 +98,20 @@ def test_decode_step_split_covers_every_phase_on_cpu(tmp_path):
         assert set(split) == {"forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest"}
         assert split["forward"] > 0 and split["bookkeeping"] > 0 and split["sampling"] > 0
         assert row["decode_path"] == "static" and row["tokens_per_s"] > 0
+
+
+def test_decided_agreement_counts_only_rows_with_a_clear_best_token():
+    import torch
+
+    from yarnkit.bench.streaming import NEAR_TIE, decided_agreement
+
+    reference = torch.tensor([[0.0, -1.0, -2.0],  # decided: token 0 leads by 1 nat
+                              [0.0, -NEAR_TIE / 2, -3.0],  # near-tie: either token may win after a rounding
+                              [-2.0, 0.0, -1.0]])  # decided: token 1
+    flipped_tie = reference.clone()
+    flipped_tie[1] = torch.tensor([-NEAR_TIE / 2, 0.0, -3.0])
+    assert decided_agreement(reference, flipped_tie) == (1.0, 2)  # the near-tie's flip is not a disagreement
+    flipped_decided = reference.clone()
+    flipped_decided[2] = torch.tensor([0.0, -2.0, -1.0])
+    assert decided_agreement(reference, flipped_decided) == (0.5, 2)  # a clear row that flips is caught
+    assert decided_agreement(torch.zeros(2, 3), torch.zeros(2, 3)) == (0.0, 0)  # all ties: nothing decided

@@ -120,4 +120,5 @@ def test_runtime_path_asserts_float32_exactness_and_the_batch_on_cpu(tmp_path):
     assert done.returncode == 0 and result["passed"], result.get("error")
     single, batch = result["detail"]["float32 static"], result["detail"]["float32 batch of 2 (static)"]
     assert single["rerotations"] >= 2 and single["max_abs_logprob_diff"] <= 1e-3 and single["greedy_agreement"] == 1
+    assert single["decided_agreement"] == 1 and single["decided_rows"] * 2 >= single["steps"]
     assert batch["all_identical"] and batch["identical_prefix_tokens"] == [8, 8]

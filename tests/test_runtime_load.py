@@ -1,6 +1,6 @@
 """Load and fault test of `yarnkit serve` with the official `openai` client (CPU, tiny model, 127.0.0.1 only).
 
-Run: `python -m pytest tests/test_runtime_load.py -q` (about 40 s on 2 cores).
+Run: `python -m pytest tests/test_runtime_load.py -q` (about 50 s on 2 cores).
 
 A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8 cache rows, window 512, and
 `--over-window truncate`, since the long prompts are meant to stream through the window) takes:
@@ -11,14 +11,14 @@ A `yarnkit serve` process (a tiny random Llama saved with SmolLM2's tokenizer; 8
    alone on the idle server afterwards (greedy);
 3. a short request sent while a 50,000-token prompt is being prefilled: it must not wait for the prefill.
    Bound: at most 3x its latency on the idle server + 0.5 s, and less than half the long request's time.
+4. the serve-load benchmark (`python -m yarnkit.bench.serve_load`, its own server) end to end at a tiny shape:
+   structure only (every stream decoded, gaps counted, the long prompt fed whole after the streams started).
 Traffic goes only to the server on 127.0.0.1; every loop is bounded; the server is stopped at the end.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 import threading
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ import openai
 import pytest
 from conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAMS, ROUNDS, CANCELLED = 10, 5, {(1, 2), (4, 0), (8, 3)}
 LONG = "hello " * 50_000  # 50,001 tokens with SmolLM2's tokenizer
 
@@ -40,30 +39,31 @@ def peak_rss_mib(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def tiny_serve_model(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer (what `yarnkit serve` loads in these tests)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from yarnkit.models import load_tokenizer
 
     model_dir = tmp_path_factory.mktemp("tiny-serve")
+    torch.manual_seed(0)  # the same weights whichever test runs first
     config = tiny_config("llama", vocab_size=49152, max_position_embeddings=2048)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     load_tokenizer("smollm2-135m").save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def server(tiny_serve_model):
+    from yarnkit.bench.serve_load import serve_process
+
     # one intra-op thread: a tiny model on 2 shared cores only loses time to OpenMP spinning
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "YARNKIT_API_KEY": "load-test", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "yarnkit.cli", "serve", str(model_dir), "--port", "0",
-                                "--window", "512", "--max-sessions", "8", "--max-prompt-tokens", "60000",
-                                "--model-name", "tiny", "--over-window", "truncate"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = process.stdout.readline()
-        assert "http://127.0.0.1:" in line, line
-        client = openai.OpenAI(base_url=line.strip().split(" on ")[-1], api_key="load-test", max_retries=0,
-                               timeout=120)
-        yield process, client
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    env = {"YARNKIT_API_KEY": "load-test", "OMP_NUM_THREADS": "1"}
+    flags = ["--window", "512", "--max-sessions", "8", "--max-prompt-tokens", "60000", "--model-name", "tiny",
+             "--over-window", "truncate"]
+    with serve_process(tiny_serve_model, flags, env, timeout=120) as (process, base_url):
+        yield process, openai.OpenAI(base_url=base_url, api_key="load-test", max_retries=0, timeout=120)
 
 
 def prompt(stream: int, round_: int) -> list[dict]:
@@ -141,3 +141,42 @@ def test_load_faults_latency_and_memory(server):
     long.join(timeout=120)
     assert timing["short"] <= 3 * idle + 0.5, (timing, idle)
     assert timing["short"] < timing["long"] / 2, (timing, idle)
+
+
+def test_serve_load_benchmark_runs_end_to_end(tiny_serve_model, tmp_path):
+    """`python -m yarnkit.bench.serve_load` at a tiny shape: its own server, 1 and 3 streams, with and without a
+    3,000-token prompt through a 256-token window. Structure only, no timings."""
+    from yarnkit.bench import serve_load
+
+    out = tmp_path / "bench"
+    report = serve_load.main(["--model", str(tiny_serve_model), "--streams", "1", "3", "--max-tokens", "12",
+                              "--prompt-tokens", "40", "--long-tokens", "3000", "--long-max-tokens", "3",
+                              "--window", "256", "--threads", "1", "--timeout", "120", "--out", str(out)])
+    assert json.loads((out / "serve_load.json").read_text()) == report and report["server_alive"]
+    assert [(c["streams"], c["long_prompt"]) for c in report["cases"]] == [(1, False), (1, True), (3, False), (3, True)]
+    assert "--over-window truncate" in " ".join(report["server"]["flags"])
+    assert "fed through the window" in report["server"]["long_prompt_prefill"]
+    for case in report["cases"]:
+        assert case["errors"] == [] and len(case["per_stream"]) == case["streams"]
+        for stream in case["per_stream"]:
+            assert stream["completion_tokens"] == 12 and stream["finish_reason"] == "length"  # every stream decoded
+            assert stream["cached_tokens"] == 0 and stream["prompt_tokens"] > 40  # a fresh row each case
+            assert len(stream["gaps_ms"]) == len(stream["chunks_s"]) - 1 >= 1 and min(stream["gaps_ms"]) >= 0
+            assert 0 <= stream["sent_s"] < stream["ttft_s"] + stream["sent_s"] <= stream["end_s"]
+            assert stream["chunks_s"] == sorted(stream["chunks_s"])
+        assert case["gap_ms"]["count"] == sum(len(s["gaps_ms"]) for s in case["per_stream"])
+        assert case["completion_tokens"] == 12 * case["streams"] and case["tokens_per_s"] > 0
+        if case["long_prompt"]:
+            long = case["long"]
+            # the whole long prompt was fed (nothing reused), through the window: a real, chunked prefill
+            assert long["prompt_tokens"] >= 3000 and long["cached_tokens"] == 0 and long["completion_tokens"] == 3
+            assert long["truncated"]["window"] == 256 and long["truncated"]["prompt_tokens"] == long["prompt_tokens"]
+            # sent mid-stream: after every short stream's first text
+            assert long["sent_s"] >= max(s["sent_s"] + s["ttft_s"] for s in case["per_stream"])
+            first = long["sent_s"] + long["ttft_s"]
+            overlapping = [g for s in case["per_stream"]
+                           for a, b, g in zip(s["chunks_s"], s["chunks_s"][1:], s["gaps_ms"])
+                           if b > long["sent_s"] and a < first]
+            assert case["during_prefill_gap_ms"]["count"] == len(overlapping)
+    table = (out / "serve_load.md").read_text()
+    assert table.count("\n| 1 |") == 2 and table.count("\n| 3 |") == 2 and "3,0" in table

@@ -1,4 +1,5 @@
 """Where commands write: every output path is checked before the long work starts, and nothing is created by the check.
+`write_json_atomic(path, data)` writes a report so that a reader (or a kill mid-write) never sees half a file.
 
 `check_output_dir(path, flag)` and `check_output_file(path, flag, suffixes)` fail with one line (a `BadValue`
 naming the flag, the path and the fix) when the command could not write there at the end: a file where a folder is
@@ -10,6 +11,8 @@ folder is created in the nearest existing folder and removed again, so the input
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,3 +76,12 @@ def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] = (
         raise BadValue(f"{_named(flag, shown)}: {base} is a file, so nothing can be written below it",
                        f"pass a path that runs through folders only to {flag}")
     _probe(base, flag, shown)
+
+
+def write_json_atomic(path: str | Path, data, indent: int = 1) -> None:
+    """`data` as JSON at `path`, written beside it under a hidden name and renamed over it in one step (values JSON
+    cannot hold are written as their `str`)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    os.replace(partial, path)

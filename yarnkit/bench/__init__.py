@@ -9,6 +9,8 @@ imports this package.
     streaming       the streaming runtime's timings: decode latency, peers, batching (scripts/bench_runtime.py)
     lone_session    a lone session's decode speed in each cache row of a full pool
                     (`python -m yarnkit.bench.lone_session`)
+    serve_load      `yarnkit serve` under load with the official openai client: time to first token and gaps
+                    between tokens for N streams, with and without a long prompt (`python -m yarnkit.bench.serve_load`)
     baselines       the zero-shot baselines an extended model is compared with, and the evaluation books
     targets         the targets an extended model must meet, read from `yarnkit eval` results (scripts/e2e.py)
     recipe_shapes   the small shape of each shipped recipe (the CPU recipe test and the GPU check train with it)

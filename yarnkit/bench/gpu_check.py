@@ -37,6 +37,7 @@ from pathlib import Path
 import yarnkit
 from yarnkit.bench.recipe_shapes import single_gpu_recipes
 from yarnkit.errors import AlreadyExists, BadValue, UserError
+from yarnkit.outputs import write_json_atomic
 
 PACKAGE_ROOT = Path(yarnkit.__file__).resolve().parent.parent
 # seconds each path may run on one H100/H200 (the budget caps them all); --cpu-smoke allows CPU_SLOWER times more
@@ -192,12 +193,6 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, report: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def prepare_out(out: Path) -> None:
     """OUT is new, empty, or an earlier gpu_check's (its paths/ and logs/ are replaced; shared/ caches are kept)."""
     if out.is_dir() and any(out.iterdir()):
@@ -239,7 +234,7 @@ def run(args) -> int:
         report["paths"] = [done.get(row["name"], row) for row in report["paths"]]
         report["seconds"] = round(time.monotonic() - started, 1)
         report["passed"] = all(row["status"] == "pass" for row in report["paths"])
-        _write_json(out / "gpu_check.json", report)
+        write_json_atomic(out / "gpu_check.json", report)
 
     save([])
     env, cwd = child_env(jobs, args.cpu_smoke), None

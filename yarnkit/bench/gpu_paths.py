@@ -20,10 +20,12 @@
   (`yarnkit.bench.streaming.path_check`): the CUDA-graph decode, and the graph with `torch.compile` inside,
   against the eager cache; then 4 sessions decoded as one batch against their solo runs
   (`batch_throughput`). Exactness is asserted in float32, where the paths differ only in summation order: max
-  |dlog p| within 1e-3, every greedy token equal, every batched token equal to its solo run. bf16 is measured and
-  reported next to it, with a gross-error guard only (greedy agreement >= 0.9): real weights give large logits,
-  so bf16 rounding moves tail log-probs by tenths to ~1.4 nats (1.36 compiled, H100, 2026-12-06) while greedy
-  tokens stay ~96% equal; a decode that reads wrong cache rows or positions agrees on few tokens.
+  |dlog p| within 1e-3, the same greedy token in every row whose best token leads by more than 2e-3 (at least half
+  the rows; a real-weights near-tie flipped once, H100, 2026-12-06), every batched token equal to its solo run.
+  bf16 is measured and reported next to it, with a gross-error guard only (greedy agreement >= 0.9): real
+  weights give large logits, so bf16 rounding moves tail log-probs by tenths to ~1.4 nats (1.36 compiled, H100,
+  2026-12-06) while greedy tokens stay ~91-96% equal; a decode that reads wrong cache rows or positions agrees
+  on few tokens.
 - `retrieval`: `yarnkit eval retrieval` (niah, YaRN x2) at one length (4,096 tokens); a result with its cells.
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 from yarnkit.bench.recipe_shapes import small_overrides
 
-EXACT_LIMITS = {"worst_logprob_diff": 1e-3, "greedy_agreement": 1.0}  # fp32: only summation order differs
+EXACT_LIMITS = {"worst_logprob_diff": 1e-3, "decided_agreement": 1.0}  # fp32: only summation order differs
 BF16_GUARD = {"worst_logprob_diff": None, "greedy_agreement": 0.9}  # bf16: reported; gross errors only
 RECIPE_STEPS = {"cuda": 5, "cpu": 2}
 BENCH_SEQ = 16384  # SmolLM2's 8k x 2: YaRN factor 2 in every group
@@ -196,12 +198,16 @@ def runtime(args) -> tuple[str, dict]:
                                                    f"{result['decode_path']} decode ran (a fallback)")
             check(not result["compile"] or result["compiled"], f"{label}: the decode step was not compiled")
             check(result["rerotations"] >= 2, f"{label}: {result['rerotations']} evictions, expected several")
-            worst, agreement = result["max_abs_logprob_diff"], result["greedy_agreement"]
-            bound = limits["worst_logprob_diff"]
-            check((bound is None or worst <= bound) and agreement >= limits["greedy_agreement"],
+            worst, bound = result["max_abs_logprob_diff"], limits["worst_logprob_diff"]
+            kind = next(key for key in ("decided_agreement", "greedy_agreement") if key in limits)
+            agreement, rows = result[kind], result["decided_rows"] if kind == "decided_agreement" else result["steps"]
+            check(rows * 2 >= result["steps"],
+                  f"{label}: only {rows} of {result['steps']} rows have a clear best token")
+            check((bound is None or worst <= bound) and agreement >= limits[kind],
                   f"{label} vs the eager cache: max |dlogp| {worst:.3g} (limit {bound}), "
-                  f"greedy agreement {agreement:.3f} (limit {limits['greedy_agreement']})")
-            lines.append(f"{label}: max |dlogp| {worst:.3g}, agreement {agreement:.3f}, "
+                  f"{kind.replace('_', ' ')} {agreement:.4f} over {rows} rows (limit {limits[kind]})")
+            lines.append(f"{label}: max |dlogp| {worst:.3g}, greedy agreement {result['greedy_agreement']:.3f} "
+                         f"({kind.replace('_', ' ')} {agreement:.4f} over {rows} rows), "
                          f"{result['rerotations']} evictions")
     return "; ".join(lines), detail
 
@@ -271,9 +277,10 @@ def gpu_tests(args) -> tuple[str, dict]:
     junit = args.out / "junit.xml"
     log = args.out / "pytest.log"
     with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                               f"--junitxml={junit}", *files], cwd=tests.parent, stdout=handle,
-                              stderr=subprocess.STDOUT).returncode
+        # -v, unbuffered: a path stopped at its limit leaves the name of the test it was in (pytest.log)
+        code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=10", "-p",
+                               "no:cacheprovider", f"--junitxml={junit}", *files], cwd=tests.parent, stdout=handle,
+                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     check(junit.is_file(), f"pytest exited {code} before writing its report; see {log}")
     counts, failed = junit_counts(junit)
     check(code == 0 and not failed, f"pytest -m gpu exited {code}: {len(failed)} failed: " + "; ".join(failed[:3]))

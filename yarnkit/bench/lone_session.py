@@ -16,8 +16,6 @@ writes JSON (`--out`). Timing only: nothing here asserts speed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench.streaming import random_ids, sync
+from yarnkit.outputs import write_json_atomic
 from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions, load_chat_model
 from yarnkit.runtime.static import make_pool
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"slowest row / fastest row: {min(speeds) / max(speeds):.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": results},
-                                      indent=2) + "\n")
-        os.replace(partial, args.out)
+        write_json_atomic(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": results}, indent=2)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,20 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
             "identical_prefix_tokens": agree, "all_identical": all(a == check_tokens for a in agree)}
 
 
+NEAR_TIE = 2e-3  # nats: a row whose best token leads by less is a near-tie that a rounding may break either way
+
+
+def decided_agreement(reference: torch.Tensor, other: torch.Tensor, margin: float = NEAR_TIE) -> tuple[float, int]:
+    """Greedy agreement of two `[rows, vocab]` log-prob tables over the rows where `reference`'s best token leads its
+    runner-up by more than `margin` (float32 paths differ by ~1e-5, enough to flip a near-tie), and that row count."""
+    top2 = reference.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > margin
+    if not decided.any():
+        return 0.0, 0
+    same = reference.argmax(-1)[decided] == other.argmax(-1)[decided]
+    return same.float().mean().item(), int(decided.sum())
+
+
 @torch.no_grad()
 def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: int = 96, evict_batch: int = 16,
                ids: torch.Tensor | None = None, float32_logits: bool | None = None, reference=None,
@@ -267,6 +281,7 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     result = {"decode_path": engines[0].decode_path, "compiled": compiled(engines[0]), "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
               "greedy_agreement": agreement(logps[0], logps[1])}
+    result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])
     if reference is not None:
         result["vs_reference"] = {name: {"max_abs_logprob_diff": (logp - logps[2]).abs().max().item(),
                                          "greedy_agreement": agreement(logp, logps[2])}

@@ -32,13 +32,15 @@ from yarnkit.runtime.sessions import SessionTable
 from yarnkit.runtime.static import make_pool
 
 log = logging.getLogger(__name__)
+PREFILL_BUDGET = 128  # prompt tokens fed per step while other sessions decode (a full chunk when none does)
 
 
 class Scheduler:
     """Owns the pool, the session table, admission and the worker thread; `submit(job)` is safe from any thread."""
 
     def __init__(self, model, tokenizer, options: StreamOptions, rows: int = 8, make_conversation=None,
-                 prefill_budget: int = 128, max_prompt_tokens: int | None = None, over_window: str = "refuse"):
+                 prefill_budget: int = PREFILL_BUDGET, max_prompt_tokens: int | None = None,
+                 over_window: str = "refuse"):
         options = options.resolved(model.config, next(model.parameters()).device, pooled=True)  # no-op if resolved
         self.model, self.tokenizer, self.options, self.rows = model, tokenizer, options, rows
         self.prefill_budget = prefill_budget
