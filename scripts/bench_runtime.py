@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench import streaming as bench
+from yarnkit.runtime.options import DECODE_ATTENTION
 
 PARTS = ("latency", "batch", "scale", "peers", "compiled", "hf-compiled", "ppl", "recall")  # the order they run in
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--caches", type=int, nargs="+", default=[256, 1024, 4096], help="cache sizes (sinks included)")
     p.add_argument("--steps", type=int, default=512, help="timed decode steps per measurement (recompute: /8)")
     p.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"])
-    p.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "split", "flex"],
+    p.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
                    help="attention kernel of the pooled decode step (latency, batch, compiled; its path check "
                         "compares it with the eager SDPA cache)")
     p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")

@@ -13,7 +13,8 @@ What is proven (tiny random Llamas in float32: 4 heads on 4 key/value heads, and
 - every other forward of the installed model is SDPA's, bit for bit; the split step traces as one graph for
   torch.compile (no graph break: capture-safe);
 - an unknown kernel, a forced `--decode eager` and a STRING model are refused in one line; `auto` resolving to
-  the eager path falls back to sdpa in one logged line.
+  the eager path falls back to sdpa in one logged line;
+- the kernel `auto` is `split` only for a shared pool on CUDA with an SDPA model, else `sdpa`, silently.
 The GPU run (CUDA graph, compile, bf16, speed) is tests/test_runtime_gpu.py and `python -m yarnkit.bench.decode_step`.
 """
 
@@ -146,7 +147,7 @@ def test_split_step_traces_as_one_graph_for_torch_compile():
 
 def test_bad_choices_fail_in_one_line_and_auto_falls_back_loudly(caplog):
     model = tiny_model("llama")
-    with pytest.raises(BadValue, match="decode_attention='fast'.*choose one of sdpa, split, flex"):
+    with pytest.raises(BadValue, match="decode_attention='fast'.*choose one of auto, sdpa, split, flex"):
         StreamingEngine(model, window=16, decode="static", decode_attention="fast")
     with pytest.raises(BadValue, match="not on --decode eager.*--decode static"):
         StreamingEngine(model, window=16, decode="eager", decode_attention="split")
@@ -160,3 +161,41 @@ def test_bad_choices_fail_in_one_line_and_auto_falls_back_loudly(caplog):
     handle = apply_string(tiny_model("llama"), shift=12, window=4)
     with pytest.raises(BadValue, match="STRING's own attention.*--decode-attention sdpa"):
         StreamingEngine(handle.model, window=16, decode="static", decode_attention="split")
+
+
+def test_auto_takes_split_only_for_a_pool_of_sessions_on_cuda():
+    from yarnkit.runtime.options import resolve_decode_attention
+    from yarnkit.string_attention import apply_string
+
+    config = tiny_model("llama").config
+    assert resolve_decode_attention("auto", config, "cuda", "graph", pooled=True) == "split"  # serve on a GPU
+    assert resolve_decode_attention("auto", config, "cuda:0", "static", pooled=True) == "split"
+    assert resolve_decode_attention("auto", config, "cuda", "graph", pooled=False) == "sdpa"  # one session
+    assert resolve_decode_attention("auto", config, "cpu", "static", pooled=True) == "sdpa"  # CPU: unmeasured
+    string_config = apply_string(tiny_model("llama"), shift=12, window=4).model.config
+    assert resolve_decode_attention("auto", string_config, "cuda", "static", pooled=True) == "sdpa"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_kernel_runs_under_the_float32_head(kernel, monkeypatch):
+    """A bf16 model with the float32 logits head (`float32_logits=True`, the CUDA default) runs the decoder without
+    the model's head: the kernel choice still reaches every layer's attention, and on the same tokens through
+    evictions the logits stay near SDPA's (bf16: the kernels round differently; random weights' logits are ~0.3,
+    so the bound is 0.02, not a greedy match)."""
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2).to(torch.bfloat16)
+    options = dict(sinks=4, window=48, evict_batch=8, decode="static", float32_logits=True)
+    fed = ids(90, 5)
+
+    def logits(engine):
+        rows = [engine.feed(fed[:, :30], all_logits=False)[0, -1]]
+        rows += [engine.feed(fed[:, i:i + 1], all_logits=False)[0, -1] for i in range(30, 90)]
+        assert engine.cache.rerotations >= 2
+        return torch.stack(rows)
+
+    reference = logits(StreamingEngine(model, **options))
+    calls = []
+    original = getattr(attention, f"{kernel}_attention")
+    monkeypatch.setattr(attention, f"{kernel}_attention", lambda *a: calls.append(1) or original(*a))
+    got = logits(StreamingEngine(model, decode_attention=kernel, **options))
+    assert len(calls) == 60 * model.config.num_hidden_layers and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, atol=0.02, rtol=0)

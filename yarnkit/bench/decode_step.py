@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench.streaming import sync
+from yarnkit.runtime.options import DECODE_ATTENTION
 
 PHASES = ("forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest")
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
@@ -167,7 +168,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     # medians over the steps: a step the OS preempted (a shared machine) does not move them
     split = {phase: 1e3 * statistics.median(row.get(phase, 0.0) for row in instrumented) for phase in PHASES}
     step_ms = 1e3 * statistics.median(row["total"] for row in plain)
-    return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention, "step_ms_p50": step_ms, "tokens_per_s": 1e3 * sessions / step_ms,
+    return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention, "step_ms_p50": step_ms,
+            "tokens_per_s": 1e3 * sessions / step_ms,
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
@@ -181,8 +183,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} {r['tokens_per_s']:>7.1f} {cells} "
-                     f"{r['host_ms_per_step'] / r['sessions']:>12.3f}")
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
+                     f"{r['tokens_per_s']:>7.1f} {cells} {r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
     return "\n".join(lines + [note])
 
@@ -195,8 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--decode", default="auto", choices=["auto", "static", "graph"])
-    p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=["sdpa", "split", "flex"],
-                   help="attention kernels of the pooled step to compare, each at every session count")
+    p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=DECODE_ATTENTION,
+                   help="attention kernels of the pooled step to compare, each at every session count (auto: "
+                        "the runtime's choice; each row names the kernel that ran)")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--window", type=int, default=256, help="cache tokens per session (sinks included)")

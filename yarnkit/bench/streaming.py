@@ -198,7 +198,7 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
     each session's first `check_tokens` tokens equal its solo run."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    options = StreamOptions(sinks=4, window=cache, **options)
+    options = StreamOptions(sinks=4, window=cache, **options).resolved(model.config, device, pooled=True)
     check_tokens = min(check_tokens, warmup + steps)
 
     def run(count: int, total_steps: int, record: int):
@@ -268,13 +268,20 @@ def decided_agreement(reference: torch.Tensor, other: torch.Tensor, margin: floa
 
 @torch.no_grad()
 def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: int = 96, evict_batch: int = 16,
-               ids: torch.Tensor | None = None, **options) -> dict:
+               ids: torch.Tensor | None = None, float32_logits: bool | None = None, reference=None,
+               **options) -> dict:
     """`decode` path vs the eager cache on the same tokens through evictions: max |log-prob difference|, greedy
-    agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random)."""
+    agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random);
+    `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only. `reference`: a
+    float32 copy of the model (e.g. `model.float()` of a copy): both paths are also compared with its eager cache
+    (`vs_reference`), which says which path is further from the truth."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
     logps, engines = [], []
-    for path, extra in ((decode, options), ("eager", {})):
-        engine = StreamingEngine(model, sinks=4, window=window, evict_batch=evict_batch, decode=path, **extra)
+    runs = [(model, decode, options), (model, "eager", {})]
+    runs += [(reference, "eager", {})] if reference is not None else []
+    for net, path, extra in runs:
+        engine = StreamingEngine(net, sinks=4, window=window, evict_batch=evict_batch, decode=path,
+                                 float32_logits=float32_logits, **extra)
         rows = [engine.feed(ids[:prompt][None], all_logits=False)[0, -1]]
         rows += [engine.feed(token.view(1, 1), all_logits=False)[0, -1] for token in ids[prompt:]]
         logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
@@ -283,8 +290,17 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     result = {"decode_path": engines[0].decode_path, "decode_attention": engines[0].options.decode_attention,
               "compiled": compiled(engines[0]), "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
-              "greedy_agreement": share(logps[0].argmax(-1) == logps[1].argmax(-1))}
+              "greedy_agreement": agreement(logps[0], logps[1])}
     result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])
+    if reference is not None:
+        result["vs_reference"] = {name: {"max_abs_logprob_diff": (logp - logps[2]).abs().max().item(),
+                                         "greedy_agreement": agreement(logp, logps[2])}
+                                  for name, logp in ((decode, logps[0]), ("eager", logps[1]))}
     for engine in engines:
         engine.close()
     return result
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The fraction of rows whose greedy (argmax) token is the same."""
+    return share(a.argmax(-1) == b.argmax(-1))

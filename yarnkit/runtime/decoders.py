@@ -1,7 +1,7 @@
 """The two decoders behind a `StreamingEngine`, one interface: eager (a growing `SinkCache`) and pooled static.
 
-Both expose `cache` (with `evict_for_space(incoming, ...)`, `keep(indices)`, `get_seq_length()`, `layers[i].keys/values`, `rerotations`,
-`nbytes()`), `forward(ids [1, n], logits_to_keep) -> float32 logits`, `reset()`, `release()`, `consistent(n)`,
+Both expose `cache` (with `evict_for_space(incoming, ...)`, `keep(indices)`, `get_seq_length()`,
+`layers[i].keys/values`, `rerotations`, `nbytes()`), `forward(ids [1, n], logits_to_keep) -> float32 logits`, `reset()`, `release()`, `consistent(n)`,
 `path` and `fallback_reason`. The engine calls only these, so it has one code path; which decoder runs is
 `decode=` (eager | static | graph | auto). `PoolDecoder` additionally lets sessions that share a `SlotPool`
 decode together in one batched step (`StreamingEngine.decode_together`).
@@ -15,6 +15,7 @@ import torch
 
 from yarnkit.models import cache_kwargs
 from yarnkit.runtime.cache import Rotary, SinkCache
+from yarnkit.runtime.head import float32_head, forward_logits
 from yarnkit.runtime.static import SlotPool
 
 
@@ -30,6 +31,7 @@ class EagerDecoder:
         self.model, self.rotary = model, rotary
         self.device = next(model.parameters()).device
         self.cache = SinkCache(rotary, options.sinks, options.window, options.evict_batch)
+        self.head = float32_head(model, options.float32_logits)  # as the pooled step's (head.py)
 
     def reset(self) -> None:
         self.cache.clear()
@@ -38,9 +40,8 @@ class EagerDecoder:
         self.cache.clear()
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-                         **cache_kwargs(self.cache))
-        return out.logits.float()
+        return forward_logits(self.model, self.head, logits_to_keep, input_ids=ids.to(self.device), use_cache=True,
+                              **cache_kwargs(self.cache))
 
     def consistent(self, tokens: int) -> bool:
         """False after a forward was interrupted half-way (some layers hold a chunk the others do not)."""

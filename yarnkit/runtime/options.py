@@ -14,8 +14,9 @@ batch; the decode path) and checks every value, so bad options fail before the f
 the command that builds the sessions, and resolved options pass through the scheduler, the conversation and the
 engine unchanged. Decode paths: `eager` grows a `SinkCache`; `static` / `graph` use a row of a `SlotPool`;
 `auto` is `graph` on CUDA, and on CPU `eager` for one session or `static` for a shared pool (serve batches).
-`--decode-attention sdpa|split|flex` picks the attention kernel of the pooled steps (`resolve_decode_attention`,
-`yarnkit/runtime/attention.py`): on the eager path only `sdpa` runs, so an `auto` decode that resolves to eager
+`--decode-attention sdpa|auto|split|flex` picks the attention kernel of the pooled steps (auto: split for a
+shared pool on CUDA, else sdpa; `resolve_decode_attention`,
+`yarnkit/runtime/attention.py`); on the eager path only `sdpa` runs, so an `auto` decode that resolves to eager
 says so in one line and runs sdpa, while a forced `--decode eager` with another kernel is refused.
 `--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
 `static` only (`resolve_decode`: `graph` and `--compile` refused, `auto` is `static` on CUDA).
@@ -36,7 +37,7 @@ from yarnkit.runs import model_location
 from yarnkit.sink_token import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
-DECODE_ATTENTION = ("sdpa", "split", "flex")  # yarnkit.runtime.attention.KERNELS
+DECODE_ATTENTION = ("auto", "sdpa", "split", "flex")  # auto, then yarnkit.runtime.attention.KERNELS
 SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer: what torch's generator and OpenAI's `seed` take
 DEFAULT_WINDOW = 1024
 
@@ -55,11 +56,14 @@ class StreamOptions:
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
     decode: str = "auto"              # eager | static | graph | auto (see resolve_decode)
     compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
-    decode_attention: str = "sdpa"    # sdpa | split | flex: the pooled steps' attention kernel (attention.py)
+    decode_attention: str = "sdpa"    # sdpa | auto | split | flex: the pooled steps' attention kernel (attention.py)
+    float32_logits: bool | None = None  # bf16/fp16 model: the head's logits in float32 (runtime/head.py); None:
+                                        # where free (CUDA), True: also where it costs (CPU), False: never
 
     @property
     def is_resolved(self) -> bool:
-        return self.sinks is not None and self.evict_batch is not None and self.decode != "auto"
+        return (self.sinks is not None and self.evict_batch is not None and self.decode != "auto"
+                and self.decode_attention != "auto")
 
     def resolved(self, config, device, pooled: bool = False) -> "StreamOptions":
         """These options for `config`'s model on `device` (a shared pool of sessions when `pooled`): every `None`
@@ -78,7 +82,8 @@ class StreamOptions:
             raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
         decode = resolve_decode(self.decode, device, pooled, string=runs_string(config), compile=self.compile)
-        attention = resolve_decode_attention(self.decode_attention, config, device, decode, forced=self.decode)
+        attention = resolve_decode_attention(self.decode_attention, config, device, decode, forced=self.decode,
+                                             pooled=pooled)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
                        prefill_chunk=max(1, self.prefill_chunk), decode=decode, decode_attention=attention)
 
@@ -108,19 +113,26 @@ def resolve_decode(decode: str, device, pooled: bool = False, string: bool = Fal
     return "static" if pooled else "eager"
 
 
-def resolve_decode_attention(kernel: str, config, device, decode: str, forced: str = "auto") -> str:
+def resolve_decode_attention(kernel: str, config, device, decode: str, forced: str = "auto",
+                             pooled: bool = False) -> str:
     """The attention kernel the pooled steps run for `kernel` (`--decode-attention`) on resolved path `decode`.
+    `auto`: `split` for a shared pool of sessions (`pooled`: serve, batches) on CUDA with an SDPA model, where one
+    batched step is ~2x faster than SDPA's at 8-16 sessions; else `sdpa` (one session: SDPA is 3% faster;
+    CPU: unmeasured). Measured in docs/results.md §3.1 (`python -m yarnkit.bench.decode_step --decode-attention`).
     `split` and `flex` replace SDPA in the pool's single-row steps, so they need a model on SDPA (not STRING, not
     eager attention) and a pooled path: when `auto` resolved to `eager` (one session on CPU) the kernel falls back
     to sdpa in one logged line; a forced `--decode eager` is refused, like any kernel that cannot run."""
     if kernel not in DECODE_ATTENTION:
         raise BadValue(f"decode_attention={kernel!r} (--decode-attention) is not a decode attention kernel",
                        f"choose one of {', '.join(DECODE_ATTENTION)}")
-    if kernel == "sdpa":
-        return kernel
     from yarnkit.runtime.attention import IMPLEMENTATION
 
     running = getattr(config.get_text_config(), "_attn_implementation", None)
+    if kernel == "auto":
+        cuda = str(device).startswith("cuda")
+        return "split" if pooled and cuda and decode != "eager" and running in ("sdpa", IMPLEMENTATION) else "sdpa"
+    if kernel == "sdpa":
+        return kernel
     if running not in ("sdpa", IMPLEMENTATION):
         what = "STRING's own attention (--string)" if runs_string(config) else f"{running!r} attention"
         raise BadValue(f"--decode-attention {kernel} replaces SDPA in the pooled decode step; this model runs {what}",
@@ -181,8 +193,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
     parser.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
-                        help="attention kernel of the pooled decode step: sdpa (default), split (plain torch, "
-                             "float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
+                        help="attention kernel of the pooled decode step: sdpa (default), auto (split for a pool of "
+                             "sessions on CUDA, i.e. serve: ~2x the batched tokens/s at 8-16 sessions; sdpa for one "
+                             "session and on CPU), split (plain torch, float32 softmax, keys in chunks) or flex "
+                             "(FlexAttention); prefill chunks run sdpa")
     parser.add_argument("--string", metavar="SHIFT[,WINDOW]",
                         help="STRING attention: cache distances >= SHIFT are read as distance - SHIFT + WINDOW "
                              "(default window 128; SHIFT below --window; eager/static decode paths)")

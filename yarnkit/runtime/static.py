@@ -48,6 +48,7 @@ from yarnkit.errors import BadValue
 from yarnkit.models import cache_kwargs, host_memory_bytes
 from yarnkit.runtime import attention as decode_attention
 from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
+from yarnkit.runtime.head import float32_head, forward_logits
 from yarnkit.runtime.options import StreamOptions
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
         raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
     return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
                     compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch,
-                    attention=options.decode_attention)
+                    attention=options.decode_attention, float32_logits=options.float32_logits)
 
 
 def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window: int, rows: int):
@@ -86,7 +87,8 @@ class SlotPool(Cache):
     forward sees."""
 
     def __init__(self, model, window: int, rotary: Rotary, rows: int = 1, graph: bool = False,
-                 compiled: bool = False, sinks: int = 0, evict_batch: int = 1, attention: str = "sdpa"):
+                 compiled: bool = False, sinks: int = 0, evict_batch: int = 1, attention: str = "sdpa",
+                 float32_logits: bool | None = None):
         config = model.config
         parameter = next(model.parameters())
         self.model, self.window, self.rotary = model, window, rotary
@@ -118,6 +120,7 @@ class SlotPool(Cache):
         self._forward_kwargs = cache_kwargs(self)  # looked up here, not inside a traced step
         if attention != "sdpa":
             self._forward_kwargs[decode_attention.KERNEL_ARGUMENT] = attention  # reaches the attention function
+        self._head = float32_head(model, float32_logits)  # likewise (it probes the device); the eager path's too
         self._step = self.forward_rows
         if self.compiled:
             self._step = torch.compile(self.forward_rows, dynamic=False)
@@ -163,9 +166,8 @@ class SlotPool(Cache):
         visible = self.slots[None, None, None, :] <= positions[:, None, :, None]
         mask = torch.where(visible, self._open, self._shut)  # additive, built once: SDPA converts a boolean
         # mask in every layer (two kernels each); the values are the same, so is every logit
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         logits_to_keep=logits_to_keep, **self._forward_kwargs)
-        return out.logits.float()
+        return forward_logits(self.model, self._head, logits_to_keep, input_ids=ids, position_ids=positions,
+                              attention_mask=mask, use_cache=True, **self._forward_kwargs)
 
     def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Feed `ids [1, n]` into the row's next free slots (the caller made room)."""
