@@ -364,7 +364,7 @@ def test_numbers_rows_keep_length_facts_and_answer_mask_and_carry_numbers_at_the
         assert not re.search(r"(?i)special magic|archive reference|pass key|provided text|VAR [A-Z]{5} =", text)
 
 
-def test_clutter_follows_the_drawn_density_and_never_shows_a_values_digits(maker, tokenizer, book):
+def test_clutter_follows_the_drawn_density_and_never_shows_a_values_digits(tokenizer, book):
     maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
     values = ["4837993", "KD20417", "osprey-12", "365-2210"]
     avoid = {"4837993", "20417", "12", "365", "2210"}
@@ -380,7 +380,7 @@ def test_clutter_follows_the_drawn_density_and_never_shows_a_values_digits(maker
         assert not avoid & {run for text in texts for run in re.findall(r"\d+", text)}
 
 
-def test_decoys_have_a_values_form_and_are_never_a_value(maker, tokenizer):
+def test_decoys_have_a_values_form_and_are_never_a_value(tokenizer):
     maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
     values = [str(digit) for digit in range(1, 9)]  # one-digit values: the only other value of their form is 9
     hay = np.asarray(tokenizer("Some words of a book. " * 200, add_special_tokens=False)["input_ids"])
