@@ -57,6 +57,9 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "lr8x": ["optim.lr=4e-4"],  # twice the shipped peak learning rate
     "questions": ["data.synthetic.questions=16"],  # every fact of a row asked (16 questions, not 8)
     "seed7": ["train.seed=7", "data.seed=7"],  # the recipe with another data order and other synthetic rows: the noise
+    "shipped-s11": ["train.seed=11", "data.seed=11"],  # the recipe's third seed: what `numbers-s11` is held against
+    "numbers": ["data.synthetic.numbers=0.5"],  # half the synthetic haystacks carry a scholarly book's numbers
+    "numbers-s11": ["data.synthetic.numbers=0.5", "train.seed=11", "data.seed=11"],  # `numbers` under seed 11
     "long-half": ["data.long_share=0.5"],  # one true 32k row in half the steps, not a quarter
     "rcd": ["yarn.beta_slow=4"],  # the lower critical dimension at YaRN x12
     "preview": ["data.synthetic.preview=0.3"],  # questions before and after the text in 30% of the synthetic rows

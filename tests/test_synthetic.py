@@ -20,7 +20,9 @@ from yarnkit.train.data import DataArgs, SampleOrder, build_dataset, micro_batch
 from yarnkit.errors import DataError
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.pose import far_position_ids
-from yarnkit.train.synthetic import FAR_FACT_SPAN, RowMaker, SyntheticArgs, _restated, mark_last
+from yarnkit.train import synthetic
+from yarnkit.train.synthetic import (FAR_FACT_SPAN, NUMBER, NUMBERS_PER_100K, RowMaker, SyntheticArgs, _restated,
+                                     mark_last, same_form)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,7 @@ def test_the_mix_follows_its_weights_and_long_micro_batches_are_contiguous(mixed
     ("data.long_share=1.5", "outside \\[0, 1\\]"),
     ("data.synthetic.lookalike=2", "lookalike=2.0 is outside \\[0, 1\\]"),
     ("data.synthetic.restate=-0.5", "restate=-0.5 is outside \\[0, 1\\]"),
+    ("data.synthetic.numbers=1.5", "numbers=1.5 is outside \\[0, 1\\]"),
     ("data.synthetic.templates=['Remember this: {key} holds {value}. | What does {key} hold? | It holds']",
      "collides with evaluation template 'archive'.*rephrase it"),
     ("data.synthetic.attributes=['special magic number']", "collides with evaluation template 'magic'"),
@@ -299,3 +302,150 @@ def test_restated_keeps_an_answer_that_already_restates_and_keeps_its_label():
     assert _restated("Tell me the {attr} of {key}.", "It is", ("{key}'s {attr} is",), "{key}", rng) \
         == "{key}'s {attr} is"
     assert _restated("What does {key} keep?", "It keeps", ("The {attr} of {key} is",), "{key}", rng) == "It keeps"
+
+
+# sha256 as above of rows with the retrieval recipe's shares (far, lookalike, restate) and preview, made by the code
+# before data.synthetic.numbers existed (commit d3b7a36).
+ROWS_BEFORE_NUMBERS = "1c7f830daae4c5f164f1414995e3e187671f57249bee2ba5e79544352aaaf1b0"
+
+
+def _digest(maker, book) -> str:
+    digest = hashlib.sha256()
+    for seed in range(8):
+        row = maker.make(book[seed * 1000:], random.Random(seed), 2048, chat=seed % 2 == 1)
+        digest.update(row.ids.tobytes())
+        digest.update(row.answers.tobytes())
+        digest.update(str(row.far_split).encode())
+    return digest.hexdigest()
+
+
+def test_numbers_zero_leaves_rows_byte_identical_to_before(tokenizer, book):
+    assert _digest(RowMaker(tokenizer, SyntheticArgs()), book) == ROWS_BEFORE_RESTATE["default"]
+    assert _digest(RowMaker(tokenizer, SyntheticArgs(numbers=0.0)), book) == ROWS_BEFORE_RESTATE["default"]
+    shares = dict(far=0.5, lookalike=0.5, restate=1.0, preview=0.3)
+    assert _digest(RowMaker(tokenizer, SyntheticArgs(**shares)), book) == ROWS_BEFORE_NUMBERS
+    assert _digest(RowMaker(tokenizer, SyntheticArgs(**shares, numbers=0.0)), book) == ROWS_BEFORE_NUMBERS
+
+
+def _without(text: str, parts: list[str]) -> str:
+    for part in parts:
+        text = text.replace(part, "")
+    return text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_numbers_rows_keep_length_facts_and_answer_mask_and_carry_numbers_at_the_drawn_density(tokenizer, book, chat):
+    maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
+    plain = RowMaker(tokenizer, SyntheticArgs())
+    markers = [f" {needles._stems(m)} " for t in needles.eval_templates() for m in t.markers]
+    for seed in range(10):
+        length = 4096 if seed % 3 == 0 else 2048
+        facts, questions = maker._world(random.Random(seed), length)  # make() draws the world first
+        row = maker.make(book[seed * 700:], random.Random(seed), length, chat=chat)
+        assert row.ids.shape == (length,) and row.answers.shape == (length,) and row.ids.dtype == np.int64
+        text = tokenizer.decode(row.ids.tolist())
+        for fact in facts:
+            assert fact[3] in text, (seed, fact)
+        shown = [q for q in questions if q[0] in text]
+        assert shown
+        for question, answer, asked, _ in shown:  # the answer follows its question, which follows its facts
+            where = text.index(question)
+            assert text.index(answer, where) > where
+            assert all(text.index(facts[index][3]) < where for index in asked)
+        marked = sorted(tokenizer.decode(row.ids[a:b].tolist()) for a, b in _spans(row.answers))
+        assert marked == sorted(f" {values}." for _, _, _, values in shown)  # the values, no clutter
+        stated = [fact[3] for fact in facts] + [part for q in questions for part in q[:2]]
+        without = tokenizer.decode(plain.make(book[seed * 700:], random.Random(seed), length, chat=chat).ids.tolist())
+        density, book_density = ((len(NUMBER.findall(t)) * 100_000 / len(t)) for t in (_without(text, stated),
+                                                                                       _without(without, stated)))
+        added = density - book_density  # the same world and book text, less the clutter's tokens at its end
+        assert 0.8 * NUMBERS_PER_100K[0] < added < 1.1 * NUMBERS_PER_100K[1], (seed, density, book_density)
+        assert not [m for m in markers if m in f" {needles._stems(text)} "], seed
+        assert not re.search(r"(?i)special magic|archive reference|pass key|provided text|VAR [A-Z]{5} =", text)
+
+
+def test_clutter_follows_the_drawn_density_and_never_shows_a_values_digits(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
+    values = ["4837993", "KD20417", "osprey-12", "365-2210"]
+    avoid = {"4837993", "20417", "12", "365", "2210"}
+    for seed in range(12):
+        rng = random.Random(seed)
+        rate = random.Random(seed).uniform(*NUMBERS_PER_100K)  # _clutter draws its rate first
+        hay = book[seed * 900: seed * 900 + 6000]
+        pieces = maker._clutter(rng, hay, values)
+        texts = [tokenizer.decode(piece) for piece in pieces]
+        kept = tokenizer.decode(hay[: len(hay) - sum(map(len, pieces))].tolist())
+        density = sum(len(NUMBER.findall(t)) for t in texts) * 100_000 / (len(kept) + sum(map(len, texts)))
+        assert abs(density - rate) < 0.05 * rate, (seed, density, rate)
+        assert not avoid & {run for text in texts for run in re.findall(r"\d+", text)}
+
+
+def test_decoys_have_a_values_form_and_are_never_a_value(tokenizer):
+    maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
+    values = [str(digit) for digit in range(1, 9)]  # one-digit values: the only other value of their form is 9
+    hay = np.asarray(tokenizer("Some words of a book. " * 200, add_special_tokens=False)["input_ids"])
+    with_decoys = 0
+    for seed in range(40):
+        texts = [tokenizer.decode(piece) for piece in maker._clutter(random.Random(seed), hay, values)]
+        decoys = [text for text in texts if re.fullmatch(r"\D*\b\d\b\D*", text) and re.search(r"\d", text)]
+        assert all("9" in decoy for decoy in decoys), decoys  # the one value of the form that is not a value
+        assert len(decoys) <= 3
+        with_decoys += bool(decoys)
+    assert 6 <= with_decoys <= 20  # NUMBER_DECOYS = 0.3 of 40 rows
+    rng = random.Random(0)
+    for value in ("4837993", "KD20417", "osprey-12", "365-2210"):
+        other = same_form(rng, value)
+        assert re.sub(r"\d", "0", re.sub(r"[A-Z]", "A", other)) == re.sub(r"\d", "0", re.sub(r"[A-Z]", "A", value))
+        assert not other.startswith("0") and other != value
+
+
+def test_decoys_sit_only_in_some_numbers_rows_and_are_never_marked(tokenizer, book):
+    maker = RowMaker(tokenizer, SyntheticArgs(numbers=1.0))
+    plain = RowMaker(tokenizer, SyntheticArgs())
+    rows_seven, with_decoys = 0, 0
+    for seed in range(60):
+        facts, _ = maker._world(random.Random(seed), 2048)
+        values = {fact[2] for fact in facts}
+        if not all(re.fullmatch(r"\d{7}", value) for value in values):
+            continue  # the 7-digit rows: a decoy there is any other 7-digit number (the novel prints none)
+        rows_seven += 1
+        for made, row_maker in (("numbers", maker), ("plain", plain)):
+            row = row_maker.make(book[seed * 600:], random.Random(seed), 2048)
+            text = tokenizer.decode(row.ids.tolist())
+            decoys = set(re.findall(r"(?<!\d)\d{7}(?!\d)", text)) - values
+            marked = tokenizer.decode(row.ids[row.answers].tolist())
+            assert not [decoy for decoy in decoys if decoy in marked]
+            if made == "plain":
+                assert not decoys
+            else:
+                assert len(decoys) <= 3
+                with_decoys += bool(decoys)
+    assert rows_seven >= 20 and 0.1 * rows_seven <= with_decoys <= 0.55 * rows_seven, (rows_seven, with_decoys)
+
+
+def test_far_numbers_rows_split_right_after_a_sentence_or_a_clutter_piece(tokenizer, book, monkeypatch):
+    maker = RowMaker(tokenizer, SyntheticArgs(far=1.0, numbers=1.0))
+    made = []
+    clutter = maker._clutter
+    monkeypatch.setattr(maker, "_clutter", lambda *a: made.append(clutter(*a)) or made[-1])
+    for seed in range(8):
+        rng = random.Random(seed)
+        rng.random()  # make() draws "is it far" first
+        facts, questions = maker._world(rng, 4096)
+        row = maker.make(book[seed * 900:], random.Random(seed), 4096, chat=seed % 2 == 1)
+        assert row.ids.shape == (4096,) and 0 < row.far_split < 4096
+        ids, split = row.ids.tolist(), row.far_split
+        before, after = tokenizer.decode(ids[:split]), tokenizer.decode(ids[split:])
+        assert all(fact[3] in before for fact in facts), seed
+        assert any(q in after for q, _, _, _ in questions) and not any(q in before for q, _, _, _ in questions)
+        assert np.flatnonzero(row.answers)[0] > split
+        # PoSE's skip goes where the haystack's question part starts: after a sentence end, or after a clutter piece
+        # inserted there; a split that miscounted the clutter before it would fall mid-sentence
+        assert maker.ends[ids[split - 1]] or any(ids[split - len(p): split] == p for p in made[-1]), seed
+
+
+def test_clutter_wording_is_checked_against_the_evaluation_templates(monkeypatch):
+    synthetic.training_phrasings(SyntheticArgs(numbers=1.0))  # every form passes
+    monkeypatch.setattr(synthetic, "NUMBER_FORMS", synthetic.NUMBER_FORMS + (" (the magic number {page})",))
+    with pytest.raises(DataError, match="number clutter.*collides with evaluation template 'magic'"):
+        synthetic.training_phrasings(SyntheticArgs(numbers=1.0))

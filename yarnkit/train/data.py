@@ -81,7 +81,7 @@ def check_mix(args: DataArgs) -> None:
     if args.synthetic.questions < 1 or args.synthetic.facts < 1:
         raise DataError("data.synthetic.facts and data.synthetic.questions must be >= 1")
     synthetic = args.synthetic
-    for name in ("interleave", "multi", "chains", "far", "lookalike", "preview", "restate"):
+    for name in ("interleave", "multi", "chains", "far", "lookalike", "preview", "restate", "numbers"):
         if not 0.0 <= getattr(synthetic, name) <= 1.0:
             raise DataError(f"data.synthetic.{name}={getattr(synthetic, name)} is outside [0, 1]; it is a share of "
                             "the synthetic rows")

@@ -26,6 +26,14 @@ restating prefixes, `needles.TRAIN_RESTATED`) where many answers are otherwise t
 value). The guess it tests: terse answers teach a model to answer before it has named what it looks up, and so its
 free chat replies open with a number of the book although, teacher-forced, it knows the value. A variable chain's
 answer already names its value and is left as it is.
+A fifth share, `numbers` (also off by default), aims at what the model answers in place of the needle: the number
+of a book. Its rows' haystack carries the numbers of a scholarly book (years, "p. 323", "pp. 51-54", "[12]",
+"(note 7)", "vol. ii, p. 88", "4,000"), 200-900 of 2-4 digits per 100k characters (NUMBERS_PER_100K; the test
+book that drew the retrieval recipe's misses prints 594, the training novels 0-34), inserted where a word starts
+or a sentence ends; in some of them (NUMBER_DECOYS), also 1-3 decoys of the values' own form (another 7-digit
+number) tied to no key. The clutter takes its tokens from the haystack, never repeats a value's digits, and its
+wording is generic, none of an evaluation template's ("magic number", "archive reference"): every form passes
+`needles.check_train_template` like the other phrasings.
 `Row.answers` marks the tokens of every answer's values (not a restated key), which `train.answer_loss_weight`
 weighs in the loss (LongCE-style emphasis on the tokens that need the context). Tested by tests/test_synthetic.py.
 """
@@ -33,6 +41,7 @@ weighs in the loss (LongCE-style emphasis on the tokens that need the context). 
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -57,11 +66,31 @@ class SyntheticArgs:
     lookalike: float = 0.0  # share of rows whose facts look alike: one kind of key, one attribute, one phrasing
     preview: float = 0.0  # share of plain rows that also ask their questions before the text (query before and after)
     restate: float = 0.0  # share of rows (plain and chat) whose answers restate key and attribute before the value
+    numbers: float = 0.0  # share of rows (plain and chat) whose haystack carries a scholarly book's numbers (years,
+    # pages, notes; NUMBERS_PER_100K), and in some of them (NUMBER_DECOYS) a few numbers of the values' own form
     templates: list[str] = field(default_factory=list)  # extra phrasings 'FACT | QUESTION | ANSWER' ({attr} ok)
     attributes: list[str] = field(default_factory=list)  # extra attribute nouns
 
 
 FAR_FACT_SPAN = 0.35  # a far row's facts sit in the first 35% of its text
+
+# Number clutter, the numbers a scholarly book prints between its words: years, page and footnote references, volumes
+# and chapters, plain quantities. Slots: {year} {year2} {page} {page2} {note} {roman} {chapter} {count} {thousands}.
+# Generic wording only: training_phrasings checks every form with needles.check_train_template.
+NUMBER_FORMS = (
+    " in {year},", " ({year})", " {year}", ", {year},", " ({year}-{year2})", " of {year}",
+    " (p. {page})", " p. {page}", " pp. {page}-{page2}", " (pp. {page}-{page2})", ", p. {page},",
+    "[{note}]", " (note {note})", " [note {note}]",
+    " (vol. {roman}, p. {page})", " vol. {roman}, p. {page},", " (ch. {roman})", " chap. {chapter}",
+    " {count}", " {thousands},000", ", {count},",
+)
+DECOY_FORMS = (" {value}", " ({value})", " no. {value}", ", {value},")  # a number of a value's form, of no key
+NUMBER = re.compile(r"\b\d{2,4}\b")  # what the density counts: numbers of 2-4 digits
+# A numbers row's density, drawn per row: numbers of 2-4 digits per 100k characters of its haystack. The test book whose
+# numbers the retrieval recipe answered in place of the needle prints 594 (docs/results.md §4.8), the training novels
+# 0-34: the range runs from a third of that book to 1.5 times it, lighter and denser scholarly texts alike.
+NUMBERS_PER_100K = (200.0, 900.0)
+NUMBER_DECOYS = 0.3  # share of numbers rows that also hold 1-3 decoys: numbers of the row's value form, of no key
 
 
 @dataclass
@@ -91,6 +120,8 @@ def training_phrasings(args: SyntheticArgs) -> tuple[list[str], list[tuple[str, 
             needles.check_train_template(template, attributes)
             facts.append(template.fact)
             questions.append((template.question, template.answer))
+        for form in NUMBER_FORMS + DECOY_FORMS:  # the number clutter's wording, too, stays train-only
+            needles.check_train_template(needles.Template(f"number clutter {form!r}", "train", form, "", ""))
     except needles.TemplateError as error:
         raise DataError(str(error)) from None
     return facts, questions, attributes
@@ -160,6 +191,38 @@ def _restated(question: str, answer: str, restated: tuple[str, ...], slot: str, 
     return " ".join(filter(None, (label, rng.choice(restated))))
 
 
+def _roman(n: int) -> str:
+    out = ""
+    for value, letters in ((10, "x"), (9, "ix"), (5, "v"), (4, "iv"), (1, "i")):
+        out += letters * (n // value)
+        n %= value
+    return out
+
+
+def number_text(rng: random.Random, avoid: set[str]) -> str:
+    """One piece of number clutter (a NUMBER_FORMS form, its slots drawn), none of whose digit runs is in `avoid`."""
+    while True:
+        year, page = rng.randint(1500, 1950), rng.randint(1, 600)
+        text = rng.choice(NUMBER_FORMS).format(
+            year=year, year2=year + rng.randint(1, 80), page=page, page2=page + rng.randint(1, 12),
+            note=rng.randint(1, 120), roman=_roman(rng.randint(1, 12)), chapter=rng.randint(1, 40),
+            count=rng.randint(10, 999), thousands=rng.randint(1, 99))
+        if avoid.isdisjoint(re.findall(r"\d+", text)):
+            return text
+
+
+def same_form(rng: random.Random, value: str) -> str:
+    """Another value of `value`'s form: each digit (a run's first not 0) and capital letter drawn anew, the rest
+    kept ("4837993" -> "1520648", "KD20417" -> "PA93105", "osprey-12" -> "osprey-57")."""
+    out = []
+    for i, char in enumerate(value):
+        if char.isdigit():
+            out.append(rng.choice(string.digits if i and value[i - 1].isdigit() else "123456789"))
+        else:
+            out.append(rng.choice(string.ascii_uppercase) if char.isupper() else char)
+    return "".join(out)
+
+
 def _join(items: list[str], rng: random.Random) -> str:
     if len(items) == 1:
         return items[0]
@@ -173,6 +236,8 @@ class RowMaker:
         self.tokenizer, self.args = tokenizer, args
         self.facts, self.questions, self.attributes = training_phrasings(args)
         self.ends = needles.sentence_ends(tokenizer, np.arange(len(tokenizer)))  # per vocabulary id
+        self.word_starts = np.array([tokenizer.decode([i])[:1].isspace() for i in range(len(tokenizer))]) \
+            if args.numbers > 0 else None  # per vocabulary id: its text opens with a space or a line break
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -268,11 +333,15 @@ class RowMaker:
             tail = ([] if interleave else [t for piece in qa for t in piece]) + ([self.eos] if self.eos is not None
                                                                                 else [])
         budget = length - len(head) - len(tail) - sum(map(len, fact_ids)) - sum(map(len, inline))
+        numbers = self.args.numbers > 0 and rng.random() < self.args.numbers  # no draw at 0: rows stay as they were
+        clutter = self._clutter(rng, haystack[:max(budget, 0)], [fact[2] for fact in facts]) if numbers else []
+        budget -= sum(map(len, clutter))  # the clutter takes its tokens from the haystack
         if budget < 16 or len(haystack) < budget:
             raise DataError(f"a synthetic retrieval row of {length} tokens cannot hold {len(facts)} facts and their "
                             f"questions; raise data.seq_len or lower data.synthetic.facts/questions")
         hay = haystack[:budget]
         cuts = np.flatnonzero(self.ends[hay]) + 1
+        clutter_points = self._clutter_points(rng, hay, cuts, len(clutter)) if clutter else []
         depths = [rng.random() * (FAR_FACT_SPAN if far else 1.0) for _ in facts]
         chain = [i for i, f in enumerate(facts) if not f[1]]  # a chain's links go in order
         for i, depth in zip(chain, sorted(depths[i] for i in chain)):
@@ -288,13 +357,52 @@ class RowMaker:
         if far:  # the skip goes at a sentence end between the last fact and the questions
             later = cuts[cuts > max(points)]
             split = int(rng.choice(later)) if len(later) else max(points)
-            far_split = len(head) + split + sum(len(piece) for point, piece in zip(points, pieces) if point <= split)
-        body = needles.splice(hay.tolist(), points, pieces)
+            far_split = len(head) + split + sum(len(piece) for point, piece in
+                                                zip(clutter_points + points, clutter + pieces) if point <= split)
+        body = needles.splice(hay.tolist(), clutter_points + points, clutter + pieces)  # clutter before a fact there
         ids = np.asarray(head + body + tail, dtype=np.int64)  # budget was set so that this is `length` tokens
         # Only the values carry the answer loss, also where the answer restates its key first: the restated key and
         # attribute are copied from the question a few tokens back, so they need no context and keep the plain
         # loss; weighing them too would spread the answer loss's mean over easy tokens and dilute it on the values.
         return Row(ids, mark_last(ids, self._encode([f" {values}." for _, _, _, values in questions])), far_split)
+
+    def _clutter(self, rng: random.Random, hay: np.ndarray, values: list[str]) -> list[list[int]]:
+        """Token pieces of number clutter for a haystack of at most `hay`: numbers at a density drawn from
+        NUMBERS_PER_100K, counted over the haystack text the row keeps (`hay` shortened by the clutter's tokens, and
+        the clutter); and in NUMBER_DECOYS of the rows, 1-3 decoys of a value's form. No digit run of the row's
+        `values` is ever a clutter number, and no decoy is a value, so an answer's values are only ever its facts'."""
+        rate = rng.uniform(*NUMBERS_PER_100K)
+        chars_per_token = len(self.tokenizer.decode(hay.tolist())) / max(1, len(hay))
+        avoid = {run for value in values for run in re.findall(r"\d+", value)}
+        texts, count = [], 0
+        while count < rate * chars_per_token * len(hay) / 100_000:  # the rate on all of `hay`: trimmed below
+            texts.append(number_text(rng, avoid))
+            count += len(NUMBER.findall(texts[-1]))
+        pieces = self._encode(texts)
+        numbers = np.cumsum([len(NUMBER.findall(text)) for text in texts])
+        kept_chars = chars_per_token * (len(hay) - np.cumsum([len(piece) for piece in pieces]))
+        density = numbers * 100_000 / np.maximum(kept_chars + np.cumsum([len(text) for text in texts]), 1)
+        pieces = pieces[: int(np.argmax(density > rate)) if (density > rate).any() else len(pieces)]
+        if values and rng.random() < NUMBER_DECOYS:
+            decoys, wanted = [], rng.randint(1, 3)
+            for _ in range(100 * wanted):  # bounded: a form with few values besides the row's may give fewer
+                decoy = same_form(rng, rng.choice(values))
+                if decoy not in values:
+                    decoys.append(rng.choice(DECOY_FORMS).format(value=decoy))
+                if len(decoys) == wanted:
+                    break
+            pieces += self._encode(decoys)
+        return pieces
+
+    def _clutter_points(self, rng: random.Random, hay: np.ndarray, cuts: np.ndarray, count: int) -> list[int]:
+        """`count` distinct random points of `hay` where a word starts (before a token that opens with a space or a
+        line break) or a sentence has ended; with fewer such points than `count`, some repeat."""
+        places = np.union1d(np.flatnonzero(self.word_starts[hay]), cuts)
+        if not len(places):
+            places = np.arange(len(hay) + 1)
+        chosen = rng.sample(range(len(places)), count) if count <= len(places) else \
+            rng.choices(range(len(places)), k=count)
+        return [int(places[i]) for i in chosen]
 
     def _chat_parts(self, intro: str, questions, rng: random.Random) -> tuple[list[int], list[int], list]:
         """Chat tokens before and after the haystack (the first user turn holds intro, text and first question),
