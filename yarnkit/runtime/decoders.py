@@ -1,10 +1,10 @@
 """The two decoders behind a `StreamingEngine`, one interface: eager (a growing `SinkCache`) and pooled static.
 
 Both expose `cache` (with `evict_for_space(incoming, ...)`, `keep(indices)`, `get_seq_length()`,
-`layers[i].keys/values`, `rerotations`, `nbytes()`), `forward(ids [1, n], logits_to_keep) -> float32 logits`, `reset()`, `release()`, `consistent(n)`,
-`path` and `fallback_reason`. The engine calls only these, so it has one code path; which decoder runs is
-`decode=` (eager | static | graph | auto). `PoolDecoder` additionally lets sessions that share a `SlotPool`
-decode together in one batched step (`StreamingEngine.decode_together`).
+`layers[i].keys/values`, `rerotations`, `nbytes()`), `forward(ids [1, n], logits_to_keep) -> float32 logits`,
+`reset()`, `release()`, `consistent(n)`, `path` and `fallback_reason`. The engine calls only these, so it has one
+code path; which decoder runs is `decode=` (eager | static | graph | auto). `PoolDecoder` additionally lets
+sessions that share a `SlotPool` decode together in one batched step (`StreamingEngine.decode_together`).
 
 Test: `python -m pytest tests/test_runtime_static.py tests/test_runtime_cache.py -q`.
 """
