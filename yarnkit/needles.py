@@ -273,11 +273,13 @@ def sentence_ends(tokenizer, ids: np.ndarray) -> np.ndarray:
     """bool per token of `ids`: it ends a sentence (its text ends in . ! ? before any closing quote, or holds a
     blank line, a paragraph break). Each distinct token is decoded once."""
     distinct, inverse = np.unique(np.asarray(ids), return_inverse=True)
-    ends = np.zeros(len(distinct), dtype=bool)
-    for index, token_id in enumerate(distinct.tolist()):
-        text = tokenizer.decode([token_id])
-        ends[index] = "\n\n" in text or text.rstrip(" ").rstrip("\"'’”)").endswith((".", "!", "?"))
+    ends = np.array([ends_sentence(tokenizer.decode([token_id])) for token_id in distinct.tolist()], dtype=bool)
     return ends[inverse.reshape(-1)]
+
+
+def ends_sentence(text: str) -> bool:
+    """A token's text ends a sentence: it ends in . ! ? before any closing quote, or holds a blank line."""
+    return "\n\n" in text or text.rstrip(" ").rstrip("\"'’”)").endswith((".", "!", "?"))
 
 
 def insertion_point(depth: float, n: int, cuts: np.ndarray) -> int:

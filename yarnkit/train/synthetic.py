@@ -235,9 +235,9 @@ class RowMaker:
     def __init__(self, tokenizer, args: SyntheticArgs):
         self.tokenizer, self.args = tokenizer, args
         self.facts, self.questions, self.attributes = training_phrasings(args)
-        self.ends = needles.sentence_ends(tokenizer, np.arange(len(tokenizer)))  # per vocabulary id
-        self.word_starts = np.array([tokenizer.decode([i])[:1].isspace() for i in range(len(tokenizer))]) \
-            if args.numbers > 0 else None  # per vocabulary id: its text opens with a space or a line break
+        pieces = [tokenizer.decode([token_id]) for token_id in range(len(tokenizer))]  # per vocabulary id
+        self.ends = np.array([needles.ends_sentence(piece) for piece in pieces], dtype=bool)
+        self.word_starts = np.array([piece[:1].isspace() for piece in pieces])  # opens with a space or line break
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
