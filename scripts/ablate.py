@@ -9,7 +9,8 @@ variant whose summary exists is not run again (the command is resumable), and no
 
     OUT/<variant>/...          each variant's e2e output (run/, eval/, summary.json)
     OUT/ablation.json, .md     per variant: ppl by length; per task accuracy by length, at 64k depths 0 and 0.05,
-                               and the worst (length, depth) cell; the score
+                               and the worst (length, depth) cell; the score; what the misses answered
+                               (a neighbour's value, a number of the book, ...: `yarnkit.eval.retrieval.miss_kind`)
     OUT/base/ppl-base.json     the base model's perplexity at the `--lengths` within its own context (run first)
     OUT/winner.txt, .json      the best variant (its overrides one per line; .json: name, overrides, score): the
                                highest score (mean accuracy of niah, multi-key and chat over the grid) among the
@@ -105,7 +106,7 @@ def variant_row(out: Path, name: str) -> dict | None:
         row[task] = {"accuracy": result["accuracy"], "tf_accuracy": result["tf_accuracy"],
                      "by_length": {b["length"]: (b["accuracy"], b["tf_accuracy"]) for b in result["by_length"]},
                      "far": {depth: cells.get((longest, depth)) for depth in (0.0, 0.05)},
-                     "worst": result.get("worst_cell")}
+                     "worst": result.get("worst_cell"), "misses": result.get("misses")}
     scores = [row[t]["accuracy"] for t in TASKS if row[t]["accuracy"] is not None]
     row["score"] = sum(scores) / len(scores) if scores else None
     return row
@@ -120,7 +121,8 @@ def _pct(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table: ppl by length, each task by length, the far cells (longest length, depths 0 and 0.05), worst."""
+    """One table: ppl by length, each task by length, the far cells (longest length, depths 0 and 0.05), worst;
+    then what each task's wrong answers gave (miss kinds), where the results record them."""
     ppl_lengths = sorted({n for r in rows for n in r["ppl"]})
     task_lengths = sorted({n for r in rows for t in TASKS for n in r[t]["by_length"]})
     header = ["variant", *[f"ppl {_k(n)}" for n in ppl_lengths]]
@@ -137,7 +139,20 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{_pct(worst['accuracy'])} ({_k(worst['length'])}, {worst['depth']:g})" if worst else "-")
         cells += [f"{r['score']:.3f}" if r["score"] is not None else "-", str(r["train_seconds"])]
         lines.append("| " + " | ".join([r["variant"], *cells]) + " |")
+    if any(r[task].get("misses") is not None for r in rows for task in TASKS):
+        lines += ["", "What the wrong answers gave (`yarnkit.eval.retrieval.miss_kind`, by the answer's first number):",
+                  "", "| variant | " + " | ".join(f"{task} misses" for task in TASKS) + " |",
+                  "|---|" + "---|" * len(TASKS)]
+        lines += ["| " + " | ".join([r["variant"], *[_misses(r[task].get("misses")) for task in TASKS]]) + " |"
+                  for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _misses(counts: dict | None) -> str:
+    if counts is None:
+        return "-"
+    kinds = ", ".join(f"{kind} {n}" for kind, n in counts.items())
+    return f"{sum(counts.values())}" + (f" ({kinds})" if kinds else "")
 
 
 def keeps_perplexity(row: dict, base: dict) -> bool:

@@ -37,7 +37,11 @@ def test_one_variant_trains_is_evaluated_and_tabled(tmp_path):
     for task in ("niah", "multikey", "chat"):
         assert len(row[task]["by_length"]) == 2 and row[task]["accuracy"] is not None
         assert set(map(float, row[task]["far"])) == {0.0, 0.05}
-    assert "| data-x8 |" in (out / "ablation.md").read_text()
+        trials = [t for path in (out / "data-x8" / "eval").glob(f"{task}-*.json")
+                  for cell in json.loads(path.read_text())["cells"] for t in cell["trials"]]
+        assert sum(row[task]["misses"].values()) == sum(not t["correct"] for t in trials) and trials
+    markdown = (out / "ablation.md").read_text()
+    assert "| data-x8 |" in markdown and "What the wrong answers gave" in markdown
     if row["keeps_perplexity"]:
         assert (out / "winner.txt").read_text().splitlines() == row["overrides"]
     again = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)

@@ -18,7 +18,8 @@ from yarnkit.cli import main
 from yarnkit.eval.haystack import Haystack, place_needles
 from yarnkit.errors import RetrievalError
 from yarnkit.needles import SNAP
-from yarnkit.eval.retrieval import TASKS, Builder, TaskOptions, build_sample, evaluate_retrieval
+from yarnkit.eval.retrieval import (MISS_KINDS, TASKS, Builder, TaskOptions, build_sample, evaluate_retrieval,
+                                    miss_kind)
 from yarnkit.models import cache_argument
 
 
@@ -111,6 +112,40 @@ def test_oracle_scores_perfectly_and_a_format_failure_keeps_teacher_forced_accur
         assert result["accuracy"] == (0.0 if newline_first else 1.0), task
         assert [c["depth"] for c in result["depth_curve"]] == depths and len(result["cells"]) == 4
         assert set(result["per_template"]) == ({"vt"} if task == "vt" else {"magic", "archive"})
+
+
+def test_miss_kind_names_what_a_wrong_answer_gave():
+    book = frozenset({"1774", "572", "8"})
+    assert miss_kind(" 3893670.", "4543246", ["3893670", "1111111"], book) == "neighbour"
+    assert miss_kind(" 1774.", "4543246", ["3893670"], book) == "book number"
+    assert miss_kind(" 8vo", "4543246", [], book) == "book number"  # the first number decides
+    assert miss_kind(" 7233350.", "7233500", [], book) == "near value"  # two digits changed
+    assert miss_kind(" 454324.", "4543246", [], book) == "near value"  # one dropped
+    assert miss_kind(" 4500000.", "4543246", [], book) == "other number"
+    assert miss_kind(" Argham.", "4543246", ["3893670"], book) == "no number"
+
+
+@pytest.mark.parametrize("task, wrong", [("multikey", "neighbour"), ("niah", "book number")])
+def test_every_wrong_answer_is_counted_by_what_it_gave(tokenizer, haystack, task, wrong):
+    """An oracle that answers a distractor's value (multikey) or a number of the book window (niah) instead of the
+    asked value: every trial is a miss of that kind, and the grid counts them."""
+    builder, options = Builder(tokenizer), TaskOptions(batch_tokens=1000)
+    lengths, depths, trials = [400], [0.0, 1.0], 3
+    samples = []
+    for index, depth in enumerate(depths):
+        rng = random.Random(f"0:{task}:400:{depth}")
+        for t in range(trials):
+            sample = build_sample(task, builder, haystack, 400, depth, rng, index + t, options,
+                                  options.templates[t % 2])
+            given = sample.neighbours[0] if wrong == "neighbour" else min(sample.book_numbers, key=len)
+            assert given not in sample.expected
+            answer, _ = builder.answer([given], len(sample.prompt_ids))
+            samples.append(SimpleNamespace(prompt_ids=sample.prompt_ids, forced_ids=sample.prompt_ids + answer))
+    result = evaluate_retrieval(Oracle(samples, tokenizer), tokenizer, haystack, task, lengths, depths, trials, 0,
+                                options)
+    assert result["accuracy"] == 0.0 and result["misses"] == {wrong: 6}
+    assert all(trial["miss"] == wrong for cell in result["cells"] for trial in cell["trials"])
+    assert set(result["misses"]) <= set(MISS_KINDS)
 
 
 def test_same_seed_same_prompts_for_every_model(tokenizer, haystack):

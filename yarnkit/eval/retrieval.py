@@ -20,6 +20,11 @@ Scoring, both per trial and from one forward pass over prompt + reference answer
 - `tf_correct` (teacher forcing): every token of every expected value is the argmax given the reference before it
   (for `chat` after the template's answer prefix). High teacher-forced accuracy with low exact match is a format
   failure; both low is a retrieval failure.
+- `miss` (one-answer tasks, wrong answers only; `misses` counts them per kind): what the model gave instead,
+  the first number of its answer being another needle's value (`neighbour`), a number printed in the prompt's
+  book text (`book number`), the value mis-copied (`near value`: at most 2 digit edits), another number
+  (`other number`), or no number at all (`no number`). It tells confusion among look-alike facts from a model
+  that reads the haystack's own numbers as the answer.
 Tests: tests/test_eval_retrieval.py.
 """
 
@@ -42,6 +47,8 @@ from yarnkit.models import forward_with_cache
 TASKS = ("niah", "multikey", "multivalue", "multiquery", "vt", "chat")
 SINGLE_ANSWER = ("niah", "multikey", "chat")
 COMPLETE_INTEGER = re.compile(r"\d\D")
+NUMBER = re.compile(r"\d+")
+MISS_KINDS = ("neighbour", "book number", "near value", "other number", "no number")
 SENTINEL = "\u2063NEEDLE\u2063"
 
 
@@ -66,6 +73,8 @@ class Sample:
     needle_depths: list[float]
     plain: bool = True  # a completion prompt (stop at a newline), not a chat turn
     record: dict = field(default_factory=dict)
+    neighbours: list[str] = field(default_factory=list)  # the other needles' values (multikey's distractors)
+    book_numbers: frozenset[str] = frozenset()  # every number printed in the prompt's book window
 
 
 def eval_template(name: str) -> needles.Template:
@@ -194,7 +203,32 @@ def build_sample(task: str, builder: Builder, haystack: Haystack, length: int, d
     forced = prompt + (builder.enc(prefix) if task == "chat" else [])
     answer, spans = builder.answer(expected, len(forced))
     return Sample(template_name, prompt, forced + answer, spans, expected, [round(d, 4) for d in placed],
-                  plain=task != "chat", record={"keys": keys if task != "vt" else variables, "book": book})
+                  plain=task != "chat", record={"keys": keys if task != "vt" else variables, "book": book},
+                  neighbours=values[1:] if task in SINGLE_ANSWER else [], book_numbers=frozenset(NUMBER.findall(text)))
+
+
+def miss_kind(answer: str, expected: str, neighbours: list[str], book_numbers: frozenset[str]) -> str:
+    """What a wrong one-answer reply gave instead of `expected`, by its first number (one of `MISS_KINDS`)."""
+    numbers = NUMBER.findall(answer)
+    if not numbers:
+        return "no number"
+    given = numbers[0]
+    if given in neighbours:
+        return "neighbour"
+    if given in book_numbers:
+        return "book number"
+    return "near value" if digit_edits(given, expected) <= 2 else "other number"
+
+
+def digit_edits(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
 
 
 def _found(expected: list[str], answer: str, single: bool) -> float:
@@ -289,6 +323,10 @@ def evaluate_retrieval(model, tokenizer, haystack: Haystack, task: str, lengths:
                         for d in depths]
             continue
         seconds = round((time.perf_counter() - started) / len(depths), 3)
+        if single:
+            for (_, sample), result in zip(samples, results):
+                result["miss"] = None if result["correct"] else miss_kind(
+                    result["answer"], sample.expected[0], sample.neighbours, sample.book_numbers)
         for depth in depths:
             records = [{"template": s.template, "expected": s.expected, **s.record, "needle_depths": s.needle_depths,
                         "prompt_tokens": len(s.prompt_ids), **r} for (d, s), r in zip(samples, results) if d == depth]
@@ -320,7 +358,8 @@ def _mean(values) -> float | None:
 
 
 def summarise(cells: list[dict]) -> dict:
-    """Overall accuracies, the depth curve (mean over lengths), per-length rows, per-template accuracy."""
+    """Overall accuracies, the depth curve (mean over lengths), per-length rows, per-template accuracy, and (for
+    one-answer tasks) how many wrong answers were of each miss kind."""
     depth_curve = [{"depth": d, "accuracy": _mean(c["accuracy"] for c in cells if c["depth"] == d),
                     "tf_accuracy": _mean(c["tf_accuracy"] for c in cells if c["depth"] == d)}
                    for d in sorted({c["depth"] for c in cells})]
@@ -331,6 +370,9 @@ def summarise(cells: list[dict]) -> dict:
     per_template = {name: _mean(t["score"] for t in trials if t["template"] == name)
                     for name in sorted({t["template"] for t in trials})}
     worst = min(cells, key=lambda c: c["accuracy"], default=None)
+    kinds = [t["miss"] for t in trials if t.get("miss")]
+    misses = {kind: kinds.count(kind) for kind in MISS_KINDS if kind in kinds}
     return {"accuracy": _mean(c["accuracy"] for c in cells), "tf_accuracy": _mean(c["tf_accuracy"] for c in cells),
             "worst_cell": worst and {key: worst[key] for key in ("length", "depth", "accuracy", "tf_accuracy")},
-            "depth_curve": depth_curve, "by_length": by_length, "per_template": per_template}
+            "depth_curve": depth_curve, "by_length": by_length, "per_template": per_template,
+            **({"misses": misses} if any("miss" in t for t in trials) else {})}
