@@ -186,6 +186,11 @@ def test_cli_smoke_of_every_task_writes_results_plots_and_report(model_dir, tmp_
     assert "(niah): exact match (teacher-forced), by length" in report and "| model | 256 | 2k | all |" in report
     assert re.search(r"\| tiny \| \d+% \(\d+%\) \| skipped \| \d+% \(\d+%\) \|", report)
     assert "| model | depth 0.5 | all |" in report
+    misses = {task: json.loads((out / f"{task}-tiny.json").read_text()).get("misses") for task in TASKS}
+    assert [task for task in TASKS if misses[task] is not None] == ["niah", "multikey", "chat"]
+    assert report.count("*what the wrong answers gave (their first number)*") == 3
+    wrong = sum(misses["niah"].values())
+    assert re.search(rf"\| tiny \| {wrong} \|", report.split("(niah)")[1].split("(multikey)")[0])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,7 +3,8 @@
 One table per task: `ppl` (rows: labels, columns: lengths, cells: mean ppl with last-quarter ppl in
 parentheses), `passkey`/`needle` (accuracy per length, averaged over depths), `stream` (ppl, latency, memory,
 stop reason), and for the retrieval tasks (niah, multikey, ...) exact match with teacher-forced accuracy in
-parentheses, by length and by depth (the depth curve). Skipped lengths show as "skipped".
+parentheses, by length and by depth (the depth curve), and for one-answer tasks what the wrong answers gave (miss
+kinds, `yarnkit.eval.retrieval.miss_kind`). Skipped lengths show as "skipped".
 CLI: `yarnkit eval report RESULTS... --markdown`.
 """
 
@@ -94,6 +95,14 @@ def retrieval_table(results: list[dict], by: str = "length") -> str:
     return _table(["model", *[f"{by} {name}" if by == "depth" else name for name in names], "all"], rows)
 
 
+def misses_table(results: list[dict]) -> str:
+    """What the wrong answers of a one-answer retrieval task gave, per model: counts per miss kind."""
+    kinds = list(dict.fromkeys(kind for result in results for kind in result.get("misses", {})))  # as recorded
+    rows = [[result["label"], str(sum(result.get("misses", {}).values())),
+             *[str(result.get("misses", {}).get(kind, 0)) for kind in kinds]] for result in results]
+    return _table(["model", "misses", *kinds], rows)
+
+
 TABLES = {"ppl": ppl_table, "passkey": passkey_table, "needle": passkey_table, "stream": stream_table}
 CAPTIONS = {"ppl": "Perplexity vs context length: mean (last quarter), token-weighted",
             "passkey": "Passkey retrieval accuracy (mean over depths)",
@@ -116,4 +125,6 @@ def markdown_report(results: list[dict]) -> str:
             sections.append(f"**Retrieval, {caption} ({task}): exact match (teacher-forced), by length**\n\n"
                             f"{retrieval_table(chosen)}\n\n*by depth (0 = start of the context)*\n\n"
                             f"{retrieval_table(chosen, 'depth')}\n")
+            if any("misses" in result for result in chosen):
+                sections.append(f"*what the wrong answers gave (their first number)*\n\n{misses_table(chosen)}\n")
     return "\n".join(sections)
