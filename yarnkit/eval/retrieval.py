@@ -202,9 +202,11 @@ def build_sample(task: str, builder: Builder, haystack: Haystack, length: int, d
     prompt = head + body + tail
     forced = prompt + (builder.enc(prefix) if task == "chat" else [])
     answer, spans = builder.answer(expected, len(forced))
+    single = task in SINGLE_ANSWER
     return Sample(template_name, prompt, forced + answer, spans, expected, [round(d, 4) for d in placed],
                   plain=task != "chat", record={"keys": keys if task != "vt" else variables, "book": book},
-                  neighbours=values[1:] if task in SINGLE_ANSWER else [], book_numbers=frozenset(NUMBER.findall(text)))
+                  neighbours=values[1:] if single else [],  # what `miss_kind` tells a wrong answer by
+                  book_numbers=frozenset(NUMBER.findall(text)) if single else frozenset())
 
 
 def miss_kind(answer: str, expected: str, neighbours: list[str], book_numbers: frozenset[str]) -> str:
@@ -233,7 +235,7 @@ def digit_edits(a: str, b: str) -> int:
 
 def _found(expected: list[str], answer: str, single: bool) -> float:
     if single:
-        numbers = re.findall(r"\d+", answer)
+        numbers = NUMBER.findall(answer)
         return float(bool(numbers) and numbers[0] == expected[0])
     words = set(re.findall(r"[A-Za-z0-9]+", answer))
     return sum(value in words for value in expected) / len(expected)
