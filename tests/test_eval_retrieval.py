@@ -19,7 +19,7 @@ from yarnkit.eval.haystack import Haystack, place_needles
 from yarnkit.errors import RetrievalError
 from yarnkit.needles import SNAP
 from yarnkit.eval.retrieval import (MISS_KINDS, TASKS, Builder, TaskOptions, build_sample, evaluate_retrieval,
-                                    miss_kind)
+                                    NUMBER, miss_kind)
 from yarnkit.models import cache_argument
 
 
@@ -146,6 +146,17 @@ def test_every_wrong_answer_is_counted_by_what_it_gave(tokenizer, haystack, task
     assert result["accuracy"] == 0.0 and result["misses"] == {wrong: 6}
     assert all(trial["miss"] == wrong for cell in result["cells"] for trial in cell["trials"])
     assert set(result["misses"]) <= set(MISS_KINDS)
+
+
+def test_book_numbers_are_those_the_prompt_prints(tokenizer, tmp_path):
+    """A book with a number in every sentence: the numbers a miss may be "book number" for are those of the book text
+    the prompt keeps, not of the window's text past it."""
+    (tmp_path / "dense.txt").write_text(" ".join(f"The ledger of year {1000 + i} was closed." for i in range(600)))
+    dense = Haystack.from_books(tmp_path / "dense.txt", tokenizer, 4096)
+    sample = build_sample("niah", Builder(tokenizer), dense, 400, 0.5, random.Random(0), 0, TaskOptions(), "magic")
+    printed = set(NUMBER.findall(tokenizer.decode(sample.prompt_ids)))
+    assert len(sample.book_numbers) > 10 and sample.book_numbers <= printed
+    assert printed - sample.book_numbers <= set(sample.expected)  # the rest is the needle's value
 
 
 def test_same_seed_same_prompts_for_every_model(tokenizer, haystack):

@@ -203,10 +203,11 @@ def build_sample(task: str, builder: Builder, haystack: Haystack, length: int, d
     forced = prompt + (builder.enc(prefix) if task == "chat" else [])
     answer, spans = builder.answer(expected, len(forced))
     single = task in SINGLE_ANSWER
+    kept_text = builder.tokenizer.decode(ids[:budget].tolist()) if single else ""  # the book text the prompt holds
     return Sample(template_name, prompt, forced + answer, spans, expected, [round(d, 4) for d in placed],
                   plain=task != "chat", record={"keys": keys if task != "vt" else variables, "book": book},
                   neighbours=values[1:] if single else [],  # what `miss_kind` tells a wrong answer by
-                  book_numbers=frozenset(NUMBER.findall(text)) if single else frozenset())
+                  book_numbers=frozenset(NUMBER.findall(kept_text)))
 
 
 def miss_kind(answer: str, expected: str, neighbours: list[str], book_numbers: frozenset[str]) -> str:
