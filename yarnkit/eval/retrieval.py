@@ -74,7 +74,7 @@ class Sample:
     plain: bool = True  # a completion prompt (stop at a newline), not a chat turn
     record: dict = field(default_factory=dict)
     neighbours: list[str] = field(default_factory=list)  # the other needles' values (multikey's distractors)
-    book_numbers: frozenset[str] = frozenset()  # every number printed in the prompt's book window
+    book_numbers: frozenset[str] = frozenset()  # every number printed in the book text the prompt holds
 
 
 def eval_template(name: str) -> needles.Template:
