@@ -127,8 +127,8 @@ def test_miss_kind_names_what_a_wrong_answer_gave():
 
 @pytest.mark.parametrize("task, wrong", [("multikey", "neighbour"), ("niah", "book number")])
 def test_every_wrong_answer_is_counted_by_what_it_gave(tokenizer, haystack, task, wrong):
-    """An oracle that answers a distractor's value (multikey) or a number of the book window (niah) instead of the
-    asked value: every trial is a miss of that kind, and the grid counts them."""
+    """An oracle that answers a distractor's value (multikey) or a number of the prompt's book text (niah) instead
+    of the asked value: every trial is a miss of that kind, and the grid counts them."""
     builder, options = Builder(tokenizer), TaskOptions(batch_tokens=1000)
     lengths, depths, trials = [400], [0.0, 1.0], 3
     samples = []
