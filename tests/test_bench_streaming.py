@@ -130,3 +130,20 @@ def test_agreement_is_an_exact_ratio_of_counts():
     other[0] = torch.roll(other[0], 1)
     assert decided_agreement(reference, other) == (96 / 97, 97)
     assert share(torch.arange(97) < 96) == 96 / 97
+
+
+def test_decode_step_profile_lists_the_step_operators_on_cpu(tmp_path):
+    """`--profile`: one section per row, each a profile of one pooled decode step whose operators include the
+    step's matmuls and the cache's scatter (on CPU the profile lists operators, not kernels); the JSON rows stay
+    free of the markdown."""
+    from yarnkit.bench import decode_step
+
+    out, profile = tmp_path / "rows.json", tmp_path / "profile.md"
+    assert decode_step.main(["--sessions", "1", "2", "--steps", "1", "--warmup", "1", "--window", "64", "--prompt",
+                             "32", "--modes", "greedy", "--out", str(out), "--profile", str(profile)]) == 0
+    text = profile.read_text()
+    sections = [line for line in text.splitlines() if line.startswith("# decode step")]
+    assert sections == ["# decode step: 1 session(s), greedy, static, sdpa",
+                        "# decode step: 2 session(s), greedy, static, sdpa"]
+    assert "| matmul |" in text and "| scatter / gather / index |" in text
+    assert all("profile_md" not in row for row in json.loads(out.read_text())["rows"])

@@ -17,6 +17,10 @@ and an instrumented one, where a few callables are wrapped to split the step int
   strings;
 - rest: the step's total less all the above (the scheduler's Python, building the step's inputs).
 
+With `--profile FILE`, one more pass per row records one decode step (after the warm-up) with torch.profiler and
+FILE gets its kernels by kind (matmul, attention, elementwise, scatter, copies, Inductor), the top kernels, the
+launch count and the host gaps (`yarnkit.train.profiling.summary`; on CPU: operators instead of kernels).
+
 Each phase is reported as its median over the timed steps (a step the OS preempted on a shared machine moves
 no median; the phases' medians need not add up to the step's). The instrumented pass synchronises the device
 around each forward, so its total is a little above the plain step's on a GPU. Timing only: nothing here
@@ -27,6 +31,8 @@ asserts speed.
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --out runs/ds.json
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 8 16 --decode-attention sdpa split flex          # the pooled step's attention kernels compared
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
+      --sessions 1 --decode static graph --profile runs/decode-profile.md   # kernels of one step, eager vs graph
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 
 from yarnkit.bench.streaming import sync
 from yarnkit.runtime.options import DECODE_ATTENTION
+from yarnkit.train.profiling import step_profile, summary
 
 PHASES = ("forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest")
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
@@ -115,8 +122,9 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
-            mode: str, decode: str, decode_attention: str = "sdpa") -> dict:
-    """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each)."""
+            mode: str, decode: str, decode_attention: str = "sdpa", profile: bool = False) -> dict:
+    """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
+    `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
     from yarnkit.runtime.admission import Job
     from yarnkit.runtime.conversation import Sampling
     from yarnkit.runtime.options import StreamOptions
@@ -160,9 +168,25 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             turn.close()
         return rows
 
+    def profiled() -> str:
+        turns = start_turns()
+        for _ in range(warmup):
+            scheduler._decode(turns)
+        sync(device)
+        with step_profile(True) as prof:
+            start = time.perf_counter()
+            scheduler._decode(turns)
+            sync(device)
+            wall = time.perf_counter() - start
+        for turn in turns:
+            turn.close()
+        title = f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, {decode_attention}"
+        return summary(prof, wall, title=title)
+
     try:
         plain = run(False)
         instrumented = run(True)
+        profile_md = profiled() if profile else None
     finally:
         scheduler.close()
     # medians over the steps: a step the OS preempted (a shared machine) does not move them
@@ -173,7 +197,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
-            "decode_path": scheduler.stats()["decode_path"]}
+            "decode_path": scheduler.stats()["decode_path"], **({"profile_md": profile_md} if profile else {})}
 
 
 def table(rows: list[dict]) -> str:
@@ -196,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--decode", default="auto", choices=["auto", "static", "graph"])
+    p.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "static", "graph"],
+                   help="decode paths to compare (auto: graph on CUDA, static elsewhere)")
     p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=DECODE_ATTENTION,
                    help="attention kernels of the pooled step to compare, each at every session count (auto: "
                         "the runtime's choice; each row names the kernel that ran)")
@@ -210,17 +235,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own); 1 on "
                    "a shared machine, where a parallel op waits for a busy core")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--profile", default=None, help="also profile one step per row with torch.profiler and write the "
+                   "kernel breakdowns to this markdown file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     rows = []
     for mode in args.modes:
-        for kernel in args.decode_attention:
-            for sessions in args.sessions:
-                rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps, args.warmup,
-                                    mode, args.decode, kernel))
-                print(json.dumps(rows[-1]), flush=True)
+        for decode in args.decode:
+            for kernel in args.decode_attention:
+                for sessions in args.sessions:
+                    rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
+                                        args.warmup, mode, decode, kernel, profile=bool(args.profile)))
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
+    if args.profile:
+        Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.profile).write_text("\n".join(row.pop("profile_md") for row in rows))
     report = {"model": args.model, "device": args.device, "dtype": args.dtype, "window": args.window,
               "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
