@@ -177,24 +177,33 @@ def test_decode_step_traces_as_one_graph_for_torch_compile():
 
 def test_float32_head_keeps_the_bf16_heads_float32_accumulation():
     """bf16 model, `float32_logits=True`: both decode paths return the head's logits computed to float32 from the
-    same bf16 hidden state and weights (within 1e-6 of float64, relative to the largest logit), where the model's
-    own head rounds them to bf16 (about 2e-3 relative: at |logit| 16..32 a bf16 step is 0.125, which ties tokens
-    that differ by less and lets rounding noise flip the greedy token). Auto (None) leaves it off on CPU, where
-    it costs; a float32 model never uses it."""
+    bf16 hidden state their own forward produced (within 1e-6 of float64, relative to the largest logit), where the
+    model's own head rounds them to bf16 (about 2e-3 relative: at |logit| 16..32 a bf16 step is 0.125, which ties
+    tokens that differ by less and lets rounding noise flip the greedy token). Each path's hidden state is read
+    from the decoder's output, not recomputed: in bf16 the paths' attention kernels round differently (CPUs with
+    and without native bf16 differ too), which is the decoder's rounding, not the head's. Auto (None) leaves it off
+    on CPU, where it costs; a float32 model never uses it."""
     from yarnkit.runtime.head import float32_head
 
     model = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16)
     prompt = tokens(12)
+    weight = model.lm_head.weight.double()
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=prompt).last_hidden_state[0, -1]
         own = model(input_ids=prompt).logits[0, -1].double()
-    exact = hidden.double() @ model.lm_head.weight.double().t()
-    scale = exact.abs().max()
-    assert (own - exact).abs().max() / scale > 1e-3  # what the float32 head removes
-    for decode in ("eager", "static"):
-        engine = StreamingEngine(model, sinks=4, window=32, decode=decode, float32_logits=True)
-        logits = engine.feed(prompt, all_logits=False)[0, -1]
-        assert logits.dtype == torch.float32
-        assert (logits.double() - exact).abs().max() / scale < 1e-6, decode
+    exact = hidden.double() @ weight.t()
+    assert (own - exact).abs().max() / exact.abs().max() > 1e-3  # what the float32 head removes
+    seen = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    try:
+        for decode in ("eager", "static"):
+            engine = StreamingEngine(model, sinks=4, window=32, decode=decode, float32_logits=True)
+            seen.clear()
+            logits = engine.feed(prompt, all_logits=False)[0, -1]
+            assert logits.dtype == torch.float32
+            exact = seen[-1][0, -1].double() @ weight.t()
+            assert (logits.double() - exact).abs().max() / exact.abs().max() < 1e-6, decode
+    finally:
+        hook.remove()
     assert float32_head(model) is None and float32_head(model, True) is not None
     assert float32_head(tiny_model("llama", num_hidden_layers=1), True) is None
