@@ -23,6 +23,8 @@ Parts (`--parts`; each result is written to OUT/bench_runtime.json as soon as it
 - ppl: streaming perplexity with eval/stream's policies (sink vs recompute vs window) over `--tokens` tokens.
 - recall: a fact stated early, asked after `--recall-filler` tokens: plain sinks vs SirLLM.
 Not a unit test: nothing here asserts speed. `--deadline` skips parts that would start after it (seconds).
+`--fuse-projections auto|true|false` is the runtime's setting (yarnkit/runtime/fused.py) for every runtime
+measurement; the peers, baselines and the path checks' eager cache run stock transformers.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench import streaming as bench
-from yarnkit.runtime.options import DECODE_ATTENTION
+from yarnkit.runtime.options import DECODE_ATTENTION, FUSE_PROJECTIONS
 
 PARTS = ("latency", "batch", "scale", "peers", "compiled", "hf-compiled", "ppl", "recall")  # the order they run in
 
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
                    help="attention kernel of the pooled decode step (latency, batch, compiled; its path check "
                         "compares it with the eager SDPA cache)")
+    p.add_argument("--fuse-projections", default="auto", choices=FUSE_PROJECTIONS,
+                   help="the runtime's fused q/k/v and gate/up projections (auto: on for the static/graph paths)")
     p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")
     p.add_argument("--scale-shapes", nargs="+", default=["smollm2-135m", "llama-1.2b", "llama-7b"])
     p.add_argument("--deadline", type=float, default=None, help="seconds: parts that would start later are skipped")
@@ -140,7 +144,8 @@ def latency(model, args, caches, **options) -> dict:
     rows = {}
     for cache in caches:
         row = {"sinks": bench.engine_stream(model, cache, args.steps, decode=args.decode,
-                                            decode_attention=args.decode_attention, **options)}
+                                            decode_attention=args.decode_attention,
+                                            fuse_projections=args.fuse_projections, **options)}
         if not options:
             row["recompute"] = bench.recompute(model, cache, max(4, args.steps // 16))
             row["speedup_vs_recompute"] = row["recompute"]["p50_ms"] / row["sinks"]["p50_ms"]
@@ -158,7 +163,8 @@ def scale(args) -> dict:
     cache, rows = max(args.caches), {}
     for shape in args.scale_shapes:
         model = bench.random_model(shape, args.device, to_dtype(args.dtype))
-        ours = bench.engine_stream(model, cache, max(32, args.steps // 4), decode=args.decode)
+        ours = bench.engine_stream(model, cache, max(32, args.steps // 4), decode=args.decode,
+                                   fuse_projections=args.fuse_projections)
         base = bench.recompute(model, cache, max(3, args.steps // 32))
         rows[shape] = {"parameters_b": round(bench.parameters_b(model), 3), "cache": cache, "sinks": ours,
                        "recompute": base, "speedup_vs_recompute": base["p50_ms"] / ours["p50_ms"]}
@@ -231,7 +237,7 @@ def main(argv=None):
         if part == "latency":
             report["latency"] = latency(model, args, args.caches)
             report["path_check"] = bench.path_check(model, args.decode, decode_attention=args.decode_attention,
-                                                    **check)
+                                                    fuse_projections=args.fuse_projections, **check)
         elif part == "peers":
             cache = max(args.caches)
             report["peers"] = {name: bench.hf_generate(model, cache, max(8, args.steps // 8), name, False)
@@ -243,12 +249,14 @@ def main(argv=None):
             # one cache size: each new shape is a new compilation (about a minute on a GPU)
             report["compiled"] = {"latency": latency(model, args, [max(args.caches)], compile=True),
                                   "path_check": bench.path_check(model, args.decode, compile=True,
-                                                                 decode_attention=args.decode_attention, **check)}
+                                                                 decode_attention=args.decode_attention,
+                                                                 fuse_projections=args.fuse_projections, **check)}
         elif part == "batch":
             report["batch"] = {str(count): bench.batch_throughput(model, max(args.caches), count, args.steps,
                                                                   decode="static" if args.decode == "eager"
                                                                   else args.decode,
-                                                                  decode_attention=args.decode_attention)
+                                                                  decode_attention=args.decode_attention,
+                                                                  fuse_projections=args.fuse_projections)
                                for count in args.sessions}
         elif part == "scale":
             report["scale"] = scale(args)
@@ -273,7 +281,8 @@ def summary(report) -> str:
         for cache, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
             s = row["sinks"]
             cells = f"sinks[{s['decode_path']}{'+compile' if s['compiled'] else ''}, " \
-                    f"{s.get('decode_attention', 'sdpa')}] p50 {s['p50_ms']:.3f} p99 " \
+                    f"{s.get('decode_attention', 'sdpa')}{', fused' if s.get('fused_projections') else ''}] " \
+                    f"p50 {s['p50_ms']:.3f} p99 " \
                     f"{s['p99_ms']:.3f} p99/p50 {s['p99_over_p50']:.2f}"
             if "recompute" in row:
                 cells += f"  recompute {row['recompute']['p50_ms']:.2f}  x{row['speedup_vs_recompute']:.1f} vs recompute"

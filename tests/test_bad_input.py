@@ -330,6 +330,8 @@ STREAM_FLAGS = [
     ("seed-above-64-bits", ["--seed", str(2**70), "--temperature", "0.7"], f"--seed {2**70}", "--seed 0"),
     ("seed-below-64-bits", ["--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1}", "--seed 0"),
     ("decode-graph-on-cpu", ["--decode", "graph"], "--decode graph needs a CUDA GPU", "--decode auto or static"),
+    ("fuse-projections-maybe", ["--fuse-projections", "maybe"], "argument --fuse-projections: invalid choice: 'maybe'",
+     "--help"),
     ("compile-on-cpu", ["--compile"], "--compile", "leave out --compile"),
     ("sinks-negative", ["--sinks", "-1"], "--sinks -1", "--sinks 4"),
     ("sinks-fill-window", ["--window", "8", "--sinks", "8"], "--sinks 8", "--sinks 4"),

@@ -9,7 +9,10 @@ leads by more than 2e-3; a random model's near-ties may round either way):
 - the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
 - the graph with `torch.compile` inside vs the eager cache;
 - 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal;
-- `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph.
+- `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph;
+- `--fuse-projections`: the graph with fused q/k/v and gate/up projections vs the unfused graph (within 1e-4: only
+  the matmuls' summation order differs), the fuse adding no weight memory, and `undo()` giving the state back bit
+  for bit (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures' models on their first pool.
 bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
 graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
 not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions
@@ -110,3 +113,26 @@ def test_decode_attention_kernels_equal_sdpa_in_the_graph(model32, model, kernel
     _, half = logprobs(model, "graph", decode_attention=kernel)
     _, eager = logprobs(model, "eager")
     close(half, eager)
+
+
+def test_float32_fused_projections_graph_equals_the_unfused_graph():
+    """A model of its own (the fixtures' models are fused by the first pool built on them): its unfused graph,
+    then the same weights fused (q/k/v and gate/up as one matmul each) in the graph, through 6 evictions."""
+    import gc
+
+    from yarnkit.runtime import fused
+
+    model = bench.random_model("smollm2-135m", "cuda", torch.float32)
+    saved = {name: value.cpu() for name, value in model.state_dict().items()}
+    path, plain = logprobs(model, "graph", fuse_projections=False)
+    assert path == "graph" and not fused.is_fused(model)
+    gc.collect()  # the unfused pool's buffers and graphs go now, not in the middle of the reading below
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    handle = fused.fuse_projections(model)
+    assert abs(torch.cuda.memory_allocated() - allocated) < 2**20  # the fused weights replace the originals
+    path, ours = logprobs(model, "graph", fuse_projections=True)
+    assert path == "graph" and handle.describe() == {"qkv_proj": 30, "gate_up_proj": 30, "undone": False}
+    exact(ours, plain, worst=1e-4)
+    handle.undo()
+    assert all(torch.equal(value.cpu(), saved[name]) for name, value in model.state_dict().items())

@@ -32,7 +32,11 @@ asserts speed.
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 8 16 --decode-attention sdpa split flex          # the pooled step's attention kernels compared
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
+      --sessions 1 8 16 --fuse-projections false true               # 7 vs 4 matmuls per layer (runtime/fused.py)
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 --decode static graph --profile runs/decode-profile.md   # kernels of one step, eager vs graph
+
+Each `--fuse-projections` setting runs on the model as loaded: a fuse the runtime made is undone after its rows.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench.streaming import sync
-from yarnkit.runtime.options import DECODE_ATTENTION
+from yarnkit.runtime import fused
+from yarnkit.runtime.options import DECODE_ATTENTION, FUSE_PROJECTIONS
 from yarnkit.train.profiling import step_profile, summary
 
 PHASES = ("forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest")
@@ -122,7 +127,8 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
-            mode: str, decode: str, decode_attention: str = "sdpa", profile: bool = False) -> dict:
+            mode: str, decode: str, decode_attention: str = "sdpa", fuse_projections: str = "auto",
+            profile: bool = False) -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
     `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
     from yarnkit.runtime.admission import Job
@@ -131,8 +137,9 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     from yarnkit.runtime.scheduler import Scheduler
 
     device = next(model.parameters()).device
-    scheduler = Scheduler(model, tokenizer, StreamOptions(window=window, decode=decode,
-                                                                decode_attention=decode_attention), rows=sessions)
+    options = StreamOptions(window=window, decode=decode, decode_attention=decode_attention,
+                            fuse_projections=fuse_projections)
+    scheduler = Scheduler(model, tokenizer, options, rows=sessions)
     conversations = [scheduler.sessions.new_conversation() for _ in range(sessions)]
     prompts = book_prompts(tokenizer, sessions, prompt_tokens)
 
@@ -180,7 +187,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             wall = time.perf_counter() - start
         for turn in turns:
             turn.close()
-        title = f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, {decode_attention}"
+        title = (f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, "
+                 f"{decode_attention}, {'fused' if fused.is_fused(model) else 'unfused'} projections")
         return summary(prof, wall, title=title)
 
     try:
@@ -192,7 +200,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     # medians over the steps: a step the OS preempted (a shared machine) does not move them
     split = {phase: 1e3 * statistics.median(row.get(phase, 0.0) for row in instrumented) for phase in PHASES}
     step_ms = 1e3 * statistics.median(row["total"] for row in plain)
-    return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention, "step_ms_p50": step_ms,
+    return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention,
+            "fused_projections": fused.is_fused(model), "step_ms_p50": step_ms,
             "tokens_per_s": 1e3 * sessions / step_ms,
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
@@ -201,13 +210,14 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'attn':<5} {'N':>3} {'step ms':>8} {'tok/s':>7} " + " ".join(f"{p:>11}" for p in PHASES) + \
-        f" {'host/session':>12}"
+    head = f"{'mode':<8} {'attn':<5} {'fused':<5} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
+        " ".join(f"{p:>11}" for p in PHASES) + f" {'host/session':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {'yes' if r['fused_projections'] else 'no':<5} "
+                     f"{r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
                      f"{r['tokens_per_s']:>7.1f} {cells} {r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
     return "\n".join(lines + [note])
@@ -225,6 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=DECODE_ATTENTION,
                    help="attention kernels of the pooled step to compare, each at every session count (auto: "
                         "the runtime's choice; each row names the kernel that ran)")
+    p.add_argument("--fuse-projections", nargs="+", default=["auto"], choices=FUSE_PROJECTIONS,
+                   help="fused q/k/v and gate/up projections, each setting at every session count (auto: on for "
+                        "the static/graph paths; each row says whether they were fused)")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--window", type=int, default=256, help="cache tokens per session (sinks included)")
@@ -245,10 +258,12 @@ def main(argv=None) -> int:
     for mode in args.modes:
         for decode in args.decode:
             for kernel in args.decode_attention:
-                for sessions in args.sessions:
-                    rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
-                                        args.warmup, mode, decode, kernel, profile=bool(args.profile)))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
+                for fuse in args.fuse_projections:
+                    for sessions in args.sessions:
+                        rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
+                                            args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile)))
+                        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
+                    fused.unfuse(model)  # the next setting starts from the model as loaded
     if args.profile:
         Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.profile).write_text("\n".join(row.pop("profile_md") for row in rows))

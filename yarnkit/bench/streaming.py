@@ -6,7 +6,10 @@ What it is: pure measurement functions over a model, each device-synchronised pe
 growing `DynamicCache`), `hf_generate` (transformers' `generate` with a static or dynamic cache, per-token times
 from a streamer), `batch_throughput` (sessions decoded together vs one alone, greedy agreement), `path_check`
 (log-prob difference of a decode path against the eager cache), and `random_model` for timing-only models of
-named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed.
+named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed. The runtime fuses
+the model's projections when its options say so (`--fuse-projections`, yarnkit/runtime/fused.py; each result
+says whether it ran fused); the baselines and peers (`recompute`, `dense`, `hf_generate`, the path check's eager
+reference) time stock transformers, so they undo such a fuse first.
 
 Test: `python -m pytest tests/test_bench_streaming.py -q` (CPU, tiny shapes).
 """
@@ -19,6 +22,7 @@ import time
 import torch
 
 from yarnkit.models import cache_kwargs
+from yarnkit.runtime import fused
 from yarnkit.runtime.engine import StreamingEngine
 from yarnkit.runtime.options import StreamOptions
 from yarnkit.runtime.sampling import choose_tokens
@@ -105,7 +109,7 @@ def engine_stream(model, cache: int, steps: int, warmup: int = 8, sinks: int = 4
               "warmup_seconds": round(warm_seconds, 2), "decode_path": engine.decode_path,
               "decode_attention": engine.options.decode_attention,
               "compiled": compiled(engine), "graph_fallback": engine.decoder.fallback_reason,
-              "evict_batch": evict, "cache": cache}
+              "fused_projections": fused.is_fused(model), "evict_batch": evict, "cache": cache}
     result["p99_over_p50"] = result["p99_ms"] / result["p50_ms"]
     if device.type == "cuda":
         result.update(peak_cuda_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
@@ -134,6 +138,7 @@ def timed(step, count: int, warmup: int, device) -> list[float]:
 @torch.no_grad()
 def recompute(model, cache: int, steps: int, warmup: int = 2) -> dict:
     """Sliding window with re-computation: a fresh forward over the last `cache` tokens (ids on the device)."""
+    fused.unfuse(model)
     device = next(model.parameters()).device
     ids = random_ids(cache + warmup + steps, model.config.vocab_size, seed=2).to(device)
     times = timed(lambda i: model(ids[None, i:i + cache], use_cache=False, logits_to_keep=1), steps, warmup, device)
@@ -145,6 +150,7 @@ def dense(model, cache: int, steps: int, warmup: int = 2) -> dict:
     """Plain HF decode with a growing `DynamicCache` that already holds `cache` tokens (eager)."""
     from transformers import DynamicCache
 
+    fused.unfuse(model)
     device = next(model.parameters()).device
     ids = random_ids(cache + warmup + steps, model.config.vocab_size, seed=3).to(device)
     past = DynamicCache()
@@ -174,6 +180,7 @@ def hf_generate(model, cache: int, new_tokens: int, cache_implementation: str, c
     identical call (which compiles, when `generate` compiles). `compile=None` leaves generate's own default."""
     from transformers import GenerationConfig
 
+    fused.unfuse(model)
     device = next(model.parameters()).device
     prompt = random_ids(cache, model.config.vocab_size, seed=4)[None].to(device)
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -241,7 +248,7 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
         same = next((k for k, (a, b) in enumerate(zip(solo, produced[i])) if a != b), len(solo))
         agree.append(same)
     return {"sessions": sessions, "cache": cache, "tokens_per_s_together": together, "tokens_per_s_alone": alone_rate,
-            "speedup": together / alone_rate, "decode_path": path,
+            "speedup": together / alone_rate, "decode_path": path, "fused_projections": fused.is_fused(model),
             "decode_attention": options.decode_attention, "check_tokens": check_tokens,
             "identical_prefix_tokens": agree, "all_identical": all(a == check_tokens for a in agree)}
 
@@ -274,7 +281,8 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random);
     `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only. `reference`: a
     float32 copy of the model (e.g. `model.float()` of a copy): both paths are also compared with its eager cache
-    (`vs_reference`), which says which path is further from the truth."""
+    (`vs_reference`), which says which path is further from the truth. The eager runs are stock transformers: a
+    fuse the `decode` path made (`fused_projections`) is undone after it ran."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
     logps, engines = [], []
     runs = [(model, decode, options), (model, "eager", {})]
@@ -286,9 +294,11 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
         rows += [engine.feed(token.view(1, 1), all_logits=False)[0, -1] for token in ids[prompt:]]
         logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
         engines.append(engine)
+        if len(engines) == 1:
+            fuse = fused.unfuse(model)
     diff = (logps[0] - logps[1]).abs().max().item()
     result = {"decode_path": engines[0].decode_path, "decode_attention": engines[0].options.decode_attention,
-              "compiled": compiled(engines[0]), "steps": steps + 1,
+              "compiled": compiled(engines[0]), "fused_projections": fuse, "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
               "greedy_agreement": agreement(logps[0], logps[1])}
     result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from yarnkit.models import cache_kwargs
+from yarnkit.runtime import fused
 from yarnkit.runtime.cache import Rotary, SinkCache
 from yarnkit.runtime.head import float32_head, forward_logits
 from yarnkit.runtime.static import SlotPool
@@ -28,6 +29,8 @@ class EagerDecoder:
     pool = None
 
     def __init__(self, model, rotary: Rotary, options):
+        if options.fuse_projections:  # `true` on the eager path (auto is off here)
+            fused.fuse_projections(model)
         self.model, self.rotary = model, rotary
         self.device = next(model.parameters()).device
         self.cache = SinkCache(rotary, options.sinks, options.window, options.evict_batch)
