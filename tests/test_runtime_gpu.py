@@ -130,7 +130,7 @@ def test_float32_fused_projections_graph_equals_the_unfused_graph():
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     handle = fused.fuse_projections(model)
-    assert abs(torch.cuda.memory_allocated() - allocated) < 2**20  # the fused weights replace the originals
+    assert torch.cuda.memory_allocated() - allocated < 2**20  # the fused weights replace the originals (no copy)
     path, ours = logprobs(model, "graph", fuse_projections=True)
     assert path == "graph" and handle.describe() == {"qkv_proj": 30, "gate_up_proj": 30, "undone": False}
     exact(ours, plain, worst=1e-4)
