@@ -122,3 +122,22 @@ def test_runtime_path_asserts_float32_exactness_and_the_batch_on_cpu(tmp_path):
     assert single["rerotations"] >= 2 and single["max_abs_logprob_diff"] <= 1e-3 and single["greedy_agreement"] == 1
     assert single["decided_agreement"] == 1 and single["decided_rows"] * 2 >= single["steps"]
     assert batch["all_identical"] and batch["identical_prefix_tokens"] == [8, 8]
+
+
+def test_gpu_tests_command_runs_the_marked_tests_and_splits_them_over_workers(tmp_path):
+    """The gpu-tests path's pytest command: one process runs the marked tests of a file (JUnit counts them, the
+    unmarked one is deselected); more than one worker hands the tests to pytest-xdist, each to the next free one."""
+    from yarnkit.bench.gpu_paths import junit_counts, pytest_command
+
+    (tmp_path / "test_marked.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n\n@pytest.mark.gpu\ndef test_b():\n    pass\n\n"
+        "def test_unmarked():\n    pass\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
+    junit = tmp_path / "junit.xml"
+    command = pytest_command([str(tmp_path / "test_marked.py")], junit, workers=1)
+    assert "-n" not in command
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert junit_counts(junit) == ({"passed": 2, "skipped": 0, "failed": 0}, [])
+    parallel = pytest_command(["t.py"], junit, workers=4)
+    assert parallel[parallel.index("-n") + 1] == "4" and parallel[parallel.index("--dist") + 1] == "load"

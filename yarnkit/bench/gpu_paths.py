@@ -30,7 +30,9 @@
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
 - `gpu-tests`: `pytest -m gpu` over the checkout's test files (`--tests`) that carry the mark. None may fail; on
-  CUDA at least one must pass.
+  CUDA at least one must pass. On CUDA with pytest-xdist installed the tests run in `GPU_TEST_WORKERS` processes
+  (one after another they outgrew the path's limit: stopped at 230 s beside the other paths and at 170 s alone,
+  H100, 2026-12-07; `python -m pytest -m gpu tests/test_runtime_gpu.py` alone takes 87 s of it).
 
 `--cpu-smoke` runs each on CPU at tiny sizes: recipes for 2 steps in fp32, the static decode (CUDA graphs need a
 GPU) in fp32 on 64 + 48 tokens, a tiny random model in the bench without the Liger peer (CUDA only), retrieval at
@@ -40,6 +42,7 @@ GPU) in fp32 on 64 + 48 tokens, a tiny random model in the bench without the Lig
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -55,6 +58,7 @@ from yarnkit.bench.recipe_shapes import small_overrides
 EXACT_LIMITS = {"worst_logprob_diff": 1e-3, "decided_agreement": 1.0}  # fp32: only summation order differs
 BF16_GUARD = {"worst_logprob_diff": None, "greedy_agreement": 0.9}  # bf16: reported; gross errors only
 RECIPE_STEPS = {"cuda": 5, "cpu": 2}
+GPU_TEST_WORKERS = 4  # gpu-tests: pytest-xdist processes on CUDA (the tests compile on the CPU, one core each)
 BENCH_SEQ = 16384  # SmolLM2's 8k x 2: YaRN factor 2 in every group
 
 
@@ -270,22 +274,30 @@ def export(args) -> tuple[str, dict]:
         {"hf_check": hf, "gguf_check": gguf}
 
 
+def pytest_command(files: list[str], junit: Path, workers: int) -> list[str]:
+    """`pytest -m gpu` over `files`, verbose (a path stopped at its limit leaves the tests that ran in its log),
+    in `workers` pytest-xdist processes when more than one (each test to the next free process)."""
+    parallel = ["-n", str(workers), "--dist", "load"] if workers > 1 else []
+    return [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=10", "-p", "no:cacheprovider",
+            *parallel, f"--junitxml={junit}", *files]
+
+
 def gpu_tests(args) -> tuple[str, dict]:
     tests = given(args.tests, "the tests folder")
     files = sorted(str(path) for path in tests.glob("test_*.py") if "pytest.mark.gpu" in path.read_text())
     check(bool(files), f"no test file in {tests} carries the gpu mark")
     junit = args.out / "junit.xml"
     log = args.out / "pytest.log"
+    workers = GPU_TEST_WORKERS if not args.cpu_smoke and importlib.util.find_spec("xdist") else 1
     with open(log, "w") as handle:
-        # -v, unbuffered: a path stopped at its limit leaves the name of the test it was in (pytest.log)
-        code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=10", "-p",
-                               "no:cacheprovider", f"--junitxml={junit}", *files], cwd=tests.parent, stdout=handle,
+        code = subprocess.run(pytest_command(files, junit, workers), cwd=tests.parent, stdout=handle,
                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     check(junit.is_file(), f"pytest exited {code} before writing its report; see {log}")
     counts, failed = junit_counts(junit)
     check(code == 0 and not failed, f"pytest -m gpu exited {code}: {len(failed)} failed: " + "; ".join(failed[:3]))
     check(args.cpu_smoke or counts["passed"] > 0, "every gpu test was skipped on a CUDA machine")
-    return f"{counts['passed']} passed, {counts['skipped']} skipped ({len(files)} files)", {**counts, "files": files}
+    return (f"{counts['passed']} passed, {counts['skipped']} skipped ({len(files)} files, {workers} process"
+            f"{'es' if workers > 1 else ''})", {**counts, "files": files, "workers": workers})
 
 
 def junit_counts(path: Path) -> tuple[dict, list[str]]:
