@@ -58,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--caches", type=int, nargs="+", default=[256, 1024, 4096], help="cache sizes (sinks included)")
     p.add_argument("--steps", type=int, default=512, help="timed decode steps per measurement (recompute: /8)")
     p.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph"])
-    p.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
+    p.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                    help="attention kernel of the pooled decode step (latency, batch, compiled; its path check "
-                        "compares it with the eager SDPA cache)")
+                        "compares it with the eager SDPA cache; default auto, the runtime's)")
     p.add_argument("--fuse-projections", default="auto", choices=FUSE_PROJECTIONS,
                    help="the runtime's fused q/k/v and gate/up projections (auto: on for the static/graph paths)")
     p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")

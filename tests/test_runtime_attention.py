@@ -49,7 +49,7 @@ def reference(query, key, value, mask, scaling):
     return torch.softmax(scores, dim=-1) @ value
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", (*KERNELS, "sdpa"))
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_kernel_equals_a_float64_reference(kernel, heads, kv_heads):
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +58,7 @@ def test_kernel_equals_a_float64_reference(kernel, heads, kv_heads):
     key, value = (torch.randn(batch, kv_heads, slots, dim, generator=generator) for _ in range(2))
     lengths = torch.tensor([5, 200, slots - 1])  # one row in the first chunk, one across two, one to the end
     mask = torch.where(torch.arange(slots) <= lengths[:, None], 0.0, -torch.inf)[:, None, None, :]
-    run = attention.split_attention if kernel == "split" else attention.flex_attention
+    run = {"split": attention.split_attention, "flex": attention.flex_attention, "sdpa": attention.packed_sdpa}[kernel]
     ours = run(query, key, value, mask, dim ** -0.5)
     assert ours.shape == (batch, heads, 1, dim) and ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), reference(query, key, value, mask, dim ** -0.5), atol=1e-5, rtol=0)
@@ -117,6 +117,30 @@ def test_a_batch_at_different_lengths_equals_sdpa_through_evictions(kernel):
     got_tokens, got = run(kernel)
     assert got_tokens == tokens
     torch.testing.assert_close(got, logits, atol=1e-5, rtol=0)
+
+
+def test_sdpa_packs_grouped_heads_and_equals_the_eager_cache_through_evictions(monkeypatch):
+    """The pooled `sdpa` step of a GQA model reads each K/V head once for its group of query heads
+    (`packed_sdpa`, no `repeat_kv` copy), and its logits equal the eager cache's (transformers' SDPA over repeated
+    K/V) within 1e-5 in float32 through evictions, greedy tokens identical. A model without grouped heads keeps
+    transformers' own SDPA call."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    model = tiny_model("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    options = dict(sinks=4, window=48, evict_batch=8, prefill_chunk=32)
+    tokens, logits = greedy(StreamingEngine(model, decode="eager", **options), ids(40, 7), 60)
+    packed, repeated = [], []
+    original_packed, original_repeat = attention.packed_sdpa, hf_sdpa.repeat_kv
+    monkeypatch.setattr(attention, "packed_sdpa", lambda *a: packed.append(a[0].shape) or original_packed(*a))
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", lambda *a: repeated.append(a[0].shape) or original_repeat(*a))
+    pooled = StreamingEngine(model, decode="static", **options)
+    assert pooled.decoder.pool.attention == "sdpa"
+    got_tokens, got = greedy(pooled, ids(40, 7), 60)
+    assert pooled.cache.rerotations >= 3 and got_tokens == tokens
+    torch.testing.assert_close(got, logits, atol=1e-5, rtol=0)
+    layers = model.config.num_hidden_layers
+    assert len(packed) == 60 * layers and set(packed) == {(1, 6, 1, 16)}
+    assert all(shape[2] > 1 for shape in repeated)  # only the prefill chunks' attention repeats K/V
 
 
 def test_other_forwards_of_the_installed_model_stay_sdpa():

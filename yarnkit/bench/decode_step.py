@@ -127,7 +127,7 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
-            mode: str, decode: str, decode_attention: str = "sdpa", fuse_projections: str = "auto",
+            mode: str, decode: str, decode_attention: str = "auto", fuse_projections: str = "auto",
             profile: bool = False) -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
     `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
@@ -188,7 +188,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
         for turn in turns:
             turn.close()
         title = (f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, "
-                 f"{decode_attention}, {'fused' if fused.is_fused(model) else 'unfused'} projections")
+                 f"{scheduler.pool.attention}, {'fused' if fused.is_fused(model) else 'unfused'} projections")
         return summary(prof, wall, title=title)
 
     try:
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "static", "graph"],
                    help="decode paths to compare (auto: graph on CUDA, static elsewhere)")
-    p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=DECODE_ATTENTION,
+    p.add_argument("--decode-attention", nargs="+", default=["auto"], choices=DECODE_ATTENTION,
                    help="attention kernels of the pooled step to compare, each at every session count (auto: "
                         "the runtime's choice; each row names the kernel that ran)")
     p.add_argument("--fuse-projections", nargs="+", default=["auto"], choices=FUSE_PROJECTIONS,

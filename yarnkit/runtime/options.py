@@ -14,8 +14,8 @@ batch; the decode path) and checks every value, so bad options fail before the f
 the command that builds the sessions, and resolved options pass through the scheduler, the conversation and the
 engine unchanged. Decode paths: `eager` grows a `SinkCache`; `static` / `graph` use a row of a `SlotPool`;
 `auto` is `graph` on CUDA, and on CPU `eager` for one session or `static` for a shared pool (serve batches).
-`--decode-attention sdpa|auto|split|flex` picks the attention kernel of the pooled steps (auto: split for a
-shared pool on CUDA, else sdpa; `resolve_decode_attention`,
+`--decode-attention auto|sdpa|split|flex` picks the attention kernel of the pooled steps (auto, the default: split
+for a shared pool on CUDA, else sdpa; `resolve_decode_attention`,
 `yarnkit/runtime/attention.py`); on the eager path only `sdpa` runs, so an `auto` decode that resolves to eager
 says so in one line and runs sdpa, while a forced `--decode eager` with another kernel is refused.
 `--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
@@ -60,7 +60,7 @@ class StreamOptions:
     sirllm_decay: float = 0.9         # SirLLM: scores *= decay after each dialogue round
     decode: str = "auto"              # eager | static | graph | auto (see resolve_decode)
     compile: bool = False             # graph path: torch.compile the decode step inside the captured graph
-    decode_attention: str = "sdpa"    # sdpa | auto | split | flex: the pooled steps' attention kernel (attention.py)
+    decode_attention: str = "auto"    # auto | sdpa | split | flex: the pooled steps' attention kernel (attention.py)
     float32_logits: bool | None = None  # bf16/fp16 model: the head's logits in float32 (runtime/head.py); None:
                                         # where free (CUDA), True: also where it costs (CPU), False: never
     fuse_projections: bool | str = "auto"  # q/k/v and gate/up as one matmul each (runtime/fused.py): auto (on for
@@ -136,7 +136,7 @@ def resolve_decode_attention(kernel: str, config, device, decode: str, forced: s
                              pooled: bool = False) -> str:
     """The attention kernel the pooled steps run for `kernel` (`--decode-attention`) on resolved path `decode`.
     `auto`: `split` for a shared pool of sessions (`pooled`: serve, batches) on CUDA with an SDPA model, where one
-    batched step is ~2x faster than SDPA's at 8-16 sessions; else `sdpa` (one session: SDPA is 3% faster;
+    batched step is ~2x faster than SDPA's at 8-16 sessions; else `sdpa` (one session: SDPA is 2-5% faster;
     CPU: unmeasured). Measured in docs/results.md §3.1 (`python -m yarnkit.bench.decode_step --decode-attention`).
     `split` and `flex` replace SDPA in the pool's single-row steps, so they need a model on SDPA (not STRING, not
     eager attention) and a pooled path: when `auto` resolved to `eager` (one session on CPU) the kernel falls back
@@ -211,11 +211,11 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
-    parser.add_argument("--decode-attention", default="sdpa", choices=DECODE_ATTENTION,
-                        help="attention kernel of the pooled decode step: sdpa (default), auto (split for a pool of "
+    parser.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
+                        help="attention kernel of the pooled decode step: auto (default: split for a pool of "
                              "sessions on CUDA, i.e. serve: ~2x the batched tokens/s at 8-16 sessions; sdpa for one "
-                             "session and on CPU), split (plain torch, float32 softmax, keys in chunks) or flex "
-                             "(FlexAttention); prefill chunks run sdpa")
+                             "session and on CPU), sdpa (grouped heads packed onto their K/V head), split (plain "
+                             "torch, float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
     parser.add_argument("--fuse-projections", default="auto", choices=FUSE_PROJECTIONS,
                         help="q/k/v and gate/up projections as one matmul each, done once on the loaded model (4 "
                              "matmuls per Llama layer instead of 7): auto (default: on for the static/graph decode "

@@ -22,8 +22,9 @@ Python int (no `.item()` inside a step).
   step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
   function keeps running eagerly.
 
-The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): SDPA by default,
-or `split` / `flex` (`yarnkit/runtime/attention.py`, reached through transformers' attention registry); `split`
+The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): SDPA by default
+(grouped query heads packed onto their K/V head, no `repeat_kv` copy), or `split` / `flex`
+(`yarnkit/runtime/attention.py`, each reached through transformers' attention registry on an SDPA model); `split`
 rounds the row's slots up to whole key chunks (the extra slots are masked for every row and never written).
 
 Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
@@ -106,7 +107,8 @@ class SlotPool(Cache):
         layers = config.num_hidden_layers
         super().__init__(layers=[PoolLayer(self, i) for i in range(layers)])
         self.attention = attention  # the single-row steps' kernel (yarnkit/runtime/attention.py)
-        if attention != "sdpa":
+        named = attention != "sdpa" or decode_attention.runs_sdpa(model)  # sdpa too: it packs grouped heads
+        if named:
             decode_attention.install(model)
         shape = (layers, rows, config.num_key_value_heads, decode_attention.slot_count(window, attention),
                  rope.head_dim(config))
@@ -124,7 +126,7 @@ class SlotPool(Cache):
         self._graphs: dict[int, DecodeGraph] = {}
         self._graph_pool = None
         self._forward_kwargs = cache_kwargs(self)  # looked up here, not inside a traced step
-        if attention != "sdpa":
+        if named:
             self._forward_kwargs[decode_attention.KERNEL_ARGUMENT] = attention  # reaches the attention function
         self._head = float32_head(model, float32_logits)  # likewise (it probes the device); the eager path's too
         self._step = self.forward_rows
