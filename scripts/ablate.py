@@ -61,6 +61,9 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "shipped-s11": ["train.seed=11", "data.seed=11"],  # the recipe's third seed: what `numbers-s11` is held against
     "numbers": ["data.synthetic.numbers=0.5"],  # half the synthetic haystacks carry a scholarly book's numbers
     "numbers-s11": ["data.synthetic.numbers=0.5", "train.seed=11", "data.seed=11"],  # `numbers` under seed 11
+    "numbers-quarter": ["data.synthetic.numbers=0.25"],  # half the dose: the single-needle gain without the multi-key
+    # loss that `numbers` showed under seed 11 (docs/results.md §4.10)?
+    "numbers-quarter-s11": ["data.synthetic.numbers=0.25", "train.seed=11", "data.seed=11"],
     "long-half": ["data.long_share=0.5"],  # one true 32k row in half the steps, not a quarter
     "rcd": ["yarn.beta_slow=4"],  # the lower critical dimension at YaRN x12
     "preview": ["data.synthetic.preview=0.3"],  # questions before and after the text in 30% of the synthetic rows
