@@ -299,8 +299,9 @@ def norm_refusal(model: nn.Module) -> str | None:
     norms = rms_norms(model)
     if not norms:
         return "the model has no RMSNorm modules"
-    for parent, name, norm in norms:
-        at = next(path for path, module in model.named_modules() if module is norm)
+    paths = {module: path for path, module in model.named_modules()}
+    for _, _, norm in norms:
+        at = paths[norm]
         kind = f"{type(norm).__module__}.{type(norm).__qualname__}"
         if isinstance(norm, FusedRMSNorm):
             return f"{at} is already a torch.rms_norm"
