@@ -23,7 +23,7 @@ Parts (`--parts`; each result is written to OUT/bench_runtime.json as soon as it
 - ppl: streaming perplexity with eval/stream's policies (sink vs recompute vs window) over `--tokens` tokens.
 - recall: a fact stated early, asked after `--recall-filler` tokens: plain sinks vs SirLLM.
 Not a unit test: nothing here asserts speed. `--deadline` skips parts that would start after it (seconds).
-`--fuse-projections auto|true|false` is the runtime's setting (yarnkit/runtime/fused.py) for every runtime
+`--fuse auto|true|false` is the runtime's setting (yarnkit/runtime/fused.py: projections and norms) for every runtime
 measurement; the peers, baselines and the path checks' eager cache run stock transformers.
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench import streaming as bench
-from yarnkit.runtime.options import DECODE_ATTENTION, FUSE_PROJECTIONS
+from yarnkit.runtime.options import DECODE_ATTENTION, FUSE
 
 PARTS = ("latency", "batch", "scale", "peers", "compiled", "hf-compiled", "ppl", "recall")  # the order they run in
 
@@ -61,8 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                    help="attention kernel of the pooled decode step (latency, batch, compiled; its path check "
                         "compares it with the eager SDPA cache; default auto, the runtime's)")
-    p.add_argument("--fuse-projections", default="auto", choices=FUSE_PROJECTIONS,
-                   help="the runtime's fused q/k/v and gate/up projections (auto: on for the static/graph paths)")
+    p.add_argument("--fuse", default="auto", choices=FUSE,
+                   help="the runtime's fuse: q/k/v and gate/up projections, RMSNorms as torch.rms_norm (auto: on "
+                        "for the static/graph paths)")
     p.add_argument("--sessions", type=int, nargs="+", default=[8], help="batch: session counts to decode together")
     p.add_argument("--scale-shapes", nargs="+", default=["smollm2-135m", "llama-1.2b", "llama-7b"])
     p.add_argument("--deadline", type=float, default=None, help="seconds: parts that would start later are skipped")
@@ -145,7 +146,7 @@ def latency(model, args, caches, **options) -> dict:
     for cache in caches:
         row = {"sinks": bench.engine_stream(model, cache, args.steps, decode=args.decode,
                                             decode_attention=args.decode_attention,
-                                            fuse_projections=args.fuse_projections, **options)}
+                                            fuse=args.fuse, **options)}
         if not options:
             row["recompute"] = bench.recompute(model, cache, max(4, args.steps // 16))
             row["speedup_vs_recompute"] = row["recompute"]["p50_ms"] / row["sinks"]["p50_ms"]
@@ -164,7 +165,7 @@ def scale(args) -> dict:
     for shape in args.scale_shapes:
         model = bench.random_model(shape, args.device, to_dtype(args.dtype))
         ours = bench.engine_stream(model, cache, max(32, args.steps // 4), decode=args.decode,
-                                   fuse_projections=args.fuse_projections)
+                                   fuse=args.fuse)
         base = bench.recompute(model, cache, max(3, args.steps // 32))
         rows[shape] = {"parameters_b": round(bench.parameters_b(model), 3), "cache": cache, "sinks": ours,
                        "recompute": base, "speedup_vs_recompute": base["p50_ms"] / ours["p50_ms"]}
@@ -237,7 +238,7 @@ def main(argv=None):
         if part == "latency":
             report["latency"] = latency(model, args, args.caches)
             report["path_check"] = bench.path_check(model, args.decode, decode_attention=args.decode_attention,
-                                                    fuse_projections=args.fuse_projections, **check)
+                                                    fuse=args.fuse, **check)
         elif part == "peers":
             cache = max(args.caches)
             report["peers"] = {name: bench.hf_generate(model, cache, max(8, args.steps // 8), name, False)
@@ -250,13 +251,13 @@ def main(argv=None):
             report["compiled"] = {"latency": latency(model, args, [max(args.caches)], compile=True),
                                   "path_check": bench.path_check(model, args.decode, compile=True,
                                                                  decode_attention=args.decode_attention,
-                                                                 fuse_projections=args.fuse_projections, **check)}
+                                                                 fuse=args.fuse, **check)}
         elif part == "batch":
             report["batch"] = {str(count): bench.batch_throughput(model, max(args.caches), count, args.steps,
                                                                   decode="static" if args.decode == "eager"
                                                                   else args.decode,
                                                                   decode_attention=args.decode_attention,
-                                                                  fuse_projections=args.fuse_projections)
+                                                                  fuse=args.fuse)
                                for count in args.sessions}
         elif part == "scale":
             report["scale"] = scale(args)
@@ -280,8 +281,9 @@ def summary(report) -> str:
                                                                 report.get("compiled", {}).get("latency", {}))):
         for cache, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
             s = row["sinks"]
+            fuse = "".join(f", fused {what}" for what in ("projections", "norms") if s.get(f"fused_{what}"))
             cells = f"sinks[{s['decode_path']}{'+compile' if s['compiled'] else ''}, " \
-                    f"{s.get('decode_attention', 'sdpa')}{', fused' if s.get('fused_projections') else ''}] " \
+                    f"{s.get('decode_attention', 'sdpa')}{fuse}] " \
                     f"p50 {s['p50_ms']:.3f} p99 " \
                     f"{s['p99_ms']:.3f} p99/p50 {s['p99_over_p50']:.2f}"
             if "recompute" in row:

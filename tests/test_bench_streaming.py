@@ -36,7 +36,8 @@ def test_bench_runtime_timing_parts(tmp_path, capsys):
     check = saved["path_check"]
     assert check["rerotations"] > 0 and check["max_abs_logprob_diff"] < 1e-4 and check["greedy_agreement"] == 1
     assert row["sinks"]["fused_projections"] and check["fused_projections"]  # auto on the static path; the path
-    # check's eager cache ran the stock projections (the fuse undone), within 1e-4 of the fused static path
+    assert row["sinks"]["fused_norms"] and check["fused_norms"]  # check's eager cache ran the stock projections and
+    # norms (the fuse undone), within 1e-4 of the fused static path
     assert set(saved["peers"]) == {"dynamic", "static"} and saved["peers"]["static"]["p50_ms"] > 0
     assert set(saved["batch"]) == {"2", "3"}
     batch = saved["batch"]["3"]
@@ -87,16 +88,17 @@ def test_lone_session_benchmark_times_every_row_stepping_one_row():
 def test_decode_step_split_covers_every_phase_on_cpu(tmp_path):
     """`python -m yarnkit.bench.decode_step` at a tiny shape: each (mode, sessions) row has every phase, bookkeeping
     (`StreamingEngine._remember`) and sampling were reached, and every decode step ran on the pool; each
-    `--fuse-projections` setting ran as asked (`false` after `true`: the fuse was undone between them)."""
+    `--fuse` setting ran as asked (`false` after `true`: the fuse was undone between them)."""
     from yarnkit.bench import decode_step
 
     out = tmp_path / "split.json"
     assert decode_step.main(["--sessions", "1", "2", "--steps", "2", "--warmup", "1", "--window", "64",
-                             "--prompt", "32", "--modes", "greedy", "sampled", "--fuse-projections", "true", "false",
+                             "--prompt", "32", "--modes", "greedy", "sampled", "--fuse", "true", "false",
                              "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["mode"], row["fused_projections"], row["sessions"]) for row in rows] == [
-        (mode, fused, sessions) for mode in ("greedy", "sampled") for fused in (True, False) for sessions in (1, 2)]
+    assert [(row["mode"], row["fused_projections"], row["fused_norms"], row["sessions"]) for row in rows] == [
+        (mode, fused, fused, sessions) for mode in ("greedy", "sampled") for fused in (True, False)
+        for sessions in (1, 2)]
     for row in rows:
         split = row["split_ms_per_step"]
         assert set(split) == {"forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest"}
@@ -147,7 +149,7 @@ def test_decode_step_profile_lists_the_step_operators_on_cpu(tmp_path):
                              "32", "--modes", "greedy", "--out", str(out), "--profile", str(profile)]) == 0
     text = profile.read_text()
     sections = [line for line in text.splitlines() if line.startswith("# decode step")]
-    assert sections == ["# decode step: 1 session(s), greedy, static, sdpa, fused projections",
-                        "# decode step: 2 session(s), greedy, static, sdpa, fused projections"]
+    assert sections == ["# decode step: 1 session(s), greedy, static, sdpa, fused projections, fused norms",
+                        "# decode step: 2 session(s), greedy, static, sdpa, fused projections, fused norms"]
     assert "| matmul |" in text and "| scatter / gather / index |" in text
     assert all("profile_md" not in row for row in json.loads(out.read_text())["rows"])

@@ -10,9 +10,12 @@ leads by more than 2e-3; a random model's near-ties may round either way):
 - the graph with `torch.compile` inside vs the eager cache;
 - 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal;
 - `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph;
-- `--fuse-projections`: the graph with fused q/k/v and gate/up projections vs the unfused graph (within 1e-4: only
-  the matmuls' summation order differs), the fuse adding no weight memory, and `undo()` giving the state back bit
-  for bit (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures' models on their first pool.
+- `--fuse`: the graph with fused q/k/v and gate/up projections and `torch.rms_norm` norms vs the unfused graph
+  (within 1e-4: only the matmuls' summation order and one float32 rounding per norm differ), the fuse adding no
+  weight memory, and `undo()` giving the state back bit for bit; one static (graph-less) bf16 step launches fewer
+  CUDA kernels fused than unfused: at least 4 fewer per norm (61) and 3 per layer (30), with one
+  `aten::_fused_rms_norm` per norm (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures' models on their first
+  pool.
 bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
 graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
 not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions
@@ -115,24 +118,64 @@ def test_decode_attention_kernels_equal_sdpa_in_the_graph(model32, model, kernel
     close(half, eager)
 
 
-def test_float32_fused_projections_graph_equals_the_unfused_graph():
+def test_float32_fused_graph_equals_the_unfused_graph():
     """A model of its own (the fixtures' models are fused by the first pool built on them): its unfused graph,
-    then the same weights fused (q/k/v and gate/up as one matmul each) in the graph, through 6 evictions."""
+    then the same weights fused (q/k/v and gate/up as one matmul each, norms as torch.rms_norm) in the graph,
+    through 6 evictions."""
     import gc
 
     from yarnkit.runtime import fused
 
     model = bench.random_model("smollm2-135m", "cuda", torch.float32)
     saved = {name: value.cpu() for name, value in model.state_dict().items()}
-    path, plain = logprobs(model, "graph", fuse_projections=False)
+    path, plain = logprobs(model, "graph", fuse=False)
     assert path == "graph" and not fused.is_fused(model)
     gc.collect()  # the unfused pool's buffers and graphs go now, not in the middle of the reading below
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
-    handle = fused.fuse_projections(model)
+    handle = fused.fuse(model)
     assert torch.cuda.memory_allocated() - allocated < 2**20  # the fused weights replace the originals (no copy)
-    path, ours = logprobs(model, "graph", fuse_projections=True)
-    assert path == "graph" and handle.describe() == {"qkv_proj": 30, "gate_up_proj": 30, "undone": False}
+    path, ours = logprobs(model, "graph", fuse=True)
+    assert path == "graph"
+    assert handle.describe() == {"qkv_proj": 30, "gate_up_proj": 30, "rms_norm": 61, "undone": False}
     exact(ours, plain, worst=1e-4)
     handle.undo()
     assert all(torch.equal(value.cpu(), saved[name]) for name, value in model.state_dict().items())
+
+
+def step_kernels(model, fuse: bool) -> tuple[list[str], int]:
+    """The CUDA kernels of one static (graph-less: each kernel launched and recorded) decode step, and how many
+    `aten::_fused_rms_norm` ops launched them (the kernel's own name need not say rms_norm)."""
+    from yarnkit.runtime.engine import StreamingEngine
+    from yarnkit.train.profiling import _intervals, step_profile
+
+    ids = bench.random_ids(130, model.config.vocab_size, seed=5)
+    engine = StreamingEngine(model, sinks=4, window=256, decode="static", fuse=fuse)
+    with torch.no_grad():
+        engine.feed(ids[:128][None], all_logits=False)
+        engine.feed(ids[128].view(1, 1), all_logits=False)  # warm: the first step's one-off kernels stay out
+        torch.cuda.synchronize()
+        with step_profile(True) as prof:
+            engine.feed(ids[129].view(1, 1), all_logits=False)
+            torch.cuda.synchronize()
+    engine.close()
+    intervals, on_gpu = _intervals(prof)
+    assert on_gpu
+    return [name for name, _, _ in intervals], sum(event.name == "aten::_fused_rms_norm" for event in prof.events())
+
+
+def test_a_fused_bf16_step_launches_fewer_kernels():
+    """Unfused, a Llama RMSNorm is ~8 kernels in bf16 (casts, pow, mean, add, rsqrt, mul, mul), torch.rms_norm one;
+    q/k/v and gate/up are 2 matmuls instead of 5 per layer. The H100 profile of the graph (1,226 kernels per step)
+    expects ~427 + 90 fewer; asserted: at least 4 per norm and 3 per layer fewer, one _fused_rms_norm per norm."""
+    from yarnkit.runtime import fused
+
+    model = bench.random_model("smollm2-135m", "cuda", torch.bfloat16)
+    plain, plain_norms = step_kernels(model, fuse=False)
+    assert not fused.is_fused(model)
+    ours, norms = step_kernels(model, fuse=True)
+    assert fused.fused_parts(model) == {"fused_projections": True, "fused_norms": True}
+    print(f"kernels per static bf16 step: unfused {len(plain)}, fused {len(ours)} ({norms} _fused_rms_norm)")
+    assert norms == 61 and plain_norms == 0
+    assert len(plain) - len(ours) >= 61 * 4 + 30 * 3
+    fused.unfuse(model)

@@ -32,11 +32,12 @@ asserts speed.
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 8 16 --decode-attention sdpa split flex          # the pooled step's attention kernels compared
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
-      --sessions 1 8 16 --fuse-projections false true               # 7 vs 4 matmuls per layer (runtime/fused.py)
+      --sessions 1 8 16 --fuse false true       # unfused vs 4 matmuls per layer + torch.rms_norm (runtime/fused.py)
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 --decode static graph --profile runs/decode-profile.md   # kernels of one step, eager vs graph
 
-Each `--fuse-projections` setting runs on the model as loaded: a fuse the runtime made is undone after its rows.
+Each `--fuse` setting runs on the model as loaded: a fuse the runtime made is undone after its rows. Each row says
+what ran fused (`fused_projections`, `fused_norms`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import torch
 
 from yarnkit.bench.streaming import sync
 from yarnkit.runtime import fused
-from yarnkit.runtime.options import DECODE_ATTENTION, FUSE_PROJECTIONS
+from yarnkit.runtime.options import DECODE_ATTENTION, FUSE
 from yarnkit.train.profiling import step_profile, summary
 
 PHASES = ("forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest")
@@ -127,7 +128,7 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
-            mode: str, decode: str, decode_attention: str = "auto", fuse_projections: str = "auto",
+            mode: str, decode: str, decode_attention: str = "auto", fuse: str = "auto",
             profile: bool = False) -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
     `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
@@ -138,7 +139,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
 
     device = next(model.parameters()).device
     options = StreamOptions(window=window, decode=decode, decode_attention=decode_attention,
-                            fuse_projections=fuse_projections)
+                            fuse=fuse)
     scheduler = Scheduler(model, tokenizer, options, rows=sessions)
     conversations = [scheduler.sessions.new_conversation() for _ in range(sessions)]
     prompts = book_prompts(tokenizer, sessions, prompt_tokens)
@@ -188,7 +189,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
         for turn in turns:
             turn.close()
         title = (f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, "
-                 f"{scheduler.pool.attention}, {'fused' if fused.is_fused(model) else 'unfused'} projections")
+                 f"{scheduler.pool.attention}, {fused_label(fused.fused_parts(model))}")
         return summary(prof, wall, title=title)
 
     try:
@@ -201,7 +202,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     split = {phase: 1e3 * statistics.median(row.get(phase, 0.0) for row in instrumented) for phase in PHASES}
     step_ms = 1e3 * statistics.median(row["total"] for row in plain)
     return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention,
-            "fused_projections": fused.is_fused(model), "step_ms_p50": step_ms,
+            **fused.fused_parts(model), "step_ms_p50": step_ms,
             "tokens_per_s": 1e3 * sessions / step_ms,
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
@@ -209,14 +210,25 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             "decode_path": scheduler.stats()["decode_path"], **({"profile_md": profile_md} if profile else {})}
 
 
+def fused_label(parts: dict[str, bool]) -> str:
+    """A profile title's words for what ran fused: "fused projections, fused norms", "unfused projections, ..."."""
+    return ", ".join(f"{'fused' if parts[f'fused_{what}'] else 'unfused'} {what}" for what in ("projections", "norms"))
+
+
+def fused_short(row: dict) -> str:
+    """The table's `fused` cell: proj+norm, proj, norm or no."""
+    parts = [name for name, key in (("proj", "fused_projections"), ("norm", "fused_norms")) if row.get(key)]
+    return "+".join(parts) or "no"
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'attn':<5} {'fused':<5} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
+    head = f"{'mode':<8} {'attn':<5} {'fused':<11} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
         " ".join(f"{p:>11}" for p in PHASES) + f" {'host/session':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {'yes' if r['fused_projections'] else 'no':<5} "
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {fused_short(r):<11} "
                      f"{r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
                      f"{r['tokens_per_s']:>7.1f} {cells} {r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
@@ -235,9 +247,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", nargs="+", default=["auto"], choices=DECODE_ATTENTION,
                    help="attention kernels of the pooled step to compare, each at every session count (auto: "
                         "the runtime's choice; each row names the kernel that ran)")
-    p.add_argument("--fuse-projections", nargs="+", default=["auto"], choices=FUSE_PROJECTIONS,
-                   help="fused q/k/v and gate/up projections, each setting at every session count (auto: on for "
-                        "the static/graph paths; each row says whether they were fused)")
+    p.add_argument("--fuse", nargs="+", default=["auto"], choices=FUSE,
+                   help="the runtime's fuse (q/k/v and gate/up projections, RMSNorms as torch.rms_norm), each "
+                        "setting at every session count (auto: on for the static/graph paths; each row says what "
+                        "was fused)")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--window", type=int, default=256, help="cache tokens per session (sinks included)")
@@ -258,7 +271,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         for decode in args.decode:
             for kernel in args.decode_attention:
-                for fuse in args.fuse_projections:
+                for fuse in args.fuse:
                     for sessions in args.sessions:
                         rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
                                             args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile)))

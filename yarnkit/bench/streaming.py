@@ -7,8 +7,8 @@ growing `DynamicCache`), `hf_generate` (transformers' `generate` with a static o
 from a streamer), `batch_throughput` (sessions decoded together vs one alone, greedy agreement), `path_check`
 (log-prob difference of a decode path against the eager cache), and `random_model` for timing-only models of
 named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed. The runtime fuses
-the model's projections when its options say so (`--fuse-projections`, yarnkit/runtime/fused.py; each result
-says whether it ran fused); the baselines and peers (`recompute`, `dense`, `hf_generate`, the path check's eager
+the model's projections and norms when its options say so (`--fuse`, yarnkit/runtime/fused.py; each result
+says what ran fused); the baselines and peers (`recompute`, `dense`, `hf_generate`, the path check's eager
 reference) time stock transformers, so they undo such a fuse first.
 
 Test: `python -m pytest tests/test_bench_streaming.py -q` (CPU, tiny shapes).
@@ -109,7 +109,7 @@ def engine_stream(model, cache: int, steps: int, warmup: int = 8, sinks: int = 4
               "warmup_seconds": round(warm_seconds, 2), "decode_path": engine.decode_path,
               "decode_attention": engine.options.decode_attention,
               "compiled": compiled(engine), "graph_fallback": engine.decoder.fallback_reason,
-              "fused_projections": fused.is_fused(model), "evict_batch": evict, "cache": cache}
+              **fused.fused_parts(model), "evict_batch": evict, "cache": cache}
     result["p99_over_p50"] = result["p99_ms"] / result["p50_ms"]
     if device.type == "cuda":
         result.update(peak_cuda_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
@@ -248,7 +248,7 @@ def batch_throughput(model, cache: int, sessions: int, steps: int, warmup: int =
         same = next((k for k, (a, b) in enumerate(zip(solo, produced[i])) if a != b), len(solo))
         agree.append(same)
     return {"sessions": sessions, "cache": cache, "tokens_per_s_together": together, "tokens_per_s_alone": alone_rate,
-            "speedup": together / alone_rate, "decode_path": path, "fused_projections": fused.is_fused(model),
+            "speedup": together / alone_rate, "decode_path": path, **fused.fused_parts(model),
             "decode_attention": options.decode_attention, "check_tokens": check_tokens,
             "identical_prefix_tokens": agree, "all_identical": all(a == check_tokens for a in agree)}
 
@@ -282,7 +282,7 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only. `reference`: a
     float32 copy of the model (e.g. `model.float()` of a copy): both paths are also compared with its eager cache
     (`vs_reference`), which says which path is further from the truth. The eager runs are stock transformers: a
-    fuse the `decode` path made (`fused_projections`) is undone after it ran."""
+    fuse the `decode` path made (`fused_projections`, `fused_norms`) is undone after it ran."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
     logps, engines = [], []
     runs = [(model, decode, options), (model, "eager", {})]
@@ -295,10 +295,11 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
         logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
         engines.append(engine)
         if len(engines) == 1:
-            fuse = fused.unfuse(model)
+            fuse = fused.fused_parts(model)
+            fused.unfuse(model)
     diff = (logps[0] - logps[1]).abs().max().item()
     result = {"decode_path": engines[0].decode_path, "decode_attention": engines[0].options.decode_attention,
-              "compiled": compiled(engines[0]), "fused_projections": fuse, "steps": steps + 1,
+              "compiled": compiled(engines[0]), **fuse, "steps": steps + 1,
               "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
               "greedy_agreement": agreement(logps[0], logps[1])}
     result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])

@@ -29,8 +29,8 @@ class EagerDecoder:
     pool = None
 
     def __init__(self, model, rotary: Rotary, options):
-        if options.fuse_projections:  # `true` on the eager path (auto is off here)
-            fused.fuse_projections(model)
+        if options.fuse:  # `true` on the eager path (auto is off here)
+            fused.fuse(model)
         self.model, self.rotary = model, rotary
         self.device = next(model.parameters()).device
         self.cache = SinkCache(rotary, options.sinks, options.window, options.evict_batch)

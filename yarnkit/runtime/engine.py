@@ -18,8 +18,8 @@ included; the cache is built with the sinks and the window and evicts by its own
 engine choosing only what else to protect (`pin()`: everything fed so far, e.g. a system prompt) and, with
 SirLLM, which older tokens to keep. Decoders (`decoders.py`, one interface): `eager` grows a `SinkCache`;
 `static` / `graph` use a row of a `SlotPool` (graph: the decode step replayed as a CUDA graph, optionally
-`torch.compile`d). The first decoder built with `fuse_projections` on (auto: static / graph) fuses the model's q/k/v
-and gate/up projections in place, once (`fused.py`). A model trained with a dedicated sink token
+`torch.compile`d). The first decoder built with `fuse` on (auto: static / graph) fuses the model's q/k/v and
+gate/up projections and its RMSNorms in place, once (`fused.py`). A model trained with a dedicated sink token
 (`config.yarnkit_sink_token_id`) gets it put in slot 0 automatically.
 
 Test: `python -m pytest tests/test_runtime_cache.py tests/test_runtime_static.py tests/test_runtime_batch.py -q`.
@@ -225,7 +225,7 @@ class StreamingEngine:
         return {"tokens_seen": self.tokens_seen, "cache_tokens": len(self), "cache_capacity": self.window,
                 "sinks": self.options.sinks, "pinned": self.pinned, "cache_mib": round(self.cache.nbytes() / 2**20, 3),
                 "rerotations": self.cache.rerotations, "decode_path": self.decode_path,
-                "graph_fallback": self.decoder.fallback_reason, "fused_projections": fused.is_fused(self.model),
+                "graph_fallback": self.decoder.fallback_reason, **fused.fused_parts(self.model),
                 "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

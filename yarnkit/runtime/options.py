@@ -20,9 +20,10 @@ for a shared pool on CUDA, else sdpa; `resolve_decode_attention`,
 says so in one line and runs sdpa, while a forced `--decode eager` with another kernel is refused.
 `--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
 `static` only (`resolve_decode`: `graph` and `--compile` refused, `auto` is `static` on CUDA).
-`--fuse-projections auto|true|false` (`fuse_projections`, resolved to a bool by `resolve_fuse`): q/k/v in one
-matmul and gate/up in one (`yarnkit/runtime/fused.py`), done once on the model by the first decoder built; auto is
-on for the pooled static/graph paths and off for eager.
+`--fuse auto|true|false` (`fuse`, resolved to a bool by `resolve_fuse`): q/k/v in one matmul, gate/up in one and
+each Llama-form RMSNorm as one `torch.rms_norm` (`yarnkit/runtime/fused.py`, which says why one setting covers
+both), done once on the model by the first decoder built; auto is on for the pooled static/graph paths and off for
+eager.
 
 Test: `python -m pytest tests/test_runtime_chat.py tests/test_runtime_static.py -q`.
 """
@@ -41,7 +42,7 @@ from yarnkit.sink_token import streaming_sinks
 
 DECODE_PATHS = ("auto", "eager", "static", "graph")
 DECODE_ATTENTION = ("auto", "sdpa", "split", "flex")  # auto, then yarnkit.runtime.attention.KERNELS
-FUSE_PROJECTIONS = ("auto", "true", "false")
+FUSE = ("auto", "true", "false")
 SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer: what torch's generator and OpenAI's `seed` take
 DEFAULT_WINDOW = 1024
 
@@ -63,13 +64,13 @@ class StreamOptions:
     decode_attention: str = "auto"    # auto | sdpa | split | flex: the pooled steps' attention kernel (attention.py)
     float32_logits: bool | None = None  # bf16/fp16 model: the head's logits in float32 (runtime/head.py); None:
                                         # where free (CUDA), True: also where it costs (CPU), False: never
-    fuse_projections: bool | str = "auto"  # q/k/v and gate/up as one matmul each (runtime/fused.py): auto (on for
-                                           # static/graph), "true"/True, "false"/False; see resolve_fuse
+    fuse: bool | str = "auto"         # q/k/v and gate/up as one matmul each, RMSNorms as torch.rms_norm
+                                      # (runtime/fused.py): auto (on for static/graph), "true"/True, "false"/False
 
     @property
     def is_resolved(self) -> bool:
         return (self.sinks is not None and self.evict_batch is not None and self.decode != "auto"
-                and self.decode_attention != "auto" and isinstance(self.fuse_projections, bool))
+                and self.decode_attention != "auto" and isinstance(self.fuse, bool))
 
     def resolved(self, config, device, pooled: bool = False) -> "StreamOptions":
         """These options for `config`'s model on `device` (a shared pool of sessions when `pooled`): every `None`
@@ -92,18 +93,17 @@ class StreamOptions:
                                              pooled=pooled)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
                        prefill_chunk=max(1, self.prefill_chunk), decode=decode, decode_attention=attention,
-                       fuse_projections=resolve_fuse(self.fuse_projections, decode))
+                       fuse=resolve_fuse(self.fuse, decode))
 
 
 def resolve_fuse(value: bool | str, decode: str) -> bool:
-    """Whether the runtime fuses the projections for `value` (`--fuse-projections`) on resolved path `decode`:
-    `auto` -> on for the pooled static/graph paths (their decode step is a few small matmuls per layer, where one
-    launch instead of three counts), off for eager; `true` / `false` (or a bool) as given, on any path."""
+    """Whether the runtime fuses the model (projections and norms) for `value` (`--fuse`) on resolved path
+    `decode`: `auto` -> on for the pooled static/graph paths (their decode step is a few small matmuls and norms
+    per layer, where one launch instead of three, or of seven, counts), off for eager; `true` / `false` (or a bool) as given, on any path."""
     if isinstance(value, bool):
         return value
-    if value not in FUSE_PROJECTIONS:
-        raise BadValue(f"fuse_projections={value!r} (--fuse-projections) is not one of {', '.join(FUSE_PROJECTIONS)}",
-                       "e.g. --fuse-projections auto")
+    if value not in FUSE:
+        raise BadValue(f"fuse={value!r} (--fuse) is not one of {', '.join(FUSE)}", "e.g. --fuse auto")
     return decode in ("static", "graph") if value == "auto" else value == "true"
 
 
@@ -216,10 +216,11 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                              "sessions on CUDA, i.e. serve: ~2x the batched tokens/s at 8-16 sessions; sdpa for one "
                              "session and on CPU), sdpa (grouped heads packed onto their K/V head), split (plain "
                              "torch, float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
-    parser.add_argument("--fuse-projections", default="auto", choices=FUSE_PROJECTIONS,
-                        help="q/k/v and gate/up projections as one matmul each, done once on the loaded model (4 "
-                             "matmuls per Llama layer instead of 7): auto (default: on for the static/graph decode "
-                             "paths), true, false; a model that is not Llama-like is left alone (one logged line)")
+    parser.add_argument("--fuse", default="auto", choices=FUSE,
+                        help="fuse the loaded model once: q/k/v and gate/up projections as one matmul each (4 "
+                             "matmuls per Llama layer instead of 7) and RMSNorms as one torch.rms_norm kernel each: "
+                             "auto (default: on for the static/graph decode paths), true, false; a part the model "
+                             "cannot take (not Llama-like) is left alone (one logged line)")
     parser.add_argument("--string", metavar="SHIFT[,WINDOW]",
                         help="STRING attention: cache distances >= SHIFT are read as distance - SHIFT + WINDOW "
                              "(default window 128; SHIFT below --window; eager/static decode paths)")
@@ -241,7 +242,7 @@ def stream_options(args) -> StreamOptions:
     return StreamOptions(sinks=args.sinks, window=args.window, evict_batch=args.evict_batch,
                          sirllm_keep=args.sirllm_keep, sirllm_decay=args.sirllm_decay, decode=args.decode,
                          compile=args.compile, decode_attention=args.decode_attention,
-                         fuse_projections=args.fuse_projections)
+                         fuse=args.fuse)
 
 
 def check_stream_arguments(args) -> None:

@@ -2,8 +2,8 @@
 
 What it is: the fast decode path of the streaming runtime, and the home of continuous batching.
 `make_pool(model, options, rows)` builds one from resolved `StreamOptions` (its `window` and `sinks`; first it fuses
-the model's q/k/v and gate/up projections when `fuse_projections` is on, the default here: `fused.py`, 4 matmuls
-per Llama layer in every step instead of 7). `SlotPool` preallocates ONE key and ONE value buffer
+the model's q/k/v and gate/up projections and its RMSNorms when `fuse` is on, the default here: `fused.py`, 4
+matmuls per Llama layer in every step instead of 7, one `torch.rms_norm` per norm). `SlotPool` preallocates ONE key and ONE value buffer
 `[layers, rows, kv_heads, window + 1, head_dim]`: each session
 (`RowCache`, one per `StreamingEngine`) owns a row, slots `0..window-1` hold its tokens and the last slot is a
 scratch slot that idle rows of a batched step write to. Every forward goes through one function,
@@ -60,12 +60,12 @@ log = logging.getLogger(__name__)
 
 def make_pool(model, options: StreamOptions, rows: int = 1) -> SlotPool:
     """A cache pool of `rows` sessions for the `static` / `graph` paths (`auto`: graph on CUDA, else static);
-    the model's projections are fused first when the options say so (`fused.py`, once per model)."""
+    the model is fused first when the options say so (`fused.py`, once per model)."""
     options = options.resolved(model.config, next(model.parameters()).device, pooled=True)
     if options.decode == "eager":
         raise ValueError("a shared cache pool needs decode='static', 'graph' or 'auto'")
-    if options.fuse_projections:
-        fused.fuse_projections(model)  # once per model, before any step runs or is captured
+    if options.fuse:
+        fused.fuse(model)  # once per model, before any step runs or is captured
     return SlotPool(model, options.window, model_rotary(model), rows, graph=options.decode == "graph",
                     compiled=options.compile, sinks=options.sinks, evict_batch=options.evict_batch,
                     attention=options.decode_attention, float32_logits=options.float32_logits)
