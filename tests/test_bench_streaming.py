@@ -146,10 +146,12 @@ def test_decode_step_profile_lists_the_step_operators_on_cpu(tmp_path):
 
     out, profile = tmp_path / "rows.json", tmp_path / "profile.md"
     assert decode_step.main(["--sessions", "1", "2", "--steps", "1", "--warmup", "1", "--window", "64", "--prompt",
-                             "32", "--modes", "greedy", "--out", str(out), "--profile", str(profile)]) == 0
+                             "32", "--modes", "greedy", "--out", str(out), "--profile", str(profile),
+                             "--compile"]) == 0  # --compile: CUDA only, so the CPU rows say they ran uncompiled
     text = profile.read_text()
     sections = [line for line in text.splitlines() if line.startswith("# decode step")]
     assert sections == ["# decode step: 1 session(s), greedy, static, sdpa, fused projections, fused norms",
                         "# decode step: 2 session(s), greedy, static, sdpa, fused projections, fused norms"]
     assert "| matmul |" in text and "| scatter / gather / index |" in text
-    assert all("profile_md" not in row for row in json.loads(out.read_text())["rows"])
+    rows = json.loads(out.read_text())["rows"]
+    assert all("profile_md" not in row and row["compiled"] is False for row in rows)

@@ -35,6 +35,8 @@ asserts speed.
       --sessions 1 8 16 --fuse false true       # unfused vs 4 matmuls per layer + torch.rms_norm (runtime/fused.py)
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 --decode static graph --profile runs/decode-profile.md   # kernels of one step, eager vs graph
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
+      --sessions 1 --compile --profile runs/decode-profile-compiled.md      # what is left after Inductor's fusion
 
 Each `--fuse` setting runs on the model as loaded: a fuse the runtime made is undone after its rows. Each row says
 what ran fused (`fused_projections`, `fused_norms`).
@@ -129,7 +131,7 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
             mode: str, decode: str, decode_attention: str = "auto", fuse: str = "auto",
-            profile: bool = False) -> dict:
+            profile: bool = False, compile: bool = False) -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
     `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
     from yarnkit.runtime.admission import Job
@@ -138,8 +140,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     from yarnkit.runtime.scheduler import Scheduler
 
     device = next(model.parameters()).device
-    options = StreamOptions(window=window, decode=decode, decode_attention=decode_attention,
-                            fuse=fuse)
+    options = StreamOptions(window=window, decode=decode, decode_attention=decode_attention, fuse=fuse,
+                            compile=compile)
     scheduler = Scheduler(model, tokenizer, options, rows=sessions)
     conversations = [scheduler.sessions.new_conversation() for _ in range(sessions)]
     prompts = book_prompts(tokenizer, sessions, prompt_tokens)
@@ -188,7 +190,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             wall = time.perf_counter() - start
         for turn in turns:
             turn.close()
-        title = (f"decode step: {sessions} session(s), {mode}, {scheduler.stats()['decode_path']}, "
+        path = scheduler.stats()["decode_path"] + ("+compile" if scheduler.pool.compiled else "")
+        title = (f"decode step: {sessions} session(s), {mode}, {path}, "
                  f"{scheduler.pool.attention}, {fused_label(fused.fused_parts(model))}")
         return summary(prof, wall, title=title)
 
@@ -207,7 +210,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
-            "decode_path": scheduler.stats()["decode_path"], **({"profile_md": profile_md} if profile else {})}
+            "decode_path": scheduler.stats()["decode_path"], "compiled": scheduler.pool.compiled,
+            **({"profile_md": profile_md} if profile else {})}
 
 
 def fused_label(parts: dict[str, bool]) -> str:
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own); 1 on "
                    "a shared machine, where a parallel op waits for a busy core")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--compile", action="store_true", help="torch.compile the pooled step (CUDA: inside the graph; "
+                   "ignored on CPU, where rows say compiled: false), as chat/serve --compile")
     p.add_argument("--profile", default=None, help="also profile one step per row with torch.profiler and write the "
                    "kernel breakdowns to this markdown file")
     args = p.parse_args(argv)
@@ -274,7 +280,8 @@ def main(argv=None) -> int:
                 for fuse in args.fuse:
                     for sessions in args.sessions:
                         rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
-                                            args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile)))
+                                            args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile),
+                                            compile=args.compile))
                         print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
                     fused.unfuse(model)  # the next setting starts from the model as loaded
     if args.profile:
