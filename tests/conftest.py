@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, and the real
-SmolLM2-135M (slow, cached on disk).
+"""Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, the real
+SmolLM2-135M (slow, cached on disk), and `CountOps`, which records every ATen op a block of code runs.
 
 Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -34,6 +35,18 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     config = tiny_config(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
+
+
+class CountOps(TorchDispatchMode):
+    """`with CountOps() as seen:` records the name of every ATen op run inside (`seen.names`, e.g. "mm")."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="session")

@@ -28,9 +28,8 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CountOps, tiny_model
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from yarnkit.errors import BadValue
 from yarnkit.runtime import fused
@@ -50,16 +49,6 @@ def snapshot(model) -> dict:
 def same_state(model, saved: dict) -> bool:
     state = model.state_dict()
     return list(state) == list(saved) and all(torch.equal(state[name], saved[name]) for name in saved)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CountOps, tiny_model
 
 from yarnkit.runtime.engine import StreamingEngine
 
@@ -98,17 +98,6 @@ def test_graph_capture_failure_falls_back_loudly(caplog):
 
 
 def test_the_step_builds_one_additive_mask_with_the_boolean_masks_logits():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = tiny_model("llama", num_hidden_layers=3)
     engine = StreamingEngine(model, sinks=4, window=24, decode="static")
     engine.feed(tokens(10))
