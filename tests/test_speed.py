@@ -260,6 +260,8 @@ def test_profile_summary_lists_operators_and_gaps():
     assert kind_of("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul"
     assert kind_of("triton_poi_fused_add_mul_0") == "Inductor (compiled layers)"
     assert kind_of("_rms_norm_forward_kernel") == "Liger-Kernel"
+    assert kind_of("void at::native::(anonymous namespace)::rms_norm_kernel<c10::BFloat16>") != "Liger-Kernel"
+    assert kind_of("void at::native::reduce_kernel<512, 1>") == "elementwise / reductions / norms"
     model, ids = tiny_model("llama").train(), _ids(64)
     with step_profile(True) as prof:
         model(input_ids=ids, labels=ids).loss.backward()

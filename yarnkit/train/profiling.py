@@ -3,8 +3,8 @@ the runtime's decode step uses the same summary: `python -m yarnkit.bench.decode
 
 `step_profile(enabled)` is a context around one optimizer step (the trainer synchronizes the GPU before and
 inside it); `summary(prof, wall_seconds)` turns what it recorded into: GPU kernels grouped by kind (attention,
-matmul, Triton-fused, optimizer, copies, scatter/index, elementwise, other ATen) and the top kernels by total time with their share of the
-GPU's busy time, then the host gaps: the wall time of the step during which no kernel ran (the GPU waiting for
+matmul, Liger, Triton-fused, optimizer, copies, scatter/index, elementwise and norms, other ATen) and the top
+kernels by total time with their share of the GPU's busy time, then the host gaps: the wall time of the step during which no kernel ran (the GPU waiting for
 the host: Python, launches, syncs, data). On a machine without CUDA the same table lists CPU operators instead,
 which is how `python -m pytest tests/test_speed.py -k profile` tests it. Not a benchmark: one step, one process.
 """
@@ -19,14 +19,17 @@ import torch
 KINDS = (  # first match wins; names as the profiler reports CUDA kernels
     ("attention", re.compile(r"cudnn|fmha|flash|attention|sdpa|dot_product", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
-    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|splitk|^aten::(linear|mm|addmm|bmm|matmul)$", re.I)),
-    ("Liger-Kernel", re.compile(r"liger|rms_norm|swiglu|rope|cross_entropy_kernel|element_mul", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|splitk|^aten::(linear|mm|addmm|bmm|matmul)$",
+                          re.I)),
+    # Liger's Triton kernels by their own names (`_rms_norm_forward_kernel`, ...): torch's fused RMSNorm is not Liger
+    ("Liger-Kernel", re.compile(r"liger|^_(rms_norm|swiglu|triton_rope|geglu|layer_norm)|cross_entropy_kernel|"
+                                r"element_mul", re.I)),
     ("Inductor (compiled layers)", re.compile(r"^triton_", re.I)),
     ("cross-entropy (ATen)", re.compile(r"nll|log_softmax|softmax", re.I)),
     ("copies / memset", re.compile(r"memcpy|memset|copy", re.I)),
     ("scatter / gather / index", re.compile(r"scatter|gather|index", re.I)),
-    ("elementwise / reductions", re.compile(r"elementwise|vectorized|unrolled|reduce|^aten::(mul|add|neg|cat|pow|"
-                                            r"mean|rsqrt|silu|where)", re.I)),
+    ("elementwise / reductions / norms", re.compile(r"elementwise|vectorized|unrolled|reduce|norm|^aten::(mul|add|"
+                                                    r"neg|cat|pow|mean|rsqrt|silu|where)", re.I)),
 )
 
 
