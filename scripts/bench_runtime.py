@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from yarnkit.bench import streaming as bench
+from yarnkit.runtime.fused import parts_label
 from yarnkit.runtime.options import DECODE_ATTENTION, FUSE
 
 PARTS = ("latency", "batch", "scale", "peers", "compiled", "hf-compiled", "ppl", "recall")  # the order they run in
@@ -281,9 +282,8 @@ def summary(report) -> str:
                                                                 report.get("compiled", {}).get("latency", {}))):
         for cache, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
             s = row["sinks"]
-            fuse = "".join(f", fused {what}" for what in ("projections", "norms") if s.get(f"fused_{what}"))
             cells = f"sinks[{s['decode_path']}{'+compile' if s['compiled'] else ''}, " \
-                    f"{s.get('decode_attention', 'sdpa')}{fuse}] " \
+                    f"{s.get('decode_attention', 'sdpa')}, fused: {parts_label(s)}] " \
                     f"p50 {s['p50_ms']:.3f} p99 " \
                     f"{s['p99_ms']:.3f} p99/p50 {s['p99_over_p50']:.2f}"
             if "recompute" in row:

@@ -150,8 +150,8 @@ def test_decode_step_profile_lists_the_step_operators_on_cpu(tmp_path):
                              "--compile"]) == 0  # --compile: CUDA only, so the CPU rows say they ran uncompiled
     text = profile.read_text()
     sections = [line for line in text.splitlines() if line.startswith("# decode step")]
-    assert sections == ["# decode step: 1 session(s), greedy, static, sdpa, fused projections, fused norms",
-                        "# decode step: 2 session(s), greedy, static, sdpa, fused projections, fused norms"]
+    assert sections == ["# decode step: 1 session(s), greedy, static, sdpa, fused: projections+norms",
+                        "# decode step: 2 session(s), greedy, static, sdpa, fused: projections+norms"]
     assert "| matmul |" in text and "| scatter / gather / index |" in text
     rows = json.loads(out.read_text())["rows"]
     assert all("profile_md" not in row and row["compiled"] is False for row in rows)

@@ -283,6 +283,8 @@ def test_a_model_with_nothing_to_fuse_is_left_alone_with_a_line_per_part(caplog)
     lines = [record.getMessage() for record in caplog.records if record.name == "yarnkit.runtime.fused"]
     assert [line.split(" left")[0] for line in lines] == ["projections", "norms"], lines
     assert same_state(model, saved) and not fused.is_fused(model)
+    assert fused.parts_label(fused.fused_parts(model)) == "none"
+    assert fused.parts_label({"fused_projections": False, "fused_norms": True}) == "norms"
 
 
 def test_the_setting_resolves_per_decode_path_and_a_bad_value_is_one_line():

@@ -192,7 +192,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             turn.close()
         path = scheduler.stats()["decode_path"] + ("+compile" if scheduler.pool.compiled else "")
         title = (f"decode step: {sessions} session(s), {mode}, {path}, "
-                 f"{scheduler.pool.attention}, {fused_label(fused.fused_parts(model))}")
+                 f"{scheduler.pool.attention}, fused: {fused.parts_label(fused.fused_parts(model))}")
         return summary(prof, wall, title=title)
 
     try:
@@ -214,25 +214,14 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             **({"profile_md": profile_md} if profile else {})}
 
 
-def fused_label(parts: dict[str, bool]) -> str:
-    """A profile title's words for what ran fused: "fused projections, fused norms", "unfused projections, ..."."""
-    return ", ".join(f"{'fused' if parts[f'fused_{what}'] else 'unfused'} {what}" for what in ("projections", "norms"))
-
-
-def fused_short(row: dict) -> str:
-    """The table's `fused` cell: proj+norm, proj, norm or no."""
-    parts = [name for name, key in (("proj", "fused_projections"), ("norm", "fused_norms")) if row.get(key)]
-    return "+".join(parts) or "no"
-
-
 def table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'attn':<5} {'fused':<11} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
+    head = f"{'mode':<8} {'attn':<5} {'fused':<17} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
         " ".join(f"{p:>11}" for p in PHASES) + f" {'host/session':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {fused_short(r):<11} "
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {fused.parts_label(r):<17} "
                      f"{r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
                      f"{r['tokens_per_s']:>7.1f} {cells} {r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"

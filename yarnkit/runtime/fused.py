@@ -223,6 +223,12 @@ def fused_parts(model: nn.Module) -> dict[str, bool]:
     return {"fused_projections": False, "fused_norms": False}
 
 
+def parts_label(parts: dict) -> str:
+    """What `parts` (`fused_parts`, or a bench row holding its keys) says ran fused, for tables and titles:
+    "projections+norms", "projections", "norms" or "none"."""
+    return "+".join(what for what in ("projections", "norms") if parts.get(f"fused_{what}")) or "none"
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether anything of `model` (projections or norms) is fused now (by `fuse`, not undone)."""
     return isinstance(_DECISIONS.get(model), FuseHandle)
