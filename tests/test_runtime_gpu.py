@@ -14,8 +14,8 @@ leads by more than 2e-3; a random model's near-ties may round either way):
   (within 1e-4: only the matmuls' summation order and one float32 rounding per norm differ), the fuse adding no
   weight memory, and `undo()` giving the state back bit for bit; one static (graph-less) bf16 step launches fewer
   CUDA kernels fused than unfused: at least 4 fewer per norm (61) and 3 per layer (30), with one
-  `aten::_fused_rms_norm` per norm (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures' models on their first
-  pool.
+  `aten::_fused_rms_norm` per norm (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures'
+  models on their first pool.
 bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
 graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
 not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions

@@ -2,8 +2,9 @@
 
 `options.py` (every streaming setting: the flags, `StreamOptions`, the decode resolver, the model loader),
 `cache.py` (the growing sink cache and the sinks-and-window eviction rule), `static.py` (pooled fixed-shape rows,
-the batched CUDA-graph step), `fused.py` (q/k/v and gate/up projections as one matmul each, RMSNorms as `torch.rms_norm`), `decoders.py` (one decoder interface over both), `engine.py` (chunked prefill /
-decode with eviction, SirLLM, batched decode across sessions), `compress.py` (LLMLingua-style prompt
+the batched CUDA-graph step), `fused.py` (q/k/v and gate/up projections as one matmul each, RMSNorms as
+`torch.rms_norm`), `decoders.py` (one decoder interface over both), `engine.py` (chunked prefill / decode with
+eviction, SirLLM, batched decode across sessions), `compress.py` (LLMLingua-style prompt
 compression), `conversation.py` (chat template, turns), `chat.py` (`yarnkit chat`); `yarnkit serve` is
 `sessions.py` (which conversation, one cache row each, serves a request), `admission.py` (the queue in front of
 the rows), `scheduler.py` (the loop: batched decode, interleaved prefill), `api.py` (the OpenAI surface) and

@@ -83,8 +83,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kernel = kwargs.pop(KERNEL_ARGUMENT, None)
-    packable = kernel == "sdpa" and query.shape[1] != key.shape[1] and not kwargs.get("output_attentions")
-    if kernel is None or query.shape[2] != 1 or dropout or (kernel == "sdpa" and not packable):
+    grouped = query.shape[1] != key.shape[1]  # sdpa packs only grouped heads; one K/V head per query head is as is
+    if kernel is None or query.shape[2] != 1 or dropout or (kernel == "sdpa" and not grouped):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

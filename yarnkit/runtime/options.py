@@ -99,7 +99,8 @@ class StreamOptions:
 def resolve_fuse(value: bool | str, decode: str) -> bool:
     """Whether the runtime fuses the model (projections and norms) for `value` (`--fuse`) on resolved path
     `decode`: `auto` -> on for the pooled static/graph paths (their decode step is a few small matmuls and norms
-    per layer, where one launch instead of three, or of seven, counts), off for eager; `true` / `false` (or a bool) as given, on any path."""
+    per layer, where one launch instead of three, or of seven, counts), off for eager; `true` / `false` (or a
+    bool) as given, on any path."""
     if isinstance(value, bool):
         return value
     if value not in FUSE:

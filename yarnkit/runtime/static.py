@@ -3,8 +3,8 @@
 What it is: the fast decode path of the streaming runtime, and the home of continuous batching.
 `make_pool(model, options, rows)` builds one from resolved `StreamOptions` (its `window` and `sinks`; first it fuses
 the model's q/k/v and gate/up projections and its RMSNorms when `fuse` is on, the default here: `fused.py`, 4
-matmuls per Llama layer in every step instead of 7, one `torch.rms_norm` per norm). `SlotPool` preallocates ONE key and ONE value buffer
-`[layers, rows, kv_heads, window + 1, head_dim]`: each session
+matmuls per Llama layer in every step instead of 7, one `torch.rms_norm` per norm). `SlotPool` preallocates ONE
+key and ONE value buffer `[layers, rows, kv_heads, window + 1, head_dim]`: each session
 (`RowCache`, one per `StreamingEngine`) owns a row, slots `0..window-1` hold its tokens and the last slot is a
 scratch slot that idle rows of a batched step write to. Every forward goes through one function,
 `SlotPool.forward_rows(first, ids [B, n], positions [B, n])`: rows `first..first+B-1` write their new K/V at their
