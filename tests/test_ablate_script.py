@@ -29,9 +29,11 @@ def test_one_variant_trains_is_evaluated_and_tabled(tmp_path):
     assert set(map(int, table["base_ppl"])) == {512, 1024}  # the base model within its context, run first
     assert rows[0]["keeps_perplexity"] in (True, False)
     row = rows[0]
-    assert row["overrides"] == ["optim.lr=5e-5", "yarn.factor=8", "data.synthetic.restate=0"]  # as first run
+    assert row["overrides"] == ["optim.lr=5e-5", "yarn.factor=8", "data.synthetic.restate=0",
+                                "data.synthetic.numbers=0"]  # as first run, before the recipe took number clutter
     recipe = (out / "data-x8" / "run" / "recipe.yaml").read_text()
     assert "far: 0.5" in recipe and "answer_loss_weight: 1.0" in recipe and "seq_len: 1024" in recipe
+    assert "numbers: 0.0" in recipe or "numbers: 0\n" in recipe
     assert "factor: 8.0" in recipe and "restate: 0" in recipe and "lr: 5.0e-05" in recipe
     assert set(map(int, row["ppl"])) == {512, 1024}
     for task in ("niah", "multikey", "chat"):
