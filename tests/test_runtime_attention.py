@@ -14,7 +14,7 @@ What is proven (tiny random Llamas in float32: 4 heads on 4 key/value heads, and
   torch.compile (no graph break: capture-safe);
 - an unknown kernel, a forced `--decode eager` and a STRING model are refused in one line; `auto` resolving to
   the eager path falls back to sdpa in one logged line;
-- the kernel `auto` is `split` only for a shared pool on CUDA with an SDPA model, else `sdpa`, silently.
+- the kernel `auto` is `split` on CUDA with an SDPA model (one session or many), else `sdpa`, silently.
 The GPU run (CUDA graph, compile, bf16, speed) is tests/test_runtime_gpu.py and `python -m yarnkit.bench.decode_step`.
 """
 
@@ -187,17 +187,19 @@ def test_bad_choices_fail_in_one_line_and_auto_falls_back_loudly(caplog):
         StreamingEngine(handle.model, window=16, decode="static", decode_attention="split")
 
 
-def test_auto_takes_split_only_for_a_pool_of_sessions_on_cuda():
+def test_auto_takes_split_on_cuda_for_one_session_and_for_a_pool():
     from yarnkit.runtime.options import resolve_decode_attention
     from yarnkit.string_attention import apply_string
 
     config = tiny_model("llama").config
-    assert resolve_decode_attention("auto", config, "cuda", "graph", pooled=True) == "split"  # serve on a GPU
-    assert resolve_decode_attention("auto", config, "cuda:0", "static", pooled=True) == "split"
-    assert resolve_decode_attention("auto", config, "cuda", "graph", pooled=False) == "sdpa"  # one session
-    assert resolve_decode_attention("auto", config, "cpu", "static", pooled=True) == "sdpa"  # CPU: unmeasured
+    assert resolve_decode_attention("auto", config, "cuda", "graph") == "split"
+    assert resolve_decode_attention("auto", config, "cuda:0", "static") == "split"
+    assert StreamOptions(window=16).resolved(config, "cuda", pooled=False).decode_attention == "split"  # one session
+    assert StreamOptions(window=16).resolved(config, "cuda", pooled=True).decode_attention == "split"  # serve
+    assert resolve_decode_attention("auto", config, "cuda", "eager") == "sdpa"  # the eager path runs SDPA only
+    assert resolve_decode_attention("auto", config, "cpu", "static") == "sdpa"  # CPU: unmeasured
     string_config = apply_string(tiny_model("llama"), shift=12, window=4).model.config
-    assert resolve_decode_attention("auto", string_config, "cuda", "static", pooled=True) == "sdpa"
+    assert resolve_decode_attention("auto", string_config, "cuda", "static") == "sdpa"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -15,7 +15,7 @@ the command that builds the sessions, and resolved options pass through the sche
 engine unchanged. Decode paths: `eager` grows a `SinkCache`; `static` / `graph` use a row of a `SlotPool`;
 `auto` is `graph` on CUDA, and on CPU `eager` for one session or `static` for a shared pool (serve batches).
 `--decode-attention auto|sdpa|split|flex` picks the attention kernel of the pooled steps (auto, the default: split
-for a shared pool on CUDA, else sdpa; `resolve_decode_attention`,
+on CUDA, sdpa on CPU; `resolve_decode_attention`,
 `yarnkit/runtime/attention.py`); on the eager path only `sdpa` runs, so an `auto` decode that resolves to eager
 says so in one line and runs sdpa, while a forced `--decode eager` with another kernel is refused.
 `--string S[,W]` puts STRING attention on the loaded model (`load_for_cli`); such a model decodes on `eager` or
@@ -89,8 +89,7 @@ class StreamOptions:
             raise BadValue(f"--sirllm-decay {self.sirllm_decay} must be in (0, 1]", "e.g. --sirllm-decay 0.9")
         evict = self.evict_batch if self.evict_batch is not None else max(1, recent // 16)
         decode = resolve_decode(self.decode, device, pooled, string=runs_string(config), compile=self.compile)
-        attention = resolve_decode_attention(self.decode_attention, config, device, decode, forced=self.decode,
-                                             pooled=pooled)
+        attention = resolve_decode_attention(self.decode_attention, config, device, decode, forced=self.decode)
         return replace(self, sinks=sinks, evict_batch=max(1, min(evict, recent)),
                        prefill_chunk=max(1, self.prefill_chunk), decode=decode, decode_attention=attention,
                        fuse=resolve_fuse(self.fuse, decode))
@@ -133,12 +132,12 @@ def resolve_decode(decode: str, device, pooled: bool = False, string: bool = Fal
     return "static" if pooled else "eager"
 
 
-def resolve_decode_attention(kernel: str, config, device, decode: str, forced: str = "auto",
-                             pooled: bool = False) -> str:
+def resolve_decode_attention(kernel: str, config, device, decode: str, forced: str = "auto") -> str:
     """The attention kernel the pooled steps run for `kernel` (`--decode-attention`) on resolved path `decode`.
-    `auto`: `split` for a shared pool of sessions (`pooled`: serve, batches) on CUDA with an SDPA model, where one
-    batched step is ~2x faster than SDPA's at 8-16 sessions; else `sdpa` (one session: SDPA is 2-5% faster;
-    CPU: unmeasured). Measured in docs/results.md §3.1 (`python -m yarnkit.bench.decode_step --decode-attention`).
+    `auto`: `split` on CUDA with an SDPA model, for one session and for many (one H100, bf16, SmolLM2-135M, cache
+    4096, graph decode with fused projections and norms, 2026-12-07: 2.72 / 3.72 / 4.29 ms per step at 1 / 8 / 16
+    sessions against SDPA's 4.01 / 6.10 / 6.24), else `sdpa` (CPU: unmeasured). Measured in docs/results.md §3.1
+    (`python -m yarnkit.bench.decode_step --decode-attention sdpa split`).
     `split` and `flex` replace SDPA in the pool's single-row steps, so they need a model on SDPA (not STRING, not
     eager attention) and a pooled path: when `auto` resolved to `eager` (one session on CPU) the kernel falls back
     to sdpa in one logged line; a forced `--decode eager` is refused, like any kernel that cannot run."""
@@ -150,7 +149,7 @@ def resolve_decode_attention(kernel: str, config, device, decode: str, forced: s
     running = getattr(config.get_text_config(), "_attn_implementation", None)
     if kernel == "auto":
         cuda = str(device).startswith("cuda")
-        return "split" if pooled and cuda and decode != "eager" and running in ("sdpa", IMPLEMENTATION) else "sdpa"
+        return "split" if cuda and decode != "eager" and running in ("sdpa", IMPLEMENTATION) else "sdpa"
     if kernel == "sdpa":
         return kernel
     if running not in ("sdpa", IMPLEMENTATION):
@@ -213,9 +212,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="graph path: torch.compile the decode step inside the CUDA graph (fused kernels; "
                              "a minute of compiling at start)")
     parser.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
-                        help="attention kernel of the pooled decode step: auto (default: split for a pool of "
-                             "sessions on CUDA, i.e. serve: ~2x the batched tokens/s at 8-16 sessions; sdpa for one "
-                             "session and on CPU), sdpa (grouped heads packed onto their K/V head), split (plain "
+                        help="attention kernel of the pooled decode step: auto (default: split on CUDA, the "
+                             "fastest measured for 1 to 16 sessions; sdpa on CPU), sdpa (grouped heads packed onto "
+                             "their K/V head), split (plain "
                              "torch, float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
     parser.add_argument("--fuse", default="auto", choices=FUSE,
                         help="fuse the loaded model once: q/k/v and gate/up projections as one matmul each (4 "

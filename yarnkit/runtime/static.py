@@ -22,8 +22,8 @@ Python int (no `.item()` inside a step).
   step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
   function keeps running eagerly.
 
-The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): SDPA by default
-(grouped query heads packed onto their K/V head, no `repeat_kv` copy), or `split` / `flex`
+The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): `split` by default
+on CUDA, SDPA on CPU (grouped query heads packed onto their K/V head, no `repeat_kv` copy), or `flex`
 (`yarnkit/runtime/attention.py`, each reached through transformers' attention registry on an SDPA model); `split`
 rounds the row's slots up to whole key chunks (the extra slots are masked for every row and never written).
 
