@@ -26,7 +26,7 @@ KINDS = (  # first match wins; names as the profiler reports CUDA kernels
     ("Liger-Kernel", re.compile(r"liger|^_(rms_norm|swiglu|triton_rope|geglu|layer_norm)|cross_entropy_kernel|"
                                 r"element_mul", re.I)),
     ("Inductor (compiled layers)", re.compile(r"^triton_", re.I)),
-    ("cross-entropy (ATen)", re.compile(r"nll|log_softmax|softmax", re.I)),
+    ("softmax / cross-entropy (ATen)", re.compile(r"nll|softmax", re.I)),  # the loss, or split decode attention
     ("copies / memset", re.compile(r"memcpy|memset|copy", re.I)),
     ("scatter / gather / index", re.compile(r"scatter|gather|index", re.I)),
     ("elementwise / reductions / norms", re.compile(r"elementwise|vectorized|unrolled|reduce|norm|^aten::(mul|add|"
