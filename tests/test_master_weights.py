@@ -21,6 +21,7 @@ from yarnkit.errors import RecipeError
 from yarnkit.launch import accelerate_launch
 from yarnkit.runs import step_dir
 from yarnkit.train.master_weights import MasterWeights
+from yarnkit.train.metrics import read_metrics
 from yarnkit.train.optim import OptimArgs, build_optimizer
 from yarnkit.train.recipe import load_recipe
 from yarnkit.train.trainer import train
@@ -72,7 +73,6 @@ def test_master_step_accumulates_in_float32_and_equals_a_float32_adamw_step():
     assert all(torch.equal(m, s) for m, s in zip(masters.masters, start))  # the float32 weights, not rounded
     for ids in batches:
         (model(input_ids=ids, labels=ids).loss / 2).backward()
-        masters.accumulate()
     assert all(m.grad.dtype == torch.float32 for m in masters.masters)
     assert all(torch.equal(m.grad, s) for m, s in zip(masters.masters, summed32))
 
@@ -89,7 +89,7 @@ def test_master_step_accumulates_in_float32_and_equals_a_float32_adamw_step():
     for master, want, param in zip(masters.masters, expected, model.parameters()):
         assert torch.equal(master, want)
         assert torch.equal(param, master.to(torch.bfloat16))
-        assert not master.grad.any() and not param.grad.any()  # the next step starts from zero
+        assert not master.grad.any() and param.grad is None  # the next step starts from zero
 
 
 def test_rotary_buffers_stay_float32(assets):
@@ -148,8 +148,9 @@ def test_resume_continues_exactly(assets, straight_run):
 
 
 def test_two_ddp_processes_equal_one_accumulating(assets, straight_run):
-    """2 processes x 2 chunks reduce their float32 grads once per step: the same steps as one process
-    accumulating 2 micro-batches of 2 chunks (the bf16 grads of loss/2 are exactly half those of loss)."""
+    """2 processes x 2 chunks reduce their float32 grads once per step: the steps of one process accumulating 2
+    micro-batches of 2 chunks, up to bf16 rounding (a rank's micro-batch pairs other chunks: samples 0 and 2, not
+    0 and 1). Without the reduction the ranks' weights would part; without the average the norm would double."""
     run_dir = assets["root"] / "ddp"
     argv = overrides(assets, run_dir, **{"optim.schedule_steps": 4, "train.max_steps": 2, "train.grad_accum": 1,
                                          "checkpoint.every": 0})
@@ -161,8 +162,10 @@ def test_two_ddp_processes_equal_one_accumulating(assets, straight_run):
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["distributed_type"] == "MULTI_CPU" for r in ranks)
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    for step in (1, 2):
-        assert ranks[0]["losses"][str(step)] == pytest.approx(straight_run.losses[step], abs=1e-6)
+    rows = {name: read_metrics(folder) for name, folder in (("ddp", run_dir), ("one", straight_run.run_dir))}
+    for ddp, one in zip(rows["ddp"], rows["one"]):
+        assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert ddp["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
 
 
 def test_refused_combinations_name_the_fix(assets, monkeypatch):

@@ -7,18 +7,16 @@ device and keeps:
 
     masters      the float32 weights themselves (each parameter's tensor until now, not copied): the optimizer's
                  parameters (`.masters`), each with `.grad` a slice of one flat float32 buffer
-    master grads that flat float32 buffer: every micro-batch's bf16 gradients are added to it (`accumulate`), so
-                 a step of `grad_accum` micro-batches never sums gradients in bf16; reduced over the processes,
-                 clipped, zeroed after the step
+    master grads that flat float32 buffer: a hook on each parameter (`register_post_accumulate_grad_hook`, as
+                 Megatron's main grads) adds the bf16 gradient autograd just produced to its float32 slice and
+                 drops it, so a step of `grad_accum` micro-batches never sums gradients in bf16 (and no bf16
+                 gradient outlives its backward); reduced over the processes, clipped, zeroed after the step
     weights      bf16 copies, the module parameters' `.data`; `publish` rounds the masters into them
-                 (`torch._foreach_copy_`: a few kernels for all of them)
-    grads        one flat bf16 buffer: each module parameter's `.grad` is a slice, autograd adds one micro-batch
-                 into it in place, `accumulate` moves it into the master grads and zeroes it (one kernel each)
+                 (`torch._foreach_copy_`, a few kernels for all of them) and zeroes the master grads
 
 Only parameters change dtype: buffers keep theirs, so the rotary `inv_freq` (YaRN's frequencies and their
 attention factor) stays float32 and HF's rotary module computes cos/sin in float32, rounding them to the hidden
-states' dtype at the end as in any bf16 model. A step is `accumulate()` after each micro-batch's backward, then
-`reduce(world)` (one all-reduce of the float32 grads under DDP, whose own bf16 reduction is not used: the
+states' dtype at the end as in any bf16 model. A step is the micro-batches' backwards, then `reduce(world)` (one all-reduce of the float32 grads under DDP, whose own bf16 reduction is not used: the
 trainer runs every micro-batch under `no_sync`), `clip(max_norm)`, `optimizer.step()` and `publish()`.
 `float32_weights()` swaps the masters into the module for a checkpoint's save or load, so its `model/` and
 `state/` hold the float32 masters (export reads them as from a float32 run) and a resume continues exactly;
@@ -40,25 +38,16 @@ class MasterWeights:
     def __init__(self, params, dtype: torch.dtype = torch.bfloat16):
         self.params = list(params)
         total = sum(p.numel() for p in self.params)
-        device = self.params[0].device
-        self.master_grad_flat = torch.zeros(total, dtype=torch.float32, device=device)
-        self.grad_flat = torch.zeros(total, dtype=dtype, device=device)
-        self.masters, self.weights = [], []
+        self.master_grad_flat = torch.zeros(total, dtype=torch.float32, device=self.params[0].device)
+        self.masters, self.hooks = [], []
         offset = 0
         for param in self.params:
-            piece = slice(offset, offset + param.numel())
             master = torch.nn.Parameter(param.detach())  # the float32 tensor itself
-            master.grad = self.master_grad_flat[piece].view_as(param)
+            master.grad = self.master_grad_flat[offset:offset + param.numel()].view_as(param)
             param.data = param.detach().to(dtype)
-            param.grad = self.grad_flat[piece].view_as(param)  # autograd adds into it in place
+            self.hooks.append(param.register_post_accumulate_grad_hook(_add_into(master.grad)))
             self.masters.append(master)
-            self.weights.append(param.data)
             offset += param.numel()
-
-    def accumulate(self) -> None:
-        """After a micro-batch's backward: add its bf16 gradients to the float32 master grads, zero them."""
-        self.master_grad_flat.add_(self.grad_flat)
-        self.grad_flat.zero_()
 
     def reduce(self, world: int) -> None:
         """Average the master grads over `world` processes (one float32 all-reduce; nothing to do for one)."""
@@ -70,24 +59,35 @@ class MasterWeights:
         """Clip the master grads to `max_norm` (math.inf: no clipping); returns their norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.masters, max_norm, foreach=True)
 
+    @torch.no_grad()
     def publish(self) -> None:
         """After the optimizer step: round the masters into the module's bf16 weights; zero the master grads."""
-        torch._foreach_copy_(self.weights, self.masters)
+        torch._foreach_copy_(self.params, self.masters)
         self.master_grad_flat.zero_()
 
     @contextmanager
     def float32_weights(self):
         """Inside, the module's parameters are the float32 masters (a load writes them); then bf16 again."""
+        weights = [param.data for param in self.params]
         for param, master in zip(self.params, self.masters):
             param.data = master.data
         try:
             yield
         finally:
-            for param, weight in zip(self.params, self.weights):
+            for param, weight in zip(self.params, weights):
                 param.data = weight
-            torch._foreach_copy_(self.weights, self.masters)
+            self.publish()  # the masters a load wrote; the master grads are zero between steps anyway
 
     def release(self) -> None:
         """Leave the float32 masters in the module for good (training is over)."""
-        for param, master in zip(self.params, self.masters):
-            param.data, param.grad = master.data, None
+        for param, master, hook in zip(self.params, self.masters, self.hooks):
+            param.data = master.data
+            hook.remove()
+
+
+def _add_into(master_grad: torch.Tensor):
+    """The hook of one parameter: its new bf16 gradient goes into `master_grad` (float32) and is dropped."""
+    def add(param: torch.Tensor) -> None:
+        master_grad.add_(param.grad)
+        param.grad = None
+    return add

@@ -208,9 +208,7 @@ def train(recipe) -> TrainResult:
                 with sync, offload:
                     loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
                     accelerator.backward(loss)
-                    if masters is not None:
-                        masters.accumulate()
-                    else:
+                    if masters is None:  # bf16-weights: the backward added the grads into the float32 masters
                         if accelerator.sync_gradients and not ds_engine:
                             grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
                         optimizer.step()
