@@ -282,7 +282,9 @@ def parse_arguments(argv: list[str] | None = None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SHAPE@VARIANT",
                         help="compare mode: e.g. smollm2-135m@65536@hf-liger smollm2-135m@4x8192:65536@yarnkit "
-                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length")
+                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length. "
+                             f"Variants: peers {', '.join(PEERS)}; yarnkit {', '.join(VARIANTS)} (-spN: ZeRO-2 on "
+                             "N GPUs)")
     parser.add_argument("--model-dir", default="", help="compare mode: SmolLM2-135M's config + tokenizer (no "
                                                         "weights): smollm2-135m cases draw random weights of its shape")
     parser.add_argument("--write-model-dir", metavar="DIR", help="write that folder from the bundled model, then stop")
