@@ -1,7 +1,7 @@
 """bf16 module weights with float32 masters (`train.mixed_precision=bf16-weights`) on CPU with a tiny random Llama:
 the master step against a float32 AdamW reference (gradients accumulated in float32), the rotary buffers left in
-float32, a short run that learns and resumes exactly with float32 checkpoints, two DDP processes against one, and
-the refused combinations.
+float32, a short run that learns, follows the float32 run's losses and resumes exactly from float32 checkpoints,
+two DDP processes against one, the refused combinations; on a GPU (`-m gpu`) the fused-AdamW path.
 
 Run: python -m pytest tests/test_master_weights.py -q
 """
@@ -136,6 +136,14 @@ def test_run_learns_and_checkpoints_the_float32_masters(straight_run):
     assert not all(torch.equal(t, t.to(torch.bfloat16).float()) for t in exported.values())  # not bf16 values
 
 
+def test_losses_follow_the_float32_run(assets, straight_run):
+    """The same 4 steps with float32 weights: bf16 rounding apart (2e-4 relative here), the same losses."""
+    fp32 = train(load_recipe(overrides(assets, assets["root"] / "fp32", **{
+        "optim.schedule_steps": 4, "train.mixed_precision": "fp32"})))
+    for step, loss in fp32.losses.items():
+        assert straight_run.losses[step] == pytest.approx(loss, rel=1e-3)
+
+
 def test_resume_continues_exactly(assets, straight_run):
     run_dir = assets["root"] / "resumed"
     first = train(load_recipe(overrides(assets, run_dir, **{"optim.schedule_steps": 4, "train.max_steps": 2})))
@@ -179,3 +187,19 @@ def test_refused_combinations_name_the_fix(assets, monkeypatch):
                                   "train.mixed_precision=bf16 under DeepSpeed")
     with pytest.raises(RecipeError, match="use train.mixed_precision=bf16 with lora.enabled$"):
         load_recipe(overrides(assets, assets["root"] / "unused", **{"lora.enabled": True}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_follows_the_float32_run(assets):
+    """On a GPU (`pytest -m gpu`): fused AdamW steps the masters (CUDA's mixed-dtype `_foreach_copy_` publishes
+    them), and the losses follow a float32 run's within 2e-3 relative (bf16 rounding of the module, 2e-4 on the
+    CPU; a dropped or doubled gradient is off by far more). float32, not bf16 autocast: accelerate keeps one mixed-precision setting
+    per process, and both of these run without autocast."""
+    runs = {mode: train(load_recipe(overrides(assets, assets["root"] / f"cuda-{mode}", **{
+        "train.mixed_precision": mode}))) for mode in ("fp32", "bf16-weights")}
+    speed = json.loads((Path(runs["bf16-weights"].run_dir) / "speed.json").read_text())
+    assert speed["optimizer"] == "AdamW fused" and speed["precision"] == "bf16 weights, fp32 masters (yarnkit)"
+    assert runs["bf16-weights"].losses[4] < runs["bf16-weights"].losses[1]
+    for step, loss in runs["fp32"].losses.items():
+        assert runs["bf16-weights"].losses[step] == pytest.approx(loss, rel=2e-3)

@@ -90,12 +90,16 @@ def new_row(model: str, shape: str, variant: str) -> dict:
 
 def group_of(row: dict) -> str:
     """Cases of one group share a process: peers with / without Liger, yarnkit with / without it (Liger swaps
-    transformers' Llama classes and RoPE function process-wide). Sequence-parallel runs get their own launch."""
+    transformers' Llama classes and RoPE function process-wide), yarnkit's bf16-weights cases on their own
+    (accelerate keeps one mixed-precision setting per process: theirs is "no", the recipes' is bf16).
+    Sequence-parallel runs get their own launch."""
     base, sp = parse_variant(row["variant"])
     if base in PEERS:
         return "peers-liger" if "--liger" in PEERS[base] else "peers"
     if sp:
         return row["case"]
+    if VARIANTS[base].get("train.mixed_precision") == "bf16-weights":
+        return "yarnkit-bf16w"
     return "yarnkit-torch-kernels" if VARIANTS[base].get("model.kernels") == "torch" else "yarnkit"
 
 
