@@ -9,7 +9,7 @@ precision "no", and a DeepSpeed launch refuses it (DeepSpeed's bf16 is that alre
 runs. `Prefetcher` builds the next micro-batch (in pinned memory) on a worker thread while the GPU runs the
 current one; the batches and their order are the same as without it.
 It is not the run itself (`yarnkit.train.trainer`). Tested by `python -m pytest tests/test_trainer.py
-tests/test_seq_parallel.py tests/test_speed.py`.
+tests/test_seq_parallel.py tests/test_speed.py tests/test_master_weights.py`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ micro-batch is built on a worker thread (`loop.Prefetcher`) and step k's loss is
 step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seconds` is the time between CUDA
 events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
 Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
-exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser
+exactly. `train.mixed_precision=bf16-weights` trains a bf16 module whose float32 masters AdamW steps
+(`yarnkit.train.master_weights`: gradients summed in float32, one float32 all-reduce under DDP, checkpoints of
+the masters). `RUN/speed.json` records which kernels and precision run after fallbacks. It is not the recipe parser
 (`yarnkit.train.recipe`), the data builder (`yarnkit.train.data`) nor the command (`yarnkit.train.cli`). Tested by
-`python -m pytest tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
+`python -m pytest tests/test_trainer.py tests/test_distributed.py tests/test_speed.py tests/test_master_weights.py`.
 """
 
 from __future__ import annotations
