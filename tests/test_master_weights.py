@@ -177,6 +177,7 @@ def test_two_ddp_processes_equal_one_accumulating(assets, straight_run):
 
 
 def test_refused_combinations_name_the_fix(assets, monkeypatch):
+    from yarnkit.train.estimate import dry_run
     from yarnkit.train.loop import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -185,6 +186,9 @@ def test_refused_combinations_name_the_fix(assets, monkeypatch):
     assert str(refused.value) == ("train.mixed_precision=bf16-weights is for one-process and DDP launches "
                                   "(DeepSpeed's bf16 already keeps bf16 weights with float32 masters) — use "
                                   "train.mixed_precision=bf16 under DeepSpeed")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(RecipeError, match="under DeepSpeed$"):  # the dry run of a DeepSpeed launch says it too
+        dry_run(load_recipe(overrides(assets, assets["root"] / "unused")), 1)
     with pytest.raises(RecipeError, match="use train.mixed_precision=bf16 with lora.enabled$"):
         load_recipe(overrides(assets, assets["root"] / "unused", **{"lora.enabled": True}))
 

@@ -34,6 +34,7 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import MemoryBudgetError, RecipeError
+from yarnkit.train.loop import check_precision
 from yarnkit.train.model_setup import scaled_config
 from yarnkit.train.recipe import check_context
 from yarnkit.train.seq_parallel import check_sequence_parallel
@@ -158,6 +159,7 @@ def dry_run(recipe, world: int) -> dict:
     config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
     zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    check_precision(recipe.train, deepspeed=zero > 0)
     sp = recipe.train.sp_size
     if sp > 1 and (zero == 0 or world % sp):
         raise RecipeError(f"the dry run of train.sp_size={sp} needs the launch it estimates: run it under `accelerate "
