@@ -2,7 +2,7 @@
 group process that dies is reported with its own error, its exit code and the end of its log, in the row and in
 compare.md (`python -m yarnkit.bench.training --cases`, `yarnkit/bench/training.py`). A case that crashes inside
 its group's process gets one line with its cause and the group's next cases still run; after a group's process
-dies, the next group still runs."""
+dies, the next group still runs; bf16-weights cases run in a process of their own."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def test_peer_group_and_yarnkit_group_each_run_one_cpu_case(tmp_path):
     # same batches, same initial weights, fp32: yarnkit's trainer and plain transformers agree
     assert rows["tiny@128@yarnkit"]["loss_vs_ref"] < 1e-3
     assert "| tiny@128@yarnkit | ok |" in (out / "compare.md").read_text()
+
+
+def test_bf16_weights_cases_get_a_process_of_their_own():
+    """accelerate keeps one mixed-precision setting per process: bf16-weights ("no") never joins the recipes' bf16."""
+    groups = {variant: training.group_of(training.new_row("smollm2-135m", "4x8192:65536", variant))
+              for variant in ("yarnkit", "compiled", "yarnkit-bf16w")}
+    assert groups == {"yarnkit": "yarnkit", "compiled": "yarnkit", "yarnkit-bf16w": "yarnkit-bf16w"}
+    assert training_table.VARIANTS["yarnkit-bf16w"] == {"train.mixed_precision": "bf16-weights"}
 
 
 def test_a_group_process_that_dies_reports_its_error_exit_code_and_log(tmp_path, monkeypatch):

@@ -90,12 +90,16 @@ def new_row(model: str, shape: str, variant: str) -> dict:
 
 def group_of(row: dict) -> str:
     """Cases of one group share a process: peers with / without Liger, yarnkit with / without it (Liger swaps
-    transformers' Llama classes and RoPE function process-wide). Sequence-parallel runs get their own launch."""
+    transformers' Llama classes and RoPE function process-wide), yarnkit's bf16-weights cases on their own
+    (accelerate keeps one mixed-precision setting per process: theirs is "no", the recipes' is bf16).
+    Sequence-parallel runs get their own launch."""
     base, sp = parse_variant(row["variant"])
     if base in PEERS:
         return "peers-liger" if "--liger" in PEERS[base] else "peers"
     if sp:
         return row["case"]
+    if VARIANTS[base].get("train.mixed_precision") == "bf16-weights":
+        return "yarnkit-bf16w"
     return "yarnkit-torch-kernels" if VARIANTS[base].get("model.kernels") == "torch" else "yarnkit"
 
 
@@ -282,7 +286,9 @@ def parse_arguments(argv: list[str] | None = None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     parser.add_argument("--cases", nargs="*", default=[], metavar="MODEL@SHAPE@VARIANT",
                         help="compare mode: e.g. smollm2-135m@65536@hf-liger smollm2-135m@4x8192:65536@yarnkit "
-                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length")
+                             "llama-1b@65536@keep-attention; MODEL@L1,L2@VARIANT searches the longest length. "
+                             f"Variants: peers {', '.join(PEERS)}; yarnkit {', '.join(VARIANTS)} (-spN: ZeRO-2 on "
+                             "N GPUs)")
     parser.add_argument("--model-dir", default="", help="compare mode: SmolLM2-135M's config + tokenizer (no "
                                                         "weights): smollm2-135m cases draw random weights of its shape")
     parser.add_argument("--write-model-dir", metavar="DIR", help="write that folder from the bundled model, then stop")

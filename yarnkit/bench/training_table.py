@@ -26,6 +26,7 @@ VARIANTS = {
     "no-liger": {"model.kernels": "torch", "train.loss_impl": "chunked"},
     "chunked-loss": {"train.loss_impl": "chunked"},
     "foreach-adamw": {"optim.fused": "false"},
+    "yarnkit-bf16w": {"train.mixed_precision": "bf16-weights"},  # bf16 module weights, fp32 masters: no casts
     "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
                "optim.fused": "false"},  # the recipe's speed keys before the speed work (kernels, compile, fused loss)
     "alst": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full", "model.tiled_mlp": True,

@@ -5,6 +5,9 @@
     state/   accelerate `save_state` (model, optimizer, scheduler, RNG of every process; DeepSpeed shards under
              ZeRO) and `trainer_state.json` (step, samples_seen = data position, tokens_seen)
 
+Under `train.mixed_precision=bf16-weights` the trainer swaps the float32 masters into the module around the save
+and the load (`yarnkit.train.master_weights`), so `model/` and `state/` hold float32 weights as in any other run.
+
 Every process writes into `checkpoints/.tmp-step_NNNNNN`; once all are done, rank 0 renames it to `step_NNNNNN`
 and prunes to the newest `keep_last`. The layout and the resolver of "newest complete checkpoint" that every
 entry point calls are `yarnkit.runs`.

@@ -3,12 +3,14 @@
 FLOPs per token use the causal convention `6N + 6 * layers * heads * head_dim * seq_len` (training, attention
 halved for the causal mask), time assumes `ASSUMED_MFU` of `train.peak_tflops`. Memory per device (`memory_bytes`)
 counts model states (16 bytes per trained parameter for mixed-precision AdamW, divided by the ZeRO stage's
-sharding), activations and the loss:
+sharding; 18 under `train.mixed_precision=bf16-weights`: bf16 weights, float32 masters, master grads and Adam
+moments), activations and the loss:
 
 - each rank holds `micro_batch_size x seq_len / sp_size` tokens (Ulysses gives every rank the whole sequence for
   heads/sp_size heads inside attention: the same number of elements);
 - the residual stream (a checkpointed layer's input, the final hidden states) is fp32 under accelerate's bf16
-  autocast (fp32 master weights: fp32 + bf16 adds stay fp32) and bf16 under DeepSpeed, which runs a bf16 module;
+  autocast (fp32 master weights: fp32 + bf16 adds stay fp32) and bf16 under DeepSpeed or `bf16-weights`, which
+  run a bf16 module;
 - a layer keeps `34 * hidden` bytes per token outside its MLP (Korthikanti et al. 2022, bf16) and a gated MLP
   8 bytes per intermediate unit (gate, up, act, product); in backward the MLP adds ~2 more (its gradients);
   TiledMLP (`model.tiled_mlp`) runs the MLP over ceil(seq / hidden) shards, so only one shard's MLP is live;
@@ -32,6 +34,7 @@ import torch
 
 from yarnkit import rope
 from yarnkit.errors import MemoryBudgetError, RecipeError
+from yarnkit.train.loop import check_precision
 from yarnkit.train.model_setup import scaled_config
 from yarnkit.train.recipe import check_context
 from yarnkit.train.seq_parallel import check_sequence_parallel
@@ -85,15 +88,18 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
     hidden, layers, model = text.hidden_size, text.num_hidden_layers, recipe.model
     inter = getattr(text, "intermediate_size", 4 * hidden)
     shard = world if zero >= 1 else 1
+    bf16_weights = recipe.train.mixed_precision == "bf16-weights"  # refused with LoRA and under DeepSpeed
     if recipe.lora.enabled:
         states = 4 * total + 16 * trainable  # frozen fp32 weights + the adapters' weights/grads/Adam
     elif zero >= 3:
         states = 16 * total / world
     elif zero == 2:
         states = 2 * total + 14 * total / shard  # bf16 weights replicated; grads, masters, Adam sharded
+    elif bf16_weights:
+        states = 18 * total  # bf16 weights + fp32 masters, master grads, Adam moments (bf16 grads die in backward)
     else:
         states = 16 * total  # fp32 weights + grads + Adam moments, replicated
-    stream = 2 if zero > 0 and recipe.train.mixed_precision != "fp32" else 4  # bytes of a residual-stream value
+    stream = 2 if bf16_weights or zero > 0 and recipe.train.mixed_precision != "fp32" else 4  # residual-stream bytes
     mlp_tokens = min(tokens, hidden) if model.tiled_mlp else tokens  # TiledMLP: one shard of <= hidden tokens
     full_layer = tokens * 34 * hidden + mlp_tokens * 8 * inter  # what one layer keeps for its backward
     host = 0
@@ -153,6 +159,7 @@ def dry_run(recipe, world: int) -> dict:
     config = scaled_config(recipe.model, recipe.yarn)
     check_context(recipe, config)
     zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    check_precision(recipe.train, deepspeed=zero > 0)
     sp = recipe.train.sp_size
     if sp > 1 and (zero == 0 or world % sp):
         raise RecipeError(f"the dry run of train.sp_size={sp} needs the launch it estimates: run it under `accelerate "

@@ -3,10 +3,13 @@ Ulysses under `train.sp_size > 1`) and one micro-batch's loss.
 
 `TrainArgs` is the loop's section of the recipe: steps, batch shape, precision, clipping, logging, the loss kernel
 and the sequence-parallel degree. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` chunks on
-every process (`global_batch` derives `grad_accum`). `Prefetcher` builds the next micro-batch (in pinned memory)
-on a worker thread while the GPU runs the current one; the batches and their order are the same as without it.
+every process (`global_batch` derives `grad_accum`). `train.mixed_precision=bf16-weights` runs the module in bf16
+without autocast and steps float32 masters (`yarnkit.train.master_weights`): accelerate then runs with mixed
+precision "no", and a DeepSpeed launch refuses it (DeepSpeed's bf16 is that already); `precision_mode` names what
+runs. `Prefetcher` builds the next micro-batch (in pinned memory) on a worker thread while the GPU runs the
+current one; the batches and their order are the same as without it.
 It is not the run itself (`yarnkit.train.trainer`). Tested by `python -m pytest tests/test_trainer.py
-tests/test_seq_parallel.py tests/test_speed.py`.
+tests/test_seq_parallel.py tests/test_speed.py tests/test_master_weights.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class TrainArgs:
     micro_batch_size: int = 1  # chunks per process per forward
     grad_accum: int = 8  # micro-batches per optimizer step; global batch = micro x accum x processes
     global_batch: int = 0  # if > 0: chunks per optimizer step; sets grad_accum = global / (micro x processes)
-    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (weights stay fp32 masters; DeepSpeed keeps bf16 copies)
+    mixed_precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast, fp32 weights) | bf16-weights (+ fp32 masters)
     clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     loss_impl: str = "auto"  # auto (Liger's fused linear cross-entropy on CUDA if installed) | liger | chunked
     loss_chunk_tokens: int = 4096  # chunked loss: positions per output-head + cross-entropy chunk
@@ -55,6 +58,25 @@ def resolve_grad_accum(train_args: TrainArgs, world: int) -> int:
     return train_args.global_batch // per_pass
 
 
+def check_precision(train_args: TrainArgs, deepspeed: bool) -> None:
+    """`bf16-weights` is the one-process/DDP form of DeepSpeed's bf16: refuse it under DeepSpeed."""
+    if deepspeed and train_args.mixed_precision == "bf16-weights":
+        raise RecipeError("train.mixed_precision=bf16-weights is for one-process and DDP launches (DeepSpeed's bf16 "
+                          "already keeps bf16 weights with float32 masters)",
+                          "use train.mixed_precision=bf16 under DeepSpeed")
+
+
+def precision_mode(mixed_precision: str, deepspeed: bool) -> str:
+    """What runs, in words: the `precision` key of RUN/speed.json and of the benchmark rows."""
+    if mixed_precision == "fp32":
+        return "fp32"
+    if mixed_precision == "bf16-weights":
+        return "bf16 weights, fp32 masters (yarnkit)"
+    if deepspeed:
+        return f"{mixed_precision} weights, fp32 masters (DeepSpeed)"
+    return f"{mixed_precision} autocast, fp32 weights"
+
+
 def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"):
     """The Accelerator for this launch; resolves `train_args.grad_accum` from `global_batch` in place. With
     `train_args.sp_size > 1` it carries accelerate's ParallelismConfig for DeepSpeed Ulysses over `seq_len`."""
@@ -63,6 +85,7 @@ def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"
     # Without CUDA: cpu=True makes a `--multi_gpu` launch run gloo processes (accelerate's MULTI_CPU); under
     # DeepSpeed, accelerate only counts the processes when given a backend, so name gloo explicitly.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    check_precision(train_args, deepspeed)
     if os.environ.get(DEEPSPEED_JSON_ENV):  # a launcher config's `recipes/accelerate/X.json`, found from any folder
         os.environ[DEEPSPEED_JSON_ENV] = deepspeed_json(os.environ[DEEPSPEED_JSON_ENV])
     cpu = not torch.cuda.is_available() and not deepspeed
@@ -73,7 +96,7 @@ def make_accelerator(train_args: TrainArgs, seq_len: int = 0, attn: str = "sdpa"
     if train_args.sp_size != 1:
         check_sequence_parallel(train_args.sp_size, world, None, seq_len, attn, deepspeed=deepspeed)
         parallel["parallelism_config"] = parallelism_config(train_args.sp_size, world, seq_len, attn)
-    precision = "no" if train_args.mixed_precision == "fp32" else train_args.mixed_precision
+    precision = "no" if train_args.mixed_precision in ("fp32", "bf16-weights") else train_args.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
                               gradient_accumulation_steps=train_args.grad_accum,
                               step_scheduler_with_optimizer=False, **parallel)

@@ -240,8 +240,11 @@ def validate_recipe(recipe: Recipe) -> None:
                           "e.g. train.peak_tflops=989")
     if recipe.lora.enabled and not 0.0 <= recipe.lora.dropout < 1.0:
         raise RecipeError(f"lora.dropout={recipe.lora.dropout} must be in [0, 1)", "e.g. lora.dropout=0.05")
-    if train.mixed_precision not in ("fp32", "bf16", "fp16"):
-        raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16 or fp16")
+    if train.mixed_precision not in ("fp32", "bf16", "fp16", "bf16-weights"):
+        raise RecipeError(f"train.mixed_precision={train.mixed_precision!r}; choose fp32, bf16, fp16 or bf16-weights")
+    if train.mixed_precision == "bf16-weights" and recipe.lora.enabled:
+        raise RecipeError("train.mixed_precision=bf16-weights keeps float32 masters of fully trained weights, not "
+                          "of LoRA adapters", "use train.mixed_precision=bf16 with lora.enabled")
     check_optim(recipe.optim)
     if recipe.checkpoint.keep_last < 1 or recipe.checkpoint.every < 0:
         raise RecipeError(f"checkpoint.keep_last={recipe.checkpoint.keep_last} / checkpoint.every="

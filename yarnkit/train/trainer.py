@@ -10,9 +10,11 @@ micro-batch is built on a worker thread (`loop.Prefetcher`) and step k's loss is
 step k+1 has been queued, so logging costs no GPU idle time; on a GPU `step_seconds` is the time between CUDA
 events recorded at the ends of consecutive steps (host gaps included), on a CPU the step's wall time.
 Checkpoints (`yarnkit.train.checkpoint`) hold the full state, so `resume=auto` reproduces an uninterrupted run
-exactly. `RUN/speed.json` records which kernels run after fallbacks. It is not the recipe parser
+exactly. `train.mixed_precision=bf16-weights` trains a bf16 module whose float32 masters AdamW steps
+(`yarnkit.train.master_weights`: gradients summed in float32, one float32 all-reduce under DDP, checkpoints of
+the masters). `RUN/speed.json` records which kernels and precision run after fallbacks. It is not the recipe parser
 (`yarnkit.train.recipe`), the data builder (`yarnkit.train.data`) nor the command (`yarnkit.train.cli`). Tested by
-`python -m pytest tests/test_trainer.py tests/test_distributed.py tests/test_speed.py`.
+`python -m pytest tests/test_trainer.py tests/test_distributed.py tests/test_speed.py tests/test_master_weights.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +36,10 @@ from yarnkit.runs import has_step_dirs, is_complete, latest_checkpoint
 from yarnkit.train.checkpoint import load_checkpoint, save_checkpoint
 from yarnkit.train.data import SampleOrder, build_dataset, micro_batch, source_fingerprint
 from yarnkit.train.estimate import check_memory, flops_per_token
-from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, sequence_parallel_group,
-                                zero_stage)
+from yarnkit.train.loop import (Prefetcher, forward_loss, make_accelerator, peak_memory_gb, precision_mode,
+                                sequence_parallel_group, zero_stage)
 from yarnkit.train.loss import CausalLMLoss, fused_loss_missing
+from yarnkit.train.master_weights import MasterWeights
 from yarnkit.train.metrics import MetricsLog, StageClock
 from yarnkit.train.model_setup import build_model, scaled_config
 from yarnkit.train.optim import build_optimizer
@@ -130,9 +134,13 @@ def train(recipe) -> TrainResult:
     speed = {**getattr(model, "yarnkit_speed", {}), "loss": "liger fused linear cross-entropy" if fused_loss
              else f"chunked ({args.loss_chunk_tokens} tokens)"}
     wrapper = CausalLMLoss(model, args.loss_chunk_tokens, fused=fused_loss, answer_weight=args.answer_loss_weight)
-    optimizer, scheduler = build_optimizer(wrapper.parameters(), recipe.optim, args.max_steps,
-                                           accelerator.device)
+    masters = None
+    if args.mixed_precision == "bf16-weights":  # the module in bf16 on its device; AdamW steps float32 masters
+        masters = MasterWeights(wrapper.to(accelerator.device).parameters())
+    optimizer, scheduler = build_optimizer(masters.masters if masters else wrapper.parameters(), recipe.optim,
+                                           args.max_steps, accelerator.device)
     speed["optimizer"] = "AdamW " + ("fused" if optimizer.defaults.get("fused") else "foreach")
+    speed["precision"] = precision_mode(args.mixed_precision, accelerator.state.deepspeed_plugin is not None)
     if accelerator.is_main_process:
         print("yarnkit: speed: " + ", ".join(f"{key}={value}" for key, value in speed.items()), flush=True)
         (run_dir / "speed.json").write_text(json.dumps(speed, indent=1))
@@ -141,7 +149,8 @@ def train(recipe) -> TrainResult:
 
     state = {"step": 0, "samples_seen": 0, "tokens_seen": 0}
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        with float32_weights(masters):
+            state = load_checkpoint(accelerator, resume_from)
     log = MetricsLog(run_dir, accelerator.is_main_process, args.tensorboard, truncate_after=state["step"])
     order = SampleOrder(len(dataset), recipe.data.seed, recipe.data.shuffle)
     pose_target = (recipe.pose.target_len or config.max_position_embeddings) if recipe.pose.enabled else 0
@@ -196,14 +205,22 @@ def train(recipe) -> TrainResult:
                 last = step + 1 == args.max_steps and micro + 1 == args.grad_accum
                 batch = prefetch(first, None if last else first + stride)
                 result.samples.extend(batch["samples"])
-                with accelerator.accumulate(wrapper), offload:
+                # bf16-weights: DDP never reduces the bf16 grads; the masters' float32 grads are, once per step
+                sync = accelerator.no_sync(wrapper) if masters is not None else accelerator.accumulate(wrapper)
+                with sync, offload:
                     loss = forward_loss(wrapper, batch, accelerator.device, rank % sp, sp, sp_group)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and not ds_engine:
-                        grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    if masters is None:  # bf16-weights: the backward added the grads into the float32 masters
+                        if accelerator.sync_gradients and not ds_engine:
+                            grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.clip or math.inf)
+                        optimizer.step()
+                        optimizer.zero_grad()
                 loss_sum += loss.detach() / args.grad_accum
+            if masters is not None:
+                masters.reduce(world)
+                grad_norm = masters.clip(args.clip or math.inf)
+                optimizer.step()
+                masters.publish()
             if ds_engine:
                 grad_norm = wrapper.get_global_grad_norm()
             scheduler.step()
@@ -230,8 +247,9 @@ def train(recipe) -> TrainResult:
             pending = None
         if save:
             stages.lap("steps")  # the steps' kernels are done: finish() read the last loss
-            save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
-                            recipe.checkpoint.keep_last)
+            with float32_weights(masters):
+                save_checkpoint(accelerator, wrapper, tokenizer, run_dir, step + 1, state, recipe_to_yaml(recipe),
+                                recipe.checkpoint.keep_last)
             stages.lap("checkpoint saves")
     prefetch.close()
     bar.close()
@@ -242,8 +260,15 @@ def train(recipe) -> TrainResult:
     if accelerator.is_main_process:
         print(f"yarnkit: {stages.line()}", flush=True)
         stages.write(run_dir)
+    if masters is not None:
+        masters.release()
     result.model = accelerator.unwrap_model(wrapper).model
     return result
+
+
+def float32_weights(masters: MasterWeights | None):
+    """Checkpoints hold float32 weights: the masters under `bf16-weights`, the module's own otherwise."""
+    return masters.float32_weights() if masters is not None else nullcontext()
 
 
 def _mark(cuda: bool):
