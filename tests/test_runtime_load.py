@@ -180,3 +180,22 @@ def test_serve_load_benchmark_runs_end_to_end(tiny_serve_model, tmp_path):
             assert case["during_prefill_gap_ms"]["count"] == len(overlapping)
     table = (out / "serve_load.md").read_text()
     assert table.count("\n| 1 |") == 2 and table.count("\n| 3 |") == 2 and "3,0" in table
+
+
+def test_serve_load_says_in_one_line_when_the_client_does_not_import(monkeypatch):
+    """A client whose dependency is missing (the GPU image's openai 3.63 without httpx2) stops with the reason."""
+    import builtins
+
+    from yarnkit.bench import serve_load
+
+    real_import = builtins.__import__
+
+    def no_openai(name, *args, **kwargs):
+        if name == "openai":
+            raise ModuleNotFoundError("No module named 'httpx2'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openai)
+    with pytest.raises(SystemExit, match=r"^serve_load: the openai client does not import \(No module named "
+                                         r"'httpx2'\); pip install openai$"):
+        serve_load.main(["--out", "unused"])

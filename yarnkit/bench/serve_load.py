@@ -350,8 +350,17 @@ def server_flags(args) -> list[str]:
             *shlex.split(args.serve_args)]
 
 
+def import_openai():
+    """The official client, or one line that says why it does not import and how to fix it."""
+    try:
+        import openai
+    except ImportError as err:  # not installed, or a dependency of it missing (openai 3.x needs httpx2)
+        raise SystemExit(f"serve_load: the openai client does not import ({err}); pip install openai") from None
+    return openai
+
+
 def main(argv=None) -> dict:
-    import openai
+    openai = import_openai()
 
     from yarnkit.models import load_tokenizer
     from yarnkit.runtime.serve import API_KEY_ENV
