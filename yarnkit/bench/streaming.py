@@ -5,11 +5,12 @@ What it is: pure measurement functions over a model, each device-synchronised pe
 (StreamingLLM's baseline: a fresh forward over the last `cache` tokens per token), `dense` (HF decode with a
 growing `DynamicCache`), `hf_generate` (transformers' `generate` with a static or dynamic cache, per-token times
 from a streamer), `batch_throughput` (sessions decoded together vs one alone, greedy agreement), `path_check`
-(log-prob difference of a decode path against the eager cache), and `random_model` for timing-only models of
-named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed. The runtime fuses
-the model's projections and norms when its options say so (`--fuse`, yarnkit/runtime/fused.py; each result
-says what ran fused); the baselines and peers (`recompute`, `dense`, `hf_generate`, the path check's eager
-reference) time stock transformers, so they undo such a fuse first.
+(log-prob difference of a decode path against the eager cache, stock and with the same fuse), and `random_model`
+for timing-only models of named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts
+speed. The runtime fuses the model's projections and norms when its options say so (`--fuse`,
+yarnkit/runtime/fused.py; each result says what ran fused); the baselines and peers (`recompute`, `dense`,
+`hf_generate`, the path check's eager reference) time stock transformers, so they undo such a fuse first (the
+path check also runs its eager cache once on the fused model, before undoing it).
 
 Test: `python -m pytest tests/test_bench_streaming.py -q` (CPU, tiny shapes).
 """
@@ -282,12 +283,11 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only. `reference`: a
     float32 copy of the model (e.g. `model.float()` of a copy): every run is also compared with its eager cache
     (`vs_reference`, keyed `decode` ("decode_path" when it is "eager"), "eager" and "eager_same_fuse"), which says
-    which path is further from the truth. The eager run of the headline numbers is
-    stock transformers: a fuse the `decode` path made (`fused_projections`, `fused_norms`) is undone after it ran.
-    When the `decode` path ran fused, the eager cache also runs once on the same fused model first (`same_fuse`:
-    the same numbers against it; `vs_reference["eager_same_fuse"]`): then both paths share every kernel but
-    attention, so what differs is the cache and its attention, not the fuse's rounding (fused.py: one bf16
-    rounding per norm instead of two)."""
+    which path is further from the truth. The eager run of the headline numbers is stock transformers: a fuse the
+    `decode` path made (`fused_projections`, `fused_norms`) is undone after it ran. When the `decode` path ran
+    fused, the eager cache also runs once on the same fused model first (`same_fuse`: the same numbers against it;
+    `vs_reference["eager_same_fuse"]`): then both paths share every kernel but attention, so what differs is the
+    cache and its attention, not the fuse's rounding (fused.py: one bf16 rounding per norm instead of two)."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
     logps, engines = {}, {}
     runs = [("ours", model, decode, options), ("eager", model, "eager", {})]
