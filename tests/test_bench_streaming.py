@@ -1,5 +1,6 @@
 """The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer); the
-lone-session benchmark times every row of a full pool, each stepping one row.
+lone-session benchmark times every row of a full pool, each stepping one row; the path check compares a fused
+decode path with the stock eager cache and with the eager cache on the same fused model (bf16).
 
 Run: `python -m pytest tests/test_bench_streaming.py -q`
 """
