@@ -1,5 +1,6 @@
 """The runtime benchmark script runs end to end on CPU at tiny sizes (random-init tiny shape, real tokenizer); the
-lone-session benchmark times every row of a full pool, each stepping one row.
+lone-session benchmark times every row of a full pool, each stepping one row; the path check compares a fused
+decode path with the stock eager cache and with the eager cache on the same fused model (bf16).
 
 Run: `python -m pytest tests/test_bench_streaming.py -q`
 """
@@ -155,3 +156,39 @@ def test_decode_step_profile_lists_the_step_operators_on_cpu(tmp_path):
     assert "| matmul |" in text and "| scatter / gather / index |" in text
     rows = json.loads(out.read_text())["rows"]
     assert all("profile_md" not in row and row["compiled"] is False for row in rows)
+
+
+def bf16_model_with_trained_norms():
+    """A tiny Llama in bf16 whose RMSNorm weights are not all 1 (with weight 1 transformers' second rounding is
+    exact, so its norms and torch.rms_norm would agree bit for bit)."""
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(0))
+    return model.to(torch.bfloat16)
+
+
+def test_path_check_also_compares_the_eager_cache_with_the_same_fuse():
+    """A fused decode path is compared with the stock eager cache (the headline numbers, as before) and with the
+    eager cache on the same fused model (`same_fuse`): the fused eager path against itself differs by nothing,
+    against stock transformers by the fused norms' rounding; the float32 reference rates all three runs."""
+    from yarnkit.bench.streaming import path_check
+    from yarnkit.runtime import fused
+
+    model = bf16_model_with_trained_norms()
+    reference = bf16_model_with_trained_norms().float()
+    result = path_check(model, "eager", window=32, prompt=32, steps=24, evict_batch=8, fuse=True,
+                        reference=reference)
+    assert result["fused_projections"] and result["fused_norms"] and not fused.is_fused(model)
+    assert result["rerotations"] >= 2
+    assert result["same_fuse"]["max_abs_logprob_diff"] == 0.0 and result["same_fuse"]["greedy_agreement"] == 1.0
+    assert result["max_abs_logprob_diff"] > 0  # stock transformers' norms round twice
+    rated = result["vs_reference"]
+    assert set(rated) == {"decode_path", "eager", "eager_same_fuse"}
+    assert rated["decode_path"] == rated["eager_same_fuse"] != rated["eager"]
+    unfused = path_check(model, "static", window=32, prompt=32, steps=24, evict_batch=8, fuse=False)
+    assert "same_fuse" not in unfused and not unfused["fused_norms"]

@@ -111,8 +111,9 @@ def test_cpu_smoke_run_writes_the_json_prints_the_table_and_fails_on_a_bad_recip
 
 
 def test_runtime_path_asserts_float32_exactness_and_the_batch_on_cpu(tmp_path):
-    """The runtime path at its CPU size: the static decode vs the eager cache through evictions, and a batch of
-    two sessions vs their solo runs, asserted exact in float32 (the GPU run adds the graph, compile and bf16)."""
+    """The runtime path at its CPU size: the static decode vs the eager cache (stock, and on the same fused model)
+    through evictions, and a batch of two sessions vs their solo runs, asserted exact in float32 (the GPU run adds
+    the graph, compile and bf16 with its float32 reference)."""
     out = tmp_path / "runtime"
     done = subprocess.run([sys.executable, "-m", "yarnkit.bench.gpu_paths", "runtime", "--out", str(out),
                            "--cpu-smoke"], capture_output=True, text=True, timeout=600)
@@ -121,6 +122,8 @@ def test_runtime_path_asserts_float32_exactness_and_the_batch_on_cpu(tmp_path):
     single, batch = result["detail"]["float32 static"], result["detail"]["float32 batch of 2 (static)"]
     assert single["rerotations"] >= 2 and single["max_abs_logprob_diff"] <= 1e-3 and single["greedy_agreement"] == 1
     assert single["decided_agreement"] == 1 and single["decided_rows"] * 2 >= single["steps"]
+    assert single["fused_norms"] and single["same_fuse"]["max_abs_logprob_diff"] <= 1e-3  # the fused eager cache too
+    assert "vs the eager cache with the same fuse" in result["summary"]
     assert batch["all_identical"] and batch["identical_prefix_tokens"] == [8, 8]
 
 

@@ -25,7 +25,9 @@
   bf16 is measured and reported next to it, with a gross-error guard only (greedy agreement >= 0.9): real
   weights give large logits, so bf16 rounding moves tail log-probs by tenths to ~1.4 nats (1.36 compiled, H100,
   2026-12-06) while greedy tokens stay ~91-96% equal; a decode that reads wrong cache rows or positions agrees
-  on few tokens.
+  on few tokens. In bf16 each line also gives the agreement with the eager cache on the same fused model (the
+  two paths then differ only in their cache and attention kernels) and each run's agreement with the same
+  weights in float32 (docs/runtime.md, "bf16 drift: where it comes from").
 - `retrieval`: `yarnkit eval retrieval` (niah, YaRN x2) at one length (4,096 tokens); a result with its cells.
 - `export`: the bundled model with YaRN x2 saved as an HF folder, then `yarnkit export --gguf` in bf16 with its
   checks on the device: the reload by plain transformers in a fresh process, and the GGUF read back.
@@ -212,23 +214,41 @@ def runtime(args) -> tuple[str, dict]:
                   f"{kind.replace('_', ' ')} {agreement:.4f} over {rows} rows (limit {limits[kind]})")
             lines.append(f"{label}: max |dlogp| {worst:.3g}, greedy agreement {result['greedy_agreement']:.3f} "
                          f"({kind.replace('_', ' ')} {agreement:.4f} over {rows} rows), "
-                         f"{result['rerotations']} evictions")
+                         f"{result['rerotations']} evictions{drift_note(result)}")
     return "; ".join(lines), detail
 
 
+def drift_note(result: dict) -> str:
+    """The path check's other comparisons, for the table's line: against the eager cache with the same fuse
+    (`same_fuse`), and each path's greedy agreement with the float32 reference (`vs_reference`)."""
+    note = ""
+    if "same_fuse" in result:
+        same = result["same_fuse"]
+        note += (f"; vs the eager cache with the same fuse: max |dlogp| {same['max_abs_logprob_diff']:.3g}, greedy "
+                 f"agreement {same['greedy_agreement']:.3f}")
+    if "vs_reference" in result:
+        note += "; greedy agreement with float32: " + ", ".join(
+            f"{name} {row['greedy_agreement']:.3f}" for name, row in result["vs_reference"].items())
+    return note
+
+
 def runtime_checks(where: str, dtype, cpu: bool):
-    """(label, result) for each decode path against the eager cache, then the batch against solo runs."""
+    """(label, result) for each decode path against the eager cache (and, below float32, each path against the
+    same weights run in float32), then the batch against solo runs."""
+    import torch
+
     from yarnkit.bench.streaming import batch_throughput, path_check
     from yarnkit.export.verify import prompt_ids
     from yarnkit.models import load_model
 
     model, tokenizer = load_model("smollm2-135m", dtype=dtype, device=where)
+    reference = None if dtype == torch.float32 else load_model("smollm2-135m", dtype=dtype, device=where)[0].float()
     window, steps = (64, 48) if cpu else (4096, 96)
     ids = prompt_ids(tokenizer, window + steps, model.config.vocab_size)[0]
     paths = [("static", {})] if cpu else [("graph", {}), ("graph", {"compile": True})]
     for decode, options in paths:
         result = path_check(model, decode, window=window, prompt=window, steps=steps, evict_batch=16, ids=ids,
-                            **options)
+                            reference=reference, **options)
         yield decode + ("+compile" if options else ""), {**result, "asked": decode, "compile": bool(options)}
     batch = batch_throughput(model, cache=window, sessions=4 if not cpu else 2, steps=32 if not cpu else 8,
                              warmup=2, check_tokens=32 if not cpu else 8, evict_batch=16,

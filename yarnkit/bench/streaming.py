@@ -5,11 +5,12 @@ What it is: pure measurement functions over a model, each device-synchronised pe
 (StreamingLLM's baseline: a fresh forward over the last `cache` tokens per token), `dense` (HF decode with a
 growing `DynamicCache`), `hf_generate` (transformers' `generate` with a static or dynamic cache, per-token times
 from a streamer), `batch_throughput` (sessions decoded together vs one alone, greedy agreement), `path_check`
-(log-prob difference of a decode path against the eager cache), and `random_model` for timing-only models of
-named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts speed. The runtime fuses
-the model's projections and norms when its options say so (`--fuse`, yarnkit/runtime/fused.py; each result
-says what ran fused); the baselines and peers (`recompute`, `dense`, `hf_generate`, the path check's eager
-reference) time stock transformers, so they undo such a fuse first.
+(log-prob difference of a decode path against the eager cache, stock and with the same fuse), and `random_model`
+for timing-only models of named shapes (SmolLM2-135M, a 1.2B Llama-3.2 shape, Llama-2-7B). Nothing here asserts
+speed. The runtime fuses the model's projections and norms when its options say so (`--fuse`,
+yarnkit/runtime/fused.py; each result says what ran fused); the baselines and peers (`recompute`, `dense`,
+`hf_generate`, the path check's eager reference) time stock transformers, so they undo such a fuse first (the
+path check also runs its eager cache once on the fused model, before undoing it).
 
 Test: `python -m pytest tests/test_bench_streaming.py -q` (CPU, tiny shapes).
 """
@@ -280,36 +281,57 @@ def path_check(model, decode: str, window: int = 256, prompt: int = 256, steps: 
     """`decode` path vs the eager cache on the same tokens through evictions: max |log-prob difference|, greedy
     agreement (bf16 on GPU; an identical path gives 0). `ids`: `prompt + steps` tokens to feed (default random);
     `float32_logits` goes to both paths, `options` (e.g. compile) to the `decode` path only. `reference`: a
-    float32 copy of the model (e.g. `model.float()` of a copy): both paths are also compared with its eager cache
-    (`vs_reference`), which says which path is further from the truth. The eager runs are stock transformers: a
-    fuse the `decode` path made (`fused_projections`, `fused_norms`) is undone after it ran."""
+    float32 copy of the model (e.g. `model.float()` of a copy): every run is also compared with its eager cache
+    (`vs_reference`, keyed `decode` ("decode_path" when it is "eager"), "eager" and "eager_same_fuse"), which says
+    which path is further from the truth. The eager run of the headline numbers is stock transformers: a fuse the
+    `decode` path made (`fused_projections`, `fused_norms`) is undone after it ran. When the `decode` path ran
+    fused, the eager cache also runs once on the same fused model first (`same_fuse`: the same numbers against it;
+    `vs_reference["eager_same_fuse"]`): then both paths share every kernel but attention, so what differs is the
+    cache and its attention, not the fuse's rounding (fused.py: one bf16 rounding per norm instead of two)."""
     ids = random_ids(prompt + steps, model.config.vocab_size, seed=5) if ids is None else ids[:prompt + steps]
-    logps, engines = [], []
-    runs = [(model, decode, options), (model, "eager", {})]
-    runs += [(reference, "eager", {})] if reference is not None else []
-    for net, path, extra in runs:
-        engine = StreamingEngine(net, sinks=4, window=window, evict_batch=evict_batch, decode=path,
-                                 float32_logits=float32_logits, **extra)
-        rows = [engine.feed(ids[:prompt][None], all_logits=False)[0, -1]]
-        rows += [engine.feed(token.view(1, 1), all_logits=False)[0, -1] for token in ids[prompt:]]
-        logps.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
-        engines.append(engine)
-        if len(engines) == 1:
+    logps, engines = {}, {}
+    runs = [("ours", model, decode, options), ("eager", model, "eager", {})]
+    runs += [("reference", reference, "eager", {})] if reference is not None else []
+    for name, net, path, extra in runs:
+        if name == "eager":
             fuse = fused.fused_parts(model)
+            if fused.is_fused(model):
+                logps["same_fuse"], engines["same_fuse"] = feed_through(net, path, ids, prompt, window, evict_batch,
+                                                                        float32_logits, {"fuse": True})
             fused.unfuse(model)
-    diff = (logps[0] - logps[1]).abs().max().item()
-    result = {"decode_path": engines[0].decode_path, "decode_attention": engines[0].options.decode_attention,
-              "compiled": compiled(engines[0]), **fuse, "steps": steps + 1,
-              "rerotations": engines[0].cache.rerotations, "max_abs_logprob_diff": diff,
-              "greedy_agreement": agreement(logps[0], logps[1])}
-    result["decided_agreement"], result["decided_rows"] = decided_agreement(logps[1], logps[0])
+        logps[name], engines[name] = feed_through(net, path, ids, prompt, window, evict_batch, float32_logits, extra)
+    ours = engines["ours"]
+    result = {"decode_path": ours.decode_path, "decode_attention": ours.options.decode_attention,
+              "compiled": compiled(ours), **fuse, "steps": steps + 1, "rerotations": ours.cache.rerotations,
+              **compare(logps["ours"], logps["eager"])}
+    if "same_fuse" in logps:
+        result["same_fuse"] = compare(logps["ours"], logps["same_fuse"])
     if reference is not None:
-        result["vs_reference"] = {name: {"max_abs_logprob_diff": (logp - logps[2]).abs().max().item(),
-                                         "greedy_agreement": agreement(logp, logps[2])}
-                                  for name, logp in ((decode, logps[0]), ("eager", logps[1]))}
-    for engine in engines:
+        names = {"ours": decode if decode != "eager" else "decode_path", "eager": "eager",
+                 "same_fuse": "eager_same_fuse"}
+        result["vs_reference"] = {names[name]: compare(logp, logps["reference"])
+                                  for name, logp in logps.items() if name != "reference"}
+    for engine in engines.values():
         engine.close()
     return result
+
+
+def feed_through(model, decode: str, ids: torch.Tensor, prompt: int, window: int, evict_batch: int,
+                 float32_logits: bool | None, options: dict) -> tuple[torch.Tensor, StreamingEngine]:
+    """The prompt as one feed, then one token at a time: float32 log-probs `[1 + len(ids) - prompt, vocab]` of the
+    last position after each feed, and the engine (to close)."""
+    engine = StreamingEngine(model, sinks=4, window=window, evict_batch=evict_batch, decode=decode,
+                             float32_logits=float32_logits, **options)
+    rows = [engine.feed(ids[:prompt][None], all_logits=False)[0, -1]]
+    rows += [engine.feed(token.view(1, 1), all_logits=False)[0, -1] for token in ids[prompt:]]
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1), engine
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Max |log-prob difference|, greedy agreement, and the agreement over the rows `theirs` decides (ties out)."""
+    decided, rows = decided_agreement(theirs, ours)
+    return {"max_abs_logprob_diff": (ours - theirs).abs().max().item(), "greedy_agreement": agreement(ours, theirs),
+            "decided_agreement": decided, "decided_rows": rows}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
