@@ -161,7 +161,7 @@ CASES = [
     ("recipe-section-as-value", [*TRAIN, "optim=3"], "'optim'", "optim.<field>="),
     ("recipe-seq-len-too-short", [*TRAIN, "data.seq_len=1"], "data.seq_len=1", "at least 2"),
     ("recipe-shrinking-factor", [*TRAIN, "yarn.factor=0.5"], "yarn.factor=0.5", "use 1 (off) or more"),
-    ("recipe-precision", [*TRAIN, "train.mixed_precision=fp8"], "'fp8'", "choose fp32, bf16 or fp16"),
+    ("recipe-precision", [*TRAIN, "train.mixed_precision=fp8"], "'fp8'", "choose fp32, bf16, fp16 or bf16-weights"),
     ("recipe-seq-beyond-context", [*TRAIN, "data.seq_len=4096"], "data.seq_len=4096", "raise yarn.factor"),
     ("recipe-model-not-a-model", [*TRAIN, "model.name_or_path={root}/notmodel"], "notmodel", "HF model folder"),
     ("recipe-offline-hub-id", [*TRAIN, "model.name_or_path=nobody/nothing", "--dry-run"], "'nobody/nothing'",
