@@ -193,6 +193,7 @@ def test_compiled_step_writes_only_the_new_slots_of_the_cache():
     torch.testing.assert_close(pool.key_buffer, reference.key_buffer, atol=1e-5, rtol=0)
     torch.testing.assert_close(pool.value_buffer, reference.value_buffer, atol=1e-5, rtol=0)
 
+
 def test_float32_head_keeps_the_bf16_heads_float32_accumulation():
     """bf16 model, `float32_logits=True`: both decode paths return the head's logits computed to float32 from the
     bf16 hidden state their own forward produced (within 1e-6 of float64, relative to the largest logit), where the

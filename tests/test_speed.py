@@ -262,6 +262,7 @@ def test_profile_summary_lists_operators_and_gaps():
     assert kind_of("_rms_norm_forward_kernel") == "Liger-Kernel"
     assert kind_of("void at::native::(anonymous namespace)::rms_norm_kernel<c10::BFloat16>") != "Liger-Kernel"
     assert kind_of("void at::native::reduce_kernel<512, 1>") == "elementwise / reductions / norms"
+    assert kind_of("void at::native::cunn_SoftMaxForwardReg<float, float>") == "softmax / cross-entropy (ATen)"
     model, ids = tiny_model("llama").train(), _ids(64)
     with step_profile(True) as prof:
         model(input_ids=ids, labels=ids).loss.backward()

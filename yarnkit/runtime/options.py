@@ -214,8 +214,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                         help="attention kernel of the pooled decode step: auto (default: split on CUDA, the "
                              "fastest measured for 1 to 16 sessions; sdpa on CPU), sdpa (grouped heads packed onto "
-                             "their K/V head), split (plain "
-                             "torch, float32 softmax, keys in chunks) or flex (FlexAttention); prefill chunks run sdpa")
+                             "their K/V head), split (plain torch, float32 softmax, keys in chunks) or flex "
+                             "(FlexAttention); prefill chunks run sdpa")
     parser.add_argument("--fuse", default="auto", choices=FUSE,
                         help="fuse the loaded model once: q/k/v and gate/up projections as one matmul each (4 "
                              "matmuls per Llama layer instead of 7) and RMSNorms as one torch.rms_norm kernel each: "

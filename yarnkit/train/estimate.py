@@ -99,7 +99,7 @@ def memory_bytes(recipe, config, total: int, trainable: int, world: int, zero: i
         states = 18 * total  # bf16 weights + fp32 masters, master grads, Adam moments (bf16 grads die in backward)
     else:
         states = 16 * total  # fp32 weights + grads + Adam moments, replicated
-    stream = 2 if bf16_weights or zero > 0 and recipe.train.mixed_precision != "fp32" else 4  # residual-stream bytes
+    stream = 2 if bf16_weights or (zero > 0 and recipe.train.mixed_precision != "fp32") else 4  # residual stream
     mlp_tokens = min(tokens, hidden) if model.tiled_mlp else tokens  # TiledMLP: one shard of <= hidden tokens
     full_layer = tokens * 34 * hidden + mlp_tokens * 8 * inter  # what one layer keeps for its backward
     host = 0

@@ -3,11 +3,11 @@ the runtime's decode step uses the same summary: `python -m yarnkit.bench.decode
 
 `step_profile(enabled)` is a context around one optimizer step (the trainer synchronizes the GPU before and
 inside it); `summary(prof, wall_seconds)` turns what it recorded into: GPU kernels grouped by kind (attention,
-matmul, Liger, Triton-fused, optimizer, copies, scatter/index, elementwise and norms, other ATen) and the top
-kernels by total time with their share of the GPU's busy time, then the host gaps: the wall time of the step
-during which no kernel ran (the GPU waiting for the host: Python, launches, syncs, data). On a machine without
-CUDA the same table lists CPU operators instead, which is how `python -m pytest tests/test_speed.py -k profile`
-tests it. Not a benchmark: one step, one process.
+matmul, Liger, Triton-fused, softmax / cross-entropy, optimizer, copies, scatter/index, elementwise and norms,
+other ATen) and the top kernels by total time with their share of the GPU's busy time, then the host gaps: the
+wall time of the step during which no kernel ran (the GPU waiting for the host: Python, launches, syncs, data). On
+a machine without CUDA the same table lists CPU operators instead, which is how `python -m pytest
+tests/test_speed.py -k profile` tests it. Not a benchmark: one step, one process.
 """
 
 from __future__ import annotations
