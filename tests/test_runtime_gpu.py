@@ -184,18 +184,12 @@ def test_a_fused_bf16_step_launches_fewer_kernels():
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "split"])
-def test_compiled_bf16_step_copies_no_cache_row(kernel):
-    """SmolLM2's layer shape, two layers of it (the write is per layer; 30 would add minutes of compiling to the gpu
-    tests), cache 4096."""
+def test_compiled_bf16_step_copies_no_cache_row(model, kernel):
     from conftest import compiled_step_code
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from yarnkit.runtime.options import StreamOptions
     from yarnkit.runtime.static import make_pool
 
-    config = LlamaConfig(**{**bench.SHAPES["smollm2-135m"], "num_hidden_layers": 2}, max_position_embeddings=8192)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     pool = make_pool(model, StreamOptions(window=CACHE, decode="static", decode_attention=kernel), rows=1)
     cache = pool.acquire()
     with torch.no_grad():
