@@ -1,10 +1,14 @@
 """Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, the real
-SmolLM2-135M (slow, cached on disk), and `CountOps`, which records every ATen op a block of code runs.
+SmolLM2-135M (slow, cached on disk), `CountOps`, which records every ATen op a block of code runs, and
+`compiled_step_code`, the code Inductor writes for a pool's decode step (with the buffers it allocates).
 
 Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 import pytest
 import torch
@@ -47,6 +51,22 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def compiled_step_code(pool, cache, token: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Compile `pool`'s step with Inductor (as `--compile` does, no FX graph cache: the code is written afresh),
+    decode `token` for `cache` -> (its logits, the shapes of the buffers of at least one layer's row of the K/V
+    cache that the generated code allocates: a copy of a cache row, or of the whole buffers)."""
+    from torch._inductor.utils import run_and_get_code
+
+    pool._step = torch.compile(pool.forward_rows, dynamic=False)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        logits, codes = run_and_get_code(pool.decode, [cache], [token])
+    shapes = [tuple(int(n) for n in found.split(",") if n.strip())
+              for code in codes for found in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", code)]
+    assert shapes, "no buffer allocation found in Inductor's code: its format changed, update this helper"
+    row = pool.key_buffer[0, 0].numel()  # one layer's row: [kv_heads, slots, head_dim]
+    return logits, [shape for shape in shapes if math.prod(shape) >= row]
 
 
 @pytest.fixture(scope="session")

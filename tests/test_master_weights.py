@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
+from trainer_helpers import tiny_assets, tiny_overrides
 from yarnkit.errors import RecipeError
 from yarnkit.launch import accelerate_launch
 from yarnkit.runs import step_dir
@@ -32,9 +32,7 @@ BF16W = {"train.mixed_precision": "bf16-weights"}
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16w")
-    return {"model": make_tiny_model_dir(root / "model"), "data": make_text_file(root / "data.txt.gz"),
-            "cache": root / "cache", "root": root}
+    return tiny_assets(tmp_path_factory.mktemp("bf16w"))
 
 
 def overrides(assets, run_dir, **extra):

@@ -16,6 +16,8 @@ leads by more than 2e-3; a random model's near-ties may round either way):
   CUDA kernels fused than unfused: at least 4 fewer per norm (61) and 3 per layer (30), with one
   `aten::_fused_rms_norm` per norm (`-k fused`). The other tests run fused too: `auto` fuses the shared fixtures'
   models on their first pool.
+- `--compile`: Inductor's Triton code for the bf16 step (sdpa and split) allocates no buffer of a cache row's size
+  (the step writes its new K/V slots in place; tests/test_runtime_static.py checks the same on CPU).
 bf16 is a guard against gross errors only (max |log-prob difference| within 0.1, greedy agreement >= 0.95): a
 graph replays the kernels picked at capture and masked vs unmasked attention rounds differently, so bf16 paths are
 not bitwise equal (graph vs eager 0.0283 on an H100, 2026-12-06); a decode reading wrong cache rows or positions
@@ -179,3 +181,24 @@ def test_a_fused_bf16_step_launches_fewer_kernels():
     assert norms == 61 and plain_norms == 0
     assert len(plain) - len(ours) >= 61 * 4 + 30 * 3
     fused.unfuse(model)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "split"])
+def test_compiled_bf16_step_copies_no_cache_row(kernel):
+    """SmolLM2's layer shape, two layers of it (the write is per layer; 30 would add minutes of compiling to the gpu
+    tests), cache 4096."""
+    from conftest import compiled_step_code
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from yarnkit.runtime.options import StreamOptions
+    from yarnkit.runtime.static import make_pool
+
+    config = LlamaConfig(**{**bench.SHAPES["smollm2-135m"], "num_hidden_layers": 2}, max_position_embeddings=8192)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    pool = make_pool(model, StreamOptions(window=CACHE, decode="static", decode_attention=kernel), rows=1)
+    cache = pool.acquire()
+    with torch.no_grad():
+        pool.prefill(cache, bench.random_ids(256, model.config.vocab_size, seed=5)[None])
+        _, copies = compiled_step_code(pool, cache, 7)
+    assert copies == [], f"the compiled step allocates cache-sized buffers {copies}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import make_text_file, make_tiny_model_dir, tiny_overrides
+from trainer_helpers import tiny_assets, tiny_overrides
 from yarnkit.runs import TMP_PREFIX, latest_checkpoint, list_checkpoints, step_dir
 from yarnkit.train.recipe import load_recipe
 from yarnkit.errors import RecipeError
@@ -28,9 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    return {"model": make_tiny_model_dir(root / "model"), "data": make_text_file(root / "data.txt.gz"),
-            "cache": root / "cache", "root": root}
+    return tiny_assets(tmp_path_factory.mktemp("trainer"))
 
 
 def overrides(assets, run_dir, **extra):

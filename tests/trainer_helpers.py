@@ -45,6 +45,12 @@ def make_text_file(path: Path, chars: int = 20_000) -> Path:
     return path
 
 
+def tiny_assets(root: Path) -> dict:
+    """A tiny model folder, a small gzip'd book and a data cache folder under `root` (a module fixture's folder)."""
+    return {"model": make_tiny_model_dir(root / "model"), "data": make_text_file(root / "data.txt.gz"),
+            "cache": root / "cache", "root": root}
+
+
 def tiny_overrides(model_dir: Path, data_path: Path, run_dir: Path, cache_dir: Path, **extra) -> list[str]:
     """Overrides for a tiny CPU run: YaRN x2 (512 positions), 64-token chunks, fp32, no warmup."""
     settings = {

@@ -8,7 +8,9 @@ key and ONE value buffer `[layers, rows, kv_heads, window + 1, head_dim]`: each 
 (`RowCache`, one per `StreamingEngine`) owns a row, slots `0..window-1` hold its tokens and the last slot is a
 scratch slot that idle rows of a batched step write to. Every forward goes through one function,
 `SlotPool.forward_rows(first, ids [B, n], positions [B, n])`: rows `first..first+B-1` write their new K/V at their
-own positions (`scatter_`) and attend through a boolean mask `slot <= position`, so no tensor ever changes shape
+own positions (one `index_put_` per layer into the whole buffer, indexed by layer, row, head and position: under
+torch.compile a write into a view of the buffer, `key_buffer[layer, rows]`, made Inductor copy the rows and the
+whole buffers every step) and attend through a boolean mask `slot <= position`, so no tensor ever changes shape
 or address and each row keeps its own cache-relative positions. The host keeps each row's filled length as a
 Python int (no `.item()` inside a step).
 
@@ -113,6 +115,9 @@ class SlotPool(Cache):
         shape = (layers, rows, config.num_key_value_heads, decode_attention.slot_count(window, attention),
                  rope.head_dim(config))
         self.key_buffer, self.value_buffer = allocate_rows(shape, self.device, self.dtype, window, rows)
+        # update()'s indices into the whole buffers (layer, row, head; positions come with each forward)
+        self._layer_ids, self._row_ids = (torch.arange(n, device=self.device) for n in shape[:2])
+        self._head_ids = torch.arange(shape[2], device=self.device)[None, :, None]
         self.slots = torch.arange(shape[3], device=self.device)  # slots past the scratch slot (split's padding)
         # are masked for every row: no position reaches them
         self._open, self._shut = (torch.full((), value, dtype=self.dtype, device=self.device) for value in (0.0, -inf))
@@ -146,11 +151,11 @@ class SlotPool(Cache):
                              f"{tuple(self.key_buffer.shape[1:])}: config head_dim / num_key_value_heads disagree "
                              "with the attention module; use decode='eager' for this model")
         rows = slice(self.first, self.first + self.count)
-        keys, values = self.key_buffer[layer_idx, rows], self.value_buffer[layer_idx, rows]
-        index = self.positions[:, None, :, None].expand_as(key_states)
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
-        return keys, values
+        index = (self._layer_ids[layer_idx], self._row_ids[rows, None, None], self._head_ids,
+                 self.positions[:, None, :])  # -> [B, kv_heads, n] slots of the WHOLE buffer
+        self.key_buffer.index_put_(index, key_states.to(self.dtype))
+        self.value_buffer.index_put_(index, value_states.to(self.dtype))
+        return self.key_buffer[layer_idx, rows], self.value_buffer[layer_idx, rows]
 
     # -- sessions -------------------------------------------------------------------------------------------------
     def acquire(self) -> "RowCache":
