@@ -38,8 +38,9 @@ def test_peer_group_and_yarnkit_group_each_run_one_cpu_case(tmp_path):
 def test_bf16_weights_cases_get_a_process_of_their_own():
     """accelerate keeps one mixed-precision setting per process: bf16-weights ("no") never joins the recipes' bf16."""
     groups = {variant: training.group_of(training.new_row("smollm2-135m", "4x8192:65536", variant))
-              for variant in ("yarnkit", "compiled", "yarnkit-bf16w")}
-    assert groups == {"yarnkit": "yarnkit", "compiled": "yarnkit", "yarnkit-bf16w": "yarnkit-bf16w"}
+              for variant in ("yarnkit", "compiled", "yarnkit-bf16w", "compiled-bf16w")}
+    assert groups == {"yarnkit": "yarnkit", "compiled": "yarnkit", "yarnkit-bf16w": "yarnkit-bf16w",
+                      "compiled-bf16w": "yarnkit-bf16w"}
     assert training_table.VARIANTS["yarnkit-bf16w"] == {"train.mixed_precision": "bf16-weights"}
 
 

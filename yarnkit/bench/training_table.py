@@ -27,6 +27,7 @@ VARIANTS = {
     "chunked-loss": {"train.loss_impl": "chunked"},
     "foreach-adamw": {"optim.fused": "false"},
     "yarnkit-bf16w": {"train.mixed_precision": "bf16-weights"},  # bf16 module weights, fp32 masters: no casts
+    "compiled-bf16w": {"model.compile_layers": "true", "train.mixed_precision": "bf16-weights"},  # both levers
     "before": {"model.kernels": "torch", "model.compile_layers": "false", "train.loss_impl": "chunked",
                "optim.fused": "false"},  # the recipe's speed keys before the speed work (kernels, compile, fused loss)
     "alst": {"model.gradient_checkpointing": True, "model.checkpoint_policy": "full", "model.tiled_mlp": True,
