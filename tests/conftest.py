@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, the real
 SmolLM2-135M (slow, cached on disk), `CountOps`, which records every ATen op a block of code runs, and
-`compiled_step_code`, the code Inductor writes for a pool's decode step (with the buffers it allocates).
+`compiled_step_code`, the code Inductor writes for a pool's decode step (with the buffers it allocates), and a guard
+that gives each `gpu` test transformers' Llama modeling module as it was (Liger-Kernel patches it process-wide).
 
 Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
 """
@@ -83,3 +84,20 @@ def smollm2():
     from yarnkit.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _llama_modeling_restored(request):
+    """A GPU test that trains in its own process applies Liger-Kernel, which swaps transformers' Llama norm, MLP
+    and RoPE function process-wide: every model built later in that pytest worker would get Liger's kernels. Each
+    `gpu` test leaves `modeling_llama` as it found it, so what a test measures does not depend on which test ran
+    before it in its worker."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    from transformers.models.llama import modeling_llama
+
+    saved, forward = dict(vars(modeling_llama)), modeling_llama.LlamaForCausalLM.forward
+    yield
+    vars(modeling_llama).update(saved)
+    modeling_llama.LlamaForCausalLM.forward = forward

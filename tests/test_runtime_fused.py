@@ -275,6 +275,25 @@ def test_norms_not_of_the_llama_form_are_left_alone_with_one_line(caplog, build,
     assert fused.fused_parts(model) == {"fused_projections": True, "fused_norms": False}
 
 
+def test_another_librarys_copy_of_the_llama_norm_is_left_alone(monkeypatch):
+    """Liger-Kernel swaps `modeling_llama.LlamaRMSNorm` for its own class process-wide (its forward also runs
+    Gemma's offset norm): a forward from another library is not the Llama form even with the same bytecode, and
+    while the reference class itself is swapped no norm is taken for it."""
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.LlamaRMSNorm.forward
+    assert fused.llama_form(original)
+    copy = types.FunctionType(original.__code__, original.__globals__, "forward")
+    copy.__module__ = "liger_kernel.transformers.rms_norm"
+    assert copy.__code__.co_code == original.__code__.co_code and not fused.llama_form(copy)
+    model = tiny_model("llama").eval()  # built before the swap: transformers' own norms
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", type("LigerRMSNorm", (nn.Module,), {"forward": copy}))
+    assert not fused.llama_form(original)
+    assert fused.fuse(model).describe()["rms_norm"] == 0
+
+
 def test_a_model_with_nothing_to_fuse_is_left_alone_with_a_line_per_part(caplog):
     model = tiny_model("gemma", attention_bias=True)
     saved = snapshot(model)

@@ -70,6 +70,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TRANSFORMERS_CODE = ("transformers.", "transformers_modules.")  # norms' code: the library, a model's remote code
 _DECISIONS: "weakref.WeakKeyDictionary[nn.Module, FuseHandle | str]" = weakref.WeakKeyDictionary()
 
 
@@ -290,11 +291,14 @@ def norm_eps(norm: nn.Module) -> float | None:
 def llama_form(forward) -> bool:
     """Whether `forward` is transformers' Llama RMSNorm forward, compiled to the same bytecode (the classes copied
     from it, Mistral's, Qwen2's, SmolLM's ...): float32 variance, `weight * normalized.to(input dtype)`. Gemma's
-    `(1 + weight)`, offsets, biases or a hub kernel's forward are other code."""
+    `(1 + weight)`, offsets, biases or a hub kernel's forward are other code. Both must be transformers' own code
+    (or a model's remote code): Liger-Kernel swaps `modeling_llama.LlamaRMSNorm` for its own class process-wide (a
+    CUDA training run in the same process applies it), whose forward also serves Gemma's offset norm."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     ours, theirs = getattr(forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    if ours is None:
+    if ours is None or not all(getattr(f, "__module__", "").startswith(TRANSFORMERS_CODE)
+                               for f in (forward, LlamaRMSNorm.forward)):
         return False
     names = tuple("variance_epsilon" if name == "eps" else name for name in ours.co_names)
     return (ours.co_code, ours.co_consts, names) == (theirs.co_code, theirs.co_consts, theirs.co_names)
