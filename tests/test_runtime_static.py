@@ -84,6 +84,26 @@ def test_failed_forward_leaves_static_cache_consistent_and_reset_keeps_buffers()
     torch.testing.assert_close(engine.feed(tokens(30)), fresh.feed(tokens(30)), atol=0, rtol=0)
 
 
+def test_a_capture_failure_is_one_line_whatever_the_errors_text(caplog, monkeypatch):
+    """CUDA's capture errors carry advice lines (CUDA_LAUNCH_BLOCKING, TORCH_USE_CUDA_DSA, ...): the fallback names
+    the error's first line only."""
+    engine = StreamingEngine(tiny_model("llama", num_hidden_layers=2), sinks=4, window=24, decode="static")
+    pool = engine.decoder.pool
+    pool.use_graph = True
+
+    def capture(*args):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors might "
+                           "be asynchronously reported\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1")
+
+    monkeypatch.setattr(pool, "_capture", capture)
+    engine.feed(tokens(10))
+    with caplog.at_level(logging.WARNING):
+        engine.feed(tokens(1, seed=4))
+    lines = [record.getMessage() for record in caplog.records if "falling back" in record.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and lines[0].endswith("when stream is capturing"), lines
+    assert engine.stats()["graph_fallback"] == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+
+
 def test_graph_capture_failure_falls_back_loudly(caplog):
     """Force the graph path on CPU: capture cannot work there, so the decoder must log why and keep serving."""
     model = tiny_model("llama", num_hidden_layers=2)

@@ -243,7 +243,8 @@ class SlotPool(Cache):
                 graph = self._capture(width, inputs)
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
                 self.use_graph = self.graph_moves = False
-                self.fallback_reason = f"{type(error).__name__}: {error}"
+                first_line = next(iter(str(error).strip().splitlines()), "")  # CUDA errors append advice lines
+                self.fallback_reason = f"{type(error).__name__}: {first_line}"
                 log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
