@@ -94,6 +94,11 @@ def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window
         raise too_big(f"which cannot be allocated ({str(error).splitlines()[0][:80]})") from None
 
 
+def one_line(error: Exception) -> str:
+    """`Type: first line of the message` (CUDA's errors append lines of debugging advice)."""
+    return f"{type(error).__name__}: {next(iter(str(error).strip().splitlines()), '')}"
+
+
 class SlotPool(Cache):
     """Fixed-size K/V rows (`window` slots) for up to `rows` sessions over one model; also the `Cache` every
     forward sees."""
@@ -243,8 +248,7 @@ class SlotPool(Cache):
                 graph = self._capture(width, inputs)
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
                 self.use_graph = self.graph_moves = False
-                first_line = next(iter(str(error).strip().splitlines()), "")  # CUDA errors append advice lines
-                self.fallback_reason = f"{type(error).__name__}: {first_line}"
+                self.fallback_reason = one_line(error)
                 log.warning("CUDA graph capture of the decode step failed, falling back to the static eager path "
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
@@ -383,8 +387,7 @@ class RowCache(StartRecent):
             plan.graph, self._move_pool = graph, graph.pool()
         except Exception as error:  # noqa: BLE001 - keep evicting eagerly, say why
             self.pool.graph_moves = False
-            log.warning("CUDA graph capture of the eviction failed, evicting eagerly: %s: %s",
-                        type(error).__name__, error)
+            log.warning("CUDA graph capture of the eviction failed, evicting eagerly: %s", one_line(error))
 
     def _move_plan(self, indices: torch.Tensor) -> "MovePlan | None":
         """The device side of an eviction, memoised: a stream repeats the same eviction (same length, same drop),
