@@ -578,6 +578,16 @@ def test_busy_port_fails_before_the_model_loads(inputs, offline):
     assert tree_hash(inputs) == before
 
 
+def test_serve_without_its_server_libraries_is_one_line(inputs, offline, capfd, monkeypatch):
+    """A broken install (fastapi 0.165 without its opentelemetry-api) fails before the model loads."""
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` raises ImportError
+    with time_limit(CASE_SECONDS):
+        code = main(["serve", str(inputs / "model"), "--port", "0"])
+    out, err = capfd.readouterr()
+    check_failure(code, out, err, "yarnkit serve cannot start: import of fastapi halted", "pip install -U fastapi")
+    assert "Loading weights" not in out + err
+
+
 def test_debug_shows_the_traceback_and_unknown_errors_keep_theirs(inputs, offline, capfd, monkeypatch):
     argv = ["info", str(inputs / "notmodel")]
     assert main([*argv, "--debug"]) == 2

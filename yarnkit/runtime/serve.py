@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 
-from yarnkit.errors import BadValue
+from yarnkit.errors import BadValue, UserError
 from yarnkit.runtime.admission import Job, SessionBusy
 from yarnkit.runtime.api import ApiError, Service, error_body, request_models, usage
 from yarnkit.runtime.conversation import Sampling
@@ -340,7 +340,19 @@ def build_service(args, model, tokenizer) -> Service:
     return Service(scheduler, tokenizer, names, defaults, args.max_prompt_tokens, args.max_tokens_limit)
 
 
+def server_libraries() -> None:
+    """fastapi and uvicorn import, or one line before any model loads (a broken install: fastapi 0.165 also needs
+    opentelemetry-api and annotated-doc, which a `--no-deps` install leaves out)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"yarnkit serve cannot start: {error}", "pip install -U fastapi uvicorn (with their "
+                        "dependencies)") from None
+
+
 def run(args) -> int:
+    server_libraries()
     import uvicorn
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
