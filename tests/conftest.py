@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random HF models built in-process, the bundled SmolLM2-135M tokenizer, the real
-SmolLM2-135M (slow, cached on disk), `CountOps`, which records every ATen op a block of code runs, and
-`compiled_step_code`, the code Inductor writes for a pool's decode step (with the buffers it allocates), and a guard
-that gives each `gpu` test transformers' Llama modeling module as it was (Liger-Kernel patches it process-wide).
+SmolLM2-135M (slow, cached on disk), `CountOps` (every ATen op a block of code runs), `compiled_step_code` (the
+code Inductor writes for a pool's decode step, with the buffers it allocates), and a guard that gives each `gpu`
+test transformers' Llama modeling module as it was (Liger-Kernel patches it process-wide).
 
 Run everything with `python -m pytest`; skip the real-model tests with `-m "not slow"`.
 """

@@ -101,7 +101,8 @@ def test_a_capture_failure_is_one_line_whatever_the_errors_text(caplog, monkeypa
         engine.feed(tokens(1, seed=4))
     lines = [record.getMessage() for record in caplog.records if "falling back" in record.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and lines[0].endswith("when stream is capturing"), lines
-    assert engine.stats()["graph_fallback"] == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert engine.stats()["graph_fallback"] == ("RuntimeError: CUDA error: operation not permitted when stream is "
+                                                "capturing")
 
 
 def test_graph_capture_failure_falls_back_loudly(caplog):

@@ -14,8 +14,8 @@ each row keeps its own cache-relative positions. The write is a `scatter_` into 
 buffer (indexed by layer, row, head and position) while torch.compile traces it: Inductor turned a write into the
 view into a copy of the rows and of both whole buffers every step, and keeps the whole-buffer write in place; the
 eager `index_put_` was slower than `scatter_` in the plain graph (H100, 2026-12-07: 2.80 against 2.72 ms per step,
-and its 2-row step did not capture), so each path keeps the write that suits it (the same values either way). The host keeps each row's filled length as a
-Python int (no `.item()` inside a step).
+and its 2-row step did not capture), so each path keeps the write that suits it (the same values either way).
+The host keeps each row's filled length as a Python int (no `.item()` inside a step).
 
 - prefill / a chunk: `forward_rows` on the session's row alone (eager);
 - decode: `SlotPool.decode(rows, tokens)` runs ONE step over a range of rows (`step_rows`): eagerly the span
