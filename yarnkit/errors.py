@@ -6,7 +6,7 @@ traceback. Subclasses also derive from the built-in a caller would expect (`BadV
 `NotFound` a FileNotFoundError, `AlreadyExists` a FileExistsError), so code that catches those keeps working. This module imports nothing: every
 other yarnkit module may raise these. Every error class of yarnkit is here, grouped by the stage that raises it
 (the HTTP server's own responses, `runtime.api.ApiError` and `runtime.scheduler.SessionBusy`, are protocol
-objects of that server and live there).
+objects of that server and live there). `one_line(error)` is how any error is named in one line of a log or a status.
 """
 
 from __future__ import annotations
@@ -102,3 +102,9 @@ class DatasetUnavailable(UserError, RuntimeError):
 
 class RetrievalError(BadValue):
     """Input a retrieval evaluation cannot use; the message names the value and the fix."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: the first line of its message`, for a log line or a status field (CUDA's errors, among others, append
+    lines of debugging advice)."""
+    return f"{type(error).__name__}: {next(iter(str(error).strip().splitlines()), '')}"

@@ -57,6 +57,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from yarnkit.bench.recipe_shapes import small_overrides
+from yarnkit.errors import one_line
 
 EXACT_LIMITS = {"worst_logprob_diff": 1e-3, "decided_agreement": 1.0}  # fp32: only summation order differs
 BF16_GUARD = {"worst_logprob_diff": None, "greedy_agreement": 0.9}  # bf16: reported; gross errors only
@@ -344,10 +345,10 @@ PATHS = {"bundled-model": bundled_model, "recipe": recipe, "e2e": e2e, "bench": 
 
 # ---------------------------------------------------------------------------------------------------- the process
 
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines() or [""]
-    text = lines[0] if isinstance(error, PathFailed) else f"{type(error).__name__}: {lines[0]}"
-    return text[:400]
+def path_error(error: BaseException) -> str:
+    """A failed path's one line: a `PathFailed` says what failed itself, any other error gets its type."""
+    text = one_line(error)
+    return (text.removeprefix("PathFailed: ") if isinstance(error, PathFailed) else text)[:400]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"passed": True, "summary": summary, "detail": detail}
     except Exception as error:  # noqa: BLE001 -- every failure becomes the path's one line
         traceback.print_exc()
-        result = {"passed": False, "error": one_line(error)}
+        result = {"passed": False, "error": path_error(error)}
     result["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"{'PASS' if result['passed'] else 'FAIL'} {args.path}: {result.get('summary') or result['error']}",

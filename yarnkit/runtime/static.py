@@ -52,7 +52,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from yarnkit import rope
-from yarnkit.errors import BadValue
+from yarnkit.errors import BadValue, one_line
 from yarnkit.models import cache_kwargs, host_memory_bytes
 from yarnkit.runtime import attention as decode_attention
 from yarnkit.runtime import fused
@@ -92,11 +92,6 @@ def allocate_rows(shape: tuple, device: torch.device, dtype: torch.dtype, window
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
         raise too_big(f"which cannot be allocated ({str(error).splitlines()[0][:80]})") from None
-
-
-def one_line(error: Exception) -> str:
-    """`Type: first line of the message` (CUDA's errors append lines of debugging advice)."""
-    return f"{type(error).__name__}: {next(iter(str(error).strip().splitlines()), '')}"
 
 
 class SlotPool(Cache):
