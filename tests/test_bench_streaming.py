@@ -104,7 +104,7 @@ def test_decode_step_split_covers_every_phase_on_cpu(tmp_path):
         split = row["split_ms_per_step"]
         assert set(split) == {"forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest"}
         assert split["forward"] > 0 and split["bookkeeping"] > 0 and split["sampling"] > 0
-        assert row["decode_path"] == "static" and row["tokens_per_s"] > 0
+        assert row["decode_path"] == "static" and row["tokens_per_s"] > 0 and row["first_step_s"] > 0
 
 
 def test_decided_agreement_counts_only_rows_with_a_clear_best_token():

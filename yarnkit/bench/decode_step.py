@@ -161,7 +161,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     def run(instrumented: bool) -> list[dict]:
         """Per timed step: its seconds (`total`) and, instrumented, each phase's."""
         turns = start_turns()
-        rows = []
+        rows = []  # the warm-up steps too: the first one pays this width's capture (and compile)
         for step in range(warmup + steps):
             clock = PhaseClock(device)
             with ExitStack() as stack:
@@ -172,11 +172,10 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
                 scheduler._decode(turns)
                 sync(device)
                 total = time.perf_counter() - start
-            if step >= warmup:
-                rows.append({**clock.totals, "rest": total - sum(clock.totals.values()), "total": total})
+            rows.append({**clock.totals, "rest": total - sum(clock.totals.values()), "total": total})
         for turn in turns:
             turn.close()
-        return rows
+        return rows[:1] + rows[warmup:]
 
     def profiled() -> str:
         turns = start_turns()
@@ -196,8 +195,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
         return summary(prof, wall, title=title)
 
     try:
-        plain = run(False)
-        instrumented = run(True)
+        first, *plain = run(False)
+        instrumented = run(True)[1:]
         profile_md = profiled() if profile else None
     finally:
         scheduler.close()
@@ -207,6 +206,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     return {"sessions": sessions, "mode": mode, "decode_attention": scheduler.pool.attention,
             **fused.fused_parts(model), "step_ms_p50": step_ms,
             "tokens_per_s": 1e3 * sessions / step_ms,
+            "first_step_s": first["total"],  # this width's first step: its capture and compile (cold or cached)
             "instrumented_step_ms_p50": 1e3 * statistics.median(row["total"] for row in instrumented),
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
