@@ -159,7 +159,8 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
         return turns
 
     def run(instrumented: bool) -> list[dict]:
-        """Per timed step: its seconds (`total`) and, instrumented, each phase's."""
+        """The first step's row (this width's capture and compile), then one per timed step: its seconds (`total`)
+        and, instrumented, each phase's."""
         turns = start_turns()
         rows = []  # the warm-up steps too: the first one pays this width's capture (and compile)
         for step in range(warmup + steps):
