@@ -162,7 +162,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
         """The first step's row (this width's capture and compile), then one per timed step: its seconds (`total`)
         and, instrumented, each phase's."""
         turns = start_turns()
-        rows = []  # the warm-up steps too: the first one pays this width's capture (and compile)
+        rows = []
         for step in range(warmup + steps):
             clock = PhaseClock(device)
             with ExitStack() as stack:
