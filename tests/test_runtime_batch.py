@@ -9,7 +9,10 @@ What is proven (tiny random Llama, float32, CPU; the same code runs as a CUDA gr
 - sessions in non-adjacent rows (a freed row in between) are unaffected by the idle row;
 - a lone session's step runs its own row only (batch 1 in the last row of a pool, not rows 0..3), with exactly the
   logits of the same session in row 0; two sessions step the span of their rows (a graph: rows 0..B-1);
-- rows are handed out and given back; the pool refuses a session it has no room for.
+- rows are handed out and given back; the pool refuses a session it has no room for;
+- a step on token ids still on the device (`decode_on_device`, the server's step queued ahead) equals the step
+  on host ints in any row order; the bookkeeping follows on `confirm`, and `take_back` frees the slot; only a
+  pooled row with room and no SirLLM takes such a step (`fit_one_more`).
 """
 
 from __future__ import annotations
@@ -126,3 +129,52 @@ def test_a_lone_session_steps_its_own_row_wherever_it_sits(model):
     assert (pool.step_rows([3]), pool.step_rows([1, 3]), pool.step_rows([0])) == ((3, 1), (1, 3), (0, 1))
     pool.use_graph = True  # a captured graph has one shape per width: rows 0..B-1, B a power of two
     assert (pool.step_rows([3]), pool.step_rows([1]), pool.step_rows([0])) == ((0, 4), (0, 2), (0, 1))
+
+
+def test_a_step_on_ids_still_on_the_device_equals_the_step_on_host_ids(model):
+    """`decode_on_device` (the server's step queued before the last one's ids are read) gives the logits of
+    `decode_together` on the same ids as host ints, in the usual row order and in another (rows given 2, 0: the
+    ids are placed by index); `confirm` records what `decode_together` records, and `take_back` frees the slot
+    the next token writes."""
+    options = StreamOptions(sinks=2, window=40, decode="static")
+    pools = [make_pool(model, options, rows=3) for _ in range(2)]
+    pairs = [[StreamingEngine(model, options, pool=pool) for _ in range(3)] for pool in pools]
+    for engines in pairs:
+        for engine, seed in zip(engines, (1, 2, 3)):
+            engine.feed(prompt(6 + seed, seed))
+    host, device = pairs
+    for order in ([0, 1, 2], [2, 0]):
+        tokens = [int(host[i].last_logits.argmax()) for i in order]
+        expected = StreamingEngine.decode_together([host[i] for i in order], tokens)
+        got = StreamingEngine.decode_on_device([device[i] for i in order], torch.tensor(tokens))
+        assert torch.equal(got, expected)
+        for i, token, row in zip(order, tokens, got):
+            assert not device[i].is_consistent()  # fed, not yet recorded
+            device[i].confirm(token, row)
+    for a, b in zip(host, device):
+        assert b.is_consistent() and b.cache_ids.tolist() == a.cache_ids.tolist() and len(b) == len(a)
+        assert torch.equal(b.last_logits, a.last_logits)
+    length = len(device[1])
+    StreamingEngine.decode_on_device([device[1]], torch.tensor([7]))
+    device[1].take_back()
+    assert len(device[1]) == length and device[1].is_consistent()
+    expected = StreamingEngine.decode_together([host[1]], [9])
+    assert torch.equal(StreamingEngine.decode_together([device[1]], [9]), expected)  # slot 7 overwritten by 9
+
+
+def test_only_a_pooled_row_with_room_and_no_sirllm_takes_a_token_on_the_device(model):
+    options = StreamOptions(sinks=2, window=16, evict_batch=4, decode="static")
+    pool = make_pool(model, options, rows=3)
+    plain, retaining = StreamingEngine(model, options, pool=pool), StreamingEngine(model, options, pool=pool,
+                                                                                sirllm_keep=2)
+    assert not plain.fit_one_more()  # no prompt yet
+    plain.feed(prompt(15, 1))
+    retaining.feed(prompt(5, 2))
+    assert plain.fit_one_more() and not retaining.fit_one_more()  # SirLLM needs the token's id for its score
+    StreamingEngine.decode_together([plain], [3])
+    assert len(plain) == 16 and not plain.fit_one_more()  # full: the next token evicts first
+    eager = StreamingEngine(model, StreamOptions(sinks=2, window=16, decode="eager"))
+    eager.feed(prompt(5, 3))
+    assert not eager.fit_one_more()
+    with pytest.raises(ValueError, match="holds no token"):
+        StreamingEngine(model, options, pool=pool).cache.drop_last()

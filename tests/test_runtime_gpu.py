@@ -9,6 +9,8 @@ leads by more than 2e-3; a random model's near-ties may round either way):
 - the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
 - the graph with `torch.compile` inside vs the eager cache;
 - 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal;
+- the server's loop queuing each step before reading the last one's ids (its CUDA default) vs reading them first:
+  the same replies and caches (a tiny model, SmolLM2's tokenizer);
 - `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph;
 - `--fuse`: the graph with fused q/k/v and gate/up projections and `torch.rms_norm` norms vs the unfused graph
   (within 1e-4: only the matmuls' summation order and one float32 rounding per norm differ), the fuse adding no
@@ -94,6 +96,17 @@ def test_float32_batch_equals_each_sessions_solo_run(model32):
     result = bench.batch_throughput(model32, cache=CACHE, sessions=4, steps=32, warmup=2, check_tokens=32,
                                     evict_batch=16, decode="graph")
     assert result["decode_path"] == "graph" and result["all_identical"], result["identical_prefix_tokens"]
+
+
+def test_float32_steps_queued_ahead_on_the_graph_give_the_same_replies(tokenizer):
+    """The server's loop on the CUDA graph with each step queued before the last one's ids are read (the default
+    on CUDA): the same replies, finish reasons and caches as reading them first (tests/test_runtime_scheduler.py's
+    scenario: evictions, stop ids taken back, stop strings, token limits, a request joining, a cancelled one)."""
+    from conftest import tiny_model
+    from test_runtime_scheduler import check_ahead_matches_plain
+
+    model = tiny_model("llama", vocab_size=49152, max_position_embeddings=4096).cuda()
+    check_ahead_matches_plain(model, tokenizer, "graph")
 
 
 def test_bf16_graph_and_compiled_stay_near_the_eager_cache(model):

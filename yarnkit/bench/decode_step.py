@@ -21,6 +21,10 @@ With `--profile FILE`, one more pass per row records one decode step (after the 
 FILE gets its kernels by kind (matmul, attention, elementwise, scatter, copies, Inductor), the top kernels, the
 launch count and the host gaps (`yarnkit.train.profiling.summary`; on CPU: operators instead of kernels).
 
+The plain pass times the loop as the server runs it: the device is synchronised before the first step and after
+the last only, so where the loop queues each step before reading the last one's ids (`--ahead`, on for CUDA by
+default as in the server, `scheduler.py`) the host's work overlaps the device's and the step time shows it.
+
 Each phase is reported as its median over the timed steps (a step the OS preempted on a shared machine moves
 no median; the phases' medians need not add up to the step's). The instrumented pass synchronises the device
 around each forward, so its total is a little above the plain step's on a GPU. Timing only: nothing here
@@ -37,6 +41,8 @@ asserts speed.
       --sessions 1 --decode static graph --profile runs/decode-profile.md   # kernels of one step, eager vs graph
   python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
       --sessions 1 --compile --profile runs/decode-profile-compiled.md      # what is left after Inductor's fusion
+  python -m yarnkit.bench.decode_step --device cuda --dtype bfloat16 --window 4096 --prompt 4064 --modes greedy \
+      --sessions 1 8 16 --ahead false true --compile    # the host's work hidden behind the queued step, or not
 
 Each `--fuse` setting runs on the model as loaded: a fuse the runtime made is undone after its rows. Each row says
 what ran fused (`fused_projections`, `fused_norms`).
@@ -61,6 +67,7 @@ from yarnkit.train.profiling import step_profile, summary
 
 PHASES = ("forward", "to_host", "sampling", "eviction", "bookkeeping", "text", "rest")
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
+AHEAD = {"auto": None, "true": True, "false": False}
 
 
 class PhaseClock:
@@ -110,7 +117,7 @@ def instrument(stack: ExitStack, clock: PhaseClock, pool) -> None:
     stack.enter_context(clock.patched(pool, "_replay", "forward", synchronise=True))
     stack.enter_context(clock.patched(torch.Tensor, "cpu", "to_host"))
     stack.enter_context(clock.patched(conversation, "sample", "sampling"))
-    stack.enter_context(clock.patched(scheduler, "choose_tokens", "sampling"))
+    stack.enter_context(clock.patched(scheduler, "choose_on_device", "sampling"))
     stack.enter_context(clock.patched(StreamingEngine, "_make_room", "eviction"))
     stack.enter_context(clock.patched(StreamingEngine, "_remember", "bookkeeping"))
     for name in ("next_token", "accept", "take_text"):
@@ -131,7 +138,7 @@ def book_prompts(tokenizer, count: int, tokens: int) -> list[str]:
 @torch.no_grad()
 def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, steps: int, warmup: int,
             mode: str, decode: str, decode_attention: str = "auto", fuse: str = "auto",
-            profile: bool = False, compile: bool = False) -> dict:
+            profile: bool = False, compile: bool = False, ahead: bool | None = None) -> dict:
     """One session count in one sampling mode: a plain pass, then an instrumented one (fresh turns each), then with
     `profile` a profiled one (the warm-up steps, then one step under torch.profiler: the row's `profile_md`)."""
     from yarnkit.runtime.admission import Job
@@ -142,7 +149,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
     device = next(model.parameters()).device
     options = StreamOptions(window=window, decode=decode, decode_attention=decode_attention, fuse=fuse,
                             compile=compile)
-    scheduler = Scheduler(model, tokenizer, options, rows=sessions)
+    scheduler = Scheduler(model, tokenizer, options, rows=sessions, ahead=ahead)
     conversations = [scheduler.sessions.new_conversation() for _ in range(sessions)]
     prompts = book_prompts(tokenizer, sessions, prompt_tokens)
 
@@ -160,20 +167,27 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
 
     def run(instrumented: bool) -> list[dict]:
         """The first step's row (this width's capture and compile), then one per timed step: its seconds (`total`)
-        and, instrumented, each phase's."""
+        and, instrumented, each phase's. The plain pass times the loop as the server runs it, the device only
+        synchronised before the first step and after the last (a step queued ahead overlaps the host's work)."""
         turns = start_turns()
         rows = []
+        sync(device)
         for step in range(warmup + steps):
             clock = PhaseClock(device)
             with ExitStack() as stack:
                 if instrumented:
                     instrument(stack, clock, scheduler.pool)
-                sync(device)
+                    sync(device)
                 start = time.perf_counter()
                 scheduler._decode(turns)
-                sync(device)
+                if instrumented or step == 0:
+                    sync(device)
                 total = time.perf_counter() - start
             rows.append({**clock.totals, "rest": total - sum(clock.totals.values()), "total": total})
+        start = time.perf_counter()
+        scheduler._settle()  # the last step's ids
+        sync(device)
+        rows[-1]["total"] += time.perf_counter() - start
         for turn in turns:
             turn.close()
         return rows[:1] + rows[warmup:]
@@ -188,6 +202,7 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             scheduler._decode(turns)
             sync(device)
             wall = time.perf_counter() - start
+        scheduler._settle()
         for turn in turns:
             turn.close()
         path = scheduler.stats()["decode_path"] + ("+compile" if scheduler.pool.compiled else "")
@@ -212,17 +227,18 @@ def measure(model, tokenizer, sessions: int, window: int, prompt_tokens: int, st
             "split_ms_per_step": split, "host_ms_per_step": sum(v for k, v in split.items() if k != "forward"),
             "rerotations": [c.engine.cache.rerotations for c in conversations],
             "decode_path": scheduler.stats()["decode_path"], "compiled": scheduler.pool.compiled,
+            "ahead": scheduler.ahead,
             **({"profile_md": profile_md} if profile else {})}
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'mode':<8} {'attn':<5} {'fused':<17} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
+    head = f"{'mode':<8} {'attn':<5} {'fused':<17} {'ahead':<5} {'N':>3} {'step ms':>8} {'tok/s':>7} " + \
         " ".join(f"{p:>11}" for p in PHASES) + f" {'host/session':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         split = r["split_ms_per_step"]
         cells = " ".join(f"{split[p]:>11.3f}" for p in PHASES)
-        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {fused.parts_label(r):<17} "
+        lines.append(f"{r['mode']:<8} {r['decode_attention']:<5} {fused.parts_label(r):<17} {str(r['ahead']):<5} "
                      f"{r['sessions']:>3} {r['step_ms_p50']:>8.2f} "
                      f"{r['tokens_per_s']:>7.1f} {cells} {r['host_ms_per_step'] / r['sessions']:>12.3f}")
     note = "(phases: median ms per step, exclusive; host/session: ms of non-forward time per session)"
@@ -257,6 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--compile", action="store_true", help="torch.compile the pooled step (CUDA: inside the graph; "
                    "ignored on CPU, where rows say compiled: false), as chat/serve --compile")
+    p.add_argument("--ahead", nargs="+", default=["auto"], choices=["auto", "true", "false"],
+                   help="the server's loop queuing each step before it reads the last one's ids, each setting at "
+                        "every session count (auto: on for CUDA, as the server runs)")
     p.add_argument("--profile", default=None, help="also profile one step per row with torch.profiler and write the "
                    "kernel breakdowns to this markdown file")
     args = p.parse_args(argv)
@@ -268,11 +287,12 @@ def main(argv=None) -> int:
         for decode in args.decode:
             for kernel in args.decode_attention:
                 for fuse in args.fuse:
-                    for sessions in args.sessions:
-                        rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
-                                            args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile),
-                                            compile=args.compile))
-                        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
+                    for ahead in args.ahead:
+                        for sessions in args.sessions:
+                            rows.append(measure(model, tokenizer, sessions, args.window, args.prompt, args.steps,
+                                                args.warmup, mode, decode, kernel, fuse, profile=bool(args.profile),
+                                                compile=args.compile, ahead=AHEAD[ahead]))
+                            print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile_md"}), flush=True)
                     fused.unfuse(model)  # the next setting starts from the model as loaded
     if args.profile:
         Path(args.profile).parent.mkdir(parents=True, exist_ok=True)

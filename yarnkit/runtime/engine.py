@@ -5,7 +5,9 @@ never exceed the free cache (a prompt longer than the cache is never prefilled d
 `evict_batch` tokens before a chunk would overflow the `window`; `generate(ids)` yields sampled tokens (chosen on
 the model's device, `sampling.py`) and keeps evicting during long generations; `decode_together(engines,
 tokens)` decodes many sessions in one batched step (continuous batching: each session keeps its own cache row
-and positions) and returns their logits as one device tensor. The token id in each slot is kept on the host in
+and positions) and returns their logits as one device tensor; `decode_on_device(engines, ids)` does the same on
+ids still on the device (the server queues its next step before it reads the last one's ids), the bookkeeping
+following once they are read (`confirm`, or `take_back` for a token that ended the reply). The token id in each slot is kept on the host in
 a preallocated buffer (`cache_ids` is a view of it). Logits are computed only where they
 are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
 Optional SirLLM retention keeps the tokens with the highest self-information (-log p, free from the forward
@@ -205,6 +207,28 @@ class StreamingEngine:
         for i, (engine, token, row) in enumerate(zip(engines, tokens, logits)):
             engine._remember(token, row, information[retaining[i]] if i in retaining else None)
         return logits
+
+    @staticmethod
+    @torch.no_grad()
+    def decode_on_device(engines: list["StreamingEngine"], ids: torch.Tensor) -> torch.Tensor:
+        """`decode_together` for engines that share a `SlotPool`, on token ids `[len]` still on the device (the
+        previous step's choice, not yet read): logits `[len, vocab]`. Only for engines that `fit_one_more()`;
+        nothing is recorded until the ids reach the host: then each engine `confirm`s the token it took, or
+        `take_back`s one it should not have (a stop id)."""
+        return engines[0].decoder.pool.decode([engine.cache for engine in engines], ids)
+
+    def fit_one_more(self) -> bool:
+        """Whether `decode_on_device` may feed this engine a token: a pooled row, holding a prompt, that takes one
+        more token without evicting, and no SirLLM scores to compute for it (they need the token's id)."""
+        return self.decoder.pool is not None and not self.options.sirllm_keep and 0 < len(self) < self.window
+
+    def confirm(self, token: int, logits: torch.Tensor) -> None:
+        """`token` was fed by `decode_on_device`; `logits` (its row of that step) predict the next one."""
+        self._remember(token, logits, None)
+
+    def take_back(self) -> None:
+        """Forget the last token `decode_on_device` fed (its slot is hidden by position and written over next)."""
+        self.cache.drop_last()
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset(),

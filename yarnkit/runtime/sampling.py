@@ -2,6 +2,8 @@
 
     tokens = choose_tokens(logits, temperatures, top_ps, generators)   # logits [B, vocab] -> B ints
     token = sample(logits_row, temperature, top_p, generator)         # one row
+    ids = IdsInFlight(choose_on_device(logits, temperatures, top_ps, generators))  # [B] stay on the device
+    tokens = ids.tolist()                                  # later: waits for the step that chose them, no more
 
 What it is: the sampler of the streaming runtime. Logits stay where the model left them; only the chosen ids
 come back to the host, in one small copy per call. Rows with temperature 0 take the argmax (ties: the lowest id,
@@ -11,6 +13,8 @@ the mass before it <= top_p; a token tied with it is kept too), then inverse-CDF
 number per row, drawn on the host from that row's `torch.Generator` (or torch's global generator). So a seed gives
 the same tokens on every run, batched or alone, and on CPU and GPU alike up to float64 rounding at a CDF step. The
 host decides from its own settings which rows need a softmax or a sort, so the device is never asked.
+`IdsInFlight` lets the server's loop queue its next step before it reads these ids (`scheduler.py`): their copy to
+pinned host memory and an event are queued right behind the choice, so reading them waits for that step alone.
 
 What it is not: a logits processor chain (no repetition penalty, no top-k).
 
@@ -28,6 +32,12 @@ CANDIDATES = 1024  # CPU: the nucleus is looked for among this many most likely 
 def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                   generators: list[torch.Generator | None]) -> list[int]:
     """The next token of each row of `logits [B, vocab]` (any device, any float dtype); settings per row."""
+    return choose_on_device(logits, temperatures, top_ps, generators).tolist()  # the one copy to the host
+
+
+def choose_on_device(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """`choose_tokens`' ids `[B]` (int64), left on the logits' device; the uniform numbers are drawn now."""
     tokens = logits.argmax(-1)
     sampled = [i for i, temperature in enumerate(temperatures) if temperature > 0]
     if sampled:
@@ -39,7 +49,29 @@ def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[
             index = torch.tensor(sampled, device=logits.device)
             picks = sample_rows(logits[index], settings, any(top_p < 1.0 for top_p in settings[1]))
             tokens = tokens.index_copy(0, index, picks)
-    return tokens.tolist()  # the one copy to the host
+    return tokens
+
+
+class IdsInFlight:
+    """Token ids chosen on the device `[B]`, on their way to the host: on CUDA the copy into pinned memory and an
+    event are queued now, behind the step that chose them, so `tolist()` later waits for that step only, not for
+    work queued after it. Elsewhere the ids are already there."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.device_ids = ids
+        self.event = None
+        if ids.device.type == "cuda":
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = ids
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

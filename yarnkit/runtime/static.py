@@ -201,8 +201,10 @@ class SlotPool(Cache):
         cache.length = start + count
         return logits
 
-    def decode(self, caches: list["RowCache"], tokens: list[int]) -> torch.Tensor:
-        """One batched step: each cache takes one token at its own next position -> float32 logits `[len, vocab]`."""
+    def decode(self, caches: list["RowCache"], tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """One batched step: each cache takes one token at its own next position -> float32 logits `[len, vocab]`.
+        `tokens`: host ints, or ids `[len]` already on the device (a step chosen there and not yet read: they are
+        written into the step's inputs on the device, after the positions' copy)."""
         rows = [cache.row for cache in caches]
         if len(set(rows)) != len(rows):
             raise ValueError("decode() got the same session twice")
@@ -210,19 +212,30 @@ class SlotPool(Cache):
             if cache.pool is not self or cache.length >= self.window:
                 raise ValueError(f"row {cache.row}: no room for a token (the caller must evict first)")
         first, width = self.step_rows(rows)
+        picked = [row - first for row in rows]
+        on_device = isinstance(tokens, torch.Tensor)
         ids, positions = [0] * width, [self.window] * width  # idle rows: the scratch slot
-        for cache, token in zip(caches, tokens):
-            ids[cache.row - first], positions[cache.row - first] = token, cache.length
+        for slot, cache, token in zip(picked, caches, [0] * len(caches) if on_device else tokens):
+            ids[slot], positions[slot] = token, cache.length
         inputs = torch.tensor([ids, positions])[:, :, None]  # [2, width, 1]: ONE host-to-device copy
+        usual = picked == list(range(len(picked)))  # the usual order: views, no index to copy to the device
+
+        def place(device_inputs: torch.Tensor) -> torch.Tensor:
+            if on_device:
+                if usual:
+                    device_inputs[0, :len(picked), 0].copy_(tokens)
+                else:
+                    device_inputs[0, picked, 0] = tokens
+            return device_inputs
+
         if self.use_graph:
-            logits = self._replay(width, inputs)
+            logits = self._replay(width, inputs, place)
         else:
-            inputs = inputs.to(self.device)
+            inputs = place(inputs.to(self.device))
             logits = self._step(first, inputs[0], inputs[1], 1)
         for cache in caches:
             cache.length += 1
-        picked = [row - first for row in rows]
-        if picked == list(range(len(picked))):  # the usual order: a view, no index to copy to the device
+        if usual:
             return logits[:len(picked), -1]
         return logits[picked, -1]
 
@@ -235,12 +248,13 @@ class SlotPool(Cache):
             return 0, min(1 << max(rows).bit_length(), self.rows)
         return min(rows), max(rows) - min(rows) + 1
 
-    def _replay(self, width: int, inputs: torch.Tensor) -> torch.Tensor:
-        """The captured step for rows 0..width-1 on host `inputs [2, width, 1]` (token ids, positions)."""
+    def _replay(self, width: int, inputs: torch.Tensor, place) -> torch.Tensor:
+        """The captured step for rows 0..width-1 on host `inputs [2, width, 1]` (token ids, positions); `place`
+        completes them once on the device (ids chosen there)."""
         graph = self._graphs.get(width)
         if graph is None:
             try:
-                graph = self._capture(width, inputs)
+                graph = self._capture(width, place(inputs.to(self.device)))
             except Exception as error:  # noqa: BLE001 - any capture failure: keep serving eagerly, say why
                 self.use_graph = self.graph_moves = False
                 self.fallback_reason = one_line(error)
@@ -248,16 +262,17 @@ class SlotPool(Cache):
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                inputs = inputs.to(self.device)
+                inputs = place(inputs.to(self.device))
                 return self._step(0, inputs[0], inputs[1], 1)
-        graph.inputs.copy_(inputs, non_blocking=True)
+        else:
+            place(graph.inputs.copy_(inputs, non_blocking=True))
         graph.graph.replay()
         return graph.logits.clone()  # the graph's own buffer is overwritten by the next replay
 
-    def _capture(self, width: int, inputs: torch.Tensor) -> "DecodeGraph":
-        """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1. Warm-up and capture
-        write only the slots these very tokens are about to fill (or the scratch slot)."""
-        static_inputs = inputs.to(self.device)
+    def _capture(self, width: int, static_inputs: torch.Tensor) -> "DecodeGraph":
+        """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1 reading
+        `static_inputs` (on the device). Warm-up and capture write only the slots these very tokens are about to
+        fill (or the scratch slot)."""
         static_ids, static_positions = static_inputs[0], static_inputs[1]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -341,6 +356,12 @@ class RowCache(StartRecent):
 
     def nbytes(self) -> int:
         return self.pool.nbytes_per_row()
+
+    def drop_last(self) -> None:
+        """Forget the last token: its slot lies past the length, so no step reads it and the next one writes it."""
+        if self.length == 0:
+            raise ValueError("drop_last(): the row holds no token")
+        self.length -= 1
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only the tokens at sorted slot `indices`; each moves to slot `j` and is rotated back by `old - j`."""
