@@ -60,7 +60,7 @@ def compiled_step_code(pool, cache, token: int) -> tuple[torch.Tensor, list[tupl
     cache that the generated code allocates: a copy of a cache row, or of the whole buffers)."""
     from torch._inductor.utils import run_and_get_code
 
-    pool._step = torch.compile(pool.forward_rows, dynamic=False)
+    pool._step = torch.compile(pool.forward_rows)
     with torch._inductor.config.patch(fx_graph_cache=False):
         logits, codes = run_and_get_code(pool.decode, [cache], [token])
     shapes = [tuple(int(n) for n in found.split(",") if n.strip())

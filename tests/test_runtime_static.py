@@ -13,6 +13,8 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
 - compiled by Inductor (CPU), the step writes only its new K/V slots: the generated code allocates no buffer of a
   cache row's size (a write into a view of the buffers made Inductor copy every layer's rows and both whole
   buffers, every step), and its logits and buffers equal the eager pool's;
+- compiled, a lone session's step and the batched widths 2..8 compile twice in all (the batch dimension of the
+  batched step is symbolic), with the uncompiled pool's logits and cache writes;
 - the step builds its additive slot mask once (one `where` for all layers; SDPA would convert a boolean mask in
   every layer) and its logits are bitwise those of the boolean mask;
 - slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
@@ -213,6 +215,36 @@ def test_compiled_step_writes_only_the_new_slots_of_the_cache():
     assert caches[0].length == 44
     torch.testing.assert_close(pool.key_buffer, reference.key_buffer, atol=1e-5, rtol=0)
     torch.testing.assert_close(pool.value_buffer, reference.value_buffer, atol=1e-5, rtol=0)
+
+
+def test_a_compiled_step_compiles_once_for_every_batch_width_from_two():
+    """`--compile` (Inductor on CPU here, as on CUDA): a lone session's step compiles once, and the batched
+    widths 2, 4 and 8 share ONE compilation (their batch dimension is symbolic); every width's logits and cache
+    writes equal the uncompiled pool's."""
+    from torch._dynamo.utils import counters
+
+    from yarnkit.runtime.options import StreamOptions
+    from yarnkit.runtime.static import make_pool
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    options = StreamOptions(window=64, decode="static")
+    pool, reference = make_pool(model, options, rows=8), make_pool(model, options, rows=8)
+    pool.compiled, pool._step = True, torch.compile(pool.forward_rows)  # what a CUDA pool does with --compile
+    caches = [[p.acquire() for _ in range(8)] for p in (pool, reference)]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for row in range(8):
+            for p, cache in zip((pool, reference), caches):
+                p.prefill(cache[row], tokens(5 + row, seed=row))
+        for width in (2, 4, 8, 3, 1, 2):  # 3 runs rows 0..3, as a graph would
+            ids = tokens(width, seed=20 + width)[0].tolist()
+            torch.testing.assert_close(pool.decode(caches[0][:width], ids), reference.decode(caches[1][:width], ids),
+                                       atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 2
+    window = options.window  # slot `window` is the scratch slot idle rows write to
+    torch.testing.assert_close(pool.key_buffer[..., :window, :], reference.key_buffer[..., :window, :], atol=1e-5,
+                               rtol=0)
 
 
 def test_float32_head_keeps_the_bf16_heads_float32_accumulation():

@@ -22,10 +22,12 @@ The host keeps each row's filled length as a Python int (no `.item()` inside a s
   from the lowest to the highest decoding row, so a lone session's step is one row wherever it sits; with a
   graph or a compiled step, rows `0..B-1` (B = the highest decoding row + 1, rounded up to a power of two: one
   fixed shape per B). Rows in the range that are not decoding write to the scratch slot and their output is
-  dropped. The step's token ids and positions travel in ONE host-to-device copy (`[2, B, 1]`). On CUDA with
+  dropped. The step's token ids and positions travel in ONE host-to-device copy (`[2, B, 1]`; ids chosen on the
+  device by the previous step are written in after it, `decode(rows, ids_on_device)`). On CUDA with
   `graph=True` each B is captured once as a `torch.cuda.CUDAGraph` and replayed; `compiled=True` first wraps the
-  step in `torch.compile` (kernel fusion) inside that graph. A capture or compile failure is logged and the same
-  function keeps running eagerly.
+  step in `torch.compile` (kernel fusion) inside that graph: two compilations in all, B = 1 and every B >= 2
+  (a symbolic batch dimension, `_step_inputs`). A capture or compile failure is logged and the same function keeps
+  running eagerly.
 
 The attention of the single-row steps is `attention` (resolved `StreamOptions.decode_attention`): `split` by default
 on CUDA, SDPA on CPU (grouped query heads packed onto their K/V head, no `repeat_kv` copy), or `flex`
@@ -138,8 +140,8 @@ class SlotPool(Cache):
             self._forward_kwargs[decode_attention.KERNEL_ARGUMENT] = attention  # reaches the attention function
         self._head = float32_head(model, float32_logits)  # likewise (it probes the device); the eager path's too
         self._step = self.forward_rows
-        if self.compiled:
-            self._step = torch.compile(self.forward_rows, dynamic=False)
+        if self.compiled:  # shapes: see `_step_inputs`
+            self._step = torch.compile(self.forward_rows)
 
     # -- the transformers Cache interface, for the forward in flight ---------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -231,8 +233,7 @@ class SlotPool(Cache):
         if self.use_graph:
             logits = self._replay(width, inputs, place)
         else:
-            inputs = place(inputs.to(self.device))
-            logits = self._step(first, inputs[0], inputs[1], 1)
+            logits = self._step(first, *self._step_inputs(place(inputs.to(self.device))), 1)
         for cache in caches:
             cache.length += 1
         if usual:
@@ -248,6 +249,17 @@ class SlotPool(Cache):
             return 0, min(1 << max(rows).bit_length(), self.rows)
         return min(rows), max(rows) - min(rows) + 1
 
+    def _step_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's token ids and positions `[B, 1]` from device `inputs [2, B, 1]`. For a compiled step with
+        B > 1 their batch dimension is marked dynamic, so every width from 2 up shares ONE compilation (each width
+        still gets its own CUDA graph); B = 1 keeps its own, specialised. Before, each new width compiled anew
+        (34-41 s each on an H100, cold), with every session on the server waiting."""
+        ids, positions = inputs[0], inputs[1]
+        if self.compiled and ids.shape[0] > 1:
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        return ids, positions
+
     def _replay(self, width: int, inputs: torch.Tensor, place) -> torch.Tensor:
         """The captured step for rows 0..width-1 on host `inputs [2, width, 1]` (token ids, positions); `place`
         completes them once on the device (ids chosen there)."""
@@ -262,8 +274,7 @@ class SlotPool(Cache):
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                inputs = place(inputs.to(self.device))
-                return self._step(0, inputs[0], inputs[1], 1)
+                return self._step(0, *self._step_inputs(place(inputs.to(self.device))), 1)
         else:
             place(graph.inputs.copy_(inputs, non_blocking=True))
         graph.graph.replay()
@@ -273,7 +284,7 @@ class SlotPool(Cache):
         """Warm up (and compile) on a side stream, then capture one step for rows 0..width-1 reading
         `static_inputs` (on the device). Warm-up and capture write only the slots these very tokens are about to
         fill (or the scratch slot)."""
-        static_ids, static_positions = static_inputs[0], static_inputs[1]
+        static_ids, static_positions = self._step_inputs(static_inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
