@@ -8,7 +8,8 @@ only in summation order (max |log-prob difference| within 1e-3, the same greedy 
 leads by more than 2e-3; a random model's near-ties may round either way):
 - the CUDA-graph decode vs the same step run eagerly (`static`) and vs the eager growing cache (`SinkCache`);
 - the graph with `torch.compile` inside vs the eager cache;
-- 4 sessions decoded as one batch (the graph path) vs each session's solo run: every token equal;
+- 4 sessions decoded as one batch (the graph path, and the graph compiled with a symbolic batch dimension) vs
+  each session's solo run: every token equal;
 - the server's loop queuing each step before reading the last one's ids (its CUDA default) vs reading them first:
   the same replies and caches (a tiny model, SmolLM2's tokenizer);
 - `--decode-attention split|flex` in the graph (and the compiled graph) vs the SDPA graph;
@@ -92,9 +93,11 @@ def test_float32_compiled_graph_equals_the_eager_cache(model32):
     exact(compiled, eager)
 
 
-def test_float32_batch_equals_each_sessions_solo_run(model32):
+@pytest.mark.parametrize("compile", [False, True])
+def test_float32_batch_equals_each_sessions_solo_run(model32, compile):
+    """With `compile` the batch runs the step compiled once for every width from 2 up (symbolic batch)."""
     result = bench.batch_throughput(model32, cache=CACHE, sessions=4, steps=32, warmup=2, check_tokens=32,
-                                    evict_batch=16, decode="graph")
+                                    evict_batch=16, decode="graph", compile=compile)
     assert result["decode_path"] == "graph" and result["all_identical"], result["identical_prefix_tokens"]
 
 

@@ -15,6 +15,8 @@ What is proven (tiny random models, float32; the cache tests in tests/test_runti
   buffers, every step), and its logits and buffers equal the eager pool's;
 - compiled, a lone session's step and the batched widths 2..8 compile twice in all (the batch dimension of the
   batched step is symbolic), with the uncompiled pool's logits and cache writes;
+- warming up (what serve does on CUDA before it listens) runs one step per batch width with every row idle:
+  no session's slots or length change;
 - the step builds its additive slot mask once (one `where` for all layers; SDPA would convert a boolean mask in
   every layer) and its logits are bitwise those of the boolean mask;
 - slow: the real SmolLM2 on the static path matches HF greedy generation and the eager path through eviction.
@@ -245,6 +247,35 @@ def test_a_compiled_step_compiles_once_for_every_batch_width_from_two():
     window = options.window  # slot `window` is the scratch slot idle rows write to
     torch.testing.assert_close(pool.key_buffer[..., :window, :], reference.key_buffer[..., :window, :], atol=1e-5,
                                rtol=0)
+
+
+def test_warming_up_runs_every_batch_width_and_changes_no_session():
+    """What `yarnkit serve` does on CUDA before it listens: one step per batch width a pool of 6 rows can run
+    (1, 2, 4, 6; compiled here with dynamo's eager backend, as no CUDA graph runs on CPU), every row idle: the
+    sessions' slots and lengths are untouched (only the scratch slot is written), and their next steps give the
+    logits of a pool that was never warmed. An eager pool has nothing to warm."""
+    from yarnkit.runtime.options import StreamOptions
+    from yarnkit.runtime.static import make_pool
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    options = StreamOptions(window=32, decode="static")
+    pool, reference = make_pool(model, options, rows=6), make_pool(model, options, rows=6)
+    assert pool.warm_up() == []
+    caches = [[p.acquire() for _ in range(3)] for p in (pool, reference)]
+    with torch.no_grad():
+        for row in range(3):
+            for p, cache in zip((pool, reference), caches):
+                p.prefill(cache[row], tokens(4 + row, seed=row))
+        keys = pool.key_buffer[..., :32, :].clone()
+        pool.compiled, pool._step = True, torch.compile(pool.forward_rows, backend="eager")
+        seen = []
+        step = pool._step
+        pool._step = lambda first, ids, positions, keep: (seen.append(ids.shape[0]), step(first, ids, positions,
+                                                                                          keep))[1]
+        assert pool.warm_up() == [1, 2, 4, 6] and seen == [1, 2, 4, 6]
+        assert torch.equal(pool.key_buffer[..., :32, :], keys) and [c.length for c in caches[0]] == [4, 5, 6]
+        torch.testing.assert_close(pool.decode(caches[0], [5, 6, 7]), reference.decode(caches[1], [5, 6, 7]),
+                                   atol=1e-5, rtol=0)
 
 
 def test_float32_head_keeps_the_bf16_heads_float32_accumulation():

@@ -14,7 +14,8 @@ OpenAI: a request without a session id gets a cache of its own, or an idle one w
 (only the new text is fed); it never gets a 409. `X-Session-Id: NAME` (or the body's `session_id`) keeps one
 conversation's cache between requests; a second concurrent request on a busy named session gets 409. At most
 `--max-sessions` caches live (one cache row each; the least recently used idle one is dropped). All sessions
-decode together in one batched step; a long prompt is prefilled a chunk at a time between decode steps.
+decode together in one batched step; a long prompt is prefilled a chunk at a time between decode steps. On CUDA
+the step of every batch width is captured (and with `--compile` compiled) before the server listens.
 Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`) naming the field. Binds
 127.0.0.1 unless `--host` says otherwise; `--api-key` (or YARNKIT_API_KEY) is checked on every route but /health.
 """
@@ -335,6 +336,13 @@ def build_service(args, model, tokenizer) -> Service:
     options = stream_options(args).resolved(model.config, args.device, pooled=True)  # checked once, before serving
     scheduler = Scheduler(model, tokenizer, options, rows=args.max_sessions, max_prompt_tokens=args.max_prompt_tokens,
                           over_window=args.over_window)
+    if scheduler.pool is not None and (scheduler.pool.use_graph or scheduler.pool.compiled):
+        start = time.perf_counter()
+        print(f"yarnkit serve: preparing the decode step for up to {args.max_sessions} sessions "
+              f"({'CUDA graphs, torch.compile' if scheduler.pool.compiled else 'CUDA graphs'})...", flush=True)
+        widths = scheduler.pool.warm_up()
+        print(f"yarnkit serve: decode step ready for batches of {', '.join(map(str, widths))} in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
     names = [str(args.ckpt).rstrip("/") or str(args.ckpt), *args.model_name]  # what the user typed, as clients send it
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     return Service(scheduler, tokenizer, names, defaults, args.max_prompt_tokens, args.max_tokens_limit)

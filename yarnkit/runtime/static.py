@@ -249,6 +249,21 @@ class SlotPool(Cache):
             return 0, min(1 << max(rows).bit_length(), self.rows)
         return min(rows), max(rows) - min(rows) + 1
 
+    def warm_up(self) -> list[int]:
+        """Capture (and, compiled, compile) the decode step of every batch width `decode` can run, before a server
+        takes requests, so that no session waits for it later. Every row is idle in these steps (it writes its
+        scratch slot), so no cache changes. Returns the widths warmed; none when the step runs eagerly."""
+        if not (self.use_graph or self.compiled):
+            return []
+        widths = sorted({self.step_rows([row])[1] for row in range(self.rows)})
+        for width in widths:
+            inputs = torch.tensor([[0] * width, [self.window] * width])[:, :, None]
+            if self.use_graph:
+                self._replay(width, inputs, lambda device_inputs: device_inputs)
+            else:
+                self._step(0, *self._step_inputs(inputs.to(self.device)), 1)
+        return widths
+
     def _step_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's token ids and positions `[B, 1]` from device `inputs [2, B, 1]`. For a compiled step with
         B > 1 their batch dimension is marked dynamic, so every width from 2 up shares ONE compilation (each width
