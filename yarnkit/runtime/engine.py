@@ -7,9 +7,9 @@ the model's device, `sampling.py`) and keeps evicting during long generations; `
 tokens)` decodes many sessions in one batched step (continuous batching: each session keeps its own cache row
 and positions) and returns their logits as one device tensor; `decode_on_device(engines, ids)` does the same on
 ids still on the device (the server queues its next step before it reads the last one's ids), the bookkeeping
-following once they are read (`confirm`, or `take_back` for a token that ended the reply). The token id in each slot is kept on the host in
-a preallocated buffer (`cache_ids` is a view of it). Logits are computed only where they
-are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
+following once they are read (`confirm`, or `take_back` for a token that ended the reply). The token id in each
+slot is kept on the host in a preallocated buffer (`cache_ids` is a view of it). Logits are computed only where
+they are used (`feed(..., all_logits=False)` keeps the last row), so memory is bounded by the cache and one chunk.
 Optional SirLLM retention keeps the tokens with the highest self-information (-log p, free from the forward
 pass) besides sinks and recent tokens, decayed by `decay` after each dialogue round (`end_round()`). What it is
 not: a chat template or a server (see `conversation.py`, `serve.py`).
