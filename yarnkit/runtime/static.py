@@ -34,11 +34,7 @@ on CUDA, SDPA on CPU (grouped query heads packed onto their K/V head, no `repeat
 (`yarnkit/runtime/attention.py`, each reached through transformers' attention registry on an SDPA model); `split`
 rounds the row's slots up to whole key chunks (the extra slots are masked for every row and never written).
 
-Eviction (`RowCache.keep(indices)`) runs outside the step, in place, on the session's row: kept slot indices
-are strictly increasing, so the tokens that move form a suffix; that suffix of all layers is gathered with one
-`index_select`, rotated back by each token's delta (pure rotation, float32, like `cache.SinkCache`) and copied to
-the front of the same row. Re-rotation happens only on eviction. Eviction plans are memoised; in graph mode a
-plan that repeats is captured at its second run and replayed afterwards.
+Eviction (`RowCache.keep(indices)`, `rows.py`) runs outside the step, in place, on the session's row.
 
 Test: `python -m pytest tests/test_runtime_static.py tests/test_runtime_batch.py -q` (CPU; graphs need CUDA:
 tests/test_runtime_gpu.py).
@@ -58,7 +54,8 @@ from yarnkit.errors import BadValue, one_line
 from yarnkit.models import cache_kwargs, host_memory_bytes
 from yarnkit.runtime import attention as decode_attention
 from yarnkit.runtime import fused
-from yarnkit.runtime.cache import Rotary, StartRecent, model_rotary, rotate_back
+from yarnkit.runtime.cache import Rotary, model_rotary
+from yarnkit.runtime.rows import RowCache
 from yarnkit.runtime.head import float32_head, forward_logits
 from yarnkit.runtime.options import StreamOptions
 
@@ -169,12 +166,12 @@ class SlotPool(Cache):
         return keys, values
 
     # -- sessions -------------------------------------------------------------------------------------------------
-    def acquire(self) -> "RowCache":
+    def acquire(self) -> RowCache:
         if not self.free:
             raise RuntimeError(f"all {self.rows} cache rows are in use")
         return RowCache(self, self.free.pop(0))
 
-    def release(self, cache: "RowCache") -> None:
+    def release(self, cache: RowCache) -> None:
         cache.length = 0
         if cache.row not in self.free:
             self.free.append(cache.row)
@@ -193,7 +190,7 @@ class SlotPool(Cache):
         return forward_logits(self.model, self._head, logits_to_keep, input_ids=ids, position_ids=positions,
                               attention_mask=mask, use_cache=True, **self._forward_kwargs)
 
-    def prefill(self, cache: "RowCache", ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def prefill(self, cache: RowCache, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Feed `ids [1, n]` into the row's next free slots (the caller made room)."""
         start, count = cache.length, ids.shape[1]
         if start + count > self.window:
@@ -203,7 +200,7 @@ class SlotPool(Cache):
         cache.length = start + count
         return logits
 
-    def decode(self, caches: list["RowCache"], tokens: list[int] | torch.Tensor) -> torch.Tensor:
+    def decode(self, caches: list[RowCache], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """One batched step: each cache takes one token at its own next position -> float32 logits `[len, vocab]`.
         `tokens`: host ints, or ids `[len]` already on the device (a step chosen there and not yet read: they are
         written into the step's inputs on the device, after the positions' copy)."""
@@ -230,10 +227,7 @@ class SlotPool(Cache):
                     device_inputs[0, picked, 0] = tokens
             return device_inputs
 
-        if self.use_graph:
-            logits = self._replay(width, inputs, place)
-        else:
-            logits = self._step(first, *self._step_inputs(place(inputs.to(self.device))), 1)
+        logits = self._run(first, width, inputs, place)
         for cache in caches:
             cache.length += 1
         if usual:
@@ -257,12 +251,16 @@ class SlotPool(Cache):
             return []
         widths = sorted({self.step_rows([row])[1] for row in range(self.rows)})
         for width in widths:
-            inputs = torch.tensor([[0] * width, [self.window] * width])[:, :, None]
-            if self.use_graph:
-                self._replay(width, inputs, lambda device_inputs: device_inputs)
-            else:
-                self._step(0, *self._step_inputs(inputs.to(self.device)), 1)
+            self._run(0, width, torch.tensor([[0] * width, [self.window] * width])[:, :, None], lambda inputs: inputs)
         return widths
+
+    def _run(self, first: int, width: int, inputs: torch.Tensor, place) -> torch.Tensor:
+        """One decode step for rows `first..first+width-1` on host `inputs [2, width, 1]` (token ids, positions):
+        the captured graph's replay, or the step itself (eager or compiled); `place` completes the inputs once
+        they are on the device (ids chosen there)."""
+        if self.use_graph:
+            return self._replay(width, inputs, place)
+        return self._step(first, *self._step_inputs(place(inputs.to(self.device))), 1)
 
     def _step_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's token ids and positions `[B, 1]` from device `inputs [2, B, 1]`. For a compiled step with
@@ -289,7 +287,7 @@ class SlotPool(Cache):
                             "(same function, no graph): %s", self.fallback_reason)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                return self._step(0, *self._step_inputs(place(inputs.to(self.device))), 1)
+                return self._run(0, width, inputs, place)
         else:
             place(graph.inputs.copy_(inputs, non_blocking=True))
         graph.graph.replay()
@@ -341,119 +339,3 @@ class PoolLayer:
     def values(self) -> torch.Tensor:
         p = self.pool
         return p.value_buffer[self.index, p.first:p.first + p.count]
-
-
-class RowSlots:
-    """One layer of one session's row: `keys` / `values` are its filled slots `[1, kv_heads, length, head_dim]`."""
-
-    def __init__(self, cache: "RowCache", index: int):
-        self.cache, self.index = cache, index
-
-    @property
-    def keys(self) -> torch.Tensor:
-        c = self.cache
-        return c.pool.key_buffer[self.index, c.row:c.row + 1, :, :c.length]
-
-    @property
-    def values(self) -> torch.Tensor:
-        c = self.cache
-        return c.pool.value_buffer[self.index, c.row:c.row + 1, :, :c.length]
-
-
-class RowCache(StartRecent):
-    """One session's row of a `SlotPool`: its length (host int), eviction in place, per-layer views."""
-
-    def __init__(self, pool: SlotPool, row: int):
-        self.pool, self.row = pool, row
-        self.sinks, self.window, self.evict_batch = pool.sinks, pool.window, pool.evict_batch
-        self.length = 0
-        self.rerotations = 0
-        self.rotary = pool.rotary
-        self.layers = [RowSlots(self, i) for i in range(len(pool.layers))]
-        self._plans: dict[bytes, MovePlan] = {}
-        self._move_pool = None
-
-    def clear(self) -> None:
-        """Forget every token; the row's buffers (and any captured graph that uses them) stay valid."""
-        self.length, self.rerotations = 0, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def nbytes(self) -> int:
-        return self.pool.nbytes_per_row()
-
-    def drop_last(self) -> None:
-        """Forget the last token: its slot lies past the length, so no step reads it and the next one writes it."""
-        if self.length == 0:
-            raise ValueError("drop_last(): the row holds no token")
-        self.length -= 1
-
-    def keep(self, indices: torch.Tensor) -> None:
-        """Keep only the tokens at sorted slot `indices`; each moves to slot `j` and is rotated back by `old - j`."""
-        length = self.length
-        if length == 0:
-            return
-        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        if indices.numel() > 1 and (indices.diff() <= 0).any():
-            raise ValueError("keep(indices) needs strictly increasing slot indices")
-        if indices.numel() and (indices[0] < 0 or indices[-1] >= length):
-            raise ValueError(f"keep(indices): indices must lie in [0, {length})")
-        kept = indices.numel()
-        if kept == length:
-            return
-        plan = self._move_plan(indices)
-        if plan is not None:
-            if plan.graph is not None:
-                plan.graph.replay()
-            else:
-                self._move(plan)
-                plan.runs += 1
-                if self.pool.graph_moves and plan.runs == 2:  # a repeated eviction (not SirLLM's ever-new ones)
-                    self._capture_move(plan)
-            self.rerotations += 1
-        self.length = kept
-
-    def _move(self, plan: "MovePlan") -> None:
-        """Gather the moved suffix of all layers of this row, rotate its keys back, write it to the front."""
-        end = plan.first + plan.source.numel()
-        keys, values = self.pool.key_buffer[:, self.row], self.pool.value_buffer[:, self.row]  # [layers, h, S, d]
-        keys[:, :, plan.first:end] = rotate_back(keys.index_select(2, plan.source), plan.cos, plan.sin)
-        values[:, :, plan.first:end] = values.index_select(2, plan.source)
-
-    def _capture_move(self, plan: "MovePlan") -> None:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._move_pool, capture_error_mode="thread_local"):
-                self._move(plan)
-            plan.graph, self._move_pool = graph, graph.pool()
-        except Exception as error:  # noqa: BLE001 - keep evicting eagerly, say why
-            self.pool.graph_moves = False
-            log.warning("CUDA graph capture of the eviction failed, evicting eagerly: %s", one_line(error))
-
-    def _move_plan(self, indices: torch.Tensor) -> "MovePlan | None":
-        """The device side of an eviction, memoised: a stream repeats the same eviction (same length, same drop),
-        so a repeat needs no host-to-device copy, no rotary call (and, on CUDA, replays a graph)."""
-        key = indices.numpy().tobytes()
-        if key not in self._plans:
-            deltas = indices - torch.arange(indices.numel())
-            moved = deltas > 0  # deltas never decrease along sorted indices: the moved tokens are a suffix
-            if not moved.any():
-                return None
-            first = int(moved.long().argmax())
-            device = self.pool.device
-            cos, sin = self.rotary(deltas[first:])
-            if len(self._plans) >= 8:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = MovePlan(first, indices[first:].to(device), cos.to(device), sin.to(device))
-        return self._plans[key]
-
-
-@dataclass
-class MovePlan:
-    first: int                 # first slot that receives a moved token
-    source: torch.Tensor       # device slots the moved tokens come from
-    cos: torch.Tensor          # pure rotation by each token's delta
-    sin: torch.Tensor
-    graph: "torch.cuda.CUDAGraph | None" = None
-    runs: int = 0              # eager runs so far; captured (graph mode) at the second
