@@ -331,7 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--long-max-tokens", type=int, default=16, help="max_tokens of the long request")
     p.add_argument("--warmup-tokens", type=int, default=4, help="max_tokens of the untimed warm-up streams (0: none)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's own)")
-    p.add_argument("--serve-args", default="", help="more flags for `yarnkit serve`, one string, e.g. '--compile'")
+    p.add_argument("--serve-args", default="", help="more flags for `yarnkit serve`, one string given with `=` (a "
+                   "value that starts with - would be read as a flag): e.g. --serve-args=--compile")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one request (or the server start) may take")
     p.add_argument("--out", type=Path, default=Path("runs/serve-load"))
     args = p.parse_args(argv)
