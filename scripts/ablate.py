@@ -54,6 +54,7 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "shipped-s7": ["train.seed=7", "data.seed=7"],  # ... and a third: is a cell at 7 of 8 the seed or the recipe?
     "shipped-s3": ["train.seed=3", "data.seed=3"],  # ... and a fourth
     "bf16w-s7": ["train.seed=7", "data.seed=7", "train.mixed_precision=bf16-weights"],  # `shipped-s7`, bf16 weights
+    "bf16w-s3": ["train.seed=3", "data.seed=3", "train.mixed_precision=bf16-weights"],  # `shipped-s3`, bf16 weights
     "before": [LR_BEFORE, S8, *DATA_OFF, NUMBERS_OFF],  # the recipe before: YaRN x8, plain rows, no answer loss
     "data-x8": [LR_BEFORE, S8, TERSE, NUMBERS_OFF],  # the new rows and the answer loss at YaRN x8: facts ~32-64k back
     "data-x8-rcd": [LR_BEFORE, S8, TERSE, "yarn.beta_slow=4", NUMBERS_OFF],  # full interpolation from pair 17, not 20
