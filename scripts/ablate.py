@@ -55,6 +55,10 @@ VARIANTS = {  # name -> overrides of the shipped recipe (YaRN x12, far rows, loo
     "shipped-s3": ["train.seed=3", "data.seed=3"],  # ... and a fourth
     "bf16w-s7": ["train.seed=7", "data.seed=7", "train.mixed_precision=bf16-weights"],  # `shipped-s7`, bf16 weights
     "bf16w-s3": ["train.seed=3", "data.seed=3", "train.mixed_precision=bf16-weights"],  # `shipped-s3`, bf16 weights
+    # far rows from ~13k on, not 32k: 64k's needle at depth 0.75 (~16k before the question) missed under seeds 11
+    # and 3 and with bf16 weights (§4.12-4.14): a distance below the 32k where far rows start at a 64k target
+    "far-wide": ["pose.far_min=0.15"],
+    "far-wide-s3": ["pose.far_min=0.15", "train.seed=3", "data.seed=3"],
     "before": [LR_BEFORE, S8, *DATA_OFF, NUMBERS_OFF],  # the recipe before: YaRN x8, plain rows, no answer loss
     "data-x8": [LR_BEFORE, S8, TERSE, NUMBERS_OFF],  # the new rows and the answer loss at YaRN x8: facts ~32-64k back
     "data-x8-rcd": [LR_BEFORE, S8, TERSE, "yarn.beta_slow=4", NUMBERS_OFF],  # full interpolation from pair 17, not 20

@@ -110,6 +110,7 @@ def test_unknown_recipe_name_suggests():
     (["train.mixed_precision=fp8"], "mixed_precision"),
     (["yarn.factor=0.5"], "shrink"),
     (["data.synthetic.far=0.5"], "needs pose.enabled=true"),
+    (["pose.enabled=true", "pose.far_min=1.5"], r"pose\.far_min=1\.5 must lie in \[0, 1\]"),
     (["train.answer_loss_weight=-1"], "answer_loss_weight=-1.0 is negative"),
     (["train.answer_loss_weight=1", "train.sp_size=2"], "cannot be combined with train.sp_size"),
 ])

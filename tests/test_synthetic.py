@@ -187,6 +187,21 @@ def test_far_positions_put_the_skip_at_the_split():
         far_position_ids(1024, 0, 8192, torch.Generator())
 
 
+def test_far_min_widens_the_skip_down_to_its_share_of_the_room():
+    """`pose.far_min`: the skip is drawn from [far_min x room, room]; 0.5 (the default) draws exactly what the
+    recipe always drew (the same positions from the same generator), a lower share reaches shorter distances."""
+    room = 8192 - 1024
+    default = [far_position_ids(1024, 300, 8192, torch.Generator().manual_seed(seed)) for seed in range(200)]
+    half = [far_position_ids(1024, 300, 8192, torch.Generator().manual_seed(seed), 0.5) for seed in range(200)]
+    assert all(torch.equal(a, b) for a, b in zip(default, half))
+    skips = [int(far_position_ids(1024, 300, 8192, torch.Generator().manual_seed(seed), 0.1)[300] - 300)
+             for seed in range(200)]
+    assert int(room * 0.1) <= min(skips) < room // 2 <= max(skips) <= room
+    for far_min in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="far_min"):
+            far_position_ids(1024, 300, 8192, torch.Generator(), far_min)
+
+
 def test_lookalike_rows_share_one_attribute_phrasing_and_key_form(tokenizer, book):
     maker = RowMaker(tokenizer, SyntheticArgs())
     for seed in range(20):
@@ -223,6 +238,14 @@ def test_micro_batches_carry_answer_masks_and_far_positions(tmp_path, tokenizer)
             gap = int(positions[row.far_split] - positions[row.far_split - 1])
             assert gap - 1 >= (16384 - 2048) // 2  # the question part is >= 7k positions after the facts
         assert not row.answers.any() or data.source(k) == "retrieval"
+    gaps = []  # `pose.far_min` reaches the far rows through the micro-batch
+    for first in range(0, 64, 4):
+        batch = micro_batch(data, order, first, 0, 1, 4, pose_target=16384, pose_seed=1, far_min=0.0)
+        for k, positions in zip(batch["samples"], batch["position_ids"]):
+            split = data.row(k, order, 1).far_split
+            if split:
+                gaps.append(int(positions[split] - positions[split - 1]) - 1)
+    assert gaps and min(gaps) < (16384 - 2048) // 2
 
 
 # sha256 of (ids, answers, far_split) of 8 rows (seeds 0-7, 2048 tokens, odd seeds chat) per SyntheticArgs below, made

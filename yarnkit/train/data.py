@@ -43,7 +43,7 @@ import torch
 from yarnkit.corpus import PYTHON_STDLIB, expand_alias, local_documents, local_files, local_paths, source_parts
 from yarnkit.errors import DataError
 from yarnkit.model_files import cache_dir, rename_into_place
-from yarnkit.train.pose import far_position_ids, pose_generator, pose_position_ids
+from yarnkit.train.pose import FAR_MIN, far_position_ids, pose_generator, pose_position_ids
 from yarnkit.train.synthetic import Row, RowMaker, SyntheticArgs, training_phrasings
 
 MAP_BATCH = 1000  # documents per tokenization/chunking batch; each batch drops < seq_len trailing tokens
@@ -289,14 +289,15 @@ def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world: int, size: int,
-                pose_target: int = 0, pose_seed: int = 0, sink_first: bool = False) -> dict:
+                pose_target: int = 0, pose_seed: int = 0, sink_first: bool = False,
+                far_min: float = FAR_MIN) -> dict:
     """Rank `rank`'s `size` samples starting at global sample `first_sample` (ranks interleave).
 
     Returns `input_ids` [size, seq_len] (a mix's long micro-batch: [1, size x seq_len]), `position_ids` and
     `attention_mask` (or None), `answer_positions` (a mix's synthetic answer tokens, `answer_positions`)
     and `samples` (global sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink
     at position 0 and skips positions only among the text tokens after it. A far row (`Row.far_split`) gets its
-    skip at its split (`pose.far_position_ids`) instead of PoSE's random one. PoSE batches carry an all-ones
+    skip at its split (`pose.far_position_ids`, drawn from `far_min` of the room up) instead of PoSE's random one. PoSE batches carry an all-ones
     attention mask: without one, transformers reads a jump in position ids as the start of a packed document and
     would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
@@ -319,7 +320,7 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
         seq_len = batch["input_ids"].shape[1]
         fixed = 1 if sink_first else 0  # the sink stays at position 0; PoSE spreads the rest over 1..target-1
         batch["position_ids"] = torch.stack([
-            far_position_ids(seq_len, split, pose_target, pose_generator(pose_seed, k)) if split else
+            far_position_ids(seq_len, split, pose_target, pose_generator(pose_seed, k), far_min) if split else
             torch.cat((torch.arange(fixed), fixed + pose_position_ids(seq_len - fixed, pose_target - fixed,
                                                                        pose_generator(pose_seed, k))))
             for k, split in zip(samples, splits)])

@@ -15,10 +15,15 @@ from dataclasses import dataclass
 import torch
 
 
+FAR_MIN = 0.5  # a far row's skip starts at half the room: its question sits half to all of the target away
+
+
 @dataclass
 class PoseArgs:
     enabled: bool = False
     target_len: int = 0  # positions reach up to this length; 0 = the model's YaRN context (max_position_embeddings)
+    far_min: float = FAR_MIN  # far rows (data.synthetic.far): the skip is drawn from [far_min x room, room],
+    # room = target_len - seq_len; lower it to train shorter far distances too (far_position_ids)
 
 
 def pose_position_ids(seq_len: int, target_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,15 +40,18 @@ def pose_position_ids(seq_len: int, target_len: int, generator: torch.Generator)
     return positions
 
 
-def far_position_ids(seq_len: int, split: int, target_len: int, generator: torch.Generator) -> torch.Tensor:
+def far_position_ids(seq_len: int, split: int, target_len: int, generator: torch.Generator,
+                     far_min: float = FAR_MIN) -> torch.Tensor:
     """Position ids `[seq_len]` for a far row (`yarnkit.train.synthetic`, `Row.far_split`): tokens before `split`
-    at 0, 1, ...; from `split` on, shifted by a skip drawn uniformly from [room / 2, room] (room = target_len -
-    seq_len), so the question part sits between half and all of the target length after the facts; the last
-    position stays below `target_len`."""
+    at 0, 1, ...; from `split` on, shifted by a skip drawn uniformly from [far_min x room, room] (room =
+    target_len - seq_len; by default half to all of it), so the question part sits that far after the facts; the
+    last position stays below `target_len`."""
     if target_len < seq_len or not 0 < split < seq_len:
         raise ValueError(f"far positions need 0 < split={split} < seq_len={seq_len} <= target_len={target_len}")
+    if not 0.0 <= far_min <= 1.0:
+        raise ValueError(f"far_min={far_min} must lie in [0, 1]")
     room = target_len - seq_len
-    skip = int(torch.randint(room // 2, room + 1, (1,), generator=generator))
+    skip = int(torch.randint(int(room * far_min), room + 1, (1,), generator=generator))
     positions = torch.arange(seq_len)
     positions[split:] += skip
     return positions

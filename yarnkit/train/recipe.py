@@ -210,6 +210,9 @@ def validate_recipe(recipe: Recipe) -> None:
     if train.answer_loss_weight and train.sp_size > 1:
         raise RecipeError("train.answer_loss_weight cannot be combined with train.sp_size > 1 (the answer tokens "
                           "of a sequence-parallel shard are not gathered); set one of them off")
+    if not 0.0 <= pose.far_min <= 1.0:
+        raise RecipeError(f"pose.far_min={pose.far_min} must lie in [0, 1]: the share of PoSE's room where a far "
+                          "row's skip starts (0.5 by default: half to all of pose.target_len away)")
     if pose.enabled:
         if pose.target_len and pose.target_len <= data.seq_len:
             raise RecipeError(f"pose.target_len={pose.target_len} must exceed data.seq_len={data.seq_len} "

@@ -62,7 +62,8 @@ class SyntheticArgs:
     multi: float = 0.2  # share of questions that ask for several values (of one key, or of several keys)
     chains: float = 0.15  # share of rows that also hold a variable chain and a question about it
     far: float = 0.0  # share of rows laid out for a far question: facts in the first third, questions at the end,
-    # and PoSE's skip between them (from pose.target_len - seq_len halved up to all of it; see pose.far_position_ids)
+    # and PoSE's skip between them (from pose.far_min of pose.target_len - seq_len up to all of it, by default half;
+    # see pose.far_position_ids)
     lookalike: float = 0.0  # share of rows whose facts look alike: one kind of key, one attribute, one phrasing
     preview: float = 0.0  # share of plain rows that also ask their questions before the text (query before and after)
     restate: float = 0.0  # share of rows (plain and chat) whose answers restate key and attribute before the value

@@ -168,7 +168,8 @@ def train(recipe) -> TrainResult:
     offload = activation_offload(args.offload_activations)  # one instance: its pinned buffers are reused
     cuda = accelerator.device.type == "cuda"
     prefetch = Prefetcher(lambda first: micro_batch(dataset, order, first, dp_rank, dp_world, args.micro_batch_size,
-                                                    pose_target, recipe.data.seed, sink_first=sink_id is not None),
+                                                    pose_target, recipe.data.seed, sink_first=sink_id is not None,
+                                                    far_min=recipe.pose.far_min),
                           pin=cuda)
     stride = dp_world * args.micro_batch_size  # samples between this rank's consecutive micro-batches
     clock = {"last": _mark(cuda)}  # GPU: an event at the end of the previous step; the step time is between two
