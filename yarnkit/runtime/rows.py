@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from yarnkit.errors import one_line
 from yarnkit.runtime.cache import StartRecent, rotate_back
-
-if TYPE_CHECKING:
-    from yarnkit.runtime.static import SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +41,10 @@ class RowSlots:
 
 
 class RowCache(StartRecent):
-    """One session's row of a `SlotPool`: its length (host int), eviction in place, per-layer views."""
+    """One session's row of a `SlotPool` (`pool`, which imports this module): its length (host int), eviction in
+    place, per-layer views."""
 
-    def __init__(self, pool: SlotPool, row: int):
+    def __init__(self, pool, row: int):
         self.pool, self.row = pool, row
         self.sinks, self.window, self.evict_batch = pool.sinks, pool.window, pool.evict_batch
         self.length = 0
