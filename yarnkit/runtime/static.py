@@ -55,9 +55,9 @@ from yarnkit.models import cache_kwargs, host_memory_bytes
 from yarnkit.runtime import attention as decode_attention
 from yarnkit.runtime import fused
 from yarnkit.runtime.cache import Rotary, model_rotary
-from yarnkit.runtime.rows import RowCache
 from yarnkit.runtime.head import float32_head, forward_logits
 from yarnkit.runtime.options import StreamOptions
+from yarnkit.runtime.rows import RowCache
 
 log = logging.getLogger(__name__)
 

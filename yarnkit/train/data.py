@@ -297,9 +297,9 @@ def micro_batch(dataset, order: SampleOrder, first_sample: int, rank: int, world
     `attention_mask` (or None), `answer_positions` (a mix's synthetic answer tokens, `answer_positions`)
     and `samples` (global sample numbers). With `sink_first` (rows start with a sink token), PoSE keeps the sink
     at position 0 and skips positions only among the text tokens after it. A far row (`Row.far_split`) gets its
-    skip at its split (`pose.far_position_ids`, drawn from `far_min` of the room up) instead of PoSE's random one. PoSE batches carry an all-ones
-    attention mask: without one, transformers reads a jump in position ids as the start of a packed document and
-    would block attention across the skip."""
+    skip at its split (`pose.far_position_ids`, drawn from `far_min` of the room up) instead of PoSE's random one.
+    PoSE batches carry an all-ones attention mask: without one, transformers reads a jump in position ids as the
+    start of a packed document and would block attention across the skip."""
     samples = [first_sample + i * world + rank for i in range(size)]
     batch = {"samples": samples, "position_ids": None, "attention_mask": None, "answer_positions": None}
     splits = [0] * size
